@@ -1,0 +1,106 @@
+"""`select_tokens`: which K of a set of visual tokens to keep, for one sample or a ragged batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from otprune.methods import get_method
+from otprune.methods.base import mask_beyond_k
+
+ORDERS = ("ascending", "greedy")
+
+
+def keep_counts(keep: int | float, lengths: Tensor) -> Tensor:
+    """Tokens to keep per sample: (B,) long from lengths: (B,) long.
+
+    An int `keep` is a count (at most each sample's length); a float is a ratio in (0, 1] and
+    gives K = round(ratio * n) (half to even, as Python's `round`), at least 1.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"keep={keep!r}: must be an int count >= 1 or a float ratio in (0, 1]")
+    if isinstance(keep, int):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: a token count must be >= 1")
+        shortest = int(lengths.min())
+        if keep > shortest:
+            raise ValueError(
+                f"keep={keep} tokens, but a sample has only {shortest}; pass a count <= {shortest} "
+                "or a ratio in (0, 1]"
+            )
+        return torch.full_like(lengths, keep)
+    if not (0.0 < keep <= 1.0):  # also rejects NaN
+        raise ValueError(f"keep={keep!r}: a ratio must be in (0, 1]")
+    return (lengths.double() * keep).round().long().clamp_min(1)
+
+
+def _check_lengths(lengths: Sequence[int] | Tensor | None, bsz: int, n: int, device) -> Tensor:
+    if lengths is None:
+        return torch.full((bsz,), n, dtype=torch.long, device=device)
+    lengths_t = torch.as_tensor(lengths)
+    if lengths_t.dtype.is_floating_point or lengths_t.dtype == torch.bool or lengths_t.shape != (bsz,):
+        raise ValueError(
+            f"lengths: must be {bsz} integers (one per sample), got shape {tuple(lengths_t.shape)} "
+            f"dtype {lengths_t.dtype}"
+        )
+    lo, hi = int(lengths_t.min()), int(lengths_t.max())
+    if lo < 1 or hi > n:
+        raise ValueError(f"lengths: every value must be in [1, {n}] (N of features), got min {lo}, max {hi}")
+    return lengths_t.to(device=device, dtype=torch.long)
+
+
+def select_tokens(
+    features: Tensor,
+    keep: int | float,
+    method: str = "otprune",
+    *,
+    lengths: Sequence[int] | Tensor | None = None,
+    order: str = "ascending",
+    **params: object,
+) -> Tensor:
+    """Indices of the visual tokens to keep.
+
+    Args:
+        features: (N, D) tokens of one image, or (B, N, D) a batch (rows past `lengths[b]` are
+            padding and never selected). Any float dtype; selection runs in fp32 (fp64 stays fp64).
+        keep: int count, or float ratio in (0, 1] giving K = int(round(ratio * n)) >= 1 per sample.
+        method: a name of `otprune.METHODS` (case-insensitive, aliases such as `OURS`).
+        lengths: (B,) valid tokens per sample for ragged batches; default all N.
+        order: "ascending" (spatial order, the default) or "greedy" (the method's pick order).
+        **params: the method's parameters, e.g. `gamma=0.05` for OTPrune, `seed=1` for random.
+
+    Returns:
+        LongTensor (K,) for (N, D) input, or (B, K_max) padded with -1 where a sample keeps fewer.
+    """
+    selector = get_method(method, **params)
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: must be one of {', '.join(ORDERS)}")
+    if not isinstance(features, Tensor):
+        raise ValueError(f"features: must be a torch.Tensor of shape (N, D) or (B, N, D), got {type(features).__name__}")
+    if features.dim() not in (2, 3) or 0 in features.shape:
+        raise ValueError(f"features: must have shape (N, D) or (B, N, D) with N, D >= 1, got {tuple(features.shape)}")
+    if not features.dtype.is_floating_point:
+        raise ValueError(f"features: must be a floating tensor, got dtype {features.dtype}")
+    single = features.dim() == 2
+    x = features[None] if single else features
+    bsz, n, _ = x.shape
+    lengths_t = _check_lengths(lengths, bsz, n, x.device)
+    if single and lengths is not None:
+        raise ValueError("lengths: only for batched (B, N, D) features")
+    k = keep_counts(keep, lengths_t)
+
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if lengths is not None:
+        x = x.masked_fill((torch.arange(n, device=x.device) >= lengths_t[:, None])[..., None], 0.0)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("features: contain NaN or Inf; selection on them would be arbitrary")
+
+    k_max = int(k.max())
+    picks = selector.select(x, lengths_t, k, k_max)  # (B, k_max), selection order
+    picks = mask_beyond_k(picks, k)
+    if order == "ascending":
+        picks = picks.masked_fill(picks < 0, n).sort(dim=1).values  # padding slots sort last
+        picks = picks.masked_fill(picks >= n, -1)
+    return picks[0] if single else picks
