@@ -55,7 +55,7 @@ def mask_beyond_k(picks: Tensor, k: Tensor) -> Tensor:
     return picks.masked_fill(slot >= k[:, None], -1)
 
 
-def row_gather(matrix: Tensor, rows: Tensor) -> Tensor:
-    """matrix: (B, N, M), rows: (B,) long -> (B, M), matrix[b, rows[b]]."""
-    index = rows.view(-1, 1, 1).expand(-1, 1, matrix.shape[-1])
-    return matrix.gather(1, index).squeeze(1)
+def flat_rows(matrix: Tensor):
+    """A `kernel_row` for the greedy: (j, flat) -> matrix[b, j[b], :] for matrix: (B, N, M)."""
+    rows = matrix.reshape(-1, matrix.shape[-1])  # (B * N, M), a view for contiguous input
+    return lambda j, flat: rows.index_select(0, flat)

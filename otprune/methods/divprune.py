@@ -11,14 +11,19 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from otprune.methods.base import TokenSelector, row_gather, valid_mask
+from otprune.methods.base import TokenSelector, flat_rows, valid_mask
 
 
 def cosine_similarity(features: Tensor) -> Tensor:
-    """features: (B, N, D) -> (B, N, N) cosine similarities; a zero row gives zeros."""
-    norms = torch.linalg.vector_norm(features, dim=-1, keepdim=True)
+    """features: (B, N, D) -> (B, N, N) cosine similarities.
+
+    The diagonal is exactly 1 (cos(x, x)), or 0 for an all-zero token, whose row is zero.
+    """
+    norms = torch.linalg.vector_norm(features, dim=-1, keepdim=True)  # (B, N, 1)
     unit = features / norms.clamp_min(torch.finfo(features.dtype).tiny)
-    return torch.bmm(unit, unit.mT)
+    cos = torch.bmm(unit, unit.transpose(1, 2))
+    cos.diagonal(dim1=1, dim2=2).copy_((norms.squeeze(-1) > 0).to(cos.dtype))
+    return cos
 
 
 @dataclasses.dataclass
@@ -36,17 +41,20 @@ class DivPrune(TokenSelector):
         dist = 1.0 - cosine_similarity(features)  # (B, N, N)
         bsz, n, _ = dist.shape
         valid = valid_mask(lengths, n)
-        inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
         eye = torch.eye(n, dtype=torch.bool, device=dist.device)
-        others = dist.masked_fill(eye | ~valid[:, None, :], inf)
-        nearest = others.amin(dim=-1)  # (B, N); +inf for a lone token
-        picks = torch.empty(bsz, k_max, dtype=torch.long, device=dist.device)
-        available = valid
-        score = nearest
+        others = dist.masked_fill(eye | ~valid[:, None, :], float("inf"))
+        score = others.amin(dim=-1).masked_fill_(~valid, float("-inf"))  # (B, N); +inf for a lone token
+        offsets = torch.arange(bsz, device=dist.device) * n
+        dist_rows = flat_rows(dist)
+        picks = []
         for t in range(k_max):
-            j = score.masked_fill(~available, float("-inf")).argmax(dim=1)
-            picks[:, t] = j
-            available = available.scatter(1, j[:, None], False)
-            row = row_gather(dist, j)
-            score = row if t == 0 else torch.minimum(score, row)
-        return picks
+            j = score.argmax(dim=1)  # (B,)
+            picks.append(j)
+            if t == k_max - 1:
+                break
+            flat = j + offsets
+            row = dist_rows(j, flat)  # (B, N): distances to the new pick
+            # score[i] = min distance from i to the picked set; -inf for picked and padding.
+            score = row.masked_fill(~valid, float("-inf")) if t == 0 else torch.minimum(score, row)
+            score.view(-1).index_fill_(0, flat, float("-inf"))
+        return torch.stack(picks, dim=1)

@@ -11,8 +11,8 @@ import dataclasses
 
 from torch import Tensor
 
-from otprune.methods._greedy import dense_rows, greedy_logdet
-from otprune.methods.base import TokenSelector, valid_mask
+from otprune.methods._greedy import greedy_logdet
+from otprune.methods.base import TokenSelector, flat_rows, valid_mask
 from otprune.methods.divprune import cosine_similarity
 
 
@@ -36,4 +36,4 @@ class DPP(TokenSelector):
         kernel = cosine_similarity(features)  # (B, N, N)
         diag = kernel.diagonal(dim1=1, dim2=2)
         valid = valid_mask(lengths, kernel.shape[-1])
-        return greedy_logdet(diag, dense_rows(kernel), valid, k_max, eps=self.eps)
+        return greedy_logdet(diag, flat_rows(kernel), valid, k_max, eps=self.eps)

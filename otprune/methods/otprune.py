@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet
-from otprune.methods.base import TokenSelector, row_gather, valid_mask
+from otprune.methods.base import TokenSelector, flat_rows, valid_mask
 
 
 def normalise_columns(features: Tensor) -> Tensor:
@@ -24,13 +24,33 @@ def normalise_columns(features: Tensor) -> Tensor:
     Padding rows must be zero: they then add nothing to the norms. An all-zero dimension
     stays zero instead of turning into NaN.
     """
-    norms = torch.linalg.vector_norm(features, dim=1, keepdim=True)  # (B, 1, D)
-    return features / norms.clamp_min(torch.finfo(features.dtype).tiny)
+    ones = features.new_ones(features.shape[0], 1, features.shape[1])
+    sq_norms = torch.bmm(ones, features * features)  # (B, 1, D); a reduction over N, as a GEMV
+    return features * sq_norms.clamp_min(torch.finfo(features.dtype).tiny).rsqrt()
+
+
+def symmetric_gram(x: Tensor, blocks: int = 4) -> Tensor:
+    """x: (B, N, D) -> x x^T: (B, N, N), computing only the block lower triangle.
+
+    The lower blocks cost (blocks + 1) / (2 * blocks) of one full product; the upper triangle
+    is mirrored from them, so the result is exactly symmetric.
+    """
+    bsz, n, _ = x.shape
+    blocks = max(1, min(blocks, n // 128))
+    if blocks == 1:
+        return torch.bmm(x, x.transpose(1, 2))
+    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    gram = x.new_empty(bsz, n, n)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        column = torch.bmm(x[:, lo:], x[:, lo:hi].transpose(1, 2))  # (B, N - lo, hi - lo): rows lo.., cols lo:hi
+        gram[:, lo:, lo:hi] = column
+        gram[:, lo:hi, hi:] = column[:, hi - lo :].transpose(1, 2)
+    return gram
 
 
 def interaction(xn: Tensor) -> Tensor:
     """S = Xn Xn^T: (B, N, N) from xn: (B, N, D). The cost floor of the method."""
-    return torch.bmm(xn, xn.mT)
+    return symmetric_gram(xn)
 
 
 def kernel_diag(s: Tensor, gamma: float) -> Tensor:
@@ -47,8 +67,8 @@ class OTPrune(TokenSelector):
     residual d2 (the log-det gain is log d2). Since L - I is PSD, every d2 stays >= 1, so K is
     always reached with no fallback.
 
-    The greedy reads diag(L) and the K picked rows of L only. S is symmetric, so row j of
-    S S^T is S @ S[j]: the full N x N x N product is never formed.
+    Both S and S S^T = S^2 are symmetric, so each is formed from its block lower triangle
+    (`symmetric_gram`); the greedy then reads diag(L) and K rows of L.
     """
 
     gamma: float = 0.01
@@ -59,16 +79,17 @@ class OTPrune(TokenSelector):
         if not (isinstance(self.gamma, (int, float)) and self.gamma > 0):
             raise ValueError(f"OTPrune gamma={self.gamma!r}: must be a number > 0 (paper default 0.01)")
 
+    def kernel(self, features: Tensor) -> Tensor:
+        """L = I + gamma * S S^T: (B, N, N) from features: (B, N, D) (padding rows zero)."""
+        kernel = symmetric_gram(interaction(normalise_columns(features)))
+        kernel.mul_(self.gamma).diagonal(dim1=1, dim2=2).add_(1.0)
+        return kernel
+
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
-        s = interaction(normalise_columns(features))  # (B, N, N), zero on padding
-        n = s.shape[-1]
-        eye = torch.eye(n, dtype=s.dtype, device=s.device)
-
-        def kernel_row(j: Tensor) -> Tensor:  # L[b, j[b], :]: (B, N)
-            s_j = row_gather(s, j)  # (B, N); S symmetric, so this is also column j
-            return self.gamma * torch.bmm(s_j[:, None, :], s).squeeze(1) + eye[j]
-
-        return greedy_logdet(kernel_diag(s, self.gamma), kernel_row, valid_mask(lengths, n), k_max)
+        kernel = self.kernel(features)  # (B, N, N)
+        diag = kernel.diagonal(dim1=1, dim2=2)
+        valid = valid_mask(lengths, kernel.shape[-1])
+        return greedy_logdet(diag, flat_rows(kernel), valid, k_max)
 
 
 def official_order(picks: list[int]) -> list[int]:

@@ -1,0 +1,74 @@
+import pytest
+
+from otprune import PruneConfig
+
+
+def env(**kw):
+    return {k: str(v) for k, v in kw.items()}
+
+
+def test_no_layer_means_off():
+    cfg = PruneConfig.from_env({})
+    assert not cfg.enabled and cfg.layer is None
+    assert not PruneConfig.from_env(env(BASELINE="DIVPRUNE", SUBSET_RATIO=0.1)).enabled
+
+
+def test_layer_without_baseline_is_otprune():
+    cfg = PruneConfig.from_env(env(LAYER_INDEX=0, SUBSET_RATIO=0.098))
+    assert cfg.enabled and cfg.method == "otprune" and cfg.layer == 0 and cfg.ratio == 0.098
+    assert cfg.gamma == 0.01 and cfg.seed == 0 and cfg.order == "ascending"
+
+
+@pytest.mark.parametrize(
+    "name, canonical",
+    [("OURS", "otprune"), ("OTPRUNE", "otprune"), ("DivPrune", "divprune"), ("DPP", "dpp"), ("RANDOM", "random"),
+     ("UNIFORM", "uniform"), ("FIRSTK", "first_k"), ("LASTK", "last_k"), ("first_k", "first_k")],
+)
+def test_method_names(name, canonical):
+    assert PruneConfig.from_env(env(BASELINE=name, LAYER_INDEX=0, SUBSET_RATIO=0.5)).method == canonical
+
+
+def test_extras_and_method_params():
+    cfg = PruneConfig.from_env(
+        env(BASELINE="OURS", LAYER_INDEX=0, SUBSET_RATIO=1, OTPRUNE_GAMMA=0.05, OTPRUNE_SEED=7, OTPRUNE_ORDER="OFFICIAL")
+    )
+    assert (cfg.gamma, cfg.seed, cfg.order, cfg.ratio) == (0.05, 7, "official", 1.0)
+    assert cfg.method_params() == {"gamma": 0.05}
+    assert cfg.selector().gamma == 0.05
+    rnd = PruneConfig.from_env(env(BASELINE="RANDOM", LAYER_INDEX=0, SUBSET_RATIO=0.5, OTPRUNE_SEED=7))
+    assert rnd.method_params() == {"seed": 7}
+
+
+@pytest.mark.parametrize(
+    "environ, match",
+    [
+        (env(BASELINE="FOO", LAYER_INDEX=0, SUBSET_RATIO=0.1), r"BASELINE='FOO'.*otprune.*divprune.*last_k"),
+        (env(LAYER_INDEX=0, SUBSET_RATIO="abc"), r"SUBSET_RATIO='abc'.*\(0, 1\]"),
+        (env(LAYER_INDEX=0, SUBSET_RATIO=0), r"SUBSET_RATIO='0'.*\(0, 1\]"),
+        (env(LAYER_INDEX=0, SUBSET_RATIO=1.5), r"SUBSET_RATIO='1.5'"),
+        (env(LAYER_INDEX=0, SUBSET_RATIO="nan"), r"SUBSET_RATIO='nan'"),
+        (env(LAYER_INDEX=0, SUBSET_RATIO=-0.1), r"SUBSET_RATIO='-0.1'"),
+        (env(LAYER_INDEX="x", SUBSET_RATIO=0.1), r"LAYER_INDEX='x'.*integer >= 0"),
+        (env(LAYER_INDEX=-1, SUBSET_RATIO=0.1), r"LAYER_INDEX='-1'"),
+        (env(LAYER_INDEX=1.5, SUBSET_RATIO=0.1), r"LAYER_INDEX='1.5'"),
+        (env(LAYER_INDEX=0), r"SUBSET_RATIO: not set.*LAYER_INDEX='0'"),
+        (env(LAYER_INDEX=0, SUBSET_RATIO=0.1, OTPRUNE_GAMMA="big"), r"OTPRUNE_GAMMA='big'"),
+        (env(LAYER_INDEX=0, SUBSET_RATIO=0.1, OTPRUNE_GAMMA=0), r"OTPRUNE_GAMMA='0'"),
+        (env(LAYER_INDEX=0, SUBSET_RATIO=0.1, OTPRUNE_SEED="x"), r"OTPRUNE_SEED='x'"),
+        (env(LAYER_INDEX=0, SUBSET_RATIO=0.1, OTPRUNE_ORDER="hash"), r"OTPRUNE_ORDER='hash'"),
+        (env(BASELINE="DIVPRUNE", SUBSET_RATIO=2), r"SUBSET_RATIO='2'"),
+    ],
+)
+def test_errors_name_variable_value_and_allowed(environ, match):
+    with pytest.raises(ValueError, match=match):
+        PruneConfig.from_env(environ)
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="ratio"):
+        PruneConfig(layer=0)
+    with pytest.raises(ValueError, match="layer"):
+        PruneConfig(layer=-2, ratio=0.1)
+    with pytest.raises(ValueError, match="unknown selection method"):
+        PruneConfig(method="magic")
+    assert PruneConfig(method="OURS", layer=0, ratio=0.5).method == "otprune"
