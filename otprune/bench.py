@@ -1,0 +1,111 @@
+"""Selection benchmark: each method's time, and OTPrune against its cost floor.
+
+The floor is one `Xn @ Xn.T` product (N x N x D), which any method that looks at all token
+pairs must pay. Timings are medians of repeated runs in one process; ratios are taken pair by
+pair (A, B, A, B, ...) so that drifts of a shared machine cancel out.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import otprune
+from otprune.methods.otprune import normalise_columns
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call, synchronised on GPUs (outside the call)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def paired(a: Callable[[], object], b: Callable[[], object], repeats: int, device: torch.device):
+    """Median seconds of a and of b, and the median of the pairwise ratios a / b."""
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timed(a, device))
+        tb.append(timed(b, device))
+    ratios = [x / y for x, y in zip(ta, tb, strict=True)]
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+@dataclass
+class Row:
+    n: int
+    k: int
+    floor_ms: float
+    method_ms: dict[str, float]
+    otprune_over_floor: float
+    batch_per_sample_ms: float
+    single_ms: float
+    batch_over_single: float
+
+
+def run(
+    sizes=(576, 1152, 2880),
+    dim: int = 4096,
+    ratio: float = 0.098,
+    methods=None,
+    repeats: int = 5,
+    batch: int = 8,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    dev = torch.device(device)
+    methods = list(methods or otprune.METHODS)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for n in sizes:
+        x = torch.randn(n, dim, generator=gen).to(dev)
+        xn = normalise_columns(x[None])[0]
+        k = max(1, round(ratio * n))
+        select = lambda: otprune.select_tokens(x, ratio)  # noqa: E731
+        ot_ms, floor_ms, ot_ratio = paired(select, lambda: xn @ xn.T, repeats, dev)
+        method_ms = {}
+        for name in methods:
+            if progress:
+                progress(f"N={n} {name}")
+            if name == "otprune":
+                method_ms[name] = ot_ms * 1e3
+                continue
+            fn = lambda name=name: otprune.select_tokens(x, ratio, name)  # noqa: E731
+            fn()
+            method_ms[name] = statistics.median(timed(fn, dev) for _ in range(repeats)) * 1e3
+        if progress:
+            progress(f"N={n} batch of {batch}")
+        xb = torch.randn(batch, n, dim, generator=gen).to(dev)
+        batched = lambda: otprune.select_tokens(xb, ratio)  # noqa: E731
+        singles = lambda: [otprune.select_tokens(xb[b], ratio) for b in range(batch)]  # noqa: E731
+        tb, ts, b_ratio = paired(batched, singles, max(2, repeats // 2), dev)
+        rows.append(Row(n, k, floor_ms * 1e3, method_ms, ot_ratio, tb / batch * 1e3, ts / batch * 1e3, b_ratio))
+    return rows
+
+
+def format_table(rows: list[Row], dim: int, ratio: float, device: str) -> str:
+    methods = list(rows[0].method_ms)
+    head = ["N", "K", "floor ms"] + [f"{m} ms" for m in methods] + ["OTPrune/floor", "batch/sample ms", "single ms", "batch/single"]
+    lines = [
+        f"Selection benchmark: D={dim}, ratio={ratio}, fp32, device={device}, torch threads={torch.get_num_threads()}",
+        "floor = one Xn @ Xn.T; times are medians; ratios are medians of paired runs in this process",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        cells = [str(r.n), str(r.k), f"{r.floor_ms:.1f}"] + [f"{r.method_ms[m]:.1f}" for m in methods]
+        cells += [f"{r.otprune_over_floor:.2f}x", f"{r.batch_per_sample_ms:.1f}", f"{r.single_ms:.1f}", f"{r.batch_over_single:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
