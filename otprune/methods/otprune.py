@@ -21,14 +21,18 @@ from otprune.methods.base import TokenSelector, flat_rows, valid_mask
 def column_sq_norms(features: Tensor, chunk: int = 64) -> Tensor:
     """features: (B, N, D) -> (B, 1, D), the squared L2 norm of every dimension over the tokens.
 
-    Summed chunk by chunk of tokens as small GEMVs, so no (B, N, D) temporary is allocated.
+    Summed chunk by chunk of tokens as small GEMVs through one reused buffer, so no
+    (B, N, D) temporary is allocated.
     """
-    bsz, n, _ = features.shape
-    acc = features.new_zeros(bsz, 1, features.shape[-1])
+    bsz, n, dim = features.shape
+    chunk = min(chunk, n)
+    acc = features.new_zeros(bsz, 1, dim)
     ones = features.new_ones(bsz, 1, chunk)
+    buf = features.new_empty(bsz, chunk, dim)
     for lo in range(0, n, chunk):
         part = features[:, lo : lo + chunk]
-        acc.baddbmm_(ones[:, :, : part.shape[1]], part * part)
+        rows = part.shape[1]
+        acc.baddbmm_(ones[:, :, :rows], torch.mul(part, part, out=buf[:, :rows]))
     return acc
 
 
@@ -50,20 +54,21 @@ def normalise_columns(features: Tensor) -> Tensor:
 def symmetric_gram(x: Tensor, blocks: int = 4, scale: Tensor | None = None) -> Tensor:
     """x: (B, N, D) -> x diag(scale) x^T: (B, N, N), computing only the block lower triangle.
 
-    The lower blocks cost (blocks + 1) / (2 * blocks) of one full product; the upper triangle
-    is mirrored from them, so the result is exactly symmetric. `scale`: (B, 1, D) weights
-    applied to one operand block by block (no scaled copy of the whole x).
+    Row block [lo:hi] gets columns [0:hi] from one GEMM written straight into the result;
+    the blocks cost (blocks + 1) / (2 * blocks) of one full product, and the upper triangle
+    is mirrored from them, so the result is exactly symmetric. `scale`: (B, 1, D) weights,
+    applied to each row block through one reused buffer (no scaled copy of the whole x).
     """
-    bsz, n, _ = x.shape
+    bsz, n, dim = x.shape
     blocks = max(1, min(blocks, n // 128))
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
     gram = x.new_empty(bsz, n, n)
+    buf = None if scale is None else x.new_empty(bsz, max(b - a for a, b in zip(edges[:-1], edges[1:], strict=True)), dim)
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        right = x[:, lo:hi] if scale is None else x[:, lo:hi] * scale  # (B, hi - lo, D)
-        column = torch.bmm(x[:, lo:], right.transpose(1, 2))  # (B, N - lo, hi - lo): rows lo.., cols lo:hi
-        gram[:, lo:, lo:hi] = column
-        if hi < n:
-            gram[:, lo:hi, hi:] = column[:, hi - lo :].transpose(1, 2)
+        left = x[:, lo:hi] if buf is None else torch.mul(x[:, lo:hi], scale, out=buf[:, : hi - lo])
+        torch.bmm(left, x[:, :hi].transpose(1, 2), out=gram[:, lo:hi, :hi])  # (B, hi - lo, hi)
+        if lo > 0:
+            gram[:, :lo, lo:hi] = gram[:, lo:hi, :lo].transpose(1, 2)
     return gram
 
 
