@@ -1,0 +1,198 @@
+"""LLaVA on a Llama (Vicuna) language model: `LlavaLlamaForCausalLM`.
+
+Built on transformers' `LlamaForCausalLM`: the decoder, its attention backends (sdpa by
+default, flash-attention 2 when installed and asked for), caches and `generate` are
+transformers'; this file adds images to `forward` and `generate` (`images=`, `image_sizes=`)
+through `LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal`.
+
+Registered with transformers' Auto classes under model_type "llava_llama" (not "llava",
+which transformers uses for its own, differently laid out LLaVA port).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+
+
+class LlavaConfig(LlamaConfig):
+    """A Llama config plus LLaVA's `mm_*` keys (kept as plain attributes, as in the checkpoints)."""
+
+    model_type = "llava_llama"
+
+
+class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
+    """Llama decoder + vision tower + `mm_projector` (+ `image_newline` for LLaVA-1.6)."""
+
+    config_class = LlavaConfig
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+
+
+class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
+    """LLaVA-1.5 / 1.6 (Vicuna). `forward` and `generate` take `images` and `image_sizes`.
+
+    Pruning (ALGORITHM.md 2-3): read from the environment (`BASELINE`, `LAYER_INDEX`,
+    `SUBSET_RATIO`, ...) at every multimodal forward, or fixed with `set_pruning(PruneConfig(...))`.
+    """
+
+    config_class = LlavaConfig
+
+    def __init__(self, config: LlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = LlavaLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._init_pruning_state()
+        self.post_init()
+
+    def get_model(self) -> LlavaLlamaModel:
+        return self.model
+
+    def _init_weights(self, module) -> None:
+        super()._init_weights(module)
+        newline = getattr(module, "image_newline", None) if isinstance(module, LlavaLlamaModel) else None
+        if newline is not None and not getattr(newline, "_is_hf_initialized", False):
+            with torch.no_grad():
+                newline.normal_(0.0, self.config.hidden_size**-0.5)
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # The vision tower may come from the checkpoint (LLaVA-1.6) or from `mm_vision_tower`
+        # (LLaVA-1.5, loaded afterwards by load_pretrained_model): record which, and do not
+        # report the tower's weights as missing.
+        prefix = "model.vision_tower."
+        tower = {key for key in loading_info.missing_keys if key.startswith(prefix)}
+        if self.get_vision_tower() is not None:
+            expected = sum(1 for key in self.state_dict() if key.startswith(prefix))
+            self.get_model()._tower_weights_missing = (len(tower), expected)
+        loading_info.missing_keys = set(loading_info.missing_keys) - tower
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+
+    # ---------------------------------------------------------------- forward / generate
+    def _multimodal(self, input_ids, images) -> bool:
+        return images is not None and input_ids is not None and input_ids.shape[1] > 1 and self.get_vision_tower() is not None
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        images=None,
+        image_sizes=None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        clock = None
+        if inputs_embeds is None and self._multimodal(input_ids, images):
+            clock = self._begin_prefill(self.device)
+        elif inputs_embeds is not None and self._generate_clock is not None:
+            clock, self._generate_clock = self._generate_clock, None  # the prefill of `generate`
+        try:
+            if inputs_embeds is None:
+                if clock is None:
+                    _refuse_placeholders(input_ids, past_key_values)
+                (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = (
+                    self.prepare_inputs_labels_for_multimodal(
+                        input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+                    )
+                )
+            for name, value in (
+                ("output_attentions", output_attentions),
+                ("output_hidden_states", output_hidden_states),
+                ("return_dict", return_dict),
+            ):
+                if value is not None:
+                    kwargs[name] = value
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        except BaseException:
+            self._active_clock = None
+            raise
+        if clock is not None:
+            self._end_prefill(clock)
+        return outputs
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs):
+        """Generate from `inputs` (B, L) token ids with IMAGE_TOKEN_INDEX placeholders and `images`.
+
+        As in the original, generation runs from the spliced embeddings, so the result holds
+        the NEW tokens only (B, new). Batches are re-padded on the left whatever the input's
+        padding side, so batched greedy generation equals generating each prompt alone.
+        """
+        position_ids = kwargs.pop("position_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        if "inputs_embeds" in kwargs:
+            raise ValueError("inputs_embeds: not supported by LlavaLlamaForCausalLM.generate; pass token ids")
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if inputs is None:
+            raise ValueError("inputs: token ids (B, L) are required")
+        clock = None
+        try:
+            if self._multimodal(inputs, images):
+                clock = self._begin_prefill(self.device)
+                (_, position_ids, attention_mask, _, inputs_embeds, _) = self.prepare_inputs_labels_for_multimodal(
+                    inputs, position_ids, attention_mask, None, None, images, image_sizes, padding_side="left"
+                )
+                self._generate_clock = clock
+            else:
+                _refuse_placeholders(inputs, None)
+                inputs_embeds = self.get_model().embed_tokens(inputs)
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids
+            return super().generate(attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        finally:
+            self._generate_clock = None
+            self._active_clock = None
+            if clock is not None and not clock.stopped:  # failed before the prefill forward ran
+                self._pending_stats = None
+            self.flush_pruning_stats()
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None, **kwargs):
+        images = kwargs.pop("images", None)
+        image_sizes = kwargs.pop("image_sizes", None)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
+        )
+        if images is not None:
+            inputs["images"] = images
+        if image_sizes is not None:
+            inputs["image_sizes"] = image_sizes
+        return inputs
+
+
+def _refuse_placeholders(input_ids, past_key_values) -> None:
+    """Text-only prefill: image placeholders without images would index the embedding with -200."""
+    if input_ids is None or input_ids.shape[1] == 1:
+        return
+    count = int((input_ids == IMAGE_TOKEN_INDEX).sum())
+    if count:
+        raise ValueError(
+            f"images: None, but input_ids contain {count} image placeholder(s) (IMAGE_TOKEN_INDEX={IMAGE_TOKEN_INDEX}); "
+            "pass one image per placeholder"
+        )
+
+
+AutoConfig.register("llava_llama", LlavaConfig, exist_ok=True)
+AutoModelForCausalLM.register(LlavaConfig, LlavaLlamaForCausalLM, exist_ok=True)

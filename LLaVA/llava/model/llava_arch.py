@@ -1,0 +1,557 @@
+"""LLaVA's multimodal glue, and OTPrune's visual-token pruning before the LLM (`LAYER_INDEX=0`).
+
+Forward pass of a multimodal prompt (`prepare_inputs_labels_for_multimodal`):
+
+1. every image goes through the CLIP tower and the projector (`encode_images`); LLaVA-1.6
+   lays the anyres crops out on their grid, drops the padding rows/columns (`unpad_image`) and
+   appends `image_newline` after every row (`image_features`): one token set per image;
+2. when pruning is on, all images of the batch are pruned in ONE batched
+   `otprune.select_tokens` call on the model's device (`select_visual_tokens`): image i keeps
+   K_i = int(round(SUBSET_RATIO * T_i)) of its T_i tokens;
+3. each `IMAGE_TOKEN_INDEX` placeholder is replaced by its image's (kept) tokens; text tokens
+   are never removed; labels, attention mask and positions follow; the batch is re-padded
+   (`splice_visual_tokens`, one gather for the whole batch).
+
+After every multimodal forward, `model.pruning_stats` holds one dict per sample and
+`model.visual_layout` where each image's tokens sit in the sequence handed to the LLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+import otprune
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.mm_utils import get_anyres_image_grid_shape, unpad_image
+from llava.model.multimodal_encoder.builder import build_vision_tower
+from llava.model.multimodal_projector.builder import build_vision_projector
+from otprune import PruneConfig
+from otprune.methods.otprune import official_order
+
+
+def greedy_select(image_features: Tensor, keep: int | float, gamma: float = 0.01, order: str = "ascending") -> Tensor:
+    """OTPrune's greedy selection for the visual tokens of ONE image.
+
+    Args:
+        image_features: (N, D) projected visual tokens of one image (any float dtype; the
+            selection runs in fp32).
+        keep: token count, or ratio in (0, 1] giving K = int(round(ratio * N)).
+        gamma: weight of the interaction kernel L = I + gamma * S S^T.
+        order: "ascending" (spatial order) or "greedy" (pick order).
+
+    Returns:
+        (K,) long indices of the kept tokens. A thin entry point to `otprune.select_tokens`.
+    """
+    return otprune.select_tokens(image_features, keep, "otprune", order=order, gamma=gamma)
+
+
+@dataclasses.dataclass
+class VisualTokenLayout:
+    """Where the visual tokens of a multimodal batch sit in the sequence handed to the LLM.
+
+    Attributes:
+        spans: per sample, per image (in prompt order): (start, end) of that image's tokens
+            in the padded sequence, end exclusive.
+        image_index: per sample, the batch-wide index of each of its images (into `images`).
+        tokens_before: per image of the batch: visual tokens before pruning.
+        kept_indices: per image of the batch: (K_i,) long tensor on the model's device, the
+            kept tokens' indices within that image's token set, in the order handed to the
+            LLM; None when pruning was off.
+        seq_lens: per sample, its valid (non-padding) length.
+        seq_len: padded length L of the batch.
+        padding_side: "left" or "right".
+    """
+
+    spans: list[list[tuple[int, int]]]
+    image_index: list[list[int]]
+    tokens_before: list[int]
+    kept_indices: list[Tensor] | None
+    seq_lens: list[int]
+    seq_len: int
+    padding_side: str
+
+    def visual_mask(self, device: torch.device | str | None = None) -> Tensor:
+        """(B, L) bool, True at visual tokens."""
+        mask = torch.zeros(len(self.spans), self.seq_len, dtype=torch.bool)
+        for b, spans in enumerate(self.spans):
+            for start, end in spans:
+                mask[b, start:end] = True
+        return mask.to(device) if device is not None else mask
+
+
+class _Clock:
+    """Elapsed wall time of device work: CUDA events on CUDA (no sync until read), else perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stopped = False
+        if self.cuda:
+            with torch.cuda.device(device):
+                self._start = torch.cuda.Event(enable_timing=True)
+                self._end = torch.cuda.Event(enable_timing=True)
+                self._start.record()
+            self._device = device
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> _Clock:
+        if self.cuda:
+            with torch.cuda.device(self._device):
+                self._end.record()
+        else:
+            self._t1 = time.perf_counter()
+        self.stopped = True
+        return self
+
+    def ms(self) -> float:
+        if self.cuda:
+            self._end.synchronize()
+            return float(self._start.elapsed_time(self._end))
+        return (self._t1 - self._t0) * 1000.0
+
+
+@dataclasses.dataclass
+class _PendingStats:
+    stats: list[dict]
+    select_clock: _Clock | None
+    prefill_clock: _Clock | None
+    pruning: bool
+
+
+class LlavaMetaModel:
+    """Mixin for the base model: adds the vision tower, `mm_projector` and `image_newline`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.visual_layout: VisualTokenLayout | None = None
+        if getattr(config, "mm_vision_tower", None):
+            self.vision_tower = build_vision_tower(config, delay_load=True)
+            self.mm_projector = build_vision_projector(config)
+            if "unpad" in str(getattr(config, "mm_patch_merge_type", "")):
+                self.image_newline = nn.Parameter(torch.empty(config.hidden_size))
+
+    def get_vision_tower(self):
+        tower = getattr(self, "vision_tower", None)
+        return tower[0] if isinstance(tower, (list, nn.ModuleList)) else tower
+
+
+class LlavaMetaForCausalLM(ABC):
+    """Mixin for the causal LM: multimodal input preparation, pruning and its statistics."""
+
+    @abstractmethod
+    def get_model(self) -> LlavaMetaModel: ...
+
+    def get_vision_tower(self):
+        return self.get_model().get_vision_tower()
+
+    # ---------------------------------------------------------------- pruning configuration
+    def _init_pruning_state(self) -> None:
+        self._prune_override: PruneConfig | None = None
+        self._pruning_stats: list[dict] = []
+        self._pending_stats: _PendingStats | None = None
+        self._active_clock: _Clock | None = None
+        self._generate_clock: _Clock | None = None
+
+    def set_pruning(self, config: PruneConfig | None) -> None:
+        """Prune with `config` from now on; None returns to reading the environment at each forward.
+
+        `set_pruning(PruneConfig())` switches pruning off whatever the environment says.
+        """
+        if config is not None and not isinstance(config, PruneConfig):
+            raise ValueError(f"set_pruning: expected an otprune.PruneConfig or None, got {type(config).__name__}")
+        self._prune_override = config
+
+    def pruning_config(self) -> PruneConfig:
+        """The pruning configuration of the next forward: `set_pruning`'s, else `PruneConfig.from_env()`."""
+        override = getattr(self, "_prune_override", None)
+        return override if override is not None else PruneConfig.from_env()
+
+    def check_pruning_config(self, config: PruneConfig) -> None:
+        """Refuse what this model cannot do yet. Pruning inside the LLM plugs in here."""
+        if config.enabled and config.layer != 0:
+            raise ValueError(
+                f"LAYER_INDEX={config.layer}: pruning inside the LLM (LAYER_INDEX > 0) is not implemented yet; "
+                "use LAYER_INDEX=0 (prune the visual tokens before the LLM) or unset LAYER_INDEX"
+            )
+
+    # ---------------------------------------------------------------- statistics
+    @property
+    def pruning_stats(self) -> list[dict]:
+        """One dict per sample of the last multimodal forward (see `on_pruning_stats`)."""
+        self.flush_pruning_stats()
+        return self._pruning_stats
+
+    @property
+    def visual_layout(self) -> VisualTokenLayout | None:
+        """Where each image's visual tokens sit in the last multimodal batch handed to the LLM."""
+        return self.get_model().visual_layout
+
+    def on_pruning_stats(self, stats: list[dict]) -> None:
+        """Hook called once per multimodal prefill with its statistics (one dict per sample).
+
+        Keys: method, layer, ratio, order (None when pruning is off), images,
+        image_tokens_before, image_tokens_after (lists, per image), visual_tokens_before,
+        visual_tokens_after, text_tokens, seq_len_before, seq_len_after, batch_size, select_ms
+        (the batch's one selection call, 0.0 when off) and prefill_ms (wall time of the batch's
+        prefill: vision tower, selection, splicing and the LLM's forward; None when
+        `prepare_inputs_labels_for_multimodal` was called on its own). Override to log them.
+
+        On CUDA with pruning off the hook runs at the next synchronising point (end of
+        `generate`, next multimodal call, or reading `pruning_stats`) so that timing adds no
+        host-device synchronisation; otherwise it runs at the end of the prefill.
+        """
+        return None
+
+    def flush_pruning_stats(self) -> None:
+        """Finish pending statistics (reads the timers) and run `on_pruning_stats`."""
+        pending = getattr(self, "_pending_stats", None)
+        if pending is None or (pending.prefill_clock is not None and not pending.prefill_clock.stopped):
+            return
+        self._pending_stats = None
+        select_ms = pending.select_clock.ms() if pending.select_clock is not None else 0.0
+        prefill_ms = pending.prefill_clock.ms() if pending.prefill_clock is not None else None
+        for record in pending.stats:
+            record["select_ms"] = select_ms
+            record["prefill_ms"] = prefill_ms
+        self._pruning_stats = pending.stats
+        self.on_pruning_stats(pending.stats)
+
+    def _begin_prefill(self, device: torch.device) -> _Clock:
+        self.flush_pruning_stats()
+        clock = _Clock(device)
+        self._active_clock = clock
+        return clock
+
+    def _end_prefill(self, clock: _Clock) -> None:
+        clock.stop()
+        self._active_clock = None
+        pending = self._pending_stats
+        if pending is not None and pending.prefill_clock is clock and (pending.pruning or not clock.cuda):
+            self.flush_pruning_stats()
+
+    # ---------------------------------------------------------------- images -> tokens
+    def encode_images(self, images: Tensor) -> Tensor:
+        """images: (N, 3, S, S) -> projected visual tokens (N, T, D) in the LLM's dtype."""
+        features = self.get_vision_tower()(images)
+        projector = self.get_model().mm_projector
+        params = list(projector.parameters())
+        return projector(features.to(params[0].dtype if params else features.dtype))
+
+    def image_features(self, images, image_sizes=None) -> list[Tensor]:
+        """The visual tokens of every image: a list of (T_i, D), in batch order.
+
+        `images` is (N, 3, S, S) (one crop per image), or (N, P, 3, S, S) / a list of
+        (P_i, 3, S, S) for LLaVA-1.6 anyres crops, which are laid out according to
+        `mm_patch_merge_type` ("flat" or "spatial[_unpad]").
+        """
+        config = self.config
+        if isinstance(images, Tensor) and images.ndim == 4:
+            return list(self.encode_images(images).unbind(0))
+        if isinstance(images, Tensor) and images.ndim != 5:
+            raise ValueError(
+                f"images: expected (N, 3, H, W), (N, P, 3, H, W) or a list of (P, 3, H, W), got shape {tuple(images.shape)}"
+            )
+        crops = [image if image.ndim == 4 else image.unsqueeze(0) for image in images]
+        if any(image.ndim != 4 for image in crops):
+            raise ValueError("images: every list element must be (3, H, W) or (P, 3, H, W)")
+        counts = [image.shape[0] for image in crops]
+        encoded = torch.split(self.encode_images(torch.cat(crops)), counts)  # (P_i, T, D) each
+        merge = str(getattr(config, "mm_patch_merge_type", "flat"))
+        if merge == "flat":
+            return [x.flatten(0, 1) for x in encoded]
+        if not merge.startswith("spatial"):
+            raise ValueError(f"mm_patch_merge_type={merge!r}: must be 'flat', 'spatial' or 'spatial_unpad'")
+        sizes = _image_sizes(image_sizes, len(crops)) if any(n > 1 for n in counts) else None
+        return [self._spatial_features(x, sizes[i] if sizes else None, merge, i) for i, x in enumerate(encoded)]
+
+    def _spatial_features(self, features: Tensor, image_size, merge: str, index: int) -> Tensor:
+        """(P, T, D) crops of one image -> (T', D): base crop, then the grid (unpadded, with newlines)."""
+        newline = getattr(self.get_model(), "image_newline", None)
+        unpad = "unpad" in merge
+        if unpad and newline is None:
+            raise ValueError(f"mm_patch_merge_type={merge!r} needs the model's image_newline parameter")
+        base = features[0]
+        if features.shape[0] == 1:
+            return torch.cat([base, newline[None].to(base)]) if unpad else base
+        tower = self.get_vision_tower()
+        side = tower.num_patches_per_side
+        if side * side != base.shape[0]:
+            raise ValueError(f"spatial merge: {base.shape[0]} tokens per crop is not a square grid of {side} x {side}")
+        aspect = getattr(self.config, "image_aspect_ratio", None)
+        if aspect != "anyres":
+            raise ValueError(f"mm_patch_merge_type={merge!r} with several crops needs image_aspect_ratio='anyres', got {aspect!r}")
+        grid_w, grid_h = get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints, tower.config.image_size)
+        if grid_w * grid_h != features.shape[0] - 1:
+            raise ValueError(
+                f"images[{index}]: {features.shape[0] - 1} crops, but image size {tuple(image_size)} gives a "
+                f"{grid_w} x {grid_h} anyres grid; preprocess with llava.mm_utils.process_images and pass image_sizes"
+            )
+        grid = features[1:].view(grid_h, grid_w, side, side, -1)
+        if not unpad:
+            return torch.cat([base, grid.permute(0, 2, 1, 3, 4).flatten(0, 3)])
+        grid = grid.permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (D, rows, cols) over the whole grid
+        grid = unpad_image(grid, image_size)
+        grid = torch.cat([grid, newline[:, None, None].to(grid).expand(-1, grid.shape[1], 1)], dim=2)
+        return torch.cat([base, grid.flatten(1, 2).T])
+
+    # ---------------------------------------------------------------- pruning
+    def OTPrune(self, image_features: Tensor, keep: int | float | None = None) -> Tensor:
+        """Keep OTPrune's tokens of ONE image: (N, D) -> (K, D), in ascending token order.
+
+        `keep` defaults to the current ratio (`SUBSET_RATIO` or `set_pruning`), gamma to the
+        current config's. A thin entry point to `otprune.select_tokens`.
+        """
+        config = self.pruning_config()
+        keep = (float(config.ratio) if config.ratio is not None else None) if keep is None else keep
+        if keep is None:
+            raise ValueError("keep: not given and no SUBSET_RATIO configured; pass a count or a ratio in (0, 1]")
+        return image_features[greedy_select(image_features, keep, gamma=config.gamma)]
+
+    def select_visual_tokens(self, features: list[Tensor], config: PruneConfig) -> tuple[list[Tensor], list[Tensor], _Clock]:
+        """Prune every image of a batch in one batched selection call.
+
+        Args:
+            features: per image, (T_i, D) visual tokens, all on the model's device.
+            config: an enabled PruneConfig.
+
+        Returns:
+            (kept features per image (K_i, D), kept indices per image (K_i,), the selection clock).
+        """
+        ratio = float(config.ratio)  # a ratio, also when given as the int 1
+        lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
+        keep = otprune.keep_counts(ratio, lengths).tolist()  # host ints, no device sync
+        padded = nn.utils.rnn.pad_sequence(features, batch_first=True)  # (B_img, N_max, D)
+        n_images, n_max, dim = padded.shape
+        clock = _Clock(padded.device)
+        official = config.order == "official"
+        picks = otprune.select_tokens(
+            padded,
+            ratio,
+            config.method,
+            lengths=lengths,
+            order="greedy" if official else "ascending",
+            **config.method_params(),
+        )  # (B_img, K_max), -1 padded
+        k_max = picks.shape[1]
+        if official:
+            rows = picks.tolist()
+            reordered = [official_order(row[:k]) + [-1] * (k_max - k) for row, k in zip(rows, keep, strict=True)]
+            picks = torch.tensor(reordered, dtype=torch.long).to(padded.device)
+        clock.stop()
+        slots = torch.cat([torch.arange(k) + i * k_max for i, k in enumerate(keep)]).to(padded.device)
+        flat = (picks.clamp_min(0) + torch.arange(n_images, device=padded.device)[:, None] * n_max).view(-1)
+        kept = padded.reshape(-1, dim)[flat[slots]]  # (sum K, D)
+        kept_features = list(torch.split(kept, keep))
+        kept_indices = [picks[i, :k] for i, k in enumerate(keep)]
+        return kept_features, kept_indices, clock
+
+    # ---------------------------------------------------------------- the multimodal input
+    def prepare_inputs_labels_for_multimodal(
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        past_key_values,
+        labels,
+        images,
+        image_sizes=None,
+        *,
+        padding_side: str | None = None,
+    ):
+        """Replace each `IMAGE_TOKEN_INDEX` placeholder by its image's (possibly pruned) visual tokens.
+
+        Args:
+            input_ids: (B, L) with IMAGE_TOKEN_INDEX placeholders; padding marked by attention_mask.
+            position_ids: ignored on the multimodal path (recomputed); passed through otherwise.
+            attention_mask: (B, L) or None (no padding).
+            past_key_values: passed through.
+            labels: (B, L) or None; visual tokens get IGNORE_INDEX.
+            images: (N, 3, S, S), (N, P, 3, S, S) or a list, one entry per placeholder in
+                prompt order across the batch (sample 0's images first).
+            image_sizes: per image (width, height); needed for anyres.
+            padding_side: of the returned batch; default `config.tokenizer_padding_side`
+                ("right"); `generate` uses "left".
+
+        Returns:
+            (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels): the
+            original order. On the text-only path (no images, no tower, or one token):
+            (input_ids, position_ids, attention_mask, past_key_values, None, labels).
+        """
+        if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
+            return input_ids, position_ids, attention_mask, past_key_values, None, labels
+        config = self.pruning_config()
+        self.check_pruning_config(config)
+        side = padding_side or getattr(self.config, "tokenizer_padding_side", None) or "right"
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side={side!r}: must be 'left' or 'right'")
+        self.flush_pruning_stats()
+
+        plan = _Plan.from_inputs(input_ids, attention_mask)
+        n_images = len(images)
+        if plan.n_placeholders != n_images:
+            raise ValueError(
+                f"images: {n_images} image(s) given, but the prompts contain {plan.n_placeholders} image "
+                f"placeholder(s) (IMAGE_TOKEN_INDEX={IMAGE_TOKEN_INDEX}, from '<image>' via tokenizer_image_token); "
+                "pass exactly one image per placeholder, in prompt order"
+            )
+        features = self.image_features(images, image_sizes) if n_images else []
+        before = [f.shape[0] for f in features]
+        select_clock, kept_indices = None, None
+        if config.enabled and n_images:
+            features, kept_indices, select_clock = self.select_visual_tokens(features, config)
+        after = [f.shape[0] for f in features]
+
+        embed = self.get_model().embed_tokens
+        text_embeds = embed(input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, 0))  # (B, L, D)
+        layout, index, positions, mask = plan.splice(after, side)
+        device = text_embeds.device
+        dim = text_embeds.shape[-1]
+        source = torch.cat(
+            [text_embeds.reshape(-1, dim), *[f.to(device=device, dtype=text_embeds.dtype) for f in features], text_embeds.new_zeros(1, dim)]
+        )
+        index = index.to(device)
+        inputs_embeds = source[index.view(-1)].view(*index.shape, dim)
+        new_labels = None
+        if labels is not None:
+            source_labels = torch.cat(
+                [labels.reshape(-1), labels.new_full((sum(after) + 1,), IGNORE_INDEX)]
+            )
+            new_labels = source_labels[index.view(-1)].view(index.shape)
+        padded = min(layout.seq_lens) != layout.seq_len
+        new_mask = None
+        if attention_mask is not None or padded:
+            new_mask = mask.to(device=device, dtype=attention_mask.dtype if attention_mask is not None else torch.long)
+        new_positions = positions.to(device) if (position_ids is not None or padded) else None
+
+        layout = dataclasses.replace(layout, tokens_before=before, kept_indices=kept_indices)
+        self.get_model().visual_layout = layout
+        self._pending_stats = _PendingStats(
+            stats=plan.stats(config, before, after, layout),
+            select_clock=select_clock,
+            prefill_clock=getattr(self, "_active_clock", None),
+            pruning=config.enabled,
+        )
+        if self._pending_stats.prefill_clock is None:
+            self.flush_pruning_stats()
+        return None, new_positions, new_mask, past_key_values, inputs_embeds, new_labels
+
+
+def _image_sizes(image_sizes, n: int) -> list[tuple[int, int]]:
+    if image_sizes is None:
+        raise ValueError("image_sizes: required for anyres images; pass each image's (width, height), e.g. [im.size for im in images]")
+    sizes = image_sizes.tolist() if isinstance(image_sizes, Tensor) else list(image_sizes)
+    if len(sizes) != n:
+        raise ValueError(f"image_sizes: {len(sizes)} sizes for {n} images; pass one (width, height) per image")
+    out = []
+    for size in sizes:
+        w, h = (int(v) for v in size)
+        if w < 1 or h < 1:
+            raise ValueError(f"image_sizes: {tuple(size)} is not a valid (width, height)")
+        out.append((w, h))
+    return out
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Host-side view of a batch of prompts: valid positions and placeholders per sample."""
+
+    batch: int
+    length: int
+    valid: list[Tensor]  # per sample, (n_b,) positions of the non-padding tokens
+    placeholders: list[list[int]]  # per sample, indices into valid[b] of the image placeholders
+
+    @classmethod
+    def from_inputs(cls, input_ids: Tensor, attention_mask: Tensor | None) -> _Plan:
+        ids = input_ids.detach().cpu()
+        batch, length = ids.shape
+        mask = attention_mask.detach().bool().cpu() if attention_mask is not None else None
+        valid, placeholders = [], []
+        for b in range(batch):
+            pos = mask[b].nonzero().squeeze(1) if mask is not None else torch.arange(length)
+            valid.append(pos)
+            placeholders.append((ids[b, pos] == IMAGE_TOKEN_INDEX).nonzero().squeeze(1).tolist())
+        return cls(batch, length, valid, placeholders)
+
+    @property
+    def n_placeholders(self) -> int:
+        return sum(len(p) for p in self.placeholders)
+
+    def splice(self, image_tokens: list[int], side: str) -> tuple[VisualTokenLayout, Tensor, Tensor, Tensor]:
+        """Gather index (B, L') into [text embeddings (B*L) | visual tokens | one zero row], positions, mask."""
+        visual_base = self.batch * self.length
+        offsets = [0]
+        for n in image_tokens:
+            offsets.append(offsets[-1] + n)
+        pad_index = visual_base + offsets[-1]
+        rows, spans, image_index = [], [], []
+        image = 0
+        for b in range(self.batch):
+            pieces, sample_spans, sample_images, cursor, prev = [], [], [], 0, 0
+            for t in self.placeholders[b]:
+                text = self.valid[b][prev:t] + b * self.length
+                pieces.append(text)
+                cursor += text.numel()
+                pieces.append(torch.arange(offsets[image], offsets[image + 1]) + visual_base)
+                sample_spans.append((cursor, cursor + image_tokens[image]))
+                sample_images.append(image)
+                cursor += image_tokens[image]
+                image, prev = image + 1, t + 1
+            pieces.append(self.valid[b][prev:] + b * self.length)
+            rows.append(torch.cat(pieces))
+            spans.append(sample_spans)
+            image_index.append(sample_images)
+        seq_lens = [row.numel() for row in rows]
+        seq_len = max(seq_lens)
+        index = torch.full((self.batch, seq_len), pad_index, dtype=torch.long)
+        positions = torch.zeros(self.batch, seq_len, dtype=torch.long)
+        mask = torch.zeros(self.batch, seq_len, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            start = seq_len - row.numel() if side == "left" else 0
+            index[b, start : start + row.numel()] = row
+            positions[b, start : start + row.numel()] = torch.arange(row.numel())
+            mask[b, start : start + row.numel()] = True
+            if start:
+                spans[b] = [(s + start, e + start) for s, e in spans[b]]
+        layout = VisualTokenLayout(
+            spans=spans,
+            image_index=image_index,
+            tokens_before=[],
+            kept_indices=None,
+            seq_lens=seq_lens,
+            seq_len=seq_len,
+            padding_side=side,
+        )
+        return layout, index, positions, mask
+
+    def stats(self, config: PruneConfig, before: list[int], after: list[int], layout: VisualTokenLayout) -> list[dict]:
+        records = []
+        for b in range(self.batch):
+            images = layout.image_index[b]
+            text = self.valid[b].numel() - len(images)
+            vis_before = sum(before[i] for i in images)
+            vis_after = sum(after[i] for i in images)
+            records.append(
+                {
+                    "method": config.method if config.enabled else None,
+                    "layer": config.layer,
+                    "ratio": config.ratio if config.enabled else None,
+                    "order": config.order if config.enabled else None,
+                    "images": len(images),
+                    "image_tokens_before": [before[i] for i in images],
+                    "image_tokens_after": [after[i] for i in images],
+                    "visual_tokens_before": vis_before,
+                    "visual_tokens_after": vis_after,
+                    "text_tokens": text,
+                    "seq_len_before": text + vis_before,
+                    "seq_len_after": text + vis_after,
+                    "batch_size": self.batch,
+                    "select_ms": None,
+                    "prefill_ms": None,
+                }
+            )
+        return records

@@ -1,0 +1,90 @@
+"""Session fixtures: tiny random LLaVA-1.5 / 1.6 checkpoints written once, loaded once, on CPU.
+
+Self-contained (imports only `llava` and pytest), so other test folders can copy these
+fixtures or move them to tests/conftest.py:
+
+- `tiny_llava_v15_path` / `tiny_llava_v16_path`: directories written by `llava.tiny.write_tiny_llava`
+  (names contain "llava", as the original builder expects).
+- `tiny_v15` / `tiny_v16`: a `Tiny` (tokenizer, model, image_processor, path) loaded with
+  `load_pretrained_model(..., device_map="cpu")` (fp32). The model is shared by the session;
+  the fixture resets its pruning to "read the environment" after each test, and
+  `clean_env` removes the pruning variables from the environment for every test here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER")
+
+
+@dataclasses.dataclass
+class Tiny:
+    tokenizer: object
+    model: object
+    image_processor: object
+    path: str
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in PRUNING_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OTPRUNE_RECORDS", "off")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_v15_path(tmp_path_factory) -> str:
+    from llava.tiny import write_tiny_llava
+
+    return str(write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava-v1.5", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_v16_path(tmp_path_factory) -> str:
+    from llava.tiny import write_tiny_llava
+
+    return str(write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava-v1.6", v16=True, seed=0))
+
+
+def _load(path: str) -> Tiny:
+    import os
+
+    from llava.mm_utils import get_model_name_from_path
+    from llava.model.builder import load_pretrained_model
+
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        tokenizer, model, processor, _ = load_pretrained_model(path, None, get_model_name_from_path(path), device_map="cpu")
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    return Tiny(tokenizer, model, processor, path)
+
+
+@pytest.fixture(scope="session")
+def _tiny_v15_session(tiny_llava_v15_path) -> Tiny:
+    return _load(tiny_llava_v15_path)
+
+
+@pytest.fixture(scope="session")
+def _tiny_v16_session(tiny_llava_v16_path) -> Tiny:
+    return _load(tiny_llava_v16_path)
+
+
+@pytest.fixture
+def tiny_v15(_tiny_v15_session):
+    yield _tiny_v15_session
+    _tiny_v15_session.model.set_pruning(None)
+
+
+@pytest.fixture
+def tiny_v16(_tiny_v16_session):
+    yield _tiny_v16_session
+    _tiny_v16_session.model.set_pruning(None)
