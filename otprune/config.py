@@ -8,6 +8,7 @@
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
+| `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.records`): unset = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
 """
 
 from __future__ import annotations
@@ -134,3 +135,30 @@ def _parse_float(name: str, raw: str, allowed: str) -> float:
     if math.isnan(value):
         raise ValueError(f"{name}={raw!r}: not a number; must be {allowed}")
     return value
+
+
+RECORDS_OFF = ("0", "off", "false", "no", "none")
+
+
+def records_target(environ: Mapping[str, str] | None = None) -> str:
+    """`OTPRUNE_RECORDS`, where `otprune.records` writes per-sample records: "auto" when unset or
+    empty (beside lmms-eval's outputs when running under lmms-eval with `--output_path`, else
+    off), "off" for 0/off/false/no/none, otherwise the path as given (a .jsonl file or a directory)."""
+    env = os.environ if environ is None else environ
+    value = (env.get("OTPRUNE_RECORDS") or "").strip()
+    if not value:
+        return "auto"
+    return "off" if value.lower() in RECORDS_OFF else value
+
+
+def process_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank under accelerate / torchrun (`RANK`), 0 when not distributed."""
+    env = os.environ if environ is None else environ
+    raw = (env.get("RANK") or "0").strip()
+    try:
+        rank = int(raw)
+    except ValueError:
+        raise ValueError(f"RANK={raw!r}: must be an integer >= 0 (set by accelerate / torchrun)") from None
+    if rank < 0:
+        raise ValueError(f"RANK={raw!r}: must be an integer >= 0 (set by accelerate / torchrun)")
+    return rank

@@ -1,12 +1,42 @@
-"""`otprune report`: placeholder until its issue lands."""
+"""`otprune report LOG_DIR [--out table.md]`: the paper-style table from lmms-eval logs."""
 
 from __future__ import annotations
 
+import argparse
+
+EPILOG = """\
+Reads, recursively under LOG_DIR, lmms-eval's <date>_results.json files and the per-sample records
+(otprune_records_*.jsonl, written beside them while the llava model runs), and writes:
+  table.md   one row per model x method x kept ratio x layer: each task's headline metric
+             (e.g. GQA EM, MME perception, POPE F1, CIDEr), mean TFLOPs and % of unpruned,
+             mean prefill latency and selection time, average rank among the pruned rows
+  table.csv  the same numbers unformatted
+  table.png  relative score vs kept ratio, when several kept ratios are present
+"""
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="Results table from lmms-eval logs (issue 4)")
+    parser = subparsers.add_parser(
+        "report",
+        help="Results table (markdown, CSV, plot) from lmms-eval logs",
+        description="Build the OTPrune paper's Table 1 from lmms-eval results and per-sample records.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("log_dir", metavar="LOG_DIR", help="folder with lmms-eval outputs (searched recursively)")
+    parser.add_argument("--out", default=None, help="markdown file to write (default: LOG_DIR/otprune_report.md); "
+                        "the CSV and PNG go beside it")
+    parser.add_argument("--quiet", action="store_true", help="do not print the table")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    raise ValueError("'otprune report' is not implemented yet")
+    from otprune.report import to_markdown, write_report
+
+    report, written = write_report(args.log_dir, args.out)
+    if not args.quiet:
+        print(to_markdown(report), end="")
+        print()
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
+    return 0

@@ -204,8 +204,13 @@ class LlavaMetaForCausalLM(ABC):
         On CUDA with pruning off the hook runs at the next synchronising point (end of
         `generate`, next multimodal call, or reading `pruning_stats`) so that timing adds no
         host-device synchronisation; otherwise it runs at the end of the prefill.
+
+        By default the stats go to `otprune.records` (per-sample JSONL with FLOPs next to
+        lmms-eval's outputs, or where `OTPRUNE_RECORDS` says; nothing outside lmms-eval).
         """
-        return None
+        from otprune import records
+
+        records.record(stats, config=self.config)
 
     def flush_pruning_stats(self) -> None:
         """Finish pending statistics (reads the timers) and run `on_pruning_stats`."""

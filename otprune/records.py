@@ -1,0 +1,329 @@
+"""Per-sample pruning records: one JSON line per evaluated sample, with its FLOPs.
+
+The `llava` model calls `record(stats, config=self.config)` once per multimodal prefill (from its
+`on_pruning_stats` hook). `stats` is the list of per-sample dicts of `model.pruning_stats`:
+
+    method, layer, ratio            what ran (method/layer None when pruning is off)
+    visual_tokens_before/after      visual tokens of the sample, before and after pruning
+    seq_len_before/after            the sample's whole sequence length (system + text + visual)
+    text_tokens                     its non-visual tokens
+    select_ms, prefill_ms           selection time and prefill latency
+    tokens_per_layer (optional)     tokens processed by each decoder layer, for multi-layer
+                                    schedules (FastV, VTW, FitPrune recipes); when absent it is
+                                    seq_len_before for the layers < `layer`, seq_len_after after
+
+Each line holds those fields, the decoder sizes (`hidden_size`, `intermediate_size`,
+`num_layers`, from `config` or given explicitly), the schedule `tokens_per_layer`, and
+`tflops` / `tflops_unpruned` from the paper's formula (`otprune.flops`) on the actual lengths,
+plus the lmms-eval context (output path, tasks, model args, limit) and `time`, `run`, `rank`.
+
+Where the lines go (`OTPRUNE_RECORDS`, read by `otprune.config.records_target`):
+
+- unset: when the process runs lmms-eval with `--output_path OUT --model_args pretrained=P,...`,
+  `OUT/<sanitized P>/otprune_records_<date>_<time>_r<rank>_<pid>.jsonl` -- the folder where
+  lmms-eval 0.7 writes `<date>_results.json` and `<date>_samples_<task>.jsonl`; otherwise off;
+- `off` (or 0/false/no/none): off;
+- a path ending in `.jsonl`: that file (`NAME.rank<R>.jsonl` for ranks > 0);
+- any other path: a folder, the file name as above inside it.
+
+Nothing in lmms-eval is patched: the context comes from `sys.argv`. `otprune report` reads these
+files next to the lmms-eval results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from otprune import flops
+
+RECORD_VERSION = 1
+RECORD_MARKER = "otprune_record"  # key present (= RECORD_VERSION) in every line
+FILE_PREFIX = "otprune_records"
+REQUIRED_STATS = ("seq_len_before",)
+
+# lmms-eval 0.7's order of model-name keys in --model_args (loggers/evaluation_tracker.py).
+_MODEL_NAME_KEYS = ("peft=", "delta=", "pretrained=", "model=", "model_version=", "model_name=", "model_id=", "path=", "engine=")
+
+
+def sanitize_model_name(model_name: str) -> str:
+    """The folder name lmms-eval 0.7 gives a model: its last two path parts, special characters -> "__"."""
+    parts = model_name.split("/")
+    tail = "/".join(parts[-2:]) if len(parts) > 1 else parts[-1]
+    return re.sub(r"[\"<>:/\|\\?\*\[\]]+", "__", tail)
+
+
+def model_name_from_args(model_args: str) -> str:
+    """The model name lmms-eval 0.7 takes from `--model_args` (e.g. the `pretrained=` value), or ""."""
+    for key in _MODEL_NAME_KEYS:
+        if key in model_args:
+            return model_args.split(key, 1)[1].split(",")[0]
+    return ""
+
+
+def lmms_eval_context(argv: Sequence[str] | None = None, modules: Mapping | None = None) -> dict | None:
+    """The lmms-eval run this process belongs to, read from its command line, or None.
+
+    Returns {"output_path", "model_args", "tasks", "limit", "model_dir"} when lmms-eval is
+    running (imported, or the program is lmms_eval / lmms-eval) and `--output_path` was given.
+    `model_dir` is the folder lmms-eval writes its results to.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    modules = sys.modules if modules is None else modules
+    program = os.path.basename(os.path.dirname(argv[0])) + "/" + os.path.basename(argv[0]) if argv else ""
+    if "lmms_eval" not in modules and "lmms_eval" not in program and "lmms-eval" not in program:
+        return None
+    options = _options(argv[1:], ("--output_path", "--model_args", "--tasks", "--limit"))
+    output_path = options.get("--output_path")
+    if not output_path:
+        return None
+    model_args = options.get("--model_args") or ""
+    model_dir = Path(output_path) / sanitize_model_name(model_name_from_args(model_args))
+    return {
+        "output_path": output_path,
+        "model_args": model_args,
+        "tasks": options.get("--tasks"),
+        "limit": options.get("--limit"),
+        "model_dir": str(model_dir),
+    }
+
+
+def records_path(
+    target: str, context: dict | None, *, rank: int = 0, pid: int | None = None, stamp: str | None = None
+) -> Path | None:
+    """The JSONL file for `target` ("auto", "off" or a path; see the module doc), or None = off."""
+    pid = os.getpid() if pid is None else pid
+    stamp = time.strftime("%Y%m%d_%H%M%S") if stamp is None else stamp
+    name = f"{FILE_PREFIX}_{stamp}_r{rank}_{pid}.jsonl"
+    if target == "off":
+        return None
+    if target == "auto":
+        return None if context is None else Path(context["model_dir"]) / name
+    path = Path(target).expanduser()
+    if path.suffix == ".jsonl":
+        return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}.jsonl")
+    return path / name
+
+
+def decoder_size(
+    stats: Mapping | None = None,
+    *,
+    config: object = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+    layers: int | None = None,
+) -> flops.DecoderSize:
+    """The decoder sizes: explicit numbers first, then `config`, then the stats' own fields."""
+    if hidden is not None or intermediate is not None or layers is not None:
+        if hidden is None or intermediate is None or layers is None:
+            raise ValueError(
+                f"hidden={hidden!r}, intermediate={intermediate!r}, layers={layers!r}: give all three or none"
+            )
+        return flops.DecoderSize(hidden, intermediate, layers)
+    if config is not None:
+        return flops.DecoderSize.from_config(config)
+    if stats is not None:
+        values = [stats.get("hidden_size"), stats.get("intermediate_size"), stats.get("num_layers", stats.get("num_hidden_layers"))]
+        if all(value is not None for value in values):
+            return flops.DecoderSize(int(values[0]), int(values[1]), int(values[2]))
+    raise ValueError(
+        "decoder sizes: unknown; pass config=model.config, or hidden/intermediate/layers, "
+        "or put hidden_size/intermediate_size/num_layers in the stats"
+    )
+
+
+def tokens_per_layer(stats: Mapping, size: flops.DecoderSize) -> tuple[list[int], list[int]]:
+    """(actual schedule, unpruned schedule) of one sample, one token count per decoder layer."""
+    for key in REQUIRED_STATS:
+        if stats.get(key) is None:
+            raise ValueError(f"pruning stats: {key!r} missing; got keys {sorted(stats)}")
+    before = _count("seq_len_before", stats["seq_len_before"])
+    unpruned = [before] * size.layers
+    if stats.get("tokens_per_layer") is not None:
+        return flops.check_schedule(stats["tokens_per_layer"], size), unpruned
+    layer = stats.get("layer")
+    after = stats.get("seq_len_after")
+    if layer is None or after is None:
+        return list(unpruned), unpruned
+    layer = _count("layer", layer)
+    if layer >= size.layers:
+        raise ValueError(f"pruning stats: layer={layer} but the model has {size.layers} layers")
+    after = _count("seq_len_after", after)
+    return [before] * layer + [after] * (size.layers - layer), unpruned
+
+
+def make_record(stats: Mapping, size: flops.DecoderSize, **context) -> dict:
+    """One JSON-ready record: `context`, the stats, the sizes, the schedule and its TFLOPs."""
+    schedule, unpruned = tokens_per_layer(stats, size)
+    record = {RECORD_MARKER: RECORD_VERSION, **context}
+    record.update({key: _plain(value) for key, value in stats.items()})
+    record.update(
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_layers=size.layers,
+        tokens_per_layer=schedule,
+        tflops=flops.schedule_flops(schedule, size.hidden, size.intermediate) / flops.TERA,
+        tflops_unpruned=flops.schedule_flops(unpruned, size.hidden, size.intermediate) / flops.TERA,
+    )
+    return record
+
+
+class RecordWriter:
+    """Appends records to one JSONL file (or does nothing when `path` is None)."""
+
+    def __init__(self, path: str | os.PathLike | None, *, context: dict | None = None, rank: int = 0) -> None:
+        self.path = None if path is None else Path(path)
+        self.context = dict(context or {})
+        self.rank = rank
+        self.run = f"{time.strftime('%Y%m%d_%H%M%S')}_r{rank}_{os.getpid()}"
+        self.count = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, argv: Sequence[str] | None = None) -> RecordWriter:
+        """The writer `OTPRUNE_RECORDS` and the lmms-eval command line ask for (see the module doc)."""
+        from otprune.config import process_rank, records_target
+
+        target = records_target(environ)
+        rank = process_rank(environ)
+        context = lmms_eval_context(argv) if target != "off" else None
+        path = records_path(target, context, rank=rank)
+        fields = {key: context[key] for key in ("output_path", "model_args", "tasks", "limit")} if context else {}
+        return cls(path, context=fields, rank=rank)
+
+    def write(
+        self,
+        stats: Mapping | Sequence[Mapping],
+        *,
+        config: object = None,
+        hidden: int | None = None,
+        intermediate: int | None = None,
+        layers: int | None = None,
+        model: str | None = None,
+    ) -> list[dict]:
+        """Append one line per sample of `stats` (a dict or a list of dicts); returns the records."""
+        if self.path is None:
+            return []
+        samples = [stats] if isinstance(stats, Mapping) else list(stats)
+        if model is None and config is not None:
+            model = getattr(config, "_name_or_path", None) or None
+        now = time.time()
+        records = []
+        for sample in samples:
+            if not isinstance(sample, Mapping):
+                raise ValueError(f"pruning stats: expected a dict per sample, got {type(sample).__name__}")
+            size = decoder_size(sample, config=config, hidden=hidden, intermediate=intermediate, layers=layers)
+            context = {"time": now, "run": self.run, "rank": self.rank, "index": self.count, **self.context}
+            if model is not None:
+                context["model"] = model
+            records.append(make_record(sample, size, **context))
+            self.count += 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write("".join(json.dumps(record) + "\n" for record in records))
+        return records
+
+
+_default_writer: RecordWriter | None = None
+
+
+def default_writer() -> RecordWriter:
+    """This process's writer, made from the environment on first use."""
+    global _default_writer
+    if _default_writer is None:
+        _default_writer = RecordWriter.from_env()
+    return _default_writer
+
+
+def record(
+    stats: Mapping | Sequence[Mapping],
+    *,
+    config: object = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+    layers: int | None = None,
+    model: str | None = None,
+) -> list[dict]:
+    """Record one prefill's per-sample stats with this process's writer (no-op when recording is off).
+
+    Call it from the model's `on_pruning_stats` hook: `otprune.records.record(stats, config=self.config)`.
+    """
+    writer = default_writer()
+    if not writer.enabled:
+        return []
+    return writer.write(stats, config=config, hidden=hidden, intermediate=intermediate, layers=layers, model=model)
+
+
+def reset() -> None:
+    """Forget this process's writer (the next `record` reads the environment again)."""
+    global _default_writer
+    _default_writer = None
+
+
+def is_record(line: Mapping) -> bool:
+    return isinstance(line, Mapping) and line.get(RECORD_MARKER) is not None
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of one JSONL file (lines without the record marker are skipped)."""
+    records = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err.msg}); is the file truncated?") from None
+            if is_record(value):
+                records.append(value)
+    return records
+
+
+def _options(args: Sequence[str], names: Sequence[str]) -> dict[str, str]:
+    """Values of `--name value` / `--name=value` options (the last one wins)."""
+    found: dict[str, str] = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        name, equals, value = arg.partition("=")
+        if name in names:
+            if equals:
+                found[name] = value
+            elif index + 1 < len(args):
+                found[name] = args[index + 1]
+                index += 1
+        index += 1
+    return found
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"pruning stats: {name}={value!r}: must be an integer >= 0")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"pruning stats: {name}={value!r}: must be an integer >= 0") from None
+    if number != value or number < 0:
+        raise ValueError(f"pruning stats: {name}={value!r}: must be an integer >= 0")
+    return number
+
+
+def _plain(value):
+    """JSON-ready copy of a stats value (tensors / numpy scalars -> Python numbers and lists)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value

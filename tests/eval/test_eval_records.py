@@ -1,0 +1,167 @@
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from eval_fakes import stats
+
+from otprune import flops, records
+from otprune.config import process_rank, records_target
+
+LMMS_ARGV = ["/x/site-packages/lmms_eval/__main__.py", "--model", "llava", "--model_args",
+             "pretrained=liuhaotian/llava-v1.5-7b,device_map=auto", "--tasks", "gqa,pope", "--batch_size", "1",
+             "--log_samples", "--output_path", "./logs/otprune_7b", "--limit", "5"]
+CONFIG = SimpleNamespace(hidden_size=64, intermediate_size=160, num_hidden_layers=4, _name_or_path="/ckpt/tiny-llava")
+
+
+@pytest.fixture(autouse=True)
+def fresh_writer():
+    records.reset()
+    yield
+    records.reset()
+
+
+def test_records_target_and_rank_from_the_environment():
+    assert records_target({}) == "auto"
+    assert records_target({"OTPRUNE_RECORDS": " "}) == "auto"
+    assert records_target({"OTPRUNE_RECORDS": "OFF"}) == "off"
+    assert records_target({"OTPRUNE_RECORDS": "0"}) == "off"
+    assert records_target({"OTPRUNE_RECORDS": "/tmp/x.jsonl"}) == "/tmp/x.jsonl"
+    assert process_rank({}) == 0
+    assert process_rank({"RANK": "3"}) == 3
+    with pytest.raises(ValueError, match="RANK='x'"):
+        process_rank({"RANK": "x"})
+
+
+def test_lmms_eval_context_from_argv():
+    context = records.lmms_eval_context(LMMS_ARGV, modules={})
+    assert context["output_path"] == "./logs/otprune_7b"
+    assert context["tasks"] == "gqa,pope"
+    assert context["limit"] == "5"
+    assert Path(context["model_dir"]) == Path("./logs/otprune_7b/liuhaotian__llava-v1.5-7b")
+    equals = ["lmms-eval", "--output_path=out", "--model_args=pretrained=/a/b/c"]
+    assert Path(records.lmms_eval_context(equals, modules={})["model_dir"]) == Path("out/b__c")
+    # Not lmms-eval, or no --output_path: no context.
+    assert records.lmms_eval_context(["pytest", "--output_path", "x"], modules={}) is None
+    assert records.lmms_eval_context(["lmms-eval", "--model", "llava"], modules={}) is None
+
+
+def test_model_folder_matches_lmms_eval():
+    # lmms-eval's own functions are the oracle for the folder the results go to.
+    from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
+    from lmms_eval.utils import sanitize_model_name
+
+    for args in ["pretrained=liuhaotian/llava-v1.5-7b", "pretrained=/tmp/a b/ckpt/tiny-llava,device=cpu",
+                 "pretrained=x", "device=cpu", "model=org/name:v1,pretrained=q"]:
+        name = GeneralConfigTracker._get_model_name(args)
+        assert records.model_name_from_args(args) == name
+        assert records.sanitize_model_name(name) == sanitize_model_name(name)
+
+
+def test_records_path_rules(tmp_path):
+    context = {"model_dir": str(tmp_path / "m")}
+    auto = records.records_path("auto", context, rank=1, pid=7, stamp="S")
+    assert auto == tmp_path / "m" / "otprune_records_S_r1_7.jsonl"
+    assert records.records_path("auto", None) is None
+    assert records.records_path("off", context) is None
+    assert records.records_path(str(tmp_path / "a.jsonl"), None) == tmp_path / "a.jsonl"
+    assert records.records_path(str(tmp_path / "a.jsonl"), None, rank=2) == tmp_path / "a.rank2.jsonl"
+    assert records.records_path(str(tmp_path / "dir"), None, pid=1, stamp="S") == tmp_path / "dir" / "otprune_records_S_r0_1.jsonl"
+
+
+def test_writer_appends_one_line_per_sample_with_flops(tmp_path):
+    path = tmp_path / "r.jsonl"
+    writer = records.RecordWriter(path, context={"tasks": "gqa"})
+    batch = [stats(20, 576, method="otprune", ratio=0.098), stats(30, 576, method="otprune", ratio=0.098)]
+    written = writer.write(batch, config=CONFIG)
+    writer.write(stats(5, 100, method="otprune", ratio=0.5), config=CONFIG)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 3 and lines[:2] == written
+    first = lines[0]
+    assert first["otprune_record"] == 1 and first["tasks"] == "gqa" and first["model"] == "/ckpt/tiny-llava"
+    assert (first["hidden_size"], first["intermediate_size"], first["num_layers"]) == (64, 160, 4)
+    assert first["visual_tokens_after"] == 56 and first["seq_len_after"] == 76
+    assert first["tokens_per_layer"] == [76] * 4
+    assert first["tflops"] == pytest.approx(4 * flops.layer_flops(76, 64, 160) / 1e12)
+    assert first["tflops_unpruned"] == pytest.approx(4 * flops.layer_flops(596, 64, 160) / 1e12)
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    assert len({line["run"] for line in lines}) == 1
+
+
+def test_schedule_for_a_later_layer_and_for_unpruned():
+    size = flops.DecoderSize(8, 16, 4)
+    sample = stats(10, 40, method="fastv", ratio=0.5, layer=2)
+    schedule, unpruned = records.tokens_per_layer(sample, size)
+    assert schedule == [50, 50, 30, 30] and unpruned == [50] * 4
+    off = stats(10, 40, method=None, ratio=None)
+    assert records.tokens_per_layer(off, size) == ([50] * 4, [50] * 4)
+
+
+def test_explicit_multi_layer_schedule_is_used():
+    size = flops.DecoderSize(8, 16, 4)
+    sample = dict(stats(10, 40, method="fitprune", ratio=None, layer=None), tokens_per_layer=[50, 45, 20, 12])
+    record = records.make_record(sample, size)
+    assert record["tokens_per_layer"] == [50, 45, 20, 12]
+    assert record["tflops"] == pytest.approx(sum(flops.layer_flops(n, 8, 16) for n in [50, 45, 20, 12]) / 1e12)
+    with pytest.raises(ValueError, match="tokens_per_layer: 3 numbers"):
+        records.make_record(dict(sample, tokens_per_layer=[1, 2, 3]), size)
+
+
+def test_sizes_from_stats_or_arguments():
+    sample = dict(stats(1, 4, method=None, ratio=None), hidden_size=8, intermediate_size=16, num_layers=2)
+    assert records.decoder_size(sample) == flops.DecoderSize(8, 16, 2)
+    assert records.decoder_size(None, hidden=1, intermediate=2, layers=3) == flops.DecoderSize(1, 2, 3)
+    with pytest.raises(ValueError, match="give all three"):
+        records.decoder_size(None, hidden=1)
+    with pytest.raises(ValueError, match="decoder sizes"):
+        records.decoder_size({"seq_len_before": 3})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seq_len_before": None}, "'seq_len_before' missing"),
+        ({"seq_len_after": -1}, "seq_len_after=-1"),
+        ({"layer": 9}, "layer=9 but the model has 4 layers"),
+        ({"seq_len_before": 2.5}, "seq_len_before=2.5"),
+    ],
+)
+def test_bad_stats_are_clear_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        records.make_record(dict(stats(10, 40, method="otprune", ratio=0.5), **change), flops.DecoderSize(8, 16, 4))
+
+
+def test_record_is_a_no_op_when_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("OTPRUNE_RECORDS", "off")
+    assert records.record([stats(1, 4, method=None, ratio=None)], config=CONFIG) == []
+    assert not list(tmp_path.iterdir())
+
+
+def test_record_with_an_explicit_file(monkeypatch, tmp_path):
+    target = tmp_path / "sub" / "mine.jsonl"
+    monkeypatch.setenv("OTPRUNE_RECORDS", str(target))
+    monkeypatch.delenv("RANK", raising=False)
+    records.record([stats(3, 16, method="otprune", ratio=0.25)], config=CONFIG)
+    records.record([stats(3, 16, method="otprune", ratio=0.25)], config=CONFIG)
+    assert [r["index"] for r in records.read_records(target)] == [0, 1]
+
+
+def test_record_beside_lmms_eval_outputs(monkeypatch, tmp_path):
+    monkeypatch.delenv("OTPRUNE_RECORDS", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    argv = ["lmms_eval", "--model_args", "pretrained=/c/tiny-llava", "--tasks", "otprune_smoke", "--output_path", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)
+    records.record([stats(3, 16, method=None, ratio=None)], config=CONFIG)
+    files = list((tmp_path / "c__tiny-llava").glob("otprune_records_*_r1_*.jsonl"))
+    assert len(files) == 1
+    (line,) = records.read_records(files[0])
+    assert line["output_path"] == str(tmp_path) and line["tasks"] == "otprune_smoke" and line["rank"] == 1
+
+
+def test_tensor_values_become_json():
+    torch = pytest.importorskip("torch")
+    sample = {key: (torch.tensor(value) if isinstance(value, int) else value)
+              for key, value in stats(10, 40, method="otprune", ratio=0.5).items()}
+    record = records.make_record(sample, flops.DecoderSize(8, 16, 2))
+    json.dumps(record)
+    assert record["seq_len_after"] == 30

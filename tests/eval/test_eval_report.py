@@ -1,0 +1,178 @@
+import csv
+import io
+
+import pytest
+from eval_fakes import stats, write_records, write_results
+
+from otprune import flops, report
+from otprune.cli import main
+
+MODEL = "liuhaotian/llava-v1.5-7b"
+TEXT = {"gqa": 23, "pope": 21, "mme": 25}
+# Paper Table 1 values for LLaVA-1.5-7B (original / DivPrune / OTPrune), in lmms-eval's units.
+SCORES = {
+    "original": {"gqa": 0.6196, "pope": 0.8584, "mme": 1506.0},
+    "divprune": {"gqa": 0.5685, "pope": 0.8602, "mme": 1328.0},
+    "otprune": {"gqa": 0.5662, "pope": 0.7959, "mme": 1368.0},
+}
+METRIC = {"gqa": "exact_match", "pope": "pope_f1_score", "mme": "mme_perception_score"}
+T0 = 1_760_000_000.0
+
+
+def run_setting(log_dir, method, ratio, scores, start, samples_per_task=3):
+    """One setting = one lmms-eval call per task, as run_OTPrune.sh lays them out."""
+    tag = "original" if method is None else f"{method}_r{ratio}_l0"
+    for offset, (task, value) in enumerate(scores.items()):
+        out = log_dir / "llava-v1.5-7b" / tag / task
+        begin = start + 100 * offset
+        write_results(out, MODEL, {task: {METRIC[task]: value}}, start=begin)
+        samples = [stats(TEXT[task] + i, 576, method=method, ratio=ratio, prefill_ms=100.0 + i, select_ms=2.0)
+                   for i in range(samples_per_task)]
+        write_records(out, MODEL, samples, time=begin + 30, tasks=task)
+
+
+@pytest.fixture
+def paper_logs(tmp_path):
+    run_setting(tmp_path, None, None, SCORES["original"], T0)
+    run_setting(tmp_path, "divprune", 0.098, SCORES["divprune"], T0 + 1000)
+    run_setting(tmp_path, "otprune", 0.098, SCORES["otprune"], T0 + 2000)
+    return tmp_path
+
+
+def expected_tflops(ratio):
+    size = flops.MODEL_SIZES["7b"]
+    per_task, percents = [], []
+    for text in TEXT.values():
+        pairs = [flops.sequence_flops(text + i + 576, size, visual_tokens=576, ratio=ratio) for i in range(3)]
+        full = sum(pair[0] for pair in pairs) / 3 / 1e12
+        pruned = sum(pair[1] for pair in pairs) / 3 / 1e12
+        per_task.append(pruned if ratio is not None else full)
+        percents.append(100 * (pruned if ratio is not None else full) / full)
+    return sum(per_task) / 3, sum(percents) / 3
+
+
+def test_table_rows_scores_flops_and_ranks(paper_logs):
+    rep = report.build_report(paper_logs)
+    assert rep.tasks == ["gqa", "mme", "pope"]  # the paper's column order
+    assert [(row.method, row.ratio) for row in rep.rows] == [(None, None), ("divprune", 0.098), ("otprune", 0.098)]
+    original, divprune, otprune = rep.rows
+    assert otprune.scores == pytest.approx({"gqa": 56.62, "pope": 79.59, "mme": 1368.0})
+    # Ranks among the pruned rows: GQA and POPE DivPrune first, MME OTPrune first.
+    assert divprune.rank == pytest.approx((1 + 1 + 2) / 3)
+    assert otprune.rank == pytest.approx((2 + 2 + 1) / 3)
+    assert original.rank is None
+    tflops, percent = expected_tflops(0.098)
+    assert otprune.tflops() == pytest.approx(tflops, rel=1e-12)
+    assert otprune.tflops_percent() == pytest.approx(percent, rel=1e-12)
+    assert original.tflops() == pytest.approx(expected_tflops(None)[0], rel=1e-12)
+    assert original.tflops_percent() == pytest.approx(100.0)
+    assert otprune.mean("prefill_ms") == pytest.approx(101.0)
+    assert otprune.mean("select_ms") == pytest.approx(2.0)
+    assert original.mean("select_ms") is None
+    assert otprune.relative == pytest.approx(100 / 3 * (56.62 / 61.96 + 1368 / 1506 + 79.59 / 85.84))
+    assert rep.notes == []
+
+
+def test_markdown_and_csv(paper_logs):
+    rep = report.build_report(paper_logs)
+    markdown = report.to_markdown(rep)
+    header = "| Model | Method | Layer | Kept | TFLOPs (% unpruned) | GQA EM | MME P | POPE F1 | Prefill ms | Select ms | Avg. rank |"
+    assert header in markdown
+    tflops, percent = expected_tflops(0.098)
+    assert (f"| llava-v1.5-7b | OTPrune | 0 | 9.8% | {tflops:.3f} ({flops.format_percent(percent)}%) "
+            "| 56.62 | 1368 | 79.59 | 101.0 | 2.00 | 1.67 |") in markdown
+    assert "| llava-v1.5-7b | Original | – | 100% |" in markdown
+    rows = list(csv.DictReader(io.StringIO(report.to_csv(rep))))
+    assert [row["method"] for row in rows] == ["Original", "DivPrune", "OTPrune"]
+    assert float(rows[2]["gqa:exact_match"]) == pytest.approx(56.62)
+    assert float(rows[2]["tflops"]) == pytest.approx(tflops)
+    assert rows[2]["samples"] == "9"
+
+
+def test_cli_writes_files_and_plot_only_with_several_ratios(paper_logs, capsys, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "table.md"
+    assert main(["report", str(paper_logs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| llava-v1.5-7b | OTPrune |" in printed
+    assert out.exists() and out.with_suffix(".csv").exists()
+    assert not out.with_suffix(".png").exists()  # one kept ratio only
+
+    run_setting(paper_logs, "otprune", 0.25, {"gqa": 0.60, "pope": 0.84, "mme": 1450.0}, T0 + 3000)
+    assert main(["report", str(paper_logs), "--out", str(out), "--quiet"]) == 0
+    png = out.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = report.build_report(paper_logs)
+    assert rep.ratios == [0.098, 0.25]
+    # Ranks compare rows of the same ratio only: the lone r=0.25 row has none.
+    lone = [row for row in rep.rows if row.ratio == 0.25]
+    assert len(lone) == 1 and lone[0].rank is None
+
+
+def test_two_runs_in_one_folder_are_told_apart_by_time(tmp_path):
+    out = tmp_path / "shared"
+    write_results(out, MODEL, {"gqa": {"exact_match": 0.6}}, start=T0)
+    write_records(out, MODEL, [stats(23, 576, method=None, ratio=None)], time=T0 + 20, tasks="gqa", run="a")
+    write_results(out, MODEL, {"gqa": {"exact_match": 0.5}}, start=T0 + 100)
+    write_records(out, MODEL, [stats(23, 576, method="otprune", ratio=0.098)], time=T0 + 120, tasks="gqa", run="b")
+    rep = report.build_report(tmp_path)
+    by_method = {row.method: row for row in rep.rows}
+    assert by_method[None].scores["gqa"] == pytest.approx(60.0)
+    assert by_method["otprune"].scores["gqa"] == pytest.approx(50.0)
+    assert by_method["otprune"].tflops() < by_method[None].tflops()
+
+
+def test_records_without_results_and_results_without_records_are_noted(tmp_path):
+    out = tmp_path / "a"
+    write_results(out, MODEL, {"gqa": {"exact_match": 0.6}}, start=T0)
+    # Records from before the only results file started: an interrupted earlier run.
+    write_records(out, MODEL, [stats(23, 576, method="otprune", ratio=0.098)], time=T0 - 500, tasks="gqa", run="old")
+    rep = report.build_report(tmp_path)
+    assert [row.method for row in rep.rows] == [report.UNKNOWN_METHOD]
+    assert any("match no results file" in note for note in rep.notes)
+    assert any("no per-sample records" in note for note in rep.notes)
+    assert "? (no records)" in report.to_markdown(rep)
+
+
+def test_newest_result_wins_for_a_repeated_task(tmp_path):
+    for start, value in ((T0, 0.4), (T0 + 500, 0.7)):
+        out = tmp_path / f"run{start}"
+        write_results(out, MODEL, {"pope": {"pope_f1_score": value}}, start=start)
+        write_records(out, MODEL, [stats(21, 576, method="otprune", ratio=0.098)], time=start + 10, tasks="pope")
+    rep = report.build_report(tmp_path)
+    (row,) = rep.rows
+    assert row.scores["pope"] == pytest.approx(70.0)
+    assert len(row.buckets) == 1
+    assert any("several results" in note for note in rep.notes)
+
+
+def test_unknown_task_falls_back_to_its_first_metric(tmp_path):
+    out = tmp_path / "x"
+    write_results(out, MODEL, {"my_task": {"my_score": 0.25, "other": 3.0}}, start=T0,
+                  higher_is_better={"my_task": {"my_score": True, "other": True}})
+    rep = report.build_report(tmp_path)
+    assert rep.rows[0].scores == {"my_task": 0.25}
+    assert "my_task my_score" in report.to_markdown(rep)
+
+
+def test_group_results_use_the_subtasks(tmp_path):
+    out = tmp_path / "smoke"
+    write_results(out, "/tmp/ckpt/tiny-llava", {"otprune_smoke_gen": {"exact_match": 0.1}, "otprune_smoke_mc": {"acc": 0.3}},
+                  start=T0, groups={"otprune_smoke": ["otprune_smoke_gen", "otprune_smoke_mc"]}, cli_tasks="otprune_smoke")
+    write_records(out, "/tmp/ckpt/tiny-llava", [stats(9, 16, method="otprune", ratio=0.098)], time=T0 + 5,
+                  tasks="otprune_smoke", size=flops.DecoderSize(64, 128, 2))
+    rep = report.build_report(tmp_path)
+    (row,) = rep.rows
+    assert row.model == "/tmp/ckpt/tiny-llava" and row.method == "otprune"
+    assert row.scores == pytest.approx({"otprune_smoke_gen": 10.0, "otprune_smoke_mc": 30.0})
+    assert "| tiny-llava | OTPrune | 0 | 9.8% |" in report.to_markdown(rep)
+
+
+def test_empty_or_missing_log_dir_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no lmms-eval results"):
+        report.build_report(tmp_path / "empty")
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "no lmms-eval results (*_results.json)" in err and "run_OTPrune.sh --smoke" in err
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
