@@ -216,6 +216,7 @@ check_settings() {
     done
     [[ -n "$checks" ]] || return 0
     "$PY" - <<EOF || exit 2
+import os
 import sys
 try:
     from otprune.config import PruneConfig
@@ -224,7 +225,7 @@ except Exception as err:  # noqa: BLE001
 
 def check(method, ratio, layer):
     try:
-        PruneConfig.from_env({"BASELINE": method, "SUBSET_RATIO": ratio, "LAYER_INDEX": layer})
+        PruneConfig.from_env({**os.environ, "BASELINE": method, "SUBSET_RATIO": ratio, "LAYER_INDEX": layer})
     except ValueError as err:
         sys.exit(f"$ME: error: {err}")
 

@@ -2,13 +2,21 @@
 
 | variable | meaning |
 |---|---|
-| `BASELINE` | method name (`OURS`/`OTPRUNE`, `DIVPRUNE`, `DPP`, `RANDOM`, `UNIFORM`, `FIRSTK`, `LASTK`); default OTPrune |
-| `LAYER_INDEX` | where to prune: `0` = the embeddings before the LLM; unset = pruning off |
-| `SUBSET_RATIO` | fraction of each image's visual tokens to keep, in (0, 1]; required with `LAYER_INDEX` |
+| `BASELINE` | method name (`OURS`/`OTPRUNE`, `DIVPRUNE`, `DPP`, `RANDOM`, `UNIFORM`, `FIRSTK`, `LASTK`; model-level: `FASTV`, `VTW`, `FITPRUNE`); default OTPrune |
+| `LAYER_INDEX` | where to prune: `0` = the embeddings before the LLM, `L > 0` = the hidden states entering decoder layer L; unset = pruning off (except for the model-level methods, see below) |
+| `SUBSET_RATIO` | fraction of each image's visual tokens to keep, in (0, 1]; required with `LAYER_INDEX` and with `FASTV`; not used by `VTW` / `FITPRUNE` |
+| `FITPRUNE_RECIPE` | path of a FitPrune recipe (`otprune fitprune-calibrate`); required with `BASELINE=FITPRUNE` |
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
 | `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.records`): unset = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
+
+The model-level (attention-based) methods prune inside the LLM and are switched on by `BASELINE`
+itself: `FASTV` prunes at `LAYER_INDEX` (default 2, FastV's K), keeping `SUBSET_RATIO` of each
+image's tokens; `VTW` withdraws every visual token at `LAYER_INDEX` (required, >= 1);
+`FITPRUNE` prunes where its recipe says (`LAYER_INDEX`, if set, must be the recipe's first
+pruning layer). Kept tokens keep their rotary positions inside the LLM, so the official code's
+set order (`OTPRUNE_ORDER=official`) exists only for `LAYER_INDEX=0`.
 """
 
 from __future__ import annotations
@@ -22,18 +30,43 @@ from otprune.methods import METHODS, TokenSelector, get_method, method_parameter
 
 KEEP_ORDERS = ("ascending", "official")
 
+# Methods that prune inside the LLM from attention scores (not feature-selection methods of
+# `otprune.METHODS`): name -> default layer (None: none, must be given).
+MODEL_METHODS = {"fastv": 2, "vtw": None, "fitprune": None}
+
+
+def canonical_method(name: str) -> str:
+    """The canonical name of a selection method of `otprune.METHODS` or of a model-level method."""
+    key = str(name).strip().lower()
+    if key in MODEL_METHODS:
+        return key
+    if key in METHODS:
+        return METHODS.canonical(key)
+    raise ValueError(f"unknown selection method {name!r}; valid names: {describe_methods()}")
+
+
+def describe_methods() -> str:
+    return f"{METHODS.describe()}; inside the LLM: {', '.join(MODEL_METHODS)}"
+
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
     """What to prune, where, and how much.
 
     Attributes:
-        method: registry name of the selection method (aliases and any case accepted).
-        layer: None = pruning off; 0 = prune the visual embeddings before the LLM.
-        ratio: fraction of each image's visual tokens to keep, in (0, 1].
+        method: a selection method of `otprune.METHODS` (aliases and any case accepted), or a
+            model-level method inside the LLM: "fastv", "vtw", "fitprune".
+        layer: None = pruning off; 0 = prune the visual embeddings before the LLM; L > 0 = prune
+            the hidden states entering decoder layer L. Defaults for the model-level methods:
+            FastV 2; FitPrune the recipe's first pruning layer; VTW has none (required).
+        ratio: fraction of each image's visual tokens to keep, in (0, 1]; not used by VTW and
+            FitPrune (None for them).
         gamma: OTPrune's kernel weight in L = I + gamma * S S^T.
         seed: seed of the random method.
-        order: order of the kept tokens handed to the LLM: "ascending" or "official".
+        order: order of the kept tokens handed to the LLM: "ascending" or "official"
+            (`LAYER_INDEX=0` only).
+        recipe: FitPrune's recipe: a path or an `otprune.fitprune.FitPruneRecipe` (loaded and
+            checked here; its layer count is checked against the model at the first forward).
     """
 
     method: str = "otprune"
@@ -42,39 +75,108 @@ class PruneConfig:
     gamma: float = 0.01
     seed: int = 0
     order: str = "ascending"
+    recipe: object = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", METHODS.canonical(self.method))
+        method = canonical_method(self.method)
+        object.__setattr__(self, "method", method)
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             raise ValueError(f"layer={self.layer!r}: must be an integer >= 0, or None for no pruning")
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0):
             raise ValueError(f"ratio={self.ratio!r}: must be a number in (0, 1]")
-        if self.layer is not None and self.ratio is None:
+        if method in MODEL_METHODS:
+            self._check_model_method()
+        elif self.recipe is not None:
+            raise ValueError(f"recipe: only for method 'fitprune', got method={method!r}")
+        if self.layer is not None and self.ratio is None and method not in ("vtw", "fitprune"):
             raise ValueError(f"ratio: required when pruning (layer={self.layer}); give a number in (0, 1]")
         if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
             raise ValueError(f"gamma={self.gamma!r}: must be a finite number > 0")
         if self.order not in KEEP_ORDERS:
             raise ValueError(f"order={self.order!r}: must be one of {', '.join(KEEP_ORDERS)}")
+        if self.order == "official" and self.layer is not None and (self.layer > 0 or method in MODEL_METHODS):
+            raise ValueError(
+                f"order='official' (OTPRUNE_ORDER): reproduces the official code's order of the kept tokens before the "
+                f"LLM (layer 0) only; at layer {self.layer} the kept tokens keep their positions, use order='ascending'"
+            )
+
+    def _check_model_method(self) -> None:
+        method = self.method
+        if method == "fitprune":
+            from otprune.fitprune import FitPruneRecipe, load_recipe
+
+            if self.recipe is None:
+                raise ValueError(
+                    "recipe: FitPrune needs a recipe (FITPRUNE_RECIPE=recipe.json); write one with "
+                    "`otprune fitprune-calibrate --model DIR --data FILE.jsonl --reduction 0.6 --out recipe.json`"
+                )
+            recipe = self.recipe if isinstance(self.recipe, FitPruneRecipe) else load_recipe(self.recipe)
+            object.__setattr__(self, "recipe", recipe)
+            first = recipe.first_layer
+            if first is None:
+                raise ValueError(f"FITPRUNE_RECIPE={recipe.source or '<in memory>'}: drops no token at any layer")
+            if self.layer is None:
+                object.__setattr__(self, "layer", first)
+            elif self.layer != first:
+                raise ValueError(
+                    f"layer={self.layer} (LAYER_INDEX): FitPrune prunes where its recipe says, first at layer {first}; "
+                    f"unset LAYER_INDEX or set it to {first}"
+                )
+            object.__setattr__(self, "ratio", None)
+            return
+        if self.recipe is not None:
+            raise ValueError(f"recipe: only for method 'fitprune', got method={method!r}")
+        if self.layer is None:
+            default = MODEL_METHODS[method]
+            if default is None:
+                raise ValueError(f"LAYER_INDEX: not set; {method.upper()} needs the layer where it acts, an integer >= 1")
+            object.__setattr__(self, "layer", default)
+        if self.layer < 1:
+            what = {"fastv": "ranks the visual tokens by the attention in layer L-1", "vtw": "withdraws the visual "
+                    "tokens inside the LLM"}[method]
+            raise ValueError(
+                f"layer={self.layer} (LAYER_INDEX): {method.upper()} {what}; use a layer >= 1"
+                + (" (FastV's default: 2)" if method == "fastv" else "")
+            )
+        if method == "vtw":
+            object.__setattr__(self, "ratio", None)
 
     @property
     def enabled(self) -> bool:
         return self.layer is not None
 
+    @property
+    def model_level(self) -> bool:
+        """True for FastV, VTW and FitPrune, which prune inside the LLM from attention scores."""
+        return self.method in MODEL_METHODS
+
+    @property
+    def in_llm(self) -> bool:
+        """True when pruning happens inside the LLM (layer > 0, or a model-level method)."""
+        return self.enabled and (self.layer > 0 or self.model_level)
+
     def method_params(self) -> dict[str, object]:
         """The config values that the chosen method takes as parameters (gamma, seed, ...)."""
+        if self.model_level:
+            return {}
         names = method_parameters(self.method)
         return {name: getattr(self, name) for name in names if hasattr(self, name)}
 
     def selector(self) -> TokenSelector:
+        if self.model_level:
+            raise ValueError(f"method {self.method!r}: a model-level method (attention scores inside the LLM), "
+                             "not a feature-selection method of otprune.METHODS")
         return get_method(self.method, **self.method_params())
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PruneConfig:
-        """Read `BASELINE`, `LAYER_INDEX`, `SUBSET_RATIO`, `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`.
+        """Read `BASELINE`, `LAYER_INDEX`, `SUBSET_RATIO`, `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`,
+        `FITPRUNE_RECIPE`.
 
-        No `LAYER_INDEX`: pruning off. Any malformed value raises ValueError naming the
-        variable, its value and what is allowed: asking for pruning never silently yields an
-        unpruned run.
+        No `LAYER_INDEX`: pruning off, unless `BASELINE` names a model-level method (FASTV: layer
+        2; FITPRUNE: the recipe's layers; VTW: LAYER_INDEX required). Any malformed value raises
+        ValueError (a missing recipe file FileNotFoundError) naming the variable, its value and
+        what is allowed: asking for pruning never silently yields an unpruned run.
         """
         env = os.environ if environ is None else environ
 
@@ -84,9 +186,10 @@ class PruneConfig:
 
         baseline = get("BASELINE")
         try:
-            method = METHODS.canonical(baseline) if baseline is not None else "otprune"
+            method = canonical_method(baseline) if baseline is not None else "otprune"
         except ValueError:
-            raise ValueError(f"BASELINE={baseline!r}: unknown method; valid: {METHODS.describe()}") from None
+            raise ValueError(f"BASELINE={baseline!r}: unknown method; valid: {describe_methods()}") from None
+        model_level = method in MODEL_METHODS
 
         layer_raw = get("LAYER_INDEX")
         layer = None
@@ -104,11 +207,21 @@ class PruneConfig:
             ratio = _parse_float("SUBSET_RATIO", ratio_raw, "a number in (0, 1], e.g. 0.098")
             if not 0.0 < ratio <= 1.0:
                 raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: must be a number in (0, 1], e.g. 0.098")
-        if layer is not None and ratio is None:
+        if method in ("vtw", "fitprune"):
+            ratio = None  # VTW keeps no visual token, FitPrune's counts come from its recipe
+        elif ratio is None and (layer is not None or model_level):
+            why = f"LAYER_INDEX={layer_raw!r}" if layer is not None else f"BASELINE={baseline!r}"
             raise ValueError(
-                f"SUBSET_RATIO: not set, but LAYER_INDEX={layer_raw!r} asks for pruning; "
-                "set SUBSET_RATIO to a number in (0, 1], e.g. 0.098"
+                f"SUBSET_RATIO: not set, but {why} asks for pruning; set SUBSET_RATIO to a number in (0, 1], e.g. 0.098"
             )
+        recipe = None
+        if method == "fitprune":
+            recipe = get("FITPRUNE_RECIPE")
+            if recipe is None:
+                raise ValueError(
+                    "FITPRUNE_RECIPE: not set, but BASELINE=FITPRUNE needs a recipe; write one with `otprune "
+                    "fitprune-calibrate --model DIR --data FILE.jsonl --reduction 0.6 --out recipe.json`"
+                )
 
         gamma = 0.01
         if (raw := get("OTPRUNE_GAMMA")) is not None:
@@ -124,7 +237,9 @@ class PruneConfig:
         order = (get("OTPRUNE_ORDER") or "ascending").lower()
         if order not in KEEP_ORDERS:
             raise ValueError(f"OTPRUNE_ORDER={get('OTPRUNE_ORDER')!r}: must be one of {', '.join(KEEP_ORDERS)}")
-        return cls(method=method, layer=layer, ratio=ratio, gamma=gamma, seed=seed, order=order)
+        if not model_level and layer is None:
+            return cls(method=method, layer=None, ratio=ratio, gamma=gamma, seed=seed, order=order)
+        return cls(method=method, layer=layer, ratio=ratio, gamma=gamma, seed=seed, order=order, recipe=recipe)
 
 
 def _parse_float(name: str, raw: str, allowed: str) -> float:

@@ -72,3 +72,38 @@ def test_constructor_validation():
     with pytest.raises(ValueError, match="unknown selection method"):
         PruneConfig(method="magic")
     assert PruneConfig(method="OURS", layer=0, ratio=0.5).method == "otprune"
+
+
+def test_model_level_methods_are_switched_on_by_baseline():
+    fastv = PruneConfig.from_env(env(BASELINE="FastV", SUBSET_RATIO=0.25))
+    assert (fastv.method, fastv.layer, fastv.ratio, fastv.in_llm, fastv.model_level) == ("fastv", 2, 0.25, True, True)
+    assert PruneConfig.from_env(env(BASELINE="FASTV", SUBSET_RATIO=0.25, LAYER_INDEX=5)).layer == 5
+    assert PruneConfig(method="fastv", ratio=0.5).layer == 2 and fastv.method_params() == {}
+    with pytest.raises(ValueError, match="model-level method"):
+        fastv.selector()
+    vtw = PruneConfig.from_env(env(BASELINE="VTW", LAYER_INDEX=3))
+    assert (vtw.method, vtw.layer, vtw.ratio, vtw.enabled) == ("vtw", 3, None, True)
+
+
+def test_in_llm_feature_methods_and_orders():
+    cfg = PruneConfig.from_env(env(BASELINE="DIVPRUNE", LAYER_INDEX=2, SUBSET_RATIO=0.5))
+    assert (cfg.method, cfg.layer, cfg.in_llm, cfg.model_level) == ("divprune", 2, True, False)
+    assert not PruneConfig.from_env(env(LAYER_INDEX=0, SUBSET_RATIO=0.5)).in_llm
+    with pytest.raises(ValueError, match=r"OTPRUNE_ORDER.*\(layer 0\) only"):
+        PruneConfig.from_env(env(LAYER_INDEX=1, SUBSET_RATIO=0.5, OTPRUNE_ORDER="official"))
+    assert PruneConfig.from_env(env(LAYER_INDEX=0, SUBSET_RATIO=0.5, OTPRUNE_ORDER="official")).order == "official"
+
+
+@pytest.mark.parametrize(
+    "environ, match",
+    [
+        (env(BASELINE="FOO", LAYER_INDEX=0, SUBSET_RATIO=0.1), r"BASELINE='FOO'.*inside the LLM: fastv, vtw, fitprune"),
+        (env(BASELINE="FASTV"), r"SUBSET_RATIO: not set, but BASELINE='FASTV' asks for pruning"),
+        (env(BASELINE="FASTV", SUBSET_RATIO=0.5, LAYER_INDEX=0), r"layer=0 \(LAYER_INDEX\): FASTV.*FastV's default: 2"),
+        (env(BASELINE="VTW"), r"LAYER_INDEX: not set; VTW needs the layer"),
+        (env(BASELINE="FITPRUNE", LAYER_INDEX=2), r"FITPRUNE_RECIPE: not set"),
+    ],
+)
+def test_model_level_errors(environ, match):
+    with pytest.raises(ValueError, match=match):
+        PruneConfig.from_env(environ)

@@ -152,8 +152,10 @@ def _tower_weights(w: _Weights, prefix: str = "vision_model.") -> dict[str, Tens
     return {prefix + key: value for key, value in out.items()}
 
 
-def _llm_weights(w: _Weights, vocab: int) -> dict[str, Tensor]:
-    h, inner, layers = LLM["hidden_size"], LLM["intermediate_size"], LLM["num_hidden_layers"]
+def _llm_weights(w: _Weights, vocab: int, layers: int | None = None, kv_heads: int | None = None) -> dict[str, Tensor]:
+    h, inner = LLM["hidden_size"], LLM["intermediate_size"]
+    layers = LLM["num_hidden_layers"] if layers is None else layers
+    kv = h if kv_heads is None else kv_heads * (h // LLM["num_attention_heads"])  # rows of k_proj / v_proj
     out = {
         "model.embed_tokens.weight": w.normal(vocab, h, std=1.0),
         "model.norm.weight": w.normal(h, std=0.1, mean=1.0),
@@ -162,7 +164,7 @@ def _llm_weights(w: _Weights, vocab: int) -> dict[str, Tensor]:
     for i in range(layers):
         layer = f"model.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{layer}self_attn.{proj}.weight"] = w.normal(h, h, std=0.15)
+            out[f"{layer}self_attn.{proj}.weight"] = w.normal(kv if proj in ("k_proj", "v_proj") else h, h, std=0.15)
         out[f"{layer}mlp.gate_proj.weight"] = w.normal(inner, h, std=0.15)
         out[f"{layer}mlp.up_proj.weight"] = w.normal(inner, h, std=0.15)
         out[f"{layer}mlp.down_proj.weight"] = w.normal(h, inner, std=0.1)
@@ -247,15 +249,25 @@ def _write_tokenizer(folder: Path, seed: int) -> int:
     return spm.SentencePieceProcessor(model_proto=model).get_piece_size()
 
 
-def write_tiny_llava(path: str | Path, v16: bool = False, seed: int = 0) -> Path:
+def write_tiny_llava(
+    path: str | Path, v16: bool = False, seed: int = 0, *, layers: int | None = None, kv_heads: int | None = None
+) -> Path:
     """Write a tiny random LLaVA-1.5 (or, with `v16`, LLaVA-1.6) checkpoint to `path`.
 
+    `layers` sets the number of decoder layers (default 2), `kv_heads` the key/value heads
+    (default: as many as the 4 query heads; 1 or 2 give grouped-query attention).
     Returns the directory. Load it with
     `load_pretrained_model(path, None, get_model_name_from_path(path), device_map="cpu")`.
     Name the directory with "llava" in it if the original LLaVA code should load it too.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r}: must be an integer")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+        raise ValueError(f"layers={layers!r}: must be an integer >= 1")
+    heads = LLM["num_attention_heads"]
+    if kv_heads is not None and (isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1
+                                 or heads % kv_heads):
+        raise ValueError(f"kv_heads={kv_heads!r}: must divide the {heads} attention heads (1, 2 or 4)")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"path={str(path)!r}: exists and is not a directory")
@@ -264,7 +276,7 @@ def write_tiny_llava(path: str | Path, v16: bool = False, seed: int = 0) -> Path
     vocab = _write_tokenizer(folder, seed)
 
     w = _Weights(seed)
-    weights = _llm_weights(w, vocab)
+    weights = _llm_weights(w, vocab, layers, kv_heads)
     h, c = LLM["hidden_size"], TOWER["hidden_size"]
     weights.update(
         {
@@ -283,7 +295,8 @@ def write_tiny_llava(path: str | Path, v16: bool = False, seed: int = 0) -> Path
         "pad_token_id": 0,
         "hidden_act": "silu",
         **LLM,
-        "num_key_value_heads": LLM["num_attention_heads"],
+        "num_hidden_layers": LLM["num_hidden_layers"] if layers is None else layers,
+        "num_key_value_heads": heads if kv_heads is None else kv_heads,
         "initializer_range": 0.02,
         "max_position_embeddings": 4096,
         "pretraining_tp": 1,

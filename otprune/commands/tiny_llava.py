@@ -28,13 +28,16 @@ def register(subparsers) -> None:
     parser.add_argument("dir", metavar="DIR", help="output directory (created; a name containing 'llava' is recommended)")
     parser.add_argument("--v16", action="store_true", help="LLaVA-1.6 layout: anyres crops, unpad, image_newline")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus (default 0)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (default 2; >= 3 to try FastV at its default LAYER_INDEX=2)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads: 4 (default), 2 or 1 (grouped-query)")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     from llava.tiny import write_tiny_llava
 
-    folder = write_tiny_llava(args.dir, v16=args.v16, seed=args.seed)
+    folder = write_tiny_llava(args.dir, v16=args.v16, seed=args.seed, layers=args.layers, kv_heads=args.kv_heads)
     kind = "LLaVA-1.6 (anyres)" if args.v16 else "LLaVA-1.5"
     print(f"wrote a tiny {kind} checkpoint to {folder}")
     if "llava" not in folder.resolve().name.lower():

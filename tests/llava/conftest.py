@@ -5,6 +5,8 @@ fixtures or move them to tests/conftest.py:
 
 - `tiny_llava_v15_path` / `tiny_llava_v16_path`: directories written by `llava.tiny.write_tiny_llava`
   (names contain "llava", as the original builder expects).
+- `tiny_llava_deep_path` / `tiny_deep`: LLaVA-1.5 layout with 4 decoder layers and 2 KV heads
+  (pruning inside the LLM).
 - `tiny_v15` / `tiny_v16`: a `Tiny` (tokenizer, model, image_processor, path) loaded with
   `load_pretrained_model(..., device_map="cpu")` (fp32). The model is shared by the session;
   the fixture resets its pruning to "read the environment" after each test, and
@@ -17,7 +19,7 @@ import dataclasses
 
 import pytest
 
-PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER")
+PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE")
 
 
 @dataclasses.dataclass
@@ -88,3 +90,22 @@ def tiny_v15(_tiny_v15_session):
 def tiny_v16(_tiny_v16_session):
     yield _tiny_v16_session
     _tiny_v16_session.model.set_pruning(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_deep_path(tmp_path_factory) -> str:
+    """LLaVA-1.5 layout with 4 decoder layers and grouped-query attention (2 KV heads for 4 heads)."""
+    from llava.tiny import write_tiny_llava
+
+    return str(write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava-deep", seed=3, layers=4, kv_heads=2))
+
+
+@pytest.fixture(scope="session")
+def _tiny_deep_session(tiny_llava_deep_path) -> Tiny:
+    return _load(tiny_llava_deep_path)
+
+
+@pytest.fixture
+def tiny_deep(_tiny_deep_session):
+    yield _tiny_deep_session
+    _tiny_deep_session.model.set_pruning(None)

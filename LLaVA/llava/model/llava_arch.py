@@ -12,8 +12,13 @@ Forward pass of a multimodal prompt (`prepare_inputs_labels_for_multimodal`):
    are never removed; labels, attention mask and positions follow; the batch is re-padded
    (`splice_visual_tokens`, one gather for the whole batch).
 
+Pruning inside the LLM (`LAYER_INDEX = L > 0`, FastV, VTW, FitPrune) splices every visual token
+here and hands the decoder a `PrefillPlan` (`llava.model.in_llm.decoder`): the visual tokens
+leave the sequence at the plan's layers.
+
 After every multimodal forward, `model.pruning_stats` holds one dict per sample and
-`model.visual_layout` where each image's tokens sit in the sequence handed to the LLM.
+`model.visual_layout` where each image's tokens sit in the sequence handed to the LLM
+(`model.pruned_layout`: which rows each decoder layer saw, after an in-LLM prefill).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import Tensor, nn
 import otprune
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, unpad_image
+from llava.model.in_llm.decoder import PrefillPlan, check_in_llm, stage_layers, visual_token_schedule
 from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from otprune import PruneConfig
@@ -115,10 +121,20 @@ class _Clock:
         return (self._t1 - self._t0) * 1000.0
 
 
+class _ClockSum:
+    """The summed time of the clocks in a list that fills later (the stages of an in-LLM prefill)."""
+
+    def __init__(self, clocks: list[_Clock]):
+        self.clocks = clocks
+
+    def ms(self) -> float:
+        return float(sum(clock.ms() for clock in self.clocks))
+
+
 @dataclasses.dataclass
 class _PendingStats:
     stats: list[dict]
-    select_clock: _Clock | None
+    select_clock: _Clock | _ClockSum | None
     prefill_clock: _Clock | None
     pruning: bool
 
@@ -172,12 +188,10 @@ class LlavaMetaForCausalLM(ABC):
         return override if override is not None else PruneConfig.from_env()
 
     def check_pruning_config(self, config: PruneConfig) -> None:
-        """Refuse what this model cannot do yet. Pruning inside the LLM plugs in here."""
-        if config.enabled and config.layer != 0:
-            raise ValueError(
-                f"LAYER_INDEX={config.layer}: pruning inside the LLM (LAYER_INDEX > 0) is not implemented yet; "
-                "use LAYER_INDEX=0 (prune the visual tokens before the LLM) or unset LAYER_INDEX"
-            )
+        """Refuse what this model cannot run: LAYER_INDEX >= its layer count, a FitPrune recipe
+        computed for another model (layer count or sizes)."""
+        if config.enabled:
+            check_in_llm(config, self.config)
 
     # ---------------------------------------------------------------- statistics
     @property
@@ -191,6 +205,12 @@ class LlavaMetaForCausalLM(ABC):
         """Where each image's visual tokens sit in the last multimodal batch handed to the LLM."""
         return self.get_model().visual_layout
 
+    @property
+    def pruned_layout(self):
+        """After an in-LLM prefill, the rows each decoder layer saw (`llava.model.in_llm.decoder.PrunedLayout`);
+        None after any other multimodal prefill."""
+        return getattr(self.get_model(), "pruned_layout", None)
+
     def on_pruning_stats(self, stats: list[dict]) -> None:
         """Hook called once per multimodal prefill with its statistics (one dict per sample).
 
@@ -200,6 +220,10 @@ class LlavaMetaForCausalLM(ABC):
         (the batch's one selection call, 0.0 when off) and prefill_ms (wall time of the batch's
         prefill: vision tower, selection, splicing and the LLM's forward; None when
         `prepare_inputs_labels_for_multimodal` was called on its own). Override to log them.
+        The per-layer schedule, for every mode: tokens_per_layer (sequence length seen by each
+        decoder layer) and visual_tokens_per_layer (its visual tokens); recipe (FitPrune's recipe
+        file, else None). With pruning inside the LLM the `*_after` keys are those of the last
+        layer, and select_ms sums the selections of all pruning layers.
 
         On CUDA with pruning off the hook runs at the next synchronising point (end of
         `generate`, next multimodal call, or reading `pruning_stats`) so that timing adds no
@@ -407,9 +431,14 @@ class LlavaMetaForCausalLM(ABC):
         features = self.image_features(images, image_sizes) if n_images else []
         before = [f.shape[0] for f in features]
         select_clock, kept_indices = None, None
-        if config.enabled and n_images:
+        if config.enabled and n_images and not config.in_llm:
             features, kept_indices, select_clock = self.select_visual_tokens(features, config)
         after = [f.shape[0] for f in features]
+        num_layers = int(self.config.num_hidden_layers)
+        if config.in_llm:
+            schedules = [visual_token_schedule(config, n, num_layers) for n in before]
+        else:
+            schedules = [[n] * num_layers for n in after]
 
         embed = self.get_model().embed_tokens
         text_embeds = embed(input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, 0))  # (B, L, D)
@@ -434,9 +463,16 @@ class LlavaMetaForCausalLM(ABC):
         new_positions = positions.to(device) if (position_ids is not None or padded) else None
 
         layout = dataclasses.replace(layout, tokens_before=before, kept_indices=kept_indices)
-        self.get_model().visual_layout = layout
+        model = self.get_model()
+        model.visual_layout = layout
+        model.pruned_layout = None
+        model._prefill_plan = None
+        if config.in_llm:
+            stages = sorted(set(stage_layers(schedules)) | {config.layer})
+            model._prefill_plan = PrefillPlan(config, layout, schedules, stages, make_clock=_Clock)
+            select_clock = _ClockSum(model._prefill_plan.clocks)
         self._pending_stats = _PendingStats(
-            stats=plan.stats(config, before, after, layout),
+            stats=plan.stats(config, before, schedules, layout, num_layers),
             select_clock=select_clock,
             prefill_clock=getattr(self, "_active_clock", None),
             pruning=config.enabled,
@@ -533,13 +569,22 @@ class _Plan:
         )
         return layout, index, positions, mask
 
-    def stats(self, config: PruneConfig, before: list[int], after: list[int], layout: VisualTokenLayout) -> list[dict]:
+    def stats(
+        self, config: PruneConfig, before: list[int], schedules: list[list[int]], layout: VisualTokenLayout,
+        num_layers: int,
+    ) -> list[dict]:
+        """One dict per sample; `schedules[i]`: image i's visual tokens seen by each decoder layer."""
         records = []
+        after = [schedule[-1] for schedule in schedules]
+        recipe = None
+        if config.enabled and config.method == "fitprune":
+            recipe = config.recipe.source or None
         for b in range(self.batch):
             images = layout.image_index[b]
             text = self.valid[b].numel() - len(images)
             vis_before = sum(before[i] for i in images)
             vis_after = sum(after[i] for i in images)
+            visual_per_layer = [sum(schedules[i][layer] for i in images) for layer in range(num_layers)]
             records.append(
                 {
                     "method": config.method if config.enabled else None,
@@ -557,6 +602,9 @@ class _Plan:
                     "batch_size": self.batch,
                     "select_ms": None,
                     "prefill_ms": None,
+                    "tokens_per_layer": [text + v for v in visual_per_layer],
+                    "visual_tokens_per_layer": visual_per_layer,
+                    "recipe": recipe,
                 }
             )
         return records

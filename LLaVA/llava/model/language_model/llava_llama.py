@@ -15,8 +15,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+from transformers.utils.output_capturing import capture_outputs, install_all_output_capturing_hooks
 
-from llava.constants import IMAGE_TOKEN_INDEX
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.model.in_llm import decoder as in_llm
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 
 
@@ -27,12 +29,88 @@ class LlavaConfig(LlamaConfig):
 
 
 class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
-    """Llama decoder + vision tower + `mm_projector` (+ `image_newline` for LLaVA-1.6)."""
+    """Llama decoder + vision tower + `mm_projector` (+ `image_newline` for LLaVA-1.6).
+
+    `forward` is transformers' `LlamaModel.forward`, except after a multimodal prefill that
+    prunes inside the LLM (`LAYER_INDEX > 0`, FastV, VTW, FitPrune): that prefill, and every
+    later forward with its KV cache, runs `llava.model.in_llm.decoder` (visual tokens leave the
+    sequence at the plan's layers; per-layer cache lengths and masks).
+    """
 
     config_class = LlavaConfig
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
+        self._prefill_plan = None  # set by prepare_inputs_labels_for_multimodal, used by the next forward
+        self.pruned_layout = None
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        if not getattr(self, "_output_capturing_hooks_installed", False) and _capture_requested(self.config, kwargs):
+            self._install_capture_hooks()
+        plan, self._prefill_plan = self._prefill_plan, None
+        state = in_llm.decode_state(past_key_values)
+        if (plan is None or inputs_embeds is None) and (state is None or past_key_values.get_seq_length() == 0):
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return self._in_llm_forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            plan=plan if inputs_embeds is not None else None,
+            **kwargs,
+        )
+
+    def _install_capture_hooks(self) -> None:
+        """Install transformers' output-capturing hooks (hidden_states, attentions) on the decoder only.
+
+        transformers installs them lazily on the first forward that asks for them, recursing into
+        every child model -- here also into the CLIP tower, whose own hooks (installed by its
+        `output_hidden_states=True` call) would then fire twice and shift its `hidden_states`,
+        i.e. change the image features. The tower is hidden from that recursion.
+        """
+        tower = self._modules.pop("vision_tower", None)
+        try:
+            install_all_output_capturing_hooks(self)
+        finally:
+            if tower is not None:
+                self._modules["vision_tower"] = tower
+
+    @capture_outputs
+    def _in_llm_forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, plan,
+                        **kwargs):
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache is None:
+            use_cache = self.config.use_cache
+        if plan is not None:
+            outputs, self.pruned_layout = in_llm.pruned_prefill(
+                self, plan, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs
+            )
+            return outputs
+        state = in_llm.decode_state(past_key_values)
+        return in_llm.decode_step(self, state, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache,
+                                  **kwargs)
 
 
 class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
@@ -115,18 +193,30 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             ):
                 if value is not None:
                     kwargs[name] = value
+            # Pruning inside the LLM shortens the sequence: the loss uses the labels of the kept rows.
+            in_llm_labels = labels is not None and self.get_model()._prefill_plan is not None
+            wants_tuple = in_llm_labels and kwargs.get("return_dict") is False
+            if in_llm_labels:
+                kwargs.pop("return_dict", None)
             outputs = super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
-                labels=labels,
+                labels=None if in_llm_labels else labels,
                 use_cache=use_cache,
                 **kwargs,
             )
+            if in_llm_labels:
+                last = self.pruned_layout.stages[-1]
+                kept = labels.to(last.source.device).gather(1, last.source).masked_fill(~last.valid, IGNORE_INDEX)
+                outputs.loss = self.loss_function(logits=outputs.logits, labels=kept, vocab_size=self.config.vocab_size)
+                if wants_tuple:
+                    outputs = outputs.to_tuple()
         except BaseException:
             self._active_clock = None
+            self.get_model()._prefill_plan = None
             raise
         if clock is not None:
             self._end_prefill(clock)
@@ -165,6 +255,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         finally:
             self._generate_clock = None
             self._active_clock = None
+            self.get_model()._prefill_plan = None
             if clock is not None and not clock.stopped:  # failed before the prefill forward ran
                 self._pending_stats = None
             self.flush_pruning_stats()
@@ -180,6 +271,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         if image_sizes is not None:
             inputs["image_sizes"] = image_sizes
         return inputs
+
+
+def _capture_requested(config, kwargs) -> bool:
+    return any(kwargs.get(name) or getattr(config, name, False) for name in ("output_hidden_states", "output_attentions"))
 
 
 def _refuse_placeholders(input_ids, past_key_values) -> None:

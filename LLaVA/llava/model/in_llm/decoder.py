@@ -1,0 +1,457 @@
+"""Pruning inside the LLM: visual tokens leave the sequence at chosen decoder layers.
+
+A multimodal prefill with `LAYER_INDEX = L > 0` (or FastV / VTW / FitPrune) runs the Llama decoder
+layer by layer (`pruned_prefill`). Before each *stage layer* (L; FitPrune: every layer where its
+recipe drops tokens) the stage's rule picks, per image, the visual tokens to keep; the hidden
+states, rotary embeddings, original positions and the padding mask are gathered to the kept rows
+(text rows always stay, in order; the batch is re-padded on the same side when samples keep
+different counts). Kept tokens keep their original rotary positions.
+
+KV cache. Layers before the first stage cache every token; the layers of stage s cache the rows
+of stage s only (`DynamicCache` stores each layer separately). The padding mask of each stage is
+attached to the cache (`cache.llava_in_llm`), so that every later forward with that cache (the
+decoding steps of `generate`) builds one attention mask per stage: the stage's prefill mask +
+the mask of the tokens after the prefill (`decode_step`). Decoding itself is unchanged: new
+tokens get the positions that follow the unpruned prompt, as `generate` computes them.
+
+`model.pruned_layout` (a `PrunedLayout`) tells, after a prefill, which rows each stage kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from llava.model.in_llm import methods
+from otprune import PruneConfig, keep_counts
+
+CACHE_ATTRIBUTE = "llava_in_llm"
+
+
+# -------------------------------------------------------------------- schedules (host, no model)
+def visual_token_schedule(config: PruneConfig, tokens: int, num_layers: int) -> list[int]:
+    """Visual tokens of one image of `tokens` tokens seen by each of the `num_layers` layers."""
+    if not config.enabled:
+        return [tokens] * num_layers
+    if config.method == "fitprune":
+        return [tokens - r for r in config.recipe.removed_for(tokens)]
+    if config.method == "vtw":
+        kept = 0
+    else:
+        kept = int(keep_counts(float(config.ratio), torch.tensor([tokens]))[0]) if tokens else 0
+    layer = config.layer
+    return [tokens] * layer + [kept] * (num_layers - layer)
+
+
+def stage_layers(schedules: list[list[int]]) -> list[int]:
+    """Layers where some image of the batch loses tokens (sorted, all >= 1)."""
+    found = set()
+    for schedule in schedules:
+        found.update(i for i in range(1, len(schedule)) if schedule[i] < schedule[i - 1])
+    return sorted(found)
+
+
+def check_in_llm(config: PruneConfig, model_config) -> None:
+    """Refuse what the model cannot run: a layer beyond the model, a recipe for another model."""
+    layers = int(model_config.num_hidden_layers)
+    if config.layer is not None and config.layer >= layers:
+        raise ValueError(
+            f"LAYER_INDEX={config.layer}: the model has {layers} decoder layers; use 0 (before the LLM) to {layers - 1}"
+        )
+    if config.method == "fitprune":
+        config.recipe.check_model(layers, int(model_config.hidden_size), int(model_config.intermediate_size))
+
+
+# -------------------------------------------------------------------- plan and layouts
+@dataclasses.dataclass
+class HostLayout:
+    """Host-side geometry of one stage of a padded batch: valid lengths, image spans, padding side."""
+
+    seq_lens: list[int]
+    seq_len: int
+    spans: list[list[tuple[int, int]]]  # per sample, per image: (start, end) in this stage's rows
+    side: str
+
+    def offset(self, b: int) -> int:
+        return self.seq_len - self.seq_lens[b] if self.side == "left" else 0
+
+    def valid(self) -> Tensor:
+        rows = torch.arange(self.seq_len)
+        lens = torch.tensor(self.seq_lens)[:, None]
+        if self.side == "left":
+            return rows[None] >= (self.seq_len - lens)
+        return rows[None] < lens
+
+    def shrink(self, image_tokens: list[list[int]]) -> HostLayout:
+        """The layout after image i of sample b keeps image_tokens[b][i] of its tokens (a prefix count)."""
+        lens = []
+        for b, spans in enumerate(self.spans):
+            removed = sum((end - start) - keep for (start, end), keep in zip(spans, image_tokens[b], strict=True))
+            lens.append(self.seq_lens[b] - removed)
+        seq_len = max(lens)
+        new_spans = []
+        for b, spans in enumerate(self.spans):
+            shift_old = self.offset(b)
+            shift_new = seq_len - lens[b] if self.side == "left" else 0
+            removed_before, sample = 0, []
+            for (start, end), keep in zip(spans, image_tokens[b], strict=True):
+                new_start = start - shift_old - removed_before + shift_new
+                sample.append((new_start, new_start + keep))
+                removed_before += (end - start) - keep
+            new_spans.append(sample)
+        return HostLayout(lens, seq_len, new_spans, self.side)
+
+
+@dataclasses.dataclass
+class PrefillPlan:
+    """What `prepare_inputs_labels_for_multimodal` hands the decoder for one in-LLM prefill.
+
+    Attributes:
+        config: the enabled PruneConfig (layer > 0 or a model-level method).
+        layout: the batch handed to the LLM (`VisualTokenLayout`: spans, seq_lens, padding side).
+        schedules: per image (batch order), visual tokens seen by each layer.
+        stages: layers where tokens are dropped.
+        make_clock: device -> a started timer with `.stop()` (the selection time).
+        clocks: the timers of the stages, filled by the decoder.
+    """
+
+    config: PruneConfig
+    layout: object
+    schedules: list[list[int]]
+    stages: list[int]
+    make_clock: Callable | None = None
+    clocks: list = dataclasses.field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return len(self.layout.spans)
+
+    def host_layout(self, repeats: int = 1) -> HostLayout:
+        lay = self.layout
+        rep = lambda items: [item for item in items for _ in range(repeats)]  # noqa: E731
+        return HostLayout(rep(list(lay.seq_lens)), lay.seq_len, rep([list(s) for s in lay.spans]), lay.padding_side)
+
+    def image_rows(self, repeats: int = 1) -> list[list[int]]:
+        """Per sample (after repeats), the batch-wide image indices, in prompt order."""
+        return [list(images) for images in self.layout.image_index for _ in range(repeats)]
+
+
+@dataclasses.dataclass
+class PrunedStage:
+    """The rows that decoder layers `layer`.. (up to the next stage) see.
+
+    Attributes:
+        layer: first layer of the stage.
+        source: (B, N_s) long, index of each row in the sequence handed to the LLM (0 at padding).
+        valid: (B, N_s) bool, False at padding rows.
+        layout: host geometry (lengths, image spans) of the stage.
+    """
+
+    layer: int
+    source: Tensor
+    valid: Tensor
+    layout: HostLayout
+
+
+@dataclasses.dataclass
+class PrunedLayout:
+    """Rows seen by every decoder layer in the last in-LLM prefill (stage 0 = the whole sequence)."""
+
+    stages: list[PrunedStage]
+    num_layers: int
+
+    def stage_of(self, layer: int) -> PrunedStage:
+        return [s for s in self.stages if s.layer <= layer][-1]
+
+    def tokens_per_layer(self) -> list[list[int]]:
+        """Per sample, the number of valid rows seen by each layer."""
+        return [[self.stage_of(i).layout.seq_lens[b] for i in range(self.num_layers)]
+                for b in range(len(self.stages[0].layout.seq_lens))]
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """Attached to the KV cache after an in-LLM prefill: per stage, its first layer and padding mask."""
+
+    prefill_length: int
+    layers: list[int]  # first layer of each stage; layers[0] == 0
+    masks: list[Tensor | None]  # (B, N_s) bool prefill mask of each stage (None for stage 0)
+
+    def stage_of(self, layer: int) -> int:
+        return max(s for s, first in enumerate(self.layers) if first <= layer)
+
+    def select(self, index: Tensor) -> None:
+        self.masks = [None if m is None else m[index.to(m.device)] for m in self.masks]
+
+    def repeat(self, repeats: int) -> None:
+        self.masks = [None if m is None else m.repeat_interleave(repeats, dim=0) for m in self.masks]
+
+
+def _attach(cache, state: DecodeState) -> None:
+    """Store `state` on the cache, and keep its masks in step with the cache's batch operations."""
+    setattr(cache, CACHE_ATTRIBUTE, state)
+    if getattr(cache, "_llava_in_llm_wrapped", False):
+        return
+    reorder, repeat, select = cache.reorder_cache, cache.batch_repeat_interleave, cache.batch_select_indices
+
+    def reorder_cache(beam_idx):
+        reorder(beam_idx)
+        if (s := getattr(cache, CACHE_ATTRIBUTE, None)) is not None:
+            s.select(beam_idx)
+
+    def batch_repeat_interleave(repeats):
+        repeat(repeats)
+        if (s := getattr(cache, CACHE_ATTRIBUTE, None)) is not None:
+            s.repeat(repeats)
+
+    def batch_select_indices(indices):
+        select(indices)
+        if (s := getattr(cache, CACHE_ATTRIBUTE, None)) is not None:
+            s.select(indices)
+
+    cache.reorder_cache = reorder_cache
+    cache.batch_repeat_interleave = batch_repeat_interleave
+    cache.batch_select_indices = batch_select_indices
+    cache._llava_in_llm_wrapped = True
+
+
+def decode_state(cache) -> DecodeState | None:
+    return getattr(cache, CACHE_ATTRIBUTE, None) if cache is not None else None
+
+
+# -------------------------------------------------------------------- one stage
+@dataclasses.dataclass
+class StageContext:
+    """What a stage rule sees (`llava.model.in_llm.methods`).
+
+    Attributes:
+        config: the PruneConfig.
+        layer: the stage layer (the first layer that runs on the kept tokens).
+        layers: the decoder layers.
+        hidden, cos, sin, valid: input of `layer` in the current rows: (B, N, D), (B, N, hd) x2, (B, N).
+        previous: (hidden, cos, sin) input of layer - 1 in the same rows (FastV).
+        rows: (I, V_max) long, current rows of each image's tokens (0 beyond its count).
+        sample: (I,) long, sample of each image.
+        lengths: per image, its current token count.
+        keep: per image, tokens to keep.
+        layout: host geometry of the current rows.
+        images: per sample, the indices (into rows / lengths) of its images in prompt order.
+    """
+
+    config: PruneConfig
+    layer: int
+    layers: object
+    hidden: Tensor
+    cos: Tensor
+    sin: Tensor
+    valid: Tensor
+    previous: tuple[Tensor, Tensor, Tensor] | None
+    rows: Tensor
+    sample: Tensor
+    lengths: list[int]
+    keep: list[int]
+    layout: HostLayout
+    images: list[list[int]]
+
+    def image_values(self, values: Tensor) -> Tensor:
+        """(B, N, ...) per-row values -> (I, V_max, ...) per image token."""
+        return values[self.sample[:, None], self.rows]
+
+    def last_rows(self) -> Tensor:
+        """(B,) the last valid row of each sample (the last token of the prompt)."""
+        lay = self.layout
+        return torch.tensor([lay.seq_len - 1 if lay.side == "left" else n - 1 for n in lay.seq_lens])
+
+
+def _image_rows(layout: HostLayout, images: list[list[int]], n_images: int) -> tuple[Tensor, Tensor, list[int]]:
+    """(I, V_max) rows, (I,) sample, per-image counts of the current layout (host tensors)."""
+    lengths = [0] * n_images
+    starts = [0] * n_images
+    sample = [0] * n_images
+    for b, spans in enumerate(layout.spans):
+        for (start, end), i in zip(spans, images[b], strict=True):
+            lengths[i], starts[i], sample[i] = end - start, start, b
+    v_max = max(lengths, default=0)
+    offsets = torch.arange(max(v_max, 1))[None]
+    rows = torch.tensor(starts)[:, None] + offsets
+    rows = rows.masked_fill(offsets >= torch.tensor(lengths)[:, None], 0)
+    return rows, torch.tensor(sample), lengths
+
+
+def _compact(ctx: StageContext, kept: Tensor, new_layout: HostLayout, device) -> Tensor:
+    """(B, N') gather index of the rows kept by the stage: text rows and each image's `kept` tokens.
+
+    kept: (I, K_max) long, indices within each image's current tokens, ascending, -1 padded.
+    """
+    lay = ctx.layout
+    bsz, n = len(lay.seq_lens), lay.seq_len
+    text = lay.valid()  # (B, N) host
+    for b, spans in enumerate(lay.spans):
+        for start, end in spans:
+            text[b, start:end] = False
+    keep_flat = torch.cat([text.reshape(-1), torch.zeros(1, dtype=torch.bool)]).to(device)
+    if kept.numel():
+        rows = ctx.rows.to(device).gather(1, kept.clamp_min(0))  # (I, K_max)
+        flat = ctx.sample.to(device)[:, None] * n + rows
+        flat = flat.masked_fill(kept < 0, bsz * n)
+        keep_flat[flat.reshape(-1)] = True
+    keep_row = keep_flat[:-1].view(bsz, n)
+    shift = torch.tensor([new_layout.offset(b) for b in range(bsz)], device=device)
+    dest = keep_row.long().cumsum(dim=1) - 1 + shift[:, None]
+    n_new = new_layout.seq_len
+    dest = dest.masked_fill(~keep_row, n_new)  # dropped rows go to a spare column
+    index = torch.zeros(bsz, n_new + 1, dtype=torch.long, device=device)
+    index.scatter_(1, dest, torch.arange(n, device=device).expand(bsz, n))
+    return index[:, :n_new]
+
+
+# -------------------------------------------------------------------- the decoder forward
+def _causal_mask(model, hidden, mask2d, cache, position_ids, layer_idx):
+    return create_causal_mask(
+        config=model.config,
+        inputs_embeds=hidden,
+        attention_mask=mask2d,
+        past_key_values=cache,
+        position_ids=position_ids,
+        layer_idx=layer_idx,
+    )
+
+
+def pruned_prefill(model, plan: PrefillPlan, inputs_embeds: Tensor, attention_mask, position_ids, cache, use_cache,
+                   **kwargs) -> tuple[BaseModelOutputWithPast, PrunedLayout]:
+    """The decoder forward of one in-LLM prefill (see the module docstring).
+
+    Args:
+        model: the `LlavaLlamaModel` (embed_tokens, layers, norm, rotary_emb, config).
+        plan: from `prepare_inputs_labels_for_multimodal`.
+        inputs_embeds: (B, N, D) the spliced sequence (B may be the plan's batch x repeats).
+        attention_mask: (B, N) padding mask or None; position_ids: (B or 1, N) or None.
+        cache: a Cache (empty) or None; use_cache: whether to fill one.
+    """
+    bsz, n, _ = inputs_embeds.shape
+    if bsz % plan.batch or n != plan.layout.seq_len:
+        raise ValueError(
+            f"inputs_embeds: shape {tuple(inputs_embeds.shape)} does not match the prepared multimodal batch "
+            f"({plan.batch} x {plan.layout.seq_len}); pass the outputs of prepare_inputs_labels_for_multimodal unchanged"
+        )
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("attention_mask: pruning inside the LLM needs a 2D (batch, length) padding mask")
+    repeats = bsz // plan.batch
+    device = inputs_embeds.device
+    config = model.config
+    if use_cache and cache is None:
+        cache = DynamicCache(config=config)
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("past_key_values: pruning inside the LLM needs an empty cache at the multimodal prefill")
+    if position_ids is None:
+        position_ids = torch.arange(n, device=device)[None]
+    position_ids = position_ids.expand(bsz, -1)
+    layout = plan.host_layout(repeats)
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones(bsz, n, dtype=torch.bool, device=device)
+    # Images numbered in batch order after the repeats (generate's beams / num_return_sequences).
+    planned = plan.image_rows(repeats)  # per sample, the plan's image indices
+    schedules = [plan.schedules[i] for imgs in planned for i in imgs]
+    n_images = len(schedules)
+    starts = [sum(len(imgs) for imgs in planned[:b]) for b in range(len(planned))]
+    images = [list(range(start, start + len(imgs))) for start, imgs in zip(starts, planned, strict=True)]
+
+    hidden = inputs_embeds
+    mask = _causal_mask(model, hidden, attention_mask, cache, position_ids, None)
+    cos, sin = model.rotary_emb(hidden, position_ids)
+    source = torch.arange(n, device=device)[None].expand(bsz, n)
+    stages = [PrunedStage(0, source, valid, layout)]
+    masks_2d: list[Tensor | None] = [None]
+    layer_positions = position_ids
+    previous = None
+    todo = list(plan.stages)
+    for i, layer in enumerate(model.layers[: config.num_hidden_layers]):
+        if todo and todo[0] == i:
+            todo.pop(0)
+            rows, sample, lengths = _image_rows(layout, images, n_images)
+            keep = [schedules[k][i] for k in range(n_images)]
+            ctx = StageContext(plan.config, i, model.layers, hidden, cos, sin, valid, previous, rows.to(device),
+                               sample.to(device), lengths, keep, layout, images)
+            clock = plan.make_clock(device) if plan.make_clock is not None else None
+            kept = methods.keep_tokens(ctx)  # (I, K_max) within-image indices, ascending, -1 padded
+            if clock is not None:
+                plan.clocks.append(clock.stop())
+            per_sample = [[keep[k] for k in imgs] for imgs in images]
+            new_layout = layout.shrink(per_sample)
+            index = _compact(ctx, kept, new_layout, device)  # (B, N')
+            hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+            cos = cos.expand(bsz, -1, -1).gather(1, index[..., None].expand(-1, -1, cos.shape[-1]))
+            sin = sin.expand(bsz, -1, -1).gather(1, index[..., None].expand(-1, -1, sin.shape[-1]))
+            position_ids = position_ids.gather(1, index)
+            source = source.gather(1, index)
+            valid = new_layout.valid().to(device)
+            layout = new_layout
+            stages.append(PrunedStage(i, source, valid, layout))
+            masks_2d.append(valid)
+            mask = _causal_mask(model, hidden, valid, cache, position_ids, i)
+            layer_positions = None  # gapped positions: keep flash-attention from reading them as packed sequences
+        previous = (hidden, cos, sin)
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=(cos, sin),
+            position_ids=layer_positions,
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+    hidden = model.norm(hidden)
+    if cache is not None:
+        _attach(cache, DecodeState(prefill_length=n, layers=[s.layer for s in stages], masks=masks_2d))
+    pruned = PrunedLayout(stages, config.num_hidden_layers)
+    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache), pruned
+
+
+def decode_step(model, state: DecodeState, inputs_embeds: Tensor, attention_mask, position_ids, cache, use_cache,
+                **kwargs) -> BaseModelOutputWithPast:
+    """A forward after an in-LLM prefill with its cache: one attention mask per stage."""
+    bsz, q_len, _ = inputs_embeds.shape
+    device = inputs_embeds.device
+    config = model.config
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("attention_mask: decoding after pruning inside the LLM needs a 2D (batch, length) padding mask")
+    past = cache.get_seq_length()
+    if position_ids is None:
+        position_ids = (torch.arange(q_len, device=device) + past)[None]
+    after = past + q_len - state.prefill_length  # tokens after the prefill, this step's included
+    if attention_mask is not None:
+        tail = attention_mask[:, state.prefill_length :].bool()
+    else:
+        tail = torch.ones(bsz, after, dtype=torch.bool, device=device)
+    if tail.shape[1] != after:
+        raise ValueError(
+            f"attention_mask: {attention_mask.shape[1]} columns, expected {past + q_len} (cached + new tokens of the "
+            "full sequence) after pruning inside the LLM"
+        )
+    masks = []
+    for s, first in enumerate(state.layers):
+        if s == 0:
+            masks.append(_causal_mask(model, inputs_embeds, attention_mask, cache, position_ids, None))
+        else:
+            mask2d = torch.cat([state.masks[s].to(device), tail], dim=1)
+            masks.append(_causal_mask(model, inputs_embeds, mask2d, cache, position_ids, first))
+    hidden = inputs_embeds
+    cos, sin = model.rotary_emb(hidden, position_ids)
+    for i, layer in enumerate(model.layers[: config.num_hidden_layers]):
+        s = state.stage_of(i)
+        hidden = layer(
+            hidden,
+            attention_mask=masks[s],
+            position_embeddings=(cos, sin),
+            position_ids=position_ids if s == 0 else None,
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+    hidden = model.norm(hidden)
+    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
