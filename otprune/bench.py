@@ -55,6 +55,33 @@ class Row:
     batch_over_single: float
 
 
+def bench_size(
+    x: torch.Tensor, xb: torch.Tensor, ratio: float, methods: list[str], repeats: int, progress=None
+) -> Row:
+    """One row: x: (N, D) a single image's features, xb: (B, N, D) a batch."""
+    dev = x.device
+    n, batch = x.shape[0], xb.shape[0]
+    xn = normalise_columns(x[None])[0]
+    ot_ms, floor_ms, ot_ratio = paired(lambda: otprune.select_tokens(x, ratio), lambda: xn @ xn.T, repeats, dev)
+    method_ms = {}
+    for name in methods:
+        if progress:
+            progress(f"N={n} {name}")
+        if name == "otprune":
+            method_ms[name] = ot_ms * 1e3
+            continue
+        fn = lambda name=name: otprune.select_tokens(x, ratio, name)  # noqa: E731
+        fn()
+        method_ms[name] = statistics.median(timed(fn, dev) for _ in range(repeats)) * 1e3
+    if progress:
+        progress(f"N={n} batch of {batch}")
+    batched = lambda: otprune.select_tokens(xb, ratio)  # noqa: E731
+    singles = lambda: [otprune.select_tokens(xb[b], ratio) for b in range(batch)]  # noqa: E731
+    tb, ts, b_ratio = paired(batched, singles, max(2, repeats // 2), dev)
+    k = max(1, round(ratio * n))
+    return Row(n, k, floor_ms * 1e3, method_ms, ot_ratio, tb / batch * 1e3, ts / batch * 1e3, b_ratio)
+
+
 def run(
     sizes=(576, 1152, 2880),
     dim: int = 4096,
@@ -65,33 +92,15 @@ def run(
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
+    """The benchmark table's rows, one per N, on seeded Gaussian features."""
     dev = torch.device(device)
     methods = list(methods or otprune.METHODS)
-    rows = []
     gen = torch.Generator().manual_seed(0)
+    rows = []
     for n in sizes:
         x = torch.randn(n, dim, generator=gen).to(dev)
-        xn = normalise_columns(x[None])[0]
-        k = max(1, round(ratio * n))
-        select = lambda: otprune.select_tokens(x, ratio)  # noqa: E731
-        ot_ms, floor_ms, ot_ratio = paired(select, lambda: xn @ xn.T, repeats, dev)
-        method_ms = {}
-        for name in methods:
-            if progress:
-                progress(f"N={n} {name}")
-            if name == "otprune":
-                method_ms[name] = ot_ms * 1e3
-                continue
-            fn = lambda name=name: otprune.select_tokens(x, ratio, name)  # noqa: E731
-            fn()
-            method_ms[name] = statistics.median(timed(fn, dev) for _ in range(repeats)) * 1e3
-        if progress:
-            progress(f"N={n} batch of {batch}")
         xb = torch.randn(batch, n, dim, generator=gen).to(dev)
-        batched = lambda: otprune.select_tokens(xb, ratio)  # noqa: E731
-        singles = lambda: [otprune.select_tokens(xb[b], ratio) for b in range(batch)]  # noqa: E731
-        tb, ts, b_ratio = paired(batched, singles, max(2, repeats // 2), dev)
-        rows.append(Row(n, k, floor_ms * 1e3, method_ms, ot_ratio, tb / batch * 1e3, ts / batch * 1e3, b_ratio))
+        rows.append(bench_size(x, xb, ratio, methods, repeats, progress))
     return rows
 
 
