@@ -99,10 +99,19 @@ def select_tokens(
     if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError("features: contain NaN or Inf; selection on them would be arbitrary")
 
-    k_max = int(k.max())
+    # Without `lengths` every sample keeps the same K: no padding slots to mask (host ints only).
+    uniform_k = lengths is None
+    k_max = _uniform_k(keep, n) if uniform_k else int(k.max())
     picks = selector.select(x, lengths_t, k, k_max)  # (B, k_max), selection order
+    if uniform_k:
+        return (picks.sort(dim=1).values if order == "ascending" else picks)[0 if single else slice(None)]
     picks = mask_beyond_k(picks, k)
     if order == "ascending":
         picks = picks.masked_fill(picks < 0, n).sort(dim=1).values  # padding slots sort last
         picks = picks.masked_fill(picks >= n, -1)
-    return picks[0] if single else picks
+    return picks
+
+
+def _uniform_k(keep: int | float, n: int) -> int:
+    """K for a sample of n tokens (`keep` already validated by `keep_counts`)."""
+    return keep if isinstance(keep, int) else max(1, round(keep * n))

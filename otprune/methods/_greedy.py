@@ -55,13 +55,18 @@ def greedy_logdet(
     offsets = torch.arange(bsz, device=diag.device) * n  # (B,): flat index of each sample's row 0
     picks = []
     for t in range(k_max):
-        score = d2 if eps is None else torch.where(d2 > eps, d2, fallback).masked_fill_(d2 == neg_inf, neg_inf)
-        j = score.argmax(dim=1)  # (B,)
+        if eps is None:
+            dj, j = d2.max(dim=1, keepdim=True)  # (B, 1) each: the largest gain and its token
+            j = j.view(-1)
+        else:
+            score = torch.where(d2 > eps, d2, fallback).masked_fill_(d2 == neg_inf, neg_inf)
+            j = score.argmax(dim=1)  # (B,)
         picks.append(j)
         if t == k_max - 1:
             break
         flat = j + offsets  # (B,)
-        dj = d2_flat.take(flat)  # (B,)
+        if eps is not None:
+            dj = d2_flat.take(flat)[:, None]  # (B, 1)
         d2_flat.index_fill_(0, flat, neg_inf)
         row = kernel_row(j, flat)  # (B, N) = L[b, j[b], :]
         if t > 0:
@@ -72,7 +77,7 @@ def greedy_logdet(
         else:
             live = dj > eps
             scale = torch.where(live, dj, 1.0).rsqrt() * live
-        e = row * scale[:, None]  # (B, N)
+        e = row * scale  # (B, N)
         chol[:, :, t] = e
         d2.addcmul_(e, e, value=-1.0)
     return torch.stack(picks, dim=1)
