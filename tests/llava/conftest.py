@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE")
 
@@ -109,3 +110,12 @@ def _tiny_deep_session(tiny_llava_deep_path) -> Tiny:
 def tiny_deep(_tiny_deep_session):
     yield _tiny_deep_session
     _tiny_deep_session.model.set_pruning(None)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,13 +9,8 @@ from llava_test_utils import chat_prompt, noise_image, pad_batch, pixels, token_
 
 from otprune import PruneConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices: one thread is faster and immune to other processes on the cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

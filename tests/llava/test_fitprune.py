@@ -14,13 +14,8 @@ from otprune import PruneConfig
 from otprune.cli import main
 from otprune.fitprune import FitPruneRecipe, load_recipe, save_recipe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matrices: one thread is faster and immune to other processes on the cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
