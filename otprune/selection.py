@@ -91,7 +91,8 @@ def select_tokens(
         raise ValueError("lengths: only for batched (B, N, D) features")
     k = keep_counts(keep, lengths_t)
 
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    # Selection is not differentiable: never record it in an autograd graph.
+    x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if lengths is not None:
         x = x.masked_fill((torch.arange(n, device=x.device) >= lengths_t[:, None])[..., None], 0.0)
     # One cheap pass: a NaN or Inf makes the sum non-finite (an overflowing sum of huge finite

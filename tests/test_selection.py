@@ -148,3 +148,10 @@ def test_registry_is_case_insensitive_with_aliases():
     assert otprune.METHODS["FIRSTK"] is otprune.METHODS["first_k"]
     assert "LastK" in otprune.METHODS and "fastv" not in otprune.METHODS
     assert list(otprune.METHODS) == ["otprune", "divprune", "dpp", "random", "uniform", "first_k", "last_k"]
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_features_that_require_grad(method):
+    # e.g. a model forward outside torch.no_grad(): selection detaches, the result is the same.
+    x = torch.randn(30, 8, requires_grad=True)
+    assert torch.equal(otprune.select_tokens(x, 0.3, method), otprune.select_tokens(x.detach(), 0.3, method))

@@ -225,3 +225,20 @@ def test_thin_entry_points(tiny_v15):
     tiny_v15.model.set_pruning(PruneConfig(layer=0, ratio=0.5, gamma=0.05))
     kept = tiny_v15.model.OTPrune(feats)
     torch.testing.assert_close(kept, feats[otprune.select_tokens(feats, 0.5, gamma=0.05)])
+
+
+def test_pruned_forward_with_autograd_on(tiny_v15):
+    # A plain forward (no torch.no_grad, as in training or users' scripts): selection detaches,
+    # gradients still reach the kept visual tokens' projector.
+    model = tiny_v15.model
+    model.set_pruning(PruneConfig(method="otprune", layer=0, ratio=0.25))
+    try:
+        ids, px, sizes = _single(tiny_v15)
+        with torch.enable_grad():
+            logits = model(input_ids=ids[None], images=px).logits
+            logits.float().sum().backward()
+        assert logits.shape[1] == ids.numel() - 1 + 4
+        assert any(p.grad is not None for p in model.get_model().mm_projector.parameters())
+    finally:
+        model.set_pruning(None)
+        model.zero_grad(set_to_none=True)
