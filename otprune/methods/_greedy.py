@@ -64,7 +64,7 @@ def greedy_logdet(
         picks.append(j)
         if t == k_max - 1:
             break
-        flat = j + offsets  # (B,)
+        flat = j if bsz == 1 else j + offsets  # (B,)
         if eps is not None:
             dj = d2_flat.take(flat)[:, None]  # (B, 1)
         d2_flat.index_fill_(0, flat, neg_inf)
