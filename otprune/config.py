@@ -34,6 +34,20 @@ KEEP_ORDERS = ("ascending", "official")
 # `otprune.METHODS`): name -> default layer (None: none, must be given).
 MODEL_METHODS = {"fastv": 2, "vtw": None, "fitprune": None}
 
+# How tables and figures name each method.
+DISPLAY_NAMES = {
+    "otprune": "OTPrune",
+    "divprune": "DivPrune",
+    "dpp": "DPP",
+    "random": "Random",
+    "uniform": "Uniform",
+    "first_k": "First-K",
+    "last_k": "Last-K",
+    "fastv": "FastV",
+    "vtw": "VTW",
+    "fitprune": "FitPrune",
+}
+
 
 def canonical_method(name: str) -> str:
     """The canonical name of a selection method of `otprune.METHODS` or of a model-level method."""

@@ -37,7 +37,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from otprune import flops
@@ -272,9 +272,14 @@ def is_record(line: Mapping) -> bool:
     return isinstance(line, Mapping) and line.get(RECORD_MARKER) is not None
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """The records of one JSONL file (lines without the record marker are skipped)."""
-    records = []
+def iter_records(path: str | os.PathLike, *, tolerant: bool = False) -> Iterator[dict]:
+    """The records of one JSONL file, in order.
+
+    Strict (default): a line that is not JSON is an error; lines without the record marker are
+    skipped. Tolerant (for scanning a log folder): a file whose first line is not JSON, or any
+    non-record line, ends the file (it is not a records file); a later line that is not JSON
+    (cut short by an interrupted run) is skipped.
+    """
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             line = line.strip()
@@ -283,10 +288,20 @@ def read_records(path: str | os.PathLike) -> list[dict]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg}); is the file truncated?") from None
+                if not tolerant:
+                    raise ValueError(f"{path}:{number}: not JSON ({err.msg}); is the file truncated?") from None
+                if number == 1:
+                    return
+                continue
             if is_record(value):
-                records.append(value)
-    return records
+                yield value
+            elif tolerant:
+                return
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of one JSONL file (lines without the record marker are skipped)."""
+    return list(iter_records(path))
 
 
 def _options(args: Sequence[str], names: Sequence[str]) -> dict[str, str]:

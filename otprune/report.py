@@ -32,7 +32,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from otprune.records import is_record
+from otprune.config import DISPLAY_NAMES
+from otprune.records import iter_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,19 +65,7 @@ HEADLINES: dict[str, Headline] = {
 PAPER_TASKS = tuple(list(HEADLINES)[:11])
 SMOKE_TASKS = ("otprune_smoke_gen", "otprune_smoke_mc")
 
-METHOD_LABELS = {
-    None: "Original",
-    "otprune": "OTPrune",
-    "divprune": "DivPrune",
-    "dpp": "DPP",
-    "random": "Random",
-    "uniform": "Uniform",
-    "first_k": "First-K",
-    "last_k": "Last-K",
-    "fastv": "FastV",
-    "vtw": "VTW",
-    "fitprune": "FitPrune",
-}
+METHOD_LABELS = {None: "Original", **DISPLAY_NAMES}
 METHOD_ORDER = ("vtw", "fastv", "fitprune", "first_k", "last_k", "uniform", "random", "dpp", "divprune", "otprune")
 MODEL_ORDER = ("llava-v1.5-7b", "llava-v1.5-13b", "llava-v1.6-vicuna-7b")
 UNKNOWN_METHOD = "?"
@@ -184,23 +173,11 @@ def find_record_runs(log_dir: Path) -> list[RecordRun]:
     for path in sorted(log_dir.rglob("*.jsonl")):
         if "_samples_" in path.name and not path.name.startswith("otprune_records"):
             continue  # lmms-eval's --log_samples files
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError:
-                    if number == 1:
-                        break
-                    continue  # a line cut short by an interrupted run
-                if not is_record(value):
-                    break
-                run_id = str(value.get("run") or path)
-                run = runs.setdefault(f"{path}\0{run_id}", RecordRun(run_id, set(), []))
-                run.files.add(path)
-                run.records.append(value)
+        for value in iter_records(path, tolerant=True):
+            run_id = str(value.get("run") or path)
+            run = runs.setdefault(f"{path}\0{run_id}", RecordRun(run_id, set(), []))
+            run.files.add(path)
+            run.records.append(value)
     return list(runs.values())
 
 

@@ -31,16 +31,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from otprune.config import DISPLAY_NAMES
+
 PAD_COLOUR = (123, 117, 104)  # int(255 * CLIP mean), LLaVA-1.5's padding colour
-DISPLAY_NAMES = {
-    "otprune": "OTPrune",
-    "divprune": "DivPrune",
-    "dpp": "DPP",
-    "random": "Random",
-    "uniform": "Uniform",
-    "first_k": "First-K",
-    "last_k": "Last-K",
-}
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 OUTLINE = (255, 214, 0)
