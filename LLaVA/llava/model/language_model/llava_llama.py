@@ -58,26 +58,17 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
             self._install_capture_hooks()
         plan, self._prefill_plan = self._prefill_plan, None
         state = in_llm.decode_state(past_key_values)
-        if (plan is None or inputs_embeds is None) and (state is None or past_key_values.get_seq_length() == 0):
-            return super().forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                **kwargs,
-            )
-        return self._in_llm_forward(
+        inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            plan=plan if inputs_embeds is not None else None,
-            **kwargs,
         )
+        if (plan is None or inputs_embeds is None) and (state is None or past_key_values.get_seq_length() == 0):
+            return super().forward(**inputs, **kwargs)
+        return self._in_llm_forward(**inputs, plan=plan if inputs_embeds is not None else None, **kwargs)
 
     def _install_capture_hooks(self) -> None:
         """Install transformers' output-capturing hooks (hidden_states, attentions) on the decoder only.
