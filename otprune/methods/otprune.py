@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet
-from otprune.methods.base import TokenSelector, flat_rows, valid_mask
+from otprune.methods.base import TokenSelector, valid_mask
 
 
 def column_sq_norms(features: Tensor, chunk: int = 64) -> Tensor:
@@ -55,20 +55,27 @@ def symmetric_gram(x: Tensor, blocks: int = 4, scale: Tensor | None = None) -> T
     """x: (B, N, D) -> x diag(scale) x^T: (B, N, N), computing only the block lower triangle.
 
     Row block [lo:hi] gets columns [0:hi] from one GEMM written straight into the result;
-    the blocks cost (blocks + 1) / (2 * blocks) of one full product, and the upper triangle
-    is mirrored from them, so the result is exactly symmetric. `scale`: (B, 1, D) weights,
-    applied to each row block through one reused buffer (no scaled copy of the whole x).
+    the blocks cost (blocks + 1) / (2 * blocks) of one full product. Every entry above the
+    diagonal, including those inside the diagonal blocks, is then overwritten by its mirror
+    below the diagonal, so the result is exactly symmetric whatever the BLAS's summation order.
+    `scale`: (B, 1, D) weights, applied to each row block through one reused buffer (no scaled
+    copy of the whole x).
     """
     bsz, n, dim = x.shape
     blocks = max(1, min(blocks, n // 128))
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
     gram = x.new_empty(bsz, n, n)
-    buf = None if scale is None else x.new_empty(bsz, max(b - a for a, b in zip(edges[:-1], edges[1:], strict=True)), dim)
+    widest = max(b - a for a, b in zip(edges[:-1], edges[1:], strict=True))
+    buf = None if scale is None else x.new_empty(bsz, widest, dim)
+    upper = torch.ones(widest, widest, dtype=torch.bool, device=x.device).triu_(1)  # strict upper triangle
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         left = x[:, lo:hi] if buf is None else torch.mul(x[:, lo:hi], scale, out=buf[:, : hi - lo])
         torch.bmm(left, x[:, :hi].transpose(1, 2), out=gram[:, lo:hi, :hi])  # (B, hi - lo, hi)
         if lo > 0:
             gram[:, :lo, lo:hi] = gram[:, lo:hi, :lo].transpose(1, 2)
+        block = gram[:, lo:hi, lo:hi]  # a GEMM result: symmetric only up to rounding
+        mask = upper[: hi - lo, : hi - lo]
+        block.copy_(torch.where(mask, block.transpose(1, 2), block))
     return gram
 
 
@@ -79,6 +86,38 @@ def interaction(features: Tensor) -> Tensor:
     floor; exploiting the symmetry of S costs about 0.6-0.7 of one full product.
     """
     return symmetric_gram(features, scale=column_scales(features))
+
+
+def duplicate_representatives(features: Tensor, s: Tensor, rtol: float = 1e-3) -> Tensor:
+    """(B, N) long: for every token, the lowest index of a token with exactly the same features.
+
+    Exact duplicates have identical rows of S and of L in exact arithmetic, but a GEMM may round
+    two copies differently (they sit at different positions in the product). The kernel is
+    therefore read through this map (`L[i, j] := L[rep[i], rep[j]]` off the identity), so copies
+    get bit-identical kernel values and an exact tie goes to the lowest index, on every BLAS.
+
+    Candidates come from S (copies have S[i, j] = S[i, i] = S[j, j] up to rounding; the lowest
+    such j <= i is the candidate) and are then checked for exact equality of the features, so a
+    near-duplicate is never merged: it keeps its own index (also, in the rare case that a
+    near-duplicate precedes the true copy, the copy keeps its own index, which is still exact,
+    only not canonical). Padding rows (zero) map to the first zero token or themselves; they
+    are never selected.
+
+    Args:
+        features: (B, N, D), the tokens (padding rows zero).
+        s: (B, N, N), the interaction S of these features (`interaction`).
+        rtol: relative tolerance of the candidate test (far above fp32 rounding of S).
+    """
+    diag = s.diagonal(dim1=1, dim2=2)  # (B, N)
+    bound = torch.maximum(diag[:, :, None], diag[:, None, :]) * (1.0 - rtol)  # (B, N, N)
+    lower = torch.ones(s.shape[-1], s.shape[-1], dtype=torch.bool, device=s.device).tril_()
+    candidate = (s >= bound) & lower  # j <= i; always true at j = i unless the token is zero
+    candidate.diagonal(dim1=1, dim2=2).fill_(True)
+    first = candidate.to(torch.uint8).argmax(dim=-1)  # (B, N): lowest candidate index (first max)
+    copies = torch.gather(features, 1, first[:, :, None].expand_as(features))  # (B, N, D)
+    same = (copies == features).all(dim=-1)  # (B, N): an exact copy
+    own = torch.arange(s.shape[-1], device=s.device).expand_as(first)
+    return torch.where(same, first, own)
 
 
 def kernel_diag(s: Tensor, gamma: float) -> Tensor:
@@ -96,7 +135,9 @@ class OTPrune(TokenSelector):
     always reached with no fallback.
 
     Both S and S S^T = S^2 are symmetric, so each is formed from its block lower triangle
-    (`symmetric_gram`); the greedy then reads diag(L) and K rows of L.
+    (`symmetric_gram`, exactly symmetric); the greedy then reads diag(L) and K rows of L.
+    Exact duplicate tokens read the same kernel values (`duplicate_representatives`), so
+    every tie is exact and goes to the lowest index, as in the official code.
     """
 
     gamma: float = 0.01
@@ -107,17 +148,49 @@ class OTPrune(TokenSelector):
         if not (isinstance(self.gamma, (int, float)) and self.gamma > 0):
             raise ValueError(f"OTPrune gamma={self.gamma!r}: must be a number > 0 (paper default 0.01)")
 
+    def official_order(self, picks: list[int]) -> list[int]:
+        """The official OTPrune code's order: the iteration order of a Python set of the picks."""
+        return official_order(picks)
+
+    def gram(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """gamma * S S^T: (B, N, N), exactly symmetric, and the duplicate map rep: (B, N).
+
+        The kernel is L[i, j] = [i == j] + G[rep[i], rep[j]] with G the first output
+        (`duplicate_representatives`).
+        """
+        s = interaction(features)  # (B, N, N)
+        rep = duplicate_representatives(features, s)
+        gram = symmetric_gram(s)
+        gram.mul_(self.gamma)
+        return gram, rep
+
     def kernel(self, features: Tensor) -> Tensor:
-        """L = I + gamma * S S^T: (B, N, N) from features: (B, N, D) (padding rows zero)."""
-        kernel = symmetric_gram(interaction(features))
-        kernel.mul_(self.gamma).diagonal(dim1=1, dim2=2).add_(1.0)
+        """L = I + gamma * S S^T: (B, N, N) from features: (B, N, D) (padding rows zero).
+
+        Exactly symmetric; exact duplicate tokens have bit-identical rows (off the identity)
+        and diagonal values. `select` never forms this matrix: it reads its diagonal and K rows.
+        """
+        gram, rep = self.gram(features)
+        rows = torch.gather(gram, 1, rep[:, :, None].expand_as(gram))  # G[rep[i], :]
+        kernel = torch.gather(rows, 2, rep[:, None, :].expand_as(gram))  # G[rep[i], rep[j]]
+        kernel.diagonal(dim1=1, dim2=2).add_(1.0)
         return kernel
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
-        kernel = self.kernel(features)  # (B, N, N)
-        diag = kernel.diagonal(dim1=1, dim2=2)
-        valid = valid_mask(lengths, kernel.shape[-1])
-        return greedy_logdet(diag, flat_rows(kernel), valid, k_max)
+        gram, rep = self.gram(features)  # (B, N, N), (B, N)
+        bsz, n, _ = gram.shape
+        diag = torch.gather(gram.diagonal(dim1=1, dim2=2), 1, rep) + 1.0  # (B, N): L[i, i]
+        gram_rows = gram.view(bsz * n, n)
+        offsets = torch.arange(bsz, device=gram.device)[:, None] * n  # (B, 1)
+        rep_flat = (rep + offsets).view(-1)  # (B * N,)
+        batch = torch.arange(bsz, device=gram.device)
+
+        def kernel_row(j: Tensor, flat: Tensor) -> Tensor:
+            row = torch.gather(gram_rows.index_select(0, rep_flat.index_select(0, flat)), 1, rep)  # (B, N)
+            return row.index_put_((batch, j), row.new_ones(()), accumulate=True)  # + identity
+
+        valid = valid_mask(lengths, n)
+        return greedy_logdet(diag, kernel_row, valid, k_max)
 
 
 def official_order(picks: list[int]) -> list[int]:

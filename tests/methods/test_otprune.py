@@ -4,7 +4,15 @@ import torch
 from oracles import greedy_by_logdet, logdet, otprune_kernel
 
 import otprune
-from otprune.methods.otprune import OTPrune, official_order, symmetric_gram
+from otprune.methods._greedy import greedy_logdet
+from otprune.methods.base import flat_rows
+from otprune.methods.otprune import (
+    OTPrune,
+    duplicate_representatives,
+    interaction,
+    official_order,
+    symmetric_gram,
+)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +47,61 @@ def test_symmetric_gram(n, blocks):
     gram = symmetric_gram(x, blocks)
     torch.testing.assert_close(gram, x @ x.transpose(1, 2))
     assert torch.equal(gram, gram.transpose(1, 2))
+
+
+def _with_copies(n: int, d: int, copies: dict[int, int], seed: int = 0) -> torch.Tensor:
+    """(n, d) random fp32 tokens; token `dst` is an exact copy of token `src` for each src: dst."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    for src, dst in copies.items():
+        x[dst] = x[src]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicated_tokens_get_exactly_equal_kernel_values(dtype):
+    # Copies far apart land in different row blocks of the block-triangular GEMMs.
+    copies = {3: 500, 10: 590, 200: 201}
+    x = _with_copies(600, 48, copies).to(dtype)
+    kernel = OTPrune().kernel(x[None])[0]
+    assert torch.equal(kernel, kernel.T)
+    for src, dst in copies.items():
+        assert kernel[src, src] == kernel[dst, dst]
+        others = torch.ones(600, dtype=torch.bool)
+        others[[src, dst]] = False
+        assert torch.equal(kernel[src, others], kernel[dst, others])
+        assert kernel[src, dst] == kernel[dst, src]
+    # And still the definition, to rounding.
+    reference = otprune_kernel(x.double().numpy())
+    np.testing.assert_allclose(kernel.double().numpy(), reference, rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=1e-9)
+
+
+def test_duplicate_representatives_are_the_lowest_exact_copy():
+    x = _with_copies(300, 16, {5: 150, 150: 299, 7: 8})  # 5 == 150 == 299, 7 == 8
+    x[40] = x[41] + 1e-6  # a near-duplicate: never merged
+    x[100:104] = 0.0  # zero tokens are exact copies of each other
+    rep = duplicate_representatives(x[None], interaction(x[None]))[0].tolist()
+    expected = [next(j for j in range(i + 1) if torch.equal(x[j], x[i])) for i in range(300)]
+    assert rep == expected
+    assert rep[299] == 5 and rep[8] == 7 and rep[41] == 41 and rep[103] == 100
+
+
+def test_exact_tie_goes_to_the_lowest_index():
+    # Two copies of the token with the largest kernel diagonal: the first pick is a tie.
+    x = _with_copies(600, 64, {7: 400})
+    x[7] *= 6.0
+    x[400] = x[7]
+    diag = OTPrune().kernel(x[None])[0].diagonal()
+    assert diag[7] == diag[400] == diag.max()
+    assert otprune.select_tokens(x, 5, order="greedy")[0] == 7
+    # Moving the copy in front of the original moves the pick with it.
+    y = x.clone()
+    y[[7, 400]] = y[[400, 7]]
+    y[3] = y[7]
+    assert otprune.select_tokens(y, 5, order="greedy")[0] == 3
+    # The greedy itself: on equal gains at any step, the lowest index.
+    kernel = torch.eye(6, dtype=torch.float64)[None] * torch.tensor([1.0, 2.0, 3.0, 3.0, 2.0, 3.0], dtype=torch.float64)
+    picks = greedy_logdet(kernel.diagonal(dim1=1, dim2=2), flat_rows(kernel), torch.ones(1, 6, dtype=torch.bool), 6)
+    assert picks[0].tolist() == [2, 3, 5, 1, 4, 0]
 
 
 def test_gain_is_at_least_one_so_k_is_always_reached():
