@@ -3,7 +3,7 @@
 | variable | meaning |
 |---|---|
 | `BASELINE` | method name (`OURS`/`OTPRUNE`, `DIVPRUNE`, `DPP`, `RANDOM`, `UNIFORM`, `FIRSTK`, `LASTK`; model-level: `FASTV`, `VTW`, `FITPRUNE`); default OTPrune |
-| `LAYER_INDEX` | where to prune: `0` = the embeddings before the LLM, `L > 0` = the hidden states entering decoder layer L; unset = pruning off (except for the model-level methods, see below) |
+| `LAYER_INDEX` | where to prune: `0` = the embeddings before the LLM, `L > 0` = the hidden states entering decoder layer L; unset = `0` when `BASELINE` or `SUBSET_RATIO` is set (the paper's default), pruning off when neither is (model-level methods: see below) |
 | `SUBSET_RATIO` | fraction of each image's visual tokens to keep, in (0, 1]; required with `LAYER_INDEX` and with `FASTV`; not used by `VTW` / `FITPRUNE` |
 | `FITPRUNE_RECIPE` | path of a FitPrune recipe (`otprune fitprune-calibrate`); required with `BASELINE=FITPRUNE` |
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
@@ -22,6 +22,7 @@ set order (`OTPRUNE_ORDER=official`) exists only for `LAYER_INDEX=0`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -187,8 +188,11 @@ class PruneConfig:
         """Read `BASELINE`, `LAYER_INDEX`, `SUBSET_RATIO`, `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`,
         `FITPRUNE_RECIPE`.
 
-        No `LAYER_INDEX`: pruning off, unless `BASELINE` names a model-level method (FASTV: layer
-        2; FITPRUNE: the recipe's layers; VTW: LAYER_INDEX required). Any malformed value raises
+        No `LAYER_INDEX`: layer 0 (the paper's default) when `BASELINE` or `SUBSET_RATIO` is set,
+        pruning off when neither is; a model-level method in `BASELINE` takes its own default
+        (FASTV: layer 2; FITPRUNE: the recipe's layers; VTW: LAYER_INDEX required). So setting
+        any of the three switches asks for pruning, and a run never falls back to unpruned
+        because one of them was forgotten. Any malformed value raises
         ValueError (a missing recipe file FileNotFoundError) naming the variable, its value and
         what is allowed: asking for pruning never silently yields an unpruned run.
         """
@@ -221,10 +225,12 @@ class PruneConfig:
             ratio = _parse_float("SUBSET_RATIO", ratio_raw, "a number in (0, 1], e.g. 0.098")
             if not 0.0 < ratio <= 1.0:
                 raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: must be a number in (0, 1], e.g. 0.098")
+        if layer is None and not model_level and (baseline is not None or ratio is not None):
+            layer = 0  # pruning was asked for: the paper's layer
         if method in ("vtw", "fitprune"):
             ratio = None  # VTW keeps no visual token, FitPrune's counts come from its recipe
         elif ratio is None and (layer is not None or model_level):
-            why = f"LAYER_INDEX={layer_raw!r}" if layer is not None else f"BASELINE={baseline!r}"
+            why = f"LAYER_INDEX={layer_raw!r}" if layer_raw is not None else f"BASELINE={baseline!r}"
             raise ValueError(
                 f"SUBSET_RATIO: not set, but {why} asks for pruning; set SUBSET_RATIO to a number in (0, 1], e.g. 0.098"
             )
@@ -264,6 +270,56 @@ def _parse_float(name: str, raw: str, allowed: str) -> float:
     if math.isnan(value):
         raise ValueError(f"{name}={raw!r}: not a number; must be {allowed}")
     return value
+
+
+def describe_config(config: PruneConfig) -> str:
+    """One line saying what a config prunes, e.g. "OTPrune at layer 0, keeping 9.8% of each image's
+    visual tokens (gamma 0.01, ascending order)", or that pruning is off."""
+    if not config.enabled:
+        return "pruning off (no BASELINE / LAYER_INDEX / SUBSET_RATIO set): every visual token goes to the LLM"
+    name = DISPLAY_NAMES.get(config.method, config.method)
+    where = "before the LLM (layer 0)" if config.layer == 0 else f"at decoder layer {config.layer}"
+    if config.method == "vtw":
+        what = "withdrawing every visual token"
+    elif config.method == "fitprune":
+        what = f"following the recipe {config.recipe.source or '<in memory>'}"
+    else:
+        what = f"keeping {config.ratio:.4g} of each image's visual tokens"
+    details = []
+    if config.method == "otprune":
+        details.append(f"gamma {config.gamma:g}")
+    if config.method == "random":
+        details.append(f"seed {config.seed}")
+    if not config.model_level:
+        details.append(f"{config.order} order")
+    return f"pruning on: {name} {where}, {what}" + (f" ({', '.join(details)})" if details else "")
+
+
+LOGGER = logging.getLogger("otprune")
+
+
+def announce(owner: object, config: PruneConfig, model: str = "model") -> None:
+    """Log once per owner (a model or an adapter) which pruning is active, and again when it changes.
+
+    Goes to the `otprune` logger at INFO; when the application has configured no logging at all
+    (lmms-eval configures only loguru), a stderr handler is added to that logger first, so the
+    line shows up in the run's log.
+    """
+    key = (config.method, config.layer, config.ratio, config.gamma, config.seed, config.order,
+           getattr(config.recipe, "source", None), config.enabled)
+    if getattr(owner, "_otprune_announced", None) == key:
+        return
+    try:
+        owner._otprune_announced = key
+    except AttributeError:  # an owner without a __dict__: log every time rather than never
+        pass
+    if not LOGGER.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s | otprune | %(message)s", "%Y-%m-%d %H:%M:%S"))
+        LOGGER.addHandler(handler)
+    if LOGGER.level == logging.NOTSET:
+        LOGGER.setLevel(logging.INFO)
+    LOGGER.info("%s: %s", model, describe_config(config))
 
 
 RECORDS_OFF = ("0", "off", "false", "no", "none")

@@ -10,7 +10,7 @@ from torch import Tensor
 from otprune.methods import get_method
 from otprune.methods.base import mask_beyond_k
 
-ORDERS = ("ascending", "greedy")
+ORDERS = ("ascending", "greedy", "official")
 
 
 def keep_counts(keep: int | float, lengths: Tensor) -> Tensor:
@@ -68,7 +68,10 @@ def select_tokens(
         keep: int count, or float ratio in (0, 1] giving K = int(round(ratio * n)) >= 1 per sample.
         method: a name of `otprune.METHODS` (case-insensitive, aliases such as `OURS`).
         lengths: (B,) valid tokens per sample for ragged batches; default all N.
-        order: "ascending" (spatial order, the default) or "greedy" (the method's pick order).
+        order: "ascending" (spatial order, the default), "greedy" (the method's pick order) or
+            "official" (the order the method's official code hands to the LLM: OTPrune's set
+            order, ascending for the others; see `TokenSelector.official_order`). "official"
+            reads the picks on the host: one synchronisation after the selection.
         **params: the method's parameters, e.g. `gamma=0.05` for OTPrune, `seed=1` for random.
 
     Returns:
@@ -104,6 +107,11 @@ def select_tokens(
     uniform_k = lengths is None
     k_max = _uniform_k(keep, n) if uniform_k else int(k.max())
     picks = selector.select(x, lengths_t, k, k_max)  # (B, k_max), selection order
+    if order == "official":
+        counts = k.tolist() if not uniform_k else [k_max] * bsz
+        rows = [selector.official_order(row[:count]) + [-1] * (k_max - count) for row, count in zip(picks.tolist(), counts, strict=True)]
+        picks = torch.tensor(rows, dtype=torch.long, device=picks.device)
+        return picks[0] if single else picks
     if uniform_k:
         return (picks.sort(dim=1).values if order == "ascending" else picks)[0 if single else slice(None)]
     picks = mask_beyond_k(picks, k)

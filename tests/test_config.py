@@ -7,10 +7,49 @@ def env(**kw):
     return {k: str(v) for k, v in kw.items()}
 
 
-def test_no_layer_means_off():
+def test_no_switch_means_off():
     cfg = PruneConfig.from_env({})
     assert not cfg.enabled and cfg.layer is None
-    assert not PruneConfig.from_env(env(BASELINE="DIVPRUNE", SUBSET_RATIO=0.1)).enabled
+    assert not PruneConfig.from_env(env(OTPRUNE_GAMMA=0.05, OTPRUNE_SEED=3)).enabled
+
+
+@pytest.mark.parametrize(
+    "environ, method",
+    [(env(BASELINE="DIVPRUNE", SUBSET_RATIO=0.1), "divprune"), (env(SUBSET_RATIO=0.1), "otprune"),
+     (env(BASELINE="OURS", SUBSET_RATIO=0.1), "otprune")],
+)
+def test_baseline_or_ratio_without_layer_prunes_at_layer_0(environ, method):
+    # Asking for pruning without LAYER_INDEX is never a silently unpruned run: the paper's layer 0.
+    cfg = PruneConfig.from_env(environ)
+    assert cfg.enabled and (cfg.method, cfg.layer, cfg.ratio) == (method, 0, 0.1) and not cfg.in_llm
+
+
+def test_baseline_without_ratio_or_layer_is_an_error():
+    with pytest.raises(ValueError, match=r"SUBSET_RATIO: not set, but BASELINE='OURS' asks for pruning"):
+        PruneConfig.from_env(env(BASELINE="OURS"))
+
+
+def test_describe_and_announce_once(caplog):
+    from otprune.config import announce, describe_config
+
+    assert "pruning off" in describe_config(PruneConfig())
+    on = PruneConfig(method="OURS", layer=0, ratio=0.098)
+    assert describe_config(on) == (
+        "pruning on: OTPrune before the LLM (layer 0), keeping 0.098 of each image's visual tokens "
+        "(gamma 0.01, ascending order)"
+    )
+    assert "VTW at decoder layer 3, withdrawing" in describe_config(PruneConfig(method="vtw", layer=3))
+
+    class Model:
+        pass
+
+    model = Model()
+    with caplog.at_level("INFO", logger="otprune"):
+        for _ in range(3):
+            announce(model, on, model="TinyModel")
+        announce(model, PruneConfig(), model="TinyModel")
+    lines = [r.getMessage() for r in caplog.records if r.name == "otprune"]
+    assert len(lines) == 2 and "TinyModel: pruning on: OTPrune" in lines[0] and "pruning off" in lines[1]
 
 
 def test_layer_without_baseline_is_otprune():

@@ -155,3 +155,26 @@ def test_features_that_require_grad(method):
     # e.g. a model forward outside torch.no_grad(): selection detaches, the result is the same.
     x = torch.randn(30, 8, requires_grad=True)
     assert torch.equal(otprune.select_tokens(x, 0.3, method), otprune.select_tokens(x.detach(), 0.3, method))
+
+
+@pytest.mark.parametrize("method", list(otprune.METHODS))
+def test_official_order_is_each_methods_own(method):
+    """OTPRUNE_ORDER=official: OTPrune's code hands its picks over in Python-set order; DivPrune's
+    code (and every other baseline) in ascending order."""
+    from otprune.methods.otprune import official_order
+
+    x = torch.randn(2, 300, 12, generator=torch.Generator().manual_seed(5))
+    lengths = [300, 260]
+    greedy = otprune.select_tokens(x, 0.3, method, lengths=lengths, order="greedy")
+    official = otprune.select_tokens(x, 0.3, method, lengths=lengths, order="official")
+    ascending = otprune.select_tokens(x, 0.3, method, lengths=lengths)
+    for b in range(2):
+        picks = [i for i in greedy[b].tolist() if i >= 0]
+        got = [i for i in official[b].tolist() if i >= 0]
+        expected = official_order(picks) if method == "otprune" else sorted(picks)
+        assert got == expected
+        if method != "otprune":
+            assert torch.equal(official[b], ascending[b])
+    assert official[1, -1] == -1  # padding slots stay -1
+    single = otprune.select_tokens(x[0], 0.3, method, order="official")
+    assert single.tolist() == [i for i in official[0].tolist() if i >= 0]

@@ -27,6 +27,16 @@ class TokenSelector:
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
 
+    def official_order(self, picks: list[int]) -> list[int]:
+        """The kept tokens, given in pick order, in the order the method's official code hands them
+        to the LLM (`OTPRUNE_ORDER=official`, for exact reproduction of published runs).
+
+        Default: ascending token order (DivPrune's code sorts its kept indices; the other
+        baselines have no official order of their own). OTPrune overrides it with its code's
+        set order.
+        """
+        return sorted(int(i) for i in picks)
+
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         """Pick tokens.
 
