@@ -133,14 +133,52 @@ _USER_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# The mmtag templates' system prompt: "...natural language.The visual..." has no space after the period.
+_MMTAG_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant is able to understand the visual content that the user provides, and assist the user with a "
+    "variety of tasks using natural language."
+    "The visual content will be provided with the following format: <Image>visual content</Image>."
+)
+# The one-shot example of the LLaVA-0 / Vicuna-0 template ("default", "v0"): the original prompt starts with
+# this exchange (offset 2: it is not part of the conversation's images or chat history).
+_V0_EXAMPLE = [
+    ["Human", "What are the key differences between renewable and non-renewable energy sources?"],
+    [
+        "Assistant",
+        "Renewable energy sources are those that can be replenished naturally in a relatively short amount of time, "
+        "such as solar, wind, hydro, geothermal, and biomass. Non-renewable energy sources, on the other hand, are "
+        "finite and will eventually be depleted, such as coal, oil, and natural gas. Here are some key differences "
+        "between renewable and non-renewable energy sources:\n"
+        "1. Availability: Renewable energy sources are virtually inexhaustible, while non-renewable energy sources "
+        "are finite and will eventually run out.\n"
+        "2. Environmental impact: Renewable energy sources have a much lower environmental impact than non-renewable "
+        "sources, which can lead to air and water pollution, greenhouse gas emissions, and other negative effects.\n"
+        "3. Cost: Renewable energy sources can be more expensive to initially set up, but they typically have lower "
+        "operational costs than non-renewable sources.\n"
+        "4. Reliability: Renewable energy sources are often more reliable and can be used in more remote locations "
+        "than non-renewable sources.\n"
+        "5. Flexibility: Renewable energy sources are often more flexible and can be adapted to different situations "
+        "and needs, while non-renewable sources are more rigid and inflexible.\n"
+        "6. Sustainability: Renewable energy sources are more sustainable over the long term, while non-renewable "
+        "sources are not, and their depletion can lead to economic and social instability.\n",
+    ],
+]
 
-conv_vicuna_v0 = Conversation(system=_HUMAN_SYSTEM, roles=("Human", "Assistant"), sep_style=SeparatorStyle.SINGLE, sep="###")
+conv_vicuna_v0 = Conversation(
+    system=_HUMAN_SYSTEM,
+    roles=("Human", "Assistant"),
+    messages=[list(turn) for turn in _V0_EXAMPLE],
+    offset=2,
+    sep_style=SeparatorStyle.SINGLE,
+    sep="###",
+)
 conv_vicuna_v1 = Conversation(
     system=_USER_SYSTEM, roles=("USER", "ASSISTANT"), version="v1", sep_style=SeparatorStyle.TWO, sep=" ", sep2="</s>"
 )
 conv_llama_2 = Conversation(
     system=(
-        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. "
+        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  "
         "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
         "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
         "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
@@ -186,7 +224,7 @@ conv_mpt = Conversation(
 conv_llava_plain = Conversation(system="", roles=("", ""), sep_style=SeparatorStyle.PLAIN, sep="\n")
 conv_llava_v0 = Conversation(system=_HUMAN_SYSTEM, roles=("Human", "Assistant"), sep_style=SeparatorStyle.SINGLE, sep="###")
 conv_llava_v0_mmtag = Conversation(
-    system=_HUMAN_SYSTEM + " The visual content will be provided with the following format: <Image>visual content</Image>.",
+    system=_MMTAG_SYSTEM,
     roles=("Human", "Assistant"),
     version="v0_mmtag",
     sep_style=SeparatorStyle.SINGLE,
@@ -196,7 +234,7 @@ conv_llava_v1 = Conversation(
     system=_HUMAN_SYSTEM, roles=("USER", "ASSISTANT"), version="v1", sep_style=SeparatorStyle.TWO, sep=" ", sep2="</s>"
 )
 conv_llava_v1_mmtag = Conversation(
-    system=_HUMAN_SYSTEM + " The visual content will be provided with the following format: <Image>visual content</Image>.",
+    system=_MMTAG_SYSTEM,
     roles=("USER", "ASSISTANT"),
     version="v1_mmtag",
     sep_style=SeparatorStyle.TWO,
@@ -206,7 +244,7 @@ conv_llava_v1_mmtag = Conversation(
 
 default_conversation = conv_vicuna_v1
 conv_templates: dict[str, Conversation] = {
-    # LLaVA-0 style (Human/Assistant, "###"); unlike the original, without few-shot example turns.
+    # LLaVA-0 style (Human/Assistant, "###"), starting with the original's one-shot example exchange.
     "default": conv_vicuna_v0,
     "v0": conv_vicuna_v0,
     "v1": conv_vicuna_v1,

@@ -186,21 +186,47 @@ def process_images(images, image_processor, model_cfg):
     return processed
 
 
-def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX, return_tensors=None):
-    """Token ids of `prompt` with `image_token_index` where each "<image>" is.
+def _drops_leading_space(tokenizer) -> bool:
+    """Whether `tokenizer` folds a text's leading space into its word-boundary prefix.
 
-    The text between placeholders is tokenised piece by piece; the BOS token the tokenizer
-    adds is kept once, at the start.
+    The original LLaVA ran the slow sentencepiece `LlamaTokenizer`, which always puts the "▁"
+    prefix before a text, also when the text starts with a space: " A" -> "▁", "▁A". The Llama
+    tokenizers of transformers 5 (and the fast ones of 4.x with legacy=False) prepend "▁" only
+    when the text does not already start with one: " A" -> "▁A", the same ids as "A".
     """
-    pieces = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    return tokenizer(" a", add_special_tokens=False).input_ids == tokenizer("a", add_special_tokens=False).input_ids
+
+
+def _chunk_ids(tokenizer, chunk: str, fold_space: bool) -> list[int]:
+    """`tokenizer(chunk).input_ids` as the original's sentencepiece tokenizer gives them."""
+    if fold_space and chunk.startswith((" ", "\u2581")):
+        chunk = " " + chunk  # "▁" + "▁..." after the tokenizer's own space handling
+    return tokenizer(chunk).input_ids
+
+
+def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX, return_tensors=None):
+    """Token ids of `prompt` with `image_token_index` where each "<image>" is, as the original LLaVA gives them.
+
+    The prompt is split at every "<image>" and each piece is tokenised on its own (with the
+    tokenizer's BOS, and sentencepiece's word-boundary prefix at the piece's start). When the
+    first piece starts with BOS, the result is that BOS, then every piece without its first id,
+    one `image_token_index` between consecutive pieces; otherwise the pieces are joined as they
+    are. A piece that starts with a space keeps that space as its own "▁" after the prefix, as
+    the original's slow `LlamaTokenizer` does ("<image> <image>" -> BOS, image, "▁", "▁",
+    image), also with the transformers 5 Llama tokenizers, which would fold the two into one.
+
+    Returns a list of ints, or a (L,) long tensor for `return_tensors="pt"`.
+    """
+    chunks = prompt.split(DEFAULT_IMAGE_TOKEN)
+    fold_space = any(chunk.startswith((" ", "\u2581")) for chunk in chunks) and _drops_leading_space(tokenizer)
+    pieces = [_chunk_ids(tokenizer, chunk, fold_space) for chunk in chunks]
     bos = tokenizer.bos_token_id
-    ids: list[int] = []
-    if pieces[0][:1] == [bos] and bos is not None:
-        ids.append(bos)
+    skip = 1 if bos is not None and pieces[0][:1] == [bos] else 0
+    ids: list[int] = [bos] if skip else []
     for i, piece in enumerate(pieces):
         if i > 0:
             ids.append(image_token_index)
-        ids.extend(piece[1:] if bos is not None and piece[:1] == [bos] else piece)
+        ids.extend(piece[skip:])
     if return_tensors is None:
         return ids
     if return_tensors == "pt":

@@ -37,7 +37,7 @@ from llava.model.in_llm.decoder import PrefillPlan, check_in_llm, stage_layers, 
 from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from otprune import PruneConfig
-from otprune.methods.otprune import official_order
+from otprune.config import announce
 
 
 def greedy_select(image_features: Tensor, keep: int | float, gamma: float = 0.01, order: str = "ascending") -> Tensor:
@@ -80,6 +80,14 @@ class VisualTokenLayout:
     seq_lens: list[int]
     seq_len: int
     padding_side: str
+
+    def image_tokens(self, n_images: int) -> list[int]:
+        """Per image of the batch, its tokens in the sequence (its span's length)."""
+        counts = [0] * n_images
+        for spans, images in zip(self.spans, self.image_index, strict=True):
+            for (start, end), i in zip(spans, images, strict=True):
+                counts[i] = end - start
+        return counts
 
     def visual_mask(self, device: torch.device | str | None = None) -> Tensor:
         """(B, L) bool, True at visual tokens."""
@@ -183,9 +191,15 @@ class LlavaMetaForCausalLM(ABC):
         self._prune_override = config
 
     def pruning_config(self) -> PruneConfig:
-        """The pruning configuration of the next forward: `set_pruning`'s, else `PruneConfig.from_env()`."""
+        """The pruning configuration of the next forward: `set_pruning`'s, else `PruneConfig.from_env()`.
+
+        The first time, and whenever it changes, the `otprune` logger says which method, layer
+        and ratio are active, or that pruning is off.
+        """
         override = getattr(self, "_prune_override", None)
-        return override if override is not None else PruneConfig.from_env()
+        config = override if override is not None else PruneConfig.from_env()
+        announce(self, config, model=type(self).__name__)
+        return config
 
     def check_pruning_config(self, config: PruneConfig) -> None:
         """Refuse what this model cannot run: LAYER_INDEX >= its layer count, a FitPrune recipe
@@ -357,20 +371,15 @@ class LlavaMetaForCausalLM(ABC):
         padded = nn.utils.rnn.pad_sequence(features, batch_first=True)  # (B_img, N_max, D)
         n_images, n_max, dim = padded.shape
         clock = _Clock(padded.device)
-        official = config.order == "official"
         picks = otprune.select_tokens(
             padded,
             ratio,
             config.method,
             lengths=lengths,
-            order="greedy" if official else "ascending",
+            order=config.order,  # "official": the method's official code's order (OTPrune: set order)
             **config.method_params(),
         )  # (B_img, K_max), -1 padded
         k_max = picks.shape[1]
-        if official:
-            rows = picks.tolist()
-            reordered = [official_order(row[:k]) + [-1] * (k_max - k) for row, k in zip(rows, keep, strict=True)]
-            picks = torch.tensor(reordered, dtype=torch.long).to(padded.device)
         clock.stop()
         slots = torch.cat([torch.arange(k) + i * k_max for i, k in enumerate(keep)]).to(padded.device)
         flat = (picks.clamp_min(0) + torch.arange(n_images, device=padded.device)[:, None] * n_max).view(-1)
@@ -401,10 +410,19 @@ class LlavaMetaForCausalLM(ABC):
             past_key_values: passed through.
             labels: (B, L) or None; visual tokens get IGNORE_INDEX.
             images: (N, 3, S, S), (N, P, 3, S, S) or a list, one entry per placeholder in
-                prompt order across the batch (sample 0's images first).
+                prompt order across the batch (sample 0's images first). As in the original, a
+                sample without placeholders is text only; it may also bring one image of its own
+                (the original's convention, e.g. a dummy image per text-only sample in training
+                batches), which is then not used: N = placeholders + text-only samples.
             image_sizes: per image (width, height); needed for anyres.
             padding_side: of the returned batch; default `config.tokenizer_padding_side`
                 ("right"); `generate` uses "left".
+
+        Long prompts: as in the original, each sample's spliced sequence (text + kept visual
+        tokens, after pruning at layer 0) is cut to its first `config.tokenizer_model_max_length`
+        tokens (when set) before padding; labels, mask and positions follow, `visual_layout` and
+        the statistics describe the cut sequence. Pruning inside the LLM needs every visual token
+        and refuses a cut that reaches them (ValueError).
 
         Returns:
             (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels): the
@@ -421,28 +439,35 @@ class LlavaMetaForCausalLM(ABC):
         self.flush_pruning_stats()
 
         plan = _Plan.from_inputs(input_ids, attention_mask)
-        n_images = len(images)
-        if plan.n_placeholders != n_images:
-            raise ValueError(
-                f"images: {n_images} image(s) given, but the prompts contain {plan.n_placeholders} image "
-                f"placeholder(s) (IMAGE_TOKEN_INDEX={IMAGE_TOKEN_INDEX}, from '<image>' via tokenizer_image_token); "
-                "pass exactly one image per placeholder, in prompt order"
-            )
+        used = plan.images_used(len(images))
+        images, image_sizes = _take_images(images, image_sizes, used)
+        n_images = len(used)
         features = self.image_features(images, image_sizes) if n_images else []
         before = [f.shape[0] for f in features]
         select_clock, kept_indices = None, None
         if config.enabled and n_images and not config.in_llm:
             features, kept_indices, select_clock = self.select_visual_tokens(features, config)
         after = [f.shape[0] for f in features]
-        num_layers = int(self.config.num_hidden_layers)
-        if config.in_llm:
-            schedules = [visual_token_schedule(config, n, num_layers) for n in before]
-        else:
-            schedules = [[n] * num_layers for n in after]
 
         embed = self.get_model().embed_tokens
         text_embeds = embed(input_ids.masked_fill(input_ids == IMAGE_TOKEN_INDEX, 0))  # (B, L, D)
-        layout, index, positions, mask = plan.splice(after, side)
+        max_length = _max_length(self.config)
+        layout, index, positions, mask = plan.splice(after, side, max_length)
+        shown = layout.image_tokens(n_images)  # per image, its tokens left after the cut to max_length
+        num_layers = int(self.config.num_hidden_layers)
+        if config.in_llm:
+            if shown != after:
+                cut = next(b for b, ims in enumerate(layout.image_index) if any(shown[i] < after[i] for i in ims))
+                raise ValueError(
+                    f"sample {cut}: its sequence is longer than tokenizer_model_max_length={max_length} and the cut "
+                    f"reaches its visual tokens; pruning inside the LLM ({config.method}, layer {config.layer}) needs "
+                    "every visual token: shorten the prompt or raise the model's tokenizer_model_max_length"
+                )
+            schedules = [visual_token_schedule(config, n, num_layers) for n in before]
+        else:
+            schedules = [[n] * num_layers for n in shown]
+            if kept_indices is not None and shown != after:
+                kept_indices = [kept[:n] for kept, n in zip(kept_indices, shown, strict=True)]
         device = text_embeds.device
         dim = text_embeds.shape[-1]
         source = torch.cat(
@@ -480,6 +505,29 @@ class LlavaMetaForCausalLM(ABC):
         if self._pending_stats.prefill_clock is None:
             self.flush_pruning_stats()
         return None, new_positions, new_mask, past_key_values, inputs_embeds, new_labels
+
+
+def _max_length(config) -> int | None:
+    """`tokenizer_model_max_length` of the config (None: no limit)."""
+    value = getattr(config, "tokenizer_model_max_length", None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.tokenizer_model_max_length={value!r}: must be a positive integer or None")
+    return value
+
+
+def _take_images(images, image_sizes, used: list[int]):
+    """The images (and their sizes) at positions `used` of `images`; all of them unchanged."""
+    if len(used) == len(images):
+        return images, image_sizes
+    if isinstance(images, Tensor):
+        taken = images[torch.tensor(used, dtype=torch.long, device=images.device)]
+    else:
+        taken = [images[i] for i in used]
+    if image_sizes is not None and len(image_sizes) == len(images):
+        image_sizes = [image_sizes[i] for i in used]
+    return taken, image_sizes
 
 
 def _image_sizes(image_sizes, n: int) -> list[tuple[int, int]]:
@@ -522,8 +570,37 @@ class _Plan:
     def n_placeholders(self) -> int:
         return sum(len(p) for p in self.placeholders)
 
-    def splice(self, image_tokens: list[int], side: str) -> tuple[VisualTokenLayout, Tensor, Tensor, Tensor]:
-        """Gather index (B, L') into [text embeddings (B*L) | visual tokens | one zero row], positions, mask."""
+    def images_used(self, n_given: int) -> list[int]:
+        """Which of the `n_given` images the placeholders use, in prompt order across the batch.
+
+        One image per placeholder: all of them. Or the original LLaVA's convention, where every
+        sample without placeholders also brings one image (unused): that image is skipped.
+        """
+        counts = [len(p) for p in self.placeholders]
+        if n_given == sum(counts):
+            return list(range(n_given))
+        if n_given == sum(max(n, 1) for n in counts):
+            used, cursor = [], 0
+            for n in counts:
+                used.extend(range(cursor, cursor + n))
+                cursor += max(n, 1)
+            return used
+        text_only = sum(1 for n in counts if n == 0)
+        raise ValueError(
+            f"images: {n_given} image(s) given, but the prompts contain {sum(counts)} image placeholder(s) "
+            f"(IMAGE_TOKEN_INDEX={IMAGE_TOKEN_INDEX}, from '<image>' via tokenizer_image_token) in {self.batch} "
+            f"sample(s), {text_only} of them text only; pass one image per placeholder, in prompt order (or, as "
+            "the original LLaVA, also one unused image per text-only sample)"
+        )
+
+    def splice(
+        self, image_tokens: list[int], side: str, max_length: int | None = None
+    ) -> tuple[VisualTokenLayout, Tensor, Tensor, Tensor]:
+        """Gather index (B, L') into [text embeddings (B*L) | visual tokens | one zero row], positions, mask.
+
+        A sample longer than `max_length` keeps its first `max_length` tokens (spans are clipped;
+        an image cut off entirely gets an empty span at the end of the sample).
+        """
         visual_base = self.batch * self.length
         offsets = [0]
         for n in image_tokens:
@@ -543,7 +620,11 @@ class _Plan:
                 cursor += image_tokens[image]
                 image, prev = image + 1, t + 1
             pieces.append(self.valid[b][prev:] + b * self.length)
-            rows.append(torch.cat(pieces))
+            row = torch.cat(pieces)
+            if max_length is not None and row.numel() > max_length:
+                row = row[:max_length]
+                sample_spans = [(min(start, max_length), min(end, max_length)) for start, end in sample_spans]
+            rows.append(row)
             spans.append(sample_spans)
             image_index.append(sample_images)
         seq_lens = [row.numel() for row in rows]
@@ -581,7 +662,7 @@ class _Plan:
             recipe = config.recipe.source or None
         for b in range(self.batch):
             images = layout.image_index[b]
-            text = self.valid[b].numel() - len(images)
+            text = layout.seq_lens[b] - sum(schedules[i][0] for i in images)  # after a cut to max_length, the kept text
             vis_before = sum(before[i] for i in images)
             vis_after = sum(after[i] for i in images)
             visual_per_layer = [sum(schedules[i][layer] for i in images) for layer in range(num_layers)]
