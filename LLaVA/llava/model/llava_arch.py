@@ -24,7 +24,6 @@ After every multimodal forward, `model.pruning_stats` holds one dict per sample 
 from __future__ import annotations
 
 import dataclasses
-import time
 from abc import ABC, abstractmethod
 
 import torch
@@ -38,6 +37,7 @@ from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from otprune import PruneConfig
 from otprune.config import announce
+from otprune.timing import Clock
 
 
 def greedy_select(image_features: Tensor, keep: int | float, gamma: float = 0.01, order: str = "ascending") -> Tensor:
@@ -98,41 +98,10 @@ class VisualTokenLayout:
         return mask.to(device) if device is not None else mask
 
 
-class _Clock:
-    """Elapsed wall time of device work: CUDA events on CUDA (no sync until read), else perf_counter."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.stopped = False
-        if self.cuda:
-            with torch.cuda.device(device):
-                self._start = torch.cuda.Event(enable_timing=True)
-                self._end = torch.cuda.Event(enable_timing=True)
-                self._start.record()
-            self._device = device
-        else:
-            self._t0 = time.perf_counter()
-
-    def stop(self) -> _Clock:
-        if self.cuda:
-            with torch.cuda.device(self._device):
-                self._end.record()
-        else:
-            self._t1 = time.perf_counter()
-        self.stopped = True
-        return self
-
-    def ms(self) -> float:
-        if self.cuda:
-            self._end.synchronize()
-            return float(self._start.elapsed_time(self._end))
-        return (self._t1 - self._t0) * 1000.0
-
-
 class _ClockSum:
     """The summed time of the clocks in a list that fills later (the stages of an in-LLM prefill)."""
 
-    def __init__(self, clocks: list[_Clock]):
+    def __init__(self, clocks: list[Clock]):
         self.clocks = clocks
 
     def ms(self) -> float:
@@ -142,8 +111,8 @@ class _ClockSum:
 @dataclasses.dataclass
 class _PendingStats:
     stats: list[dict]
-    select_clock: _Clock | _ClockSum | None
-    prefill_clock: _Clock | None
+    select_clock: Clock | _ClockSum | None
+    prefill_clock: Clock | None
     pruning: bool
 
 
@@ -178,8 +147,8 @@ class LlavaMetaForCausalLM(ABC):
         self._prune_override: PruneConfig | None = None
         self._pruning_stats: list[dict] = []
         self._pending_stats: _PendingStats | None = None
-        self._active_clock: _Clock | None = None
-        self._generate_clock: _Clock | None = None
+        self._active_clock: Clock | None = None
+        self._generate_clock: Clock | None = None
 
     def set_pruning(self, config: PruneConfig | None) -> None:
         """Prune with `config` from now on; None returns to reading the environment at each forward.
@@ -228,7 +197,8 @@ class LlavaMetaForCausalLM(ABC):
     def on_pruning_stats(self, stats: list[dict]) -> None:
         """Hook called once per multimodal prefill with its statistics (one dict per sample).
 
-        Keys: method, layer, ratio, order (None when pruning is off), images,
+        Keys: method, layer, ratio, order (None when pruning is off), gamma / seed (the method's
+        own parameter, None for methods without it and when off), images,
         image_tokens_before, image_tokens_after (lists, per image), visual_tokens_before,
         visual_tokens_after, text_tokens, seq_len_before, seq_len_after, batch_size, select_ms
         (the batch's one selection call, 0.0 when off) and prefill_ms (wall time of the batch's
@@ -264,13 +234,13 @@ class LlavaMetaForCausalLM(ABC):
         self._pruning_stats = pending.stats
         self.on_pruning_stats(pending.stats)
 
-    def _begin_prefill(self, device: torch.device) -> _Clock:
+    def _begin_prefill(self, device: torch.device) -> Clock:
         self.flush_pruning_stats()
-        clock = _Clock(device)
+        clock = Clock(device)
         self._active_clock = clock
         return clock
 
-    def _end_prefill(self, clock: _Clock) -> None:
+    def _end_prefill(self, clock: Clock) -> None:
         clock.stop()
         self._active_clock = None
         pending = self._pending_stats
@@ -355,7 +325,7 @@ class LlavaMetaForCausalLM(ABC):
             raise ValueError("keep: not given and no SUBSET_RATIO configured; pass a count or a ratio in (0, 1]")
         return image_features[greedy_select(image_features, keep, gamma=config.gamma)]
 
-    def select_visual_tokens(self, features: list[Tensor], config: PruneConfig) -> tuple[list[Tensor], list[Tensor], _Clock]:
+    def select_visual_tokens(self, features: list[Tensor], config: PruneConfig) -> tuple[list[Tensor], list[Tensor], Clock]:
         """Prune every image of a batch in one batched selection call.
 
         Args:
@@ -370,7 +340,7 @@ class LlavaMetaForCausalLM(ABC):
         keep = otprune.keep_counts(ratio, lengths).tolist()  # host ints, no device sync
         padded = nn.utils.rnn.pad_sequence(features, batch_first=True)  # (B_img, N_max, D)
         n_images, n_max, dim = padded.shape
-        clock = _Clock(padded.device)
+        clock = Clock(padded.device)
         picks = otprune.select_tokens(
             padded,
             ratio,
@@ -494,7 +464,7 @@ class LlavaMetaForCausalLM(ABC):
         model._prefill_plan = None
         if config.in_llm:
             stages = sorted(set(stage_layers(schedules)) | {config.layer})
-            model._prefill_plan = PrefillPlan(config, layout, schedules, stages, make_clock=_Clock)
+            model._prefill_plan = PrefillPlan(config, layout, schedules, stages, make_clock=Clock)
             select_clock = _ClockSum(model._prefill_plan.clocks)
         self._pending_stats = _PendingStats(
             stats=plan.stats(config, before, schedules, layout, num_layers),
@@ -657,6 +627,7 @@ class _Plan:
         """One dict per sample; `schedules[i]`: image i's visual tokens seen by each decoder layer."""
         records = []
         after = [schedule[-1] for schedule in schedules]
+        params = config.method_params() if config.enabled else {}  # gamma (OTPrune), seed (random)
         recipe = None
         if config.enabled and config.method == "fitprune":
             recipe = config.recipe.source or None
@@ -672,6 +643,8 @@ class _Plan:
                     "layer": config.layer,
                     "ratio": config.ratio if config.enabled else None,
                     "order": config.order if config.enabled else None,
+                    "gamma": params.get("gamma"),
+                    "seed": params.get("seed"),
                     "images": len(images),
                     "image_tokens_before": [before[i] for i in images],
                     "image_tokens_after": [after[i] for i in images],

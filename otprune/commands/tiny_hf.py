@@ -1,0 +1,49 @@
+"""`otprune tiny-hf DIR --family llava|llava_next|onevision|qwen2_5_vl [--seed N]`: a tiny HF-format checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+FAMILIES = ("llava", "llava_next", "onevision", "qwen2_5_vl")
+MODEL_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+DESCRIPTION = """\
+Write a tiny random-weight checkpoint of one of transformers' own multimodal model classes, with
+its processor (a byte-level tokenizer built locally, the family's image processor at a small
+image size, a chat template). It loads on a CPU with no network:
+
+  from transformers import AutoProcessor, LlavaForConditionalGeneration
+  processor = AutoProcessor.from_pretrained(DIR)
+  model = LlavaForConditionalGeneration.from_pretrained(DIR)
+
+and prunes with `otprune.hf.apply(model, config)`. Use it to smoke-test an install, e.g.
+`LAYER_INDEX=0 SUBSET_RATIO=0.25 lmms-eval --model llava_hf --model_args pretrained=DIR,device=cpu ...`
+(with the adapter applied). The outputs are gibberish: the weights are random (the same for
+the same --seed).
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tiny-hf",
+        help="Write a tiny random-weight HF-format checkpoint with a processor (llava, llava_next, onevision, qwen2_5_vl)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dir", metavar="DIR", help="output directory (created)")
+    parser.add_argument("--family", required=True, choices=FAMILIES, help="model family")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from otprune.hf import tiny_writer
+
+    folder = tiny_writer(args.family)(args.dir, seed=args.seed)
+    print(f"wrote a tiny {MODEL_CLASSES[args.family]} checkpoint (with its processor) to {folder}")
+    return 0

@@ -1,0 +1,356 @@
+"""Pruning for transformers' LLaVA family: `LlavaForConditionalGeneration` (LLaVA-1.5),
+`LlavaNextForConditionalGeneration` (LLaVA-1.6, anyres) and `LlavaOnevisionForConditionalGeneration`.
+
+All three share one layout: the inner model (`model.model`) embeds the prompt, runs its own
+`get_image_features` (vision tower, projector, and for the anyres models the crop layout with
+`image_newline` tokens), writes image i's T_i tokens into the T_i placeholder rows
+(`config.image_token_id`) of the prompt, and calls its language model. The adapter wraps the
+inner model's `forward` on the instance:
+
+- prefill with images (`LAYER_INDEX=0`): the model's own `get_image_features` gives each image's
+  token set (for LLaVA-1.6 / OneVision the whole anyres set, newline tokens included; each
+  OneVision video is one set: all its frames and its newline); ONE batched `select_tokens` call
+  keeps K_i = round(ratio * T_i) tokens of every set; the placeholder rows of the dropped tokens
+  leave the sequence (text rows never do), the rest is re-padded compactly with positions
+  0..n'_b - 1, and the language model runs on `inputs_embeds`;
+- decode steps on that prefill's cache: the caller's mask and positions (in the unpruned
+  numbering) are mapped to the pruned cache (`otprune.hf.base.remap_decode`).
+
+The outer model's `forward` is wrapped too, for `labels` only: the loss is computed on the pruned
+sequence with every label following its row (kept visual rows keep their placeholder's label).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from otprune.config import PruneConfig
+from otprune.hf.base import (
+    Clock,
+    CompactBatch,
+    HFAdapter,
+    PrefillState,
+    build_stats,
+    compact_batch,
+    padding_side,
+    remap_decode,
+)
+
+IGNORE_INDEX = -100
+MEDIA_KEYS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+
+
+def _as_kwargs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """Positional + keyword arguments of a call -> one keyword dict (the **kwargs part flattened)."""
+    if not args:
+        return dict(kwargs)
+    bound = signature.bind_partial(*args, **kwargs)
+    out: dict = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise ValueError(f"forward: unexpected positional arguments {value!r}")
+        else:
+            out[name] = value
+    return out
+
+
+def _has_media(kwargs: dict) -> bool:
+    return any(kwargs.get(key) is not None for key in MEDIA_KEYS)
+
+
+def _cache_of(kwargs: dict) -> Any:
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+class LlavaFamilyAdapter(HFAdapter):
+    """The shared adapter of the LLaVA family; a subclass says how to get the visual token sets."""
+
+    family: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model, config: PruneConfig | None = None) -> None:
+        super().__init__(model, config)
+        self._call_config: PruneConfig | None = None  # resolved by the outer forward for the inner one
+        self._compact: CompactBatch | None = None  # the last pruned prefill's layout (for labels)
+
+    # ---------------------------------------------------------------- family hooks
+    def visual_sets(self, inner, kwargs: dict) -> list[tuple[int, list[Tensor]]]:
+        """(placeholder token id, per token set (T_i, D)) for each kind of media in `kwargs`, in
+        the order the model writes them (each kind's sets fill its placeholders in row-major order)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _encoded(kwargs: dict, kind: str):
+        outputs = kwargs.get("mm_encoder_outputs") or {}
+        return outputs.get(kind)
+
+    # ---------------------------------------------------------------- install
+    def _install(self) -> None:
+        inner = getattr(self.model, "model", None)
+        if inner is None or not hasattr(inner, "get_image_features") or not hasattr(inner, "language_model"):
+            raise ValueError(
+                f"model: {type(self.model).__name__} has no inner `.model` with get_image_features and language_model; "
+                f"expected one of {', '.join(self.model_classes)}"
+            )
+        self.inner = inner
+        inner_forward = inner.forward
+        inner_signature = inspect.signature(inner_forward)
+
+        def forward_inner(*args, **kwargs):
+            return self._forward_inner(inner_forward, _as_kwargs(inner_signature, args, kwargs))
+
+        outer_forward = self.model.forward
+        outer_signature = inspect.signature(outer_forward)
+
+        def forward_outer(*args, **kwargs):
+            if len(args) < 2 and kwargs.get("labels") is None:  # no labels: straight through
+                return outer_forward(*args, **kwargs)
+            return self._forward_outer(outer_forward, _as_kwargs(outer_signature, args, kwargs))
+
+        self.patch(inner, "forward", forward_inner)
+        self.patch(self.model, "forward", forward_outer)
+
+    # ---------------------------------------------------------------- the wrapped forwards
+    def _forward_inner(self, original: Callable, kwargs: dict):
+        call_config, self._call_config = self._call_config, None
+        cache = _cache_of(kwargs)
+        if not _has_media(kwargs):
+            state = self.state
+            if state is None or not state.matches(cache):
+                return original(**kwargs)
+            if cache.get_seq_length() == 0:  # the cache was reset: a new prompt
+                self.state = None
+                return original(**kwargs)
+            return self._decode(original, kwargs, state, cache)
+        config = call_config if call_config is not None else self.resolve_config()
+        self.log_config(config)
+        if not config.enabled:
+            self._compact = None
+            return self.passthrough(original, kwargs, config)
+        self.check(config)
+        return self._prefill(original, kwargs, config, cache)
+
+    def _forward_outer(self, original: Callable, kwargs: dict):
+        """Only with `labels`: the loss on the pruned sequence."""
+        labels = kwargs.get("labels")
+        if labels is None or not _has_media(kwargs):
+            return original(**kwargs)
+        config = self.resolve_config()
+        if not config.enabled:
+            self.log_config(config)
+            return original(**kwargs)
+        want_dict = kwargs.pop("return_dict", None)
+        if want_dict is None:
+            want_dict = getattr(self.model.config, "return_dict", True)
+        self._call_config, self._compact = config, None
+        try:
+            out = original(**{**kwargs, "labels": None, "return_dict": True})
+        finally:
+            self._call_config = None
+        compact = self._compact
+        if compact is not None:
+            labels = compact.gather(labels.to(compact.index.device), fill=IGNORE_INDEX)
+        loss_kwargs = {key: kwargs[key] for key in ("num_items_in_batch", "ignore_index") if key in kwargs}
+        loss = self.model.loss_function(
+            logits=out.logits, labels=labels, vocab_size=self.model.config.get_text_config().vocab_size, **loss_kwargs
+        )
+        out = type(out)(**{**out, "loss": loss})  # rebuilt: `loss` first, as a key and an attribute
+        return out if want_dict else out.to_tuple()
+
+    def _decode(self, original: Callable, kwargs: dict, state: PrefillState, cache: Any):
+        """A step on the pruned prefill's cache: mask and positions in the pruned numbering."""
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        mask, positions = remap_decode(state, cache, tokens.shape[1], kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        return original(**{**kwargs, "attention_mask": mask, "position_ids": positions})
+
+    def _prefill(self, original: Callable, kwargs: dict, config: PruneConfig, cache: Any):
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "input_ids: required to prune the visual tokens (the image placeholders are found from the token ids); "
+                "pass input_ids instead of inputs_embeds together with the images"
+            )
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"cache: holds {cache.get_seq_length()} tokens already; with pruning the images must come in the "
+                "first forward of a cache (the prefill)"
+            )
+        inner = self.inner
+        prefill_clock = Clock(input_ids.device)
+        sets = self.visual_sets(inner, kwargs)
+
+        batch, length = input_ids.shape
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.dim() != 2 or mask.shape != input_ids.shape):
+            raise ValueError(
+                f"attention_mask: shape {tuple(mask.shape)}; pruning needs a 2D mask of the input_ids' shape {tuple(input_ids.shape)}"
+            )
+        valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+
+        # Every token set's placeholder rows (flat b * L + t), in the order the model fills them.
+        features: list[Tensor] = []
+        rows: list[Tensor] = []
+        flat_ids = input_ids.reshape(-1)
+        for token_id, set_features in sets:
+            positions = (flat_ids == token_id).nonzero().squeeze(1)
+            counts = [f.shape[0] for f in set_features]
+            if positions.numel() != sum(counts):
+                raise ValueError(
+                    f"input_ids: {positions.numel()} placeholder tokens (id {token_id}) but the media give {sum(counts)} "
+                    f"visual tokens ({counts}); build the prompt with the model's processor"
+                )
+            features.extend(set_features)
+            rows.extend(positions.split(counts))
+        samples = [int(r[0]) // length for r in rows]
+        if any(int(r[-1]) // length != b for r, b in zip(rows, samples, strict=True)):
+            raise ValueError("input_ids: an image's placeholder tokens span two samples; build the prompt with the model's processor")
+
+        select_clock = Clock(input_ids.device)
+        kept = self.select(features, config)
+        select_clock.stop()
+
+        embeds = inner.get_input_embeddings()(input_ids)  # (B, L, D)
+        dim = embeds.shape[-1]
+        keep = valid.clone()
+        visual = torch.zeros_like(valid)
+        slots, values = [], []
+        for set_rows, set_features, set_kept in zip(rows, features, kept, strict=True):
+            rows_device = set_rows.to(keep.device)
+            keep.view(-1)[rows_device] = False
+            visual.view(-1)[rows_device] = True
+            slots.append(rows_device[set_kept.sort().values.to(keep.device)])  # kept rows, in order
+            values.append(set_features[set_kept.to(set_features.device)])  # their tokens, in the order handed to the LLM
+        slot = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long, device=keep.device)
+        keep.view(-1)[slot] = True
+        if values:
+            flat = embeds.reshape(-1, dim).index_put((slot.to(embeds.device),), torch.cat(values).to(embeds))
+            embeds = flat.view(batch, length, dim)
+
+        compact = compact_batch(keep, padding_side(mask))
+        lengths_before = valid.sum(dim=1)
+        new_mask = None
+        if mask is not None or compact.padded:
+            new_mask = compact.attention_mask.to(dtype=mask.dtype if mask is not None else torch.long)
+        call = {
+            **kwargs,
+            "input_ids": None,
+            "inputs_embeds": compact.gather(embeds),
+            "attention_mask": new_mask,
+            "position_ids": compact.position_ids.to(embeds.device),
+            **dict.fromkeys(key for key in MEDIA_KEYS if key in kwargs),
+        }
+        want_dict = call.pop("return_dict", None)
+        if want_dict is None:
+            want_dict = getattr(inner.config, "return_dict", True)
+        out = original(**call, return_dict=True)
+        prefill_clock.stop()
+
+        new_cache = out.get("cache") if hasattr(out, "get") else None
+        new_cache = cache if new_cache is None else new_cache
+        self._compact = compact
+        self.state = None if new_cache is None else PrefillState.from_compact(new_cache, length, compact, lengths_before)
+
+        image_index = [[i for i, b in enumerate(samples) if b == s] for s in range(batch)]
+        text = (valid & ~visual).sum(dim=1).tolist()
+        self.emit_stats(
+            build_stats(
+                config,
+                image_index,
+                [f.shape[0] for f in features],
+                [k.numel() for k in kept],
+                text,
+                self.num_layers,
+                select_ms=select_clock.ms(),
+                prefill_ms=prefill_clock.ms(),
+            )
+        )
+        return out if want_dict else out.to_tuple()
+
+
+class LlavaAdapter(LlavaFamilyAdapter):
+    """`LlavaForConditionalGeneration` (LLaVA-1.5 and its relatives): one token set per image."""
+
+    family: ClassVar[str] = "llava"
+    model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
+
+    def visual_sets(self, inner, kwargs: dict) -> list[tuple[int, list[Tensor]]]:
+        encoded = self._encoded(kwargs, "image")
+        if encoded is None and kwargs.get("pixel_values") is not None:
+            encoded = inner.get_image_features(
+                pixel_values=kwargs["pixel_values"],
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                image_sizes=kwargs.get("image_sizes"),
+                return_dict=True,
+            )
+        if encoded is None:
+            return []
+        return [(int(inner.config.image_token_id), list(encoded.pooler_output))]
+
+
+class LlavaNextAdapter(LlavaFamilyAdapter):
+    """`LlavaNextForConditionalGeneration` (LLaVA-1.6): each image's whole anyres set (base crop,
+    unpadded grid and newline tokens) is one token set."""
+
+    family: ClassVar[str] = "llava_next"
+    model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration",)
+
+    def visual_sets(self, inner, kwargs: dict) -> list[tuple[int, list[Tensor]]]:
+        encoded = self._encoded(kwargs, "image")
+        pixel_values = kwargs.get("pixel_values")
+        if encoded is None and pixel_values is not None and pixel_values.size(0) > 0:
+            encoded = inner.get_image_features(
+                pixel_values,
+                kwargs.get("image_sizes"),
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                return_dict=True,
+            )
+        if encoded is None:
+            return []
+        return [(int(inner.config.image_token_id), list(encoded.pooler_output))]
+
+
+class LlavaOnevisionAdapter(LlavaFamilyAdapter):
+    """`LlavaOnevisionForConditionalGeneration`: each image's anyres set is one token set, and
+    each video (all its pooled frames and the final newline token) is one token set."""
+
+    family: ClassVar[str] = "onevision"
+    model_classes: ClassVar[tuple[str, ...]] = ("LlavaOnevisionForConditionalGeneration",)
+
+    def visual_sets(self, inner, kwargs: dict) -> list[tuple[int, list[Tensor]]]:
+        sets = []
+        images = self._encoded(kwargs, "image")
+        if images is None and kwargs.get("pixel_values") is not None:
+            images = inner.get_image_features(
+                kwargs["pixel_values"],
+                kwargs.get("image_sizes"),
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                batch_num_images=kwargs.get("batch_num_images"),
+                return_dict=True,
+            )
+        if images is not None:
+            sets.append((int(inner.config.image_token_id), list(images.pooler_output)))
+        videos = self._encoded(kwargs, "video")
+        if videos is None and kwargs.get("pixel_values_videos") is not None:
+            videos = inner.get_video_features(
+                kwargs["pixel_values_videos"],
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                return_dict=True,
+            )
+        if videos is not None:
+            sets.append((int(inner.config.video_token_id), list(videos.pooler_output.unbind(0))))
+        return sets

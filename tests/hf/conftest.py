@@ -1,0 +1,120 @@
+"""Session fixtures for transformers' own model classes: tiny checkpoints written once (through the
+`otprune tiny-hf` command), loaded once, on CPU.
+
+- `hf_tiny_path(family)`: the checkpoint directory of a family (llava, llava_next, onevision).
+- `hf_tiny`: parametrised over the three LLaVA families, a `TinyHF` (family, processor, model,
+  path); any otprune adapter is removed after each test.
+- `clean_env` (autouse): no pruning variables, records off, `HF_HUB_OFFLINE=1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE")
+LLAVA_FAMILIES = ("llava", "llava_next", "onevision")
+MODEL_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "onevision": "LlavaOnevisionForConditionalGeneration",
+}
+
+
+@dataclasses.dataclass
+class TinyHF:
+    family: str
+    processor: object
+    model: object
+    path: str
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in PRUNING_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OTPRUNE_RECORDS", "off")
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_path(tmp_path_factory):
+    """family -> directory written by `otprune tiny-hf DIR --family FAMILY` (once per session)."""
+    from otprune.cli import main
+
+    paths: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in paths:
+            folder = tmp_path_factory.mktemp("hf") / f"tiny-{family}"
+            assert main(["tiny-hf", str(folder), "--family", family, "--seed", "0"]) == 0
+            paths[family] = str(folder)
+        return paths[family]
+
+    return get
+
+
+def load_tiny(family: str, path: str) -> TinyHF:
+    """Processor + model of a tiny checkpoint, offline, fp32, eval mode."""
+    import transformers
+
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(path)
+        model = getattr(transformers, MODEL_CLASSES[family]).from_pretrained(path, dtype=torch.float32).eval()
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    processor.tokenizer.padding_side = "left"
+    return TinyHF(family, processor, model, path)
+
+
+@pytest.fixture(scope="session")
+def _hf_models(hf_tiny_path):
+    cache: dict[str, TinyHF] = {}
+
+    def get(family: str) -> TinyHF:
+        if family not in cache:
+            cache[family] = load_tiny(family, hf_tiny_path(family))
+        return cache[family]
+
+    return get
+
+
+def _unadapted(tiny):
+    """Yield `tiny`; afterwards remove any adapter a test left on its shared model."""
+    yield tiny
+    adapter = getattr(tiny.model, "_otprune_adapter", None)
+    if adapter is not None:
+        adapter.remove()
+
+
+@pytest.fixture(params=LLAVA_FAMILIES)
+def hf_tiny(request, _hf_models):
+    yield from _unadapted(_hf_models(request.param))
+
+
+@pytest.fixture
+def hf_llava(_hf_models):
+    """The LLaVA-1.5 tiny model only (for tests that need one family)."""
+    yield from _unadapted(_hf_models("llava"))
+
+
+@pytest.fixture
+def hf_onevision(_hf_models):
+    yield from _unadapted(_hf_models("onevision"))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
