@@ -31,7 +31,7 @@ def test_kept_set_is_top_k_of_an_explicit_attention(tiny_deep, layer, ratio):
     n = ref.logits.shape[1]
     rows = torch.cat([torch.arange(start), expected + start, torch.arange(end, n)])
     assert torch.equal(model.pruned_layout.stages[-1].source[0], rows)
-    assert out.logits.shape[1] == n - (end - start) + k
+    assert out.logits.shape[1] == n and int(model.pruned_layout.output_rows().sum()) == n - (end - start) + k
     assert model.config._attn_implementation == "sdpa"  # the model was never switched to eager
 
 

@@ -20,6 +20,7 @@ tokens get the positions that follow the unpruned prompt, as `generate` computes
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,9 @@ from llava.model.in_llm import methods
 from otprune import PruneConfig, keep_counts
 
 CACHE_ATTRIBUTE = "llava_in_llm"
+# The name of the KV-cache argument of transformers' models, decoder layers, masks and outputs: `cache` since
+# transformers 5.24 (`past_key_values` is deprecated there), `past_key_values` before.
+CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 # -------------------------------------------------------------------- schedules (host, no model)
@@ -173,6 +177,31 @@ class PrunedLayout:
         """Per sample, the number of valid rows seen by each layer."""
         return [[self.stage_of(i).layout.seq_lens[b] for i in range(self.num_layers)]
                 for b in range(len(self.stages[0].layout.seq_lens))]
+
+    def _flat_rows(self, device) -> Tensor:
+        """(B * N_last,) index of each last-stage row in the flattened (B * N) sequence handed to the LLM;
+        B * N (one spare row) at padding. No host synchronisation."""
+        last, n = self.stages[-1], self.stages[0].source.shape[1]
+        bsz = last.source.shape[0]
+        flat = last.source.to(device) + n * torch.arange(bsz, device=device)[:, None]
+        return flat.masked_fill(~last.valid.to(device), bsz * n).reshape(-1)
+
+    def output_rows(self) -> Tensor:
+        """(B, N) bool over the sequence handed to the LLM: the rows the last layer still sees, i.e. the rows
+        whose logits are the model's (`to_input_rows`); False at the tokens that left and at padding."""
+        device = self.stages[-1].source.device
+        bsz, n = self.stages[0].source.shape
+        rows = torch.zeros(bsz * n + 1, dtype=torch.bool, device=device)
+        rows[self._flat_rows(device)] = True
+        return rows[:-1].view(bsz, n)
+
+    def to_input_rows(self, values: Tensor) -> Tensor:
+        """(B, N_last, ...) values of the last stage's rows (e.g. logits) -> (B, N, ...) on the rows of the
+        sequence handed to the LLM, zeros at the rows that have none (tokens that left, padding)."""
+        bsz, n = self.stages[0].source.shape
+        out = values.new_zeros(bsz * n + 1, *values.shape[2:])
+        out.index_copy_(0, self._flat_rows(values.device), values.reshape(-1, *values.shape[2:]))
+        return out[:-1].view(bsz, n, *values.shape[2:])
 
 
 @dataclasses.dataclass
@@ -317,9 +346,9 @@ def _causal_mask(model, hidden, mask2d, cache, position_ids, layer_idx):
         config=model.config,
         inputs_embeds=hidden,
         attention_mask=mask2d,
-        past_key_values=cache,
         position_ids=position_ids,
         layer_idx=layer_idx,
+        **{CACHE_ARG: cache},
     )
 
 
@@ -401,15 +430,15 @@ def pruned_prefill(model, plan: PrefillPlan, inputs_embeds: Tensor, attention_ma
             attention_mask=mask,
             position_embeddings=(cos, sin),
             position_ids=layer_positions,
-            past_key_values=cache,
             use_cache=use_cache,
+            **{CACHE_ARG: cache},
             **kwargs,
         )
     hidden = model.norm(hidden)
     if cache is not None:
         _attach(cache, DecodeState(prefill_length=n, layers=[s.layer for s in stages], masks=masks_2d))
     pruned = PrunedLayout(stages, config.num_hidden_layers)
-    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache), pruned
+    return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_ARG: cache}), pruned
 
 
 def decode_step(model, state: DecodeState, inputs_embeds: Tensor, attention_mask, position_ids, cache, use_cache,
@@ -449,9 +478,9 @@ def decode_step(model, state: DecodeState, inputs_embeds: Tensor, attention_mask
             attention_mask=masks[s],
             position_embeddings=(cos, sin),
             position_ids=position_ids if s == 0 else None,
-            past_key_values=cache,
             use_cache=use_cache,
+            **{CACHE_ARG: cache},
             **kwargs,
         )
     hidden = model.norm(hidden)
-    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)
+    return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_ARG: cache})

@@ -56,19 +56,19 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
     ):
         if not getattr(self, "_output_capturing_hooks_installed", False) and _capture_requested(self.config, kwargs):
             self._install_capture_hooks()
+        cache = _cache_argument(past_key_values, kwargs)
         plan, self._prefill_plan = self._prefill_plan, None
-        state = in_llm.decode_state(past_key_values)
+        state = in_llm.decode_state(cache)
         inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
-        if (plan is None or inputs_embeds is None) and (state is None or past_key_values.get_seq_length() == 0):
-            return super().forward(**inputs, **kwargs)
-        return self._in_llm_forward(**inputs, plan=plan if inputs_embeds is not None else None, **kwargs)
+        if (plan is None or inputs_embeds is None) and (state is None or cache.get_seq_length() == 0):
+            return super().forward(**inputs, **{in_llm.CACHE_ARG: cache}, **kwargs)
+        return self._in_llm_forward(**inputs, cache=cache, plan=plan if inputs_embeds is not None else None, **kwargs)
 
     def _install_capture_hooks(self) -> None:
         """Install transformers' output-capturing hooks (hidden_states, attentions) on the decoder only.
@@ -86,8 +86,7 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
                 self._modules["vision_tower"] = tower
 
     @capture_outputs
-    def _in_llm_forward(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, plan,
-                        **kwargs):
+    def _in_llm_forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, plan, **kwargs):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -96,12 +95,11 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
             use_cache = self.config.use_cache
         if plan is not None:
             outputs, self.pruned_layout = in_llm.pruned_prefill(
-                self, plan, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs
+                self, plan, inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs
             )
             return outputs
-        state = in_llm.decode_state(past_key_values)
-        return in_llm.decode_step(self, state, inputs_embeds, attention_mask, position_ids, past_key_values, use_cache,
-                                  **kwargs)
+        state = in_llm.decode_state(cache)
+        return in_llm.decode_step(self, state, inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
 
 
 class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
@@ -163,6 +161,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         return_dict: bool | None = None,
         **kwargs,
     ):
+        cache = _cache_argument(past_key_values, kwargs)
         clock = None
         if inputs_embeds is None and self._multimodal(input_ids, images):
             clock = self._begin_prefill(self.device)
@@ -171,10 +170,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         try:
             if inputs_embeds is None:
                 if clock is None:
-                    _refuse_placeholders(input_ids, past_key_values)
-                (input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels) = (
+                    _refuse_placeholders(input_ids, cache)
+                (input_ids, position_ids, attention_mask, cache, inputs_embeds, labels) = (
                     self.prepare_inputs_labels_for_multimodal(
-                        input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+                        input_ids, position_ids, attention_mask, cache, labels, images, image_sizes
                     )
                 )
             for name, value in (
@@ -184,25 +183,22 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             ):
                 if value is not None:
                     kwargs[name] = value
-            # Pruning inside the LLM shortens the sequence: the loss uses the labels of the kept rows.
-            in_llm_labels = labels is not None and self.get_model()._prefill_plan is not None
-            wants_tuple = in_llm_labels and kwargs.get("return_dict") is False
-            if in_llm_labels:
-                kwargs.pop("return_dict", None)
+            in_llm_prefill = self.get_model()._prefill_plan is not None
+            if in_llm_prefill:  # the decoder drops rows: logits and loss are mapped back below
+                wants_tuple = kwargs.pop("return_dict", None) is False
+                logits_to_keep = kwargs.pop("logits_to_keep", 0)
             outputs = super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
-                labels=None if in_llm_labels else labels,
+                labels=None if in_llm_prefill else labels,
                 use_cache=use_cache,
+                **{in_llm.CACHE_ARG: cache},
                 **kwargs,
             )
-            if in_llm_labels:
-                last = self.pruned_layout.stages[-1]
-                kept = labels.to(last.source.device).gather(1, last.source).masked_fill(~last.valid, IGNORE_INDEX)
-                outputs.loss = self.loss_function(logits=outputs.logits, labels=kept, vocab_size=self.config.vocab_size)
+            if in_llm_prefill:
+                outputs = self._in_llm_outputs(outputs, labels, logits_to_keep, kwargs.get("num_items_in_batch"))
                 if wants_tuple:
                     outputs = outputs.to_tuple()
         except BaseException:
@@ -212,6 +208,43 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         if clock is not None:
             self._end_prefill(clock)
         return outputs
+
+    def _in_llm_outputs(self, outputs, labels, logits_to_keep, num_items_in_batch):
+        """Logits and loss of a prefill that pruned inside the LLM, in the caller's coordinates.
+
+        The decoder's last layers see only the rows that remain (`pruned_layout.stages[-1]`), so it
+        returns one logit row per remaining row. Decision:
+
+        - `logits` get one row per row of the sequence handed to the LLM (the spliced sequence), as
+          in every other mode, so that callers that slice logits by position (lmms-eval's
+          loglikelihood, `logits[:, -1]` in generation) work unchanged; the rows of the tokens that
+          left the sequence (and padding) hold zeros: they have no output at the last layer.
+          `model.pruned_layout.output_rows()` says which rows are the model's. `logits_to_keep`
+          (an int, or a 1-D tensor of row indices) applies to those full-length rows.
+        - `loss` is the next-token loss over the remaining rows, each row predicting the next
+          remaining row, with the labels of those rows: text rows always remain, so a labelled
+          text token after text (any answer/continuation) is scored exactly as without pruning.
+        - `hidden_states` (if asked for) keep each layer's own rows.
+        """
+        layout = self.get_model().pruned_layout
+        rows = layout.stages[-1]
+        loss = None
+        if labels is not None:
+            kept = labels.to(rows.source.device).gather(1, rows.source).masked_fill(~rows.valid, IGNORE_INDEX)
+            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            loss = self.loss_function(logits=outputs.logits, labels=kept, vocab_size=self.config.vocab_size, **extra)
+        logits = layout.to_input_rows(outputs.logits)
+        if isinstance(logits_to_keep, int):
+            logits = logits[:, -logits_to_keep:] if logits_to_keep > 0 else logits
+        elif isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 1:
+            logits = logits[:, logits_to_keep.to(logits.device)]
+        else:
+            raise ValueError(
+                f"logits_to_keep={logits_to_keep!r}: after pruning inside the LLM only an int or a 1-D tensor of row "
+                "indices is supported"
+            )
+        rest = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
+        return type(outputs)(loss=loss, logits=logits, **rest)
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs):
@@ -254,8 +287,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, inputs_embeds=None, **kwargs):
         images = kwargs.pop("images", None)
         image_sizes = kwargs.pop("image_sizes", None)
+        cache = _cache_argument(past_key_values, kwargs)
         inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
+            input_ids, inputs_embeds=inputs_embeds, **{in_llm.CACHE_ARG: cache}, **kwargs
         )
         if images is not None:
             inputs["images"] = images
@@ -266,6 +300,12 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
 
 def _capture_requested(config, kwargs) -> bool:
     return any(kwargs.get(name) or getattr(config, name, False) for name in ("output_hidden_states", "output_attentions"))
+
+
+def _cache_argument(past_key_values, kwargs: dict):
+    """The KV cache passed as `past_key_values` or as `cache` (transformers >= 5.24's name; popped from kwargs)."""
+    cache = kwargs.pop("cache", None)
+    return past_key_values if cache is None else cache
 
 
 def _refuse_placeholders(input_ids, past_key_values) -> None:
