@@ -4,6 +4,8 @@
 #   bash run_OTPrune.sh                       # 3 models x 11 tasks, OTPrune at r=0.098, layer 0 (GPUs)
 #   bash run_OTPrune.sh --dry-run             # print the lmms-eval commands only
 #   bash run_OTPrune.sh --methods none,OURS,DIVPRUNE --ratios 0.098,0.25 --models liuhaotian/llava-v1.5-7b
+#   bash run_OTPrune.sh --methods OURS,FASTV,VTW --vtw-layers 16 --models liuhaotian/llava-v1.5-7b
+#   bash run_OTPrune.sh --models llava-hf/llava-1.5-7b-hf,Qwen/Qwen2.5-VL-7B-Instruct   # through --model otprune_hf
 #   bash run_OTPrune.sh --smoke               # whole pipeline on CPU: tiny checkpoint + otprune_smoke (make demo)
 #
 # Run `bash run_OTPrune.sh --help` for every option.
@@ -15,7 +17,15 @@ ME="run_OTPrune.sh"
 PAPER_MODELS="liuhaotian/llava-v1.5-7b,liuhaotian/llava-v1.5-13b,liuhaotian/llava-v1.6-vicuna-7b"
 PAPER_TASKS="coco2017_cap_val,flickr30k_test,gqa,mmbench_en_dev,mme,mmmu_val,nocaps_val,ok_vqa_val2014,pope,scienceqa_img,seedbench"
 SMOKE_TASKS="otprune_smoke,otprune_smoke_gen,otprune_smoke_mc"
-KNOWN_MODELS="$PAPER_MODELS,liuhaotian/llava-v1.6-vicuna-13b,liuhaotian/llava-v1.6-mistral-7b"
+# Hugging Face-format checkpoints: run by the lmms-eval model `otprune_hf` around lmms-eval's own
+# `llava_hf` (llava-hf/*) or `qwen2_5_vl` (Qwen/Qwen2.5-VL-*); pruning before the LLM only.
+HF_MODELS="llava-hf/llava-1.5-7b-hf,llava-hf/llava-1.5-13b-hf,llava-hf/llava-v1.6-vicuna-7b-hf,llava-hf/llava-v1.6-vicuna-13b-hf"
+HF_MODELS+=",llava-hf/llava-v1.6-mistral-7b-hf,llava-hf/llava-onevision-qwen2-0.5b-ov-hf,llava-hf/llava-onevision-qwen2-7b-ov-hf"
+HF_MODELS+=",Qwen/Qwen2.5-VL-3B-Instruct,Qwen/Qwen2.5-VL-7B-Instruct,Qwen/Qwen2.5-VL-32B-Instruct,Qwen/Qwen2.5-VL-72B-Instruct"
+# Known ids: the original-format checkpoints our `llava` package loads (not liuhaotian/llava-v1.6-mistral-7b:
+# the loader refuses Mistral-based LLaVA; use llava-hf/llava-v1.6-mistral-7b-hf) and the Hugging Face-format ones.
+KNOWN_MODELS="$PAPER_MODELS,liuhaotian/llava-v1.6-vicuna-13b,$HF_MODELS"
+PRUNING_VARS=(BASELINE LAYER_INDEX SUBSET_RATIO OTPRUNE_GAMMA OTPRUNE_SEED OTPRUNE_ORDER FITPRUNE_RECIPE)
 
 usage() {
     cat <<EOF
@@ -25,18 +35,45 @@ Runs, for every model x task x pruning setting, exactly the lmms-eval call of th
   BASELINE=.. LAYER_INDEX=.. SUBSET_RATIO=.. python3 -m accelerate.commands.launch --num_processes=N \\
     -m lmms_eval --model llava --model_args pretrained=MODEL --tasks TASK --batch_size 1 \\
     --log_samples --output_path LOG_DIR/<model>/<setting>/<task> --include_path lmms_eval/tasks
-then \`otprune report LOG_DIR\` (markdown + CSV + plot). Runs whose results exist are skipped.
+then \`otprune report LOG_DIR\` (markdown + CSV + plot).
+
+Runs whose results exist are skipped: a run counts as done only when an lmms-eval *_results.json in
+its folder has numbers for its task. Any other run -- lmms-eval failed, or exited 0 without results
+(e.g. the model raised inside lmms-eval) -- is FAILED: it is run again next time, and at the end the
+script prints one "FAILED:" line per such run and exits 1.
+
+<setting> names everything that changes results: 'original' (unpruned), else
+<method>_r<ratio>_l<layer>, plus _g<gamma> / _s<seed> / _<order> when OTPRUNE_GAMMA / OTPRUNE_SEED /
+OTPRUNE_ORDER differ from the defaults and the method uses them; VTW: vtw_l<layer>; FitPrune:
+fitprune_<recipe name>-<hash of the recipe file>. The folder's otprune_run.json has every setting.
+
+Models: original-format LLaVA checkpoints (liuhaotian/*, or a folder whose config.json has
+"mm_vision_tower") run through lmms-eval's --model llava (our llava package). Hugging Face-format
+ones run through --model otprune_hf --model_args base=<lmms-eval model>,pretrained=MODEL:
+base=llava_hf for llava-hf/* (config.json model_type llava, llava_next, llava_onevision) and
+base=qwen2_5_vl for Qwen/Qwen2.5-VL-* (model_type qwen2_5_vl). For now otprune_hf prunes only
+before the LLM (LAYER_INDEX=0) with the feature-selection methods: FASTV, VTW, FITPRUNE and
+layers > 0 are refused for those checkpoints.
 
 Options (environment variable in brackets):
   --models LIST     comma-separated Hugging Face ids or local checkpoint folders [MODELS]
                     (default: the paper's $PAPER_MODELS)
   --tasks LIST      comma-separated lmms-eval tasks [TASKS] (default: the paper's 11;
                     'otprune_paper' = those 11; also otprune_smoke)
-  --methods LIST    BASELINE values: OURS (= OTPrune), DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK, ...,
-                    or 'none' for the unpruned model [METHODS, else BASELINE] (default: OURS)
-  --ratios LIST     SUBSET_RATIO values, kept fraction in (0, 1] [RATIOS, else SUBSET_RATIO] (default: 0.098)
-  --layers LIST     LAYER_INDEX values, 0 = before the LLM [LAYERS, else LAYER_INDEX] (default: 0)
-  --method/--ratio/--layer   one value each (same as the lists)
+  --methods LIST    BASELINE values: OURS (= OTPrune), DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK;
+                    inside the LLM: FASTV, VTW, FITPRUNE; or 'none' for the unpruned model
+                    [METHODS, else BASELINE] (default: OURS)
+  --ratios LIST     SUBSET_RATIO values, kept fraction in (0, 1] [RATIOS, else SUBSET_RATIO] (default: 0.098);
+                    not used by VTW and FITPRUNE (one run each)
+  --layers LIST     LAYER_INDEX values of the feature-selection methods, 0 = before the LLM
+                    [LAYERS, else LAYER_INDEX] (default: 0); FASTV and VTW use the given values >= 1
+                    unless --fastv-layers / --vtw-layers are given
+  --fastv-layers LIST  FastV's layers [FASTV_LAYERS] (default: the --layers values >= 1, else 2)
+  --vtw-layers LIST    VTW's layers, >= 1 [VTW_LAYERS] (default: the --layers values >= 1; VTW has no
+                    default layer: one of the two is required with --methods VTW)
+  --fitprune-recipe FILE  FitPrune's recipe (\`otprune fitprune-calibrate\`); its layers and counts are
+                    the recipe's [FITPRUNE_RECIPE]
+  --method/--ratio/--layer/--fastv-layer/--vtw-layer   one value each (same as the lists)
   --gpus N          processes for accelerate (data parallel) [NUM_GPUS] (default: the number of GPUs)
   --log-dir DIR     where results go [LOG_DIR] (default: ./logs, ./logs/smoke with --smoke)
   --limit N         only the first N documents of each task (testing only) [LIMIT]
@@ -50,6 +87,8 @@ Options (environment variable in brackets):
                     BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098, then the report (= make demo)
   -h, --help        this help
 
+Environment only: OTPRUNE_GAMMA (OTPrune's gamma), OTPRUNE_SEED (RANDOM's seed) and OTPRUNE_ORDER
+(kept-token order, runs at layer 0 only) are passed to the runs of the methods that use them.
 Uses $ROOT/.venv/bin/python when it exists, else python3 [PYTHON].
 EOF
 }
@@ -66,6 +105,9 @@ TASKS="${TASKS:-}"
 METHODS="${METHODS:-${BASELINE:-}}"
 RATIOS="${RATIOS:-${SUBSET_RATIO:-}}"
 LAYERS="${LAYERS:-${LAYER_INDEX:-}}"
+FASTV_LAYERS="${FASTV_LAYERS:-}"
+VTW_LAYERS="${VTW_LAYERS:-}"
+FITPRUNE_RECIPE="${FITPRUNE_RECIPE:-}"
 NUM_GPUS="${NUM_GPUS:-}"
 LOG_DIR="${LOG_DIR:-}"
 LIMIT="${LIMIT:-}"
@@ -88,12 +130,16 @@ while [[ $# -gt 0 ]]; do
         --methods | --method) need_value "$@"; METHODS="$2"; shift 2 ;;
         --ratios | --ratio) need_value "$@"; RATIOS="$2"; shift 2 ;;
         --layers | --layer) need_value "$@"; LAYERS="$2"; shift 2 ;;
+        --fastv-layers | --fastv-layer) need_value "$@"; FASTV_LAYERS="$2"; shift 2 ;;
+        --vtw-layers | --vtw-layer) need_value "$@"; VTW_LAYERS="$2"; shift 2 ;;
+        --fitprune-recipe) need_value "$@"; FITPRUNE_RECIPE="$2"; shift 2 ;;
         --gpus | --num-gpus) need_value "$@"; NUM_GPUS="$2"; shift 2 ;;
         --log-dir | --log_dir) need_value "$@"; LOG_DIR="$2"; shift 2 ;;
         --limit) need_value "$@"; LIMIT="$2"; shift 2 ;;
         --batch-size | --batch_size) need_value "$@"; BATCH_SIZE="$2"; shift 2 ;;
         --models=* | --tasks=* | --methods=* | --ratios=* | --layers=* | --gpus=* | --log-dir=* | --limit=* | --batch-size=* | \
-        --model=* | --task=* | --method=* | --ratio=* | --layer=*)
+        --model=* | --task=* | --method=* | --ratio=* | --layer=* | --fastv-layers=* | --fastv-layer=* | --vtw-layers=* | \
+        --vtw-layer=* | --fitprune-recipe=*)
             key="${1%%=*}"; value="${1#*=}"; shift; set -- "$key" "$value" "$@"; continue ;;
         --allow-unknown) ALLOW_UNKNOWN=1; shift ;;
         --force) FORCE=1; shift ;;
@@ -105,6 +151,9 @@ while [[ $# -gt 0 ]]; do
         *) die "unknown option '$1' (see --help)" ;;
     esac
 done
+
+LAYERS_GIVEN=0
+[[ -z "$LAYERS" ]] || LAYERS_GIVEN=1
 
 if [[ -n "${PYTHON:-}" ]]; then
     PY="$PYTHON"
@@ -141,6 +190,7 @@ if [[ $SMOKE -eq 1 ]]; then
     MODEL_ARGS_EXTRA=",device=cpu,device_map=auto"
     export CUDA_VISIBLE_DEVICES="" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     export TOKENIZERS_PARALLELISM=false
+    unset OTPRUNE_GAMMA OTPRUNE_SEED OTPRUNE_ORDER  # the demo runs the defaults
     FORCE=1
 else
     MODELS="${MODELS:-$PAPER_MODELS}"
@@ -156,9 +206,6 @@ fi
 # Validation.
 IFS=',' read -r -a MODEL_LIST <<<"$MODELS"
 IFS=',' read -r -a TASK_ARGS <<<"$TASKS"
-IFS=',' read -r -a METHOD_LIST <<<"$METHODS"
-IFS=',' read -r -a RATIO_LIST <<<"$RATIOS"
-IFS=',' read -r -a LAYER_LIST <<<"$LAYERS"
 
 [[ ${#MODEL_LIST[@]} -gt 0 ]] || die "--models: empty"
 [[ ${#TASK_ARGS[@]} -gt 0 ]] || die "--tasks: empty"
@@ -176,12 +223,66 @@ for task in "${TASK_ARGS[@]}"; do
     fi
 done
 
+checkpoint_format() {  # checkpoint_format DIR: llava | llava_hf | qwen2_5_vl from its config.json, else "?<why>"
+    "$PY" - "$1" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+path = Path(sys.argv[1]) / "config.json"
+try:
+    config = json.loads(path.read_text(encoding="utf-8"))
+except FileNotFoundError:
+    config = f"?no config.json in {sys.argv[1]}"
+except (OSError, ValueError) as err:
+    config = f"?cannot read {path} ({err})"
+kind = config.get("model_type") if isinstance(config, dict) else None
+refused = {"llava_mistral": "Mistral", "llava_mpt": "MPT", "llava_qwen": "Qwen", "llava_gemma": "Gemma"}
+if isinstance(config, str):
+    print(config)
+elif kind in refused:
+    print(f"!an original-format LLaVA checkpoint on {refused[kind]} (model_type {kind!r}), which our llava loader does not load")
+elif "mm_vision_tower" in config:
+    print("llava")
+elif kind in ("llava", "llava_next", "llava_onevision"):
+    print("llava_hf")
+elif kind == "qwen2_5_vl":
+    print("qwen2_5_vl")
+else:
+    print(f"?its config.json has model_type {kind!r}, neither an original-format LLaVA (mm_vision_tower) "
+          "nor llava / llava_next / llava_onevision / qwen2_5_vl")
+EOF
+}
+
+# The lmms-eval model of each checkpoint: llava (original format, our llava package) or, for
+# Hugging Face-format checkpoints, lmms-eval's own model that otprune_hf wraps (llava_hf, qwen2_5_vl).
+MODEL_BASES=()
 for model in "${MODEL_LIST[@]}"; do
     [[ -n "$model" ]] || die "--models: empty name in '$MODELS'"
-    if [[ $SMOKE -eq 1 ]] || contains "$KNOWN_MODELS" "$model" || [[ -d "$model" ]] || [[ $ALLOW_UNKNOWN -eq 1 ]]; then
-        continue
+    if [[ $SMOKE -eq 1 ]]; then
+        base="llava"
+    elif [[ -d "$model" ]]; then
+        base="$(checkpoint_format "$model")"
+    else
+        case "$model" in
+            liuhaotian/*[Mm]istral*)
+                base="!an original-format LLaVA checkpoint on Mistral, which our llava loader does not load (use llava-hf/llava-v1.6-mistral-7b-hf)" ;;
+            liuhaotian/*) base="llava" ;;
+            llava-hf/*) base="llava_hf" ;;
+            Qwen/Qwen2.5-VL-*) base="qwen2_5_vl" ;;
+            *) base="?not a known id and no such folder" ;;
+        esac
+        if ! contains "$KNOWN_MODELS" "$model" && [[ $ALLOW_UNKNOWN -eq 0 ]] && [[ "$base" != "!"* ]]; then
+            die "--models: unknown model '$model' (not a known LLaVA id and no such folder); known: $KNOWN_MODELS; pass --allow-unknown to use it anyway"
+        fi
     fi
-    die "--models: unknown model '$model' (not a known LLaVA id and no such folder); known: $KNOWN_MODELS; pass --allow-unknown to use it anyway"
+    case "$base" in
+        "!"*) die "--models: '$model' is ${base#!}" ;;
+        "?"*)
+            [[ $ALLOW_UNKNOWN -eq 1 ]] || die "--models: cannot tell which lmms-eval model runs '$model': ${base#?}; pass --allow-unknown to run it with --model llava"
+            base="llava" ;;
+    esac
+    MODEL_BASES+=("$base")
 done
 
 if [[ -n "$NUM_GPUS" ]]; then
@@ -192,47 +293,140 @@ if [[ -n "$LIMIT" ]]; then
 fi
 is_uint "$BATCH_SIZE" && [[ "$BATCH_SIZE" -ge 1 ]] || die "--batch-size: '$BATCH_SIZE' must be an integer >= 1"
 
-# Pruning settings: "none" = unpruned; otherwise every method x ratio x layer, checked by
-# otprune's own parser of the switches (the same code the model uses).
-SETTINGS=()   # "METHOD RATIO LAYER" or "none"
-for method in "${METHOD_LIST[@]}"; do
-    case "${method,,}" in
-        none | original | off | "") SETTINGS+=("none"); continue ;;
-    esac
-    for ratio in "${RATIO_LIST[@]}"; do
-        for layer in "${LAYER_LIST[@]}"; do
-            SETTINGS+=("$method $ratio $layer")
-        done
-    done
-done
-[[ ${#SETTINGS[@]} -gt 0 ]] || die "--methods: empty"
-
-check_settings() {
-    local setting method ratio layer checks=""
-    for setting in "${SETTINGS[@]}"; do
-        [[ "$setting" == "none" ]] && continue
-        read -r method ratio layer <<<"$setting"
-        checks+="check('$method', '$ratio', '$layer')"$'\n'
-    done
-    [[ -n "$checks" ]] || return 0
-    "$PY" - <<EOF || exit 2
+# Pruning settings: "none" = unpruned; a feature-selection method: every ratio x layer; FASTV: every
+# ratio x its layers; VTW: its layers (no ratio); FITPRUNE: its recipe. Each is checked by otprune's
+# own parser of the switches (the same code the model runs) and named by otprune.records.settings_tag.
+# One line per setting: tag, method, layer, otprune_run.json fields, then the run's VAR=value switches.
+plan_settings() {
+    "$PY" - "$METHODS" "$RATIOS" "$LAYERS" "$LAYERS_GIVEN" "$FASTV_LAYERS" "$VTW_LAYERS" "$FITPRUNE_RECIPE" <<'EOF'
+import json
 import os
 import sys
+
+ME = "run_OTPrune.sh"
+
+
+def fail(message):
+    sys.exit(f"{ME}: error: {message}")
+
+
 try:
-    from otprune.config import PruneConfig
+    from otprune.config import MODEL_METHODS, PruneConfig, canonical_method, describe_methods
+    from otprune.methods import method_parameters
+    from otprune.records import result_settings, settings_tag
 except Exception as err:  # noqa: BLE001
-    sys.exit(f"$ME: error: cannot import otprune with $PY ({err}); install it: pip install -e '.[eval]'")
+    fail(f"cannot import otprune with {sys.executable} ({err}); install it: pip install -e '.[eval]'")
 
-def check(method, ratio, layer):
+methods, ratios, layers, layers_given, fastv_layers, vtw_layers, recipe = sys.argv[1:8]
+
+
+def split(text):
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def is_zero(layer):
+    return layer.isdigit() and int(layer) == 0
+
+
+def layers_of(method):
+    """The layers a method runs at: its own flag, else the given --layers it can use, else its default."""
+    if method == "fitprune":
+        return [None]  # the recipe's
+    if method not in MODEL_METHODS:
+        return split(layers)
+    own = {"fastv": fastv_layers, "vtw": vtw_layers}[method]
+    if own:
+        return split(own)
+    usable = [layer for layer in split(layers) if not is_zero(layer)] if layers_given == "1" else []
+    if usable:
+        return usable
+    if MODEL_METHODS[method] is not None:
+        return [str(MODEL_METHODS[method])]
+    fail(f"--methods {method.upper()}: {method.upper()} withdraws the visual tokens at a layer L >= 1 and has no default "
+         f"layer (it depends on the model); give it with --vtw-layers L (or --layers L)")
+
+
+seen = set()
+
+
+def emit(name, method, ratio, layer):
+    env = {"BASELINE": name}
+    if layer is not None:
+        env["LAYER_INDEX"] = layer
+    if ratio is not None:
+        env["SUBSET_RATIO"] = ratio
+    uses = () if method in MODEL_METHODS else method_parameters(method)
+    for variable, parameter in (("OTPRUNE_GAMMA", "gamma"), ("OTPRUNE_SEED", "seed")):
+        if parameter in uses and os.environ.get(variable, "").strip():
+            env[variable] = os.environ[variable].strip()
+    if method not in MODEL_METHODS and layer is not None and is_zero(layer) and os.environ.get("OTPRUNE_ORDER", "").strip():
+        env["OTPRUNE_ORDER"] = os.environ["OTPRUNE_ORDER"].strip()
+    if method == "fitprune" and recipe:
+        env["FITPRUNE_RECIPE"] = recipe
     try:
-        PruneConfig.from_env({**os.environ, "BASELINE": method, "SUBSET_RATIO": ratio, "LAYER_INDEX": layer})
-    except ValueError as err:
-        sys.exit(f"$ME: error: {err}")
+        config = PruneConfig.from_env(env)
+    except (ValueError, OSError) as err:
+        fail(str(err))
+    settings = result_settings(config)
+    tag = settings_tag(settings, name)
+    if tag in seen:
+        return
+    seen.add(tag)
+    info = json.dumps({**settings, "baseline": name})[1:-1]
+    print("\t".join([tag, settings["method"], str(settings["layer"]), info, *[f"{key}={value}" for key, value in env.items()]]))
 
-$checks
+
+for name in methods.split(",") or [""]:
+    name = name.strip()
+    if name.lower() in ("none", "original", "off", ""):
+        if "original" not in seen:
+            seen.add("original")
+            print("\t".join(["original", "-", "-", json.dumps({**result_settings(None), "baseline": None})[1:-1]]))
+        continue
+    try:
+        method = canonical_method(name)
+    except ValueError:
+        fail(f"BASELINE={name!r}: unknown method; valid: {describe_methods()}")
+    for ratio in [None] if method in ("vtw", "fitprune") else split(ratios) or [""]:
+        for layer in layers_of(method):
+            emit(name, method, ratio, layer)
 EOF
 }
-check_settings
+
+PLAN="$(plan_settings)" || exit 2
+SETTINGS=()          # run-folder name of each setting ("original" = unpruned)
+SETTING_METHODS=()   # its canonical method ("-" unpruned)
+SETTING_LAYERS=()    # its layer ("-" unpruned)
+SETTING_INFOS=()     # its otprune_run.json fields
+SETTING_ENVS=()      # its VAR=value switches, separated by the unit separator
+SEP=$'\x1f'
+while IFS=$'\t' read -r -a fields; do
+    [[ ${#fields[@]} -ge 4 ]] || continue
+    SETTINGS+=("${fields[0]}")
+    SETTING_METHODS+=("${fields[1]}")
+    SETTING_LAYERS+=("${fields[2]}")
+    SETTING_INFOS+=("${fields[3]}")
+    assignments=""
+    for assignment in "${fields[@]:4}"; do
+        assignments+="$assignment$SEP"
+    done
+    SETTING_ENVS+=("$assignments")
+done <<<"$PLAN"
+[[ ${#SETTINGS[@]} -gt 0 ]] || die "--methods: empty"
+
+# Hugging Face-format checkpoints (otprune_hf): pruning before the LLM with the feature methods only.
+for index in "${!MODEL_LIST[@]}"; do
+    [[ "${MODEL_BASES[$index]}" != "llava" ]] || continue
+    for s in "${!SETTINGS[@]}"; do
+        method="${SETTING_METHODS[$s]}" layer="${SETTING_LAYERS[$s]}"
+        [[ "$method" != "-" ]] || continue
+        case "$method" in
+            fastv | vtw | fitprune) what="${method^^} (pruning inside the LLM, at layer $layer)" ;;
+            *) [[ "$layer" == "0" ]] && continue; what="${method} at layer $layer" ;;
+        esac
+        die "--models: '${MODEL_LIST[$index]}' is a Hugging Face-format checkpoint (lmms-eval model otprune_hf, base=${MODEL_BASES[$index]}), which for now prunes only before the LLM (LAYER_INDEX=0) with the feature-selection methods; setting '${SETTINGS[$s]}' = $what is not available for it: leave it out, or run it on an original-format checkpoint (e.g. liuhaotian/llava-v1.5-7b)"
+    done
+done
 
 # ---------------------------------------------------------------------------------------------
 # GPUs.
@@ -270,28 +464,49 @@ model_tag() {
     echo "${name##*/}"
 }
 
-setting_tag() {  # setting_tag "METHOD RATIO LAYER" | none
-    local method ratio layer
-    if [[ "$1" == "none" ]]; then
-        echo "original"
-        return
-    fi
-    read -r method ratio layer <<<"$1"
-    echo "${method,,}_r${ratio}_l${layer}"
+results_status() {  # results_status DIR TASK: "complete" when a *_results.json under DIR has numbers for TASK, else why not
+    [[ -d "$1" ]] || { echo "no run folder"; return; }
+    "$PY" - "$1" "$2" <<'EOF'
+import json
+import math
+import sys
+from pathlib import Path
+
+folder, task = Path(sys.argv[1]), sys.argv[2]
+
+
+def has_numbers(metrics):
+    return isinstance(metrics, dict) and any(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) for value in metrics.values()
+    )
+
+
+files = sorted(folder.rglob("*_results.json"))
+for path in files:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        continue
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict):
+        continue
+    subtasks = (data.get("group_subtasks") or {}).get(task) or []
+    if has_numbers(results.get(task)) or (subtasks and all(has_numbers(results.get(name)) for name in subtasks)):
+        print("complete")
+        break
+else:
+    print(f"no numbers for {task} in its *_results.json" if files else "no *_results.json")
+EOF
 }
 
-has_results() {
-    [[ -d "$1" ]] && [[ -n "$(find "$1" -name '*_results.json' -print -quit 2>/dev/null)" ]]
+json_string() {
+    local text="${1//\\/\\\\}"
+    printf '"%s"' "${text//\"/\\\"}"
 }
 
-write_run_info() {  # write_run_info DIR MODEL TASK SETTING: what this run is, for `otprune report`
-    local method="null" ratio="null" layer="null" m r l
-    if [[ "$4" != "none" ]]; then
-        read -r m r l <<<"$4"
-        method="\"$m\""; ratio="\"$r\""; layer="\"$l\""
-    fi
-    printf '{"otprune_run": 1, "model": "%s", "task": "%s", "baseline": %s, "ratio": %s, "layer": %s}\n' \
-        "$2" "$3" "$method" "$ratio" "$layer" >"$1/otprune_run.json"
+write_run_info() {  # write_run_info DIR MODEL TASK LMMS_MODEL MODEL_ARGS SETTING_INDEX: what this run is, for `otprune report`
+    printf '{"otprune_run": 2, "model": %s, "task": %s, "lmms_model": %s, "model_args": %s, %s}\n' "$(json_string "$2")" \
+        "$(json_string "$3")" "$(json_string "$4")" "$(json_string "$5")" "${SETTING_INFOS[$6]}" >"$1/otprune_run.json"
 }
 
 quote() {  # print a command so that it can be pasted into a shell
@@ -319,48 +534,71 @@ if [[ $SMOKE -eq 1 ]]; then
     fi
 fi
 
+UNSET=()
+for name in "${PRUNING_VARS[@]}"; do
+    UNSET+=(-u "$name")
+done
+
 TOTAL=$(( ${#MODEL_LIST[@]} * ${#TASK_LIST[@]} * ${#SETTINGS[@]} ))
 echo "== $TOTAL lmms-eval runs: ${#MODEL_LIST[@]} models x ${#TASK_LIST[@]} tasks x ${#SETTINGS[@]} settings -> $LOG_DIR"
 INDEX=0
 FAILED=()
 SKIPPED=0
-for model in "${MODEL_LIST[@]}"; do
-    for setting in "${SETTINGS[@]}"; do
+for m in "${!MODEL_LIST[@]}"; do
+    model="${MODEL_LIST[$m]}"
+    base="${MODEL_BASES[$m]}"
+    if [[ "$base" == "llava" ]]; then
+        model_args=(--model llava --model_args "pretrained=$model$MODEL_ARGS_EXTRA")
+    else
+        model_args=(--model otprune_hf --model_args "base=$base,pretrained=$model$MODEL_ARGS_EXTRA")
+    fi
+    for s in "${!SETTINGS[@]}"; do
+        setting="${SETTINGS[$s]}"
+        IFS="$SEP" read -r -a switches <<<"${SETTING_ENVS[$s]}"
+        envs=(env "${UNSET[@]}" "${switches[@]}")  # only this setting's switches, whatever the shell exports
+        if [[ ${#switches[@]} -eq 0 ]]; then
+            shown=("${envs[@]}")
+        else
+            shown=("${switches[@]}")
+        fi
         for task in "${TASK_LIST[@]}"; do
             INDEX=$((INDEX + 1))
-            out="$LOG_DIR/$(model_tag "$model")/$(setting_tag "$setting")/$task${LIMIT:+_limit$LIMIT}"
-            if [[ "$setting" == "none" ]]; then
-                envs=(env -u BASELINE -u LAYER_INDEX -u SUBSET_RATIO)  # unpruned even if the shell exports them
-                shown=("${envs[@]}")
-            else
-                read -r method ratio layer <<<"$setting"
-                envs=(env "BASELINE=$method" "LAYER_INDEX=$layer" "SUBSET_RATIO=$ratio")
-                shown=("BASELINE=$method" "LAYER_INDEX=$layer" "SUBSET_RATIO=$ratio")
-            fi
+            out="$LOG_DIR/$(model_tag "$model")/$setting/$task${LIMIT:+_limit$LIMIT}"
             cmd=("$PY" -m accelerate.commands.launch "--num_processes=$NUM_GPUS" -m lmms_eval
-                --model llava --model_args "pretrained=$model$MODEL_ARGS_EXTRA" --tasks "$task"
+                "${model_args[@]}" --tasks "$task"
                 --batch_size "$BATCH_SIZE" --log_samples --output_path "$out" --include_path "$TASKS_DIR")
             [[ -z "$LIMIT" ]] || cmd+=(--limit "$LIMIT")
             [[ ${#EXTRA[@]} -eq 0 ]] || cmd+=("${EXTRA[@]}")
 
-            if [[ $FORCE -eq 0 ]] && has_results "$out"; then
-                echo "[$INDEX/$TOTAL] skip (results exist): $out"
-                SKIPPED=$((SKIPPED + 1))
-                continue
+            if [[ $FORCE -eq 0 && -d "$out" ]]; then
+                status="$(results_status "$out" "$task")"
+                if [[ "$status" == "complete" ]]; then
+                    echo "[$INDEX/$TOTAL] skip (results exist): $out"
+                    SKIPPED=$((SKIPPED + 1))
+                    continue
+                fi
+                echo "[$INDEX/$TOTAL] retry (no complete results: $status): $out"
             fi
             if [[ $DRY_RUN -eq 1 ]]; then
                 quote "${shown[@]}" "${cmd[@]}"
                 continue
             fi
-            echo "[$INDEX/$TOTAL] $(model_tag "$model") / $(setting_tag "$setting") / $task"
+            echo "[$INDEX/$TOTAL] $(model_tag "$model") / $setting / $task"
             [[ $SMOKE -eq 0 ]] || rm -rf "$out"
             mkdir -p "$out"
-            write_run_info "$out" "$model" "$task" "$setting"
-            if "${envs[@]}" "${cmd[@]}" 2>&1 | tee "$out/lmms_eval.log"; then
-                :
-            else
-                echo "$ME: run failed: $out (log: $out/lmms_eval.log)" >&2
-                FAILED+=("$out")
+            write_run_info "$out" "$model" "$task" "${model_args[1]}" "${model_args[3]}" "$s"
+            code=0
+            "${envs[@]}" "${cmd[@]}" 2>&1 | tee "$out/lmms_eval.log" || code=$?
+            why=""
+            if [[ $code -ne 0 ]]; then
+                why="lmms-eval exited $code"
+            elif [[ "$(results_status "$out" "$task")" != "complete" ]]; then
+                why="lmms-eval exited 0 without results for $task: $(results_status "$out" "$task")"
+            fi
+            if [[ -n "$why" ]]; then
+                failure="$out ($why; log: $out/lmms_eval.log)"
+                FAILED+=("$failure")
+                echo "$ME: run failed: $failure" >&2
                 [[ $SMOKE -eq 0 ]] || exit 1
             fi
         done
@@ -373,12 +611,16 @@ if [[ $DRY_RUN -eq 1 ]]; then
     exit 0
 fi
 [[ $SKIPPED -eq 0 ]] || echo "== skipped $SKIPPED runs whose results exist (--force to run them again)"
+REPORT_CODE=0
 if [[ $REPORT -eq 1 ]]; then
     echo "== report"
-    "${REPORT_CMD[@]}"
+    "${REPORT_CMD[@]}" || REPORT_CODE=$?
 fi
 if [[ ${#FAILED[@]} -gt 0 ]]; then
-    echo "$ME: ${#FAILED[@]} of $TOTAL runs failed:" >&2
-    printf '  %s\n' "${FAILED[@]}" >&2
+    echo "$ME: ${#FAILED[@]} of $TOTAL runs failed (no complete results; they run again next time):" >&2
+    for failed in "${FAILED[@]}"; do
+        echo "$ME: FAILED: $failed" >&2
+    done
     exit 1
 fi
+exit "$REPORT_CODE"

@@ -4,6 +4,7 @@ The `llava` model calls `record(stats, config=self.config)` once per multimodal 
 `on_pruning_stats` hook). `stats` is the list of per-sample dicts of `model.pruning_stats`:
 
     method, layer, ratio            what ran (method/layer None when pruning is off)
+    order, recipe                   the kept-token order and FitPrune's recipe file (None when off / unused)
     visual_tokens_before/after      visual tokens of the sample, before and after pruning
     seq_len_before/after            the sample's whole sequence length (system + text + visual)
     text_tokens                     its non-visual tokens
@@ -12,10 +13,13 @@ The `llava` model calls `record(stats, config=self.config)` once per multimodal 
                                     schedules (FastV, VTW, FitPrune recipes); when absent it is
                                     seq_len_before for the layers < `layer`, seq_len_after after
 
-Each line holds those fields, the decoder sizes (`hidden_size`, `intermediate_size`,
-`num_layers`, from `config` or given explicitly), the schedule `tokens_per_layer`, and
-`tflops` / `tflops_unpruned` from the paper's formula (`otprune.flops`) on the actual lengths,
-plus the lmms-eval context (output path, tasks, model args, limit) and `time`, `run`, `rank`.
+Each line holds those fields; `gamma`, `seed`, `order` and `recipe` (the stats' own, else those of
+the `PruneConfig` that ran: `prune=`, or the environment's when it is the setting the stats report;
+None for a setting the method does not use, see `result_settings`); the decoder sizes
+(`hidden_size`, `intermediate_size`, `num_layers`, from `config` or given explicitly), the schedule
+`tokens_per_layer`, and `tflops` / `tflops_unpruned` from the paper's formula (`otprune.flops`) on
+the actual lengths, plus the lmms-eval context (output path, tasks, model args, limit) and `time`,
+`run`, `rank`.
 
 Where the lines go (`OTPRUNE_RECORDS`, read by `otprune.config.records_target`):
 
@@ -28,10 +32,16 @@ Where the lines go (`OTPRUNE_RECORDS`, read by `otprune.config.records_target`):
 
 Nothing in lmms-eval is patched: the context comes from `sys.argv`. `otprune report` reads these
 files next to the lmms-eval results.
+
+The settings that change a run's results (`SETTING_KEYS`: method, layer, ratio, gamma, seed, order,
+recipe) are in every record, name run_OTPrune.sh's run folders (`settings_tag`) and tell
+`otprune report`'s rows apart (`normalized_settings`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -46,6 +56,9 @@ RECORD_VERSION = 1
 RECORD_MARKER = "otprune_record"  # key present (= RECORD_VERSION) in every line
 FILE_PREFIX = "otprune_records"
 REQUIRED_STATS = ("seq_len_before",)
+
+# The settings that change a run's results (a setting the method does not use is None).
+SETTING_KEYS = ("method", "layer", "ratio", "gamma", "seed", "order", "recipe")
 
 # lmms-eval 0.7's order of model-name keys in --model_args (loggers/evaluation_tracker.py).
 _MODEL_NAME_KEYS = ("peft=", "delta=", "pretrained=", "model=", "model_version=", "model_name=", "model_id=", "path=", "engine=")
@@ -91,6 +104,16 @@ def lmms_eval_context(argv: Sequence[str] | None = None, modules: Mapping | None
         "limit": options.get("--limit"),
         "model_dir": str(model_dir),
     }
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution (e.g. "lmms-eval"), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def records_path(
@@ -173,6 +196,130 @@ def make_record(stats: Mapping, size: flops.DecoderSize, **context) -> dict:
     return record
 
 
+def _method_uses(method: str | None) -> tuple[str, ...]:
+    """The PruneConfig parameters (gamma, seed) that selection method `method` takes; () for the others."""
+    from otprune.config import MODEL_METHODS
+    from otprune.methods import METHODS, method_parameters
+
+    if method is None or method in MODEL_METHODS or method not in METHODS:
+        return ()
+    return tuple(name for name in method_parameters(method) if name in ("gamma", "seed"))
+
+
+def setting_defaults() -> dict:
+    """PruneConfig's defaults of gamma, seed and order."""
+    from otprune.config import PruneConfig
+
+    fields = {field.name: field.default for field in dataclasses.fields(PruneConfig)}
+    return {"gamma": fields["gamma"], "seed": fields["seed"], "order": fields["order"]}
+
+
+def result_settings(config) -> dict:
+    """The settings of a `PruneConfig` that change results, {key: value} for `SETTING_KEYS`.
+
+    All None when `config` is None or pruning is off; gamma / seed only for the methods that take
+    them (OTPrune / random); ratio None for VTW and FitPrune; recipe = FitPrune's recipe file.
+    """
+    if config is None or not config.enabled:
+        return dict.fromkeys(SETTING_KEYS)
+    params = config.method_params()
+    recipe = None
+    if config.method == "fitprune":
+        recipe = getattr(config.recipe, "source", None) or None
+    return {
+        "method": config.method,
+        "layer": config.layer,
+        "ratio": config.ratio,
+        "gamma": params.get("gamma"),
+        "seed": params.get("seed"),
+        "order": config.order,
+        "recipe": recipe,
+    }
+
+
+def normalized_settings(values: Mapping) -> dict:
+    """`SETTING_KEYS` of a record (or otprune_run.json): method lower case; for a pruned run a missing
+    gamma / seed / order is PruneConfig's default (records written before they were recorded), a
+    gamma / seed the method does not take is None; everything None when unpruned."""
+    method = values.get("method")
+    if method is None:
+        return dict.fromkeys(SETTING_KEYS)
+    method = str(method).strip().lower()
+    defaults = setting_defaults()
+    uses = _method_uses(method)
+    out = {key: values.get(key) for key in SETTING_KEYS}
+    out["method"] = method
+    for key in ("gamma", "seed"):
+        out[key] = (defaults[key] if out[key] is None else out[key]) if key in uses else None
+    out["order"] = out["order"] or defaults["order"]
+    for key, kind in (("layer", int), ("ratio", float), ("gamma", float), ("seed", int)):
+        if out[key] is not None:
+            out[key] = kind(out[key])
+    return out
+
+
+def _number(value: float) -> str:
+    return f"{value:.12g}"
+
+
+def settings_tag(settings: Mapping, name: str | None = None) -> str:
+    """The run-folder name of `settings` (run_OTPrune.sh), `name` replacing the method's name.
+
+    "original" when unpruned; `<name>_r<ratio>_l<layer>`, plus `_g<gamma>`, `_s<seed>`, `_<order>` for
+    the values that differ from PruneConfig's defaults (so folders of earlier runs stay valid);
+    VTW (no ratio): `<name>_l<layer>`; FitPrune: `<name>_<recipe file stem>-<8 hex digits of its
+    content's sha256>` (its layers and counts are the recipe's).
+    """
+    if settings.get("method") is None:
+        return "original"
+    values = normalized_settings(settings)
+    label = (name or values["method"]).lower()
+    if values["recipe"] is not None:
+        path = Path(values["recipe"])
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+        except OSError:
+            digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+        return f"{label}_{path.stem}-{digest}"
+    tag = label if values["ratio"] is None else f"{label}_r{_number(values['ratio'])}"
+    tag += f"_l{values['layer']}"
+    defaults = setting_defaults()
+    if values["gamma"] is not None and values["gamma"] != defaults["gamma"]:
+        tag += f"_g{_number(values['gamma'])}"
+    if values["seed"] is not None and values["seed"] != defaults["seed"]:
+        tag += f"_s{values['seed']}"
+    if values["order"] != defaults["order"]:
+        tag += f"_{values['order']}"
+    return tag
+
+
+def _env_config(environ: Mapping[str, str] | None = None):
+    """The environment's PruneConfig, or None when it does not parse."""
+    from otprune.config import PruneConfig
+
+    try:
+        return PruneConfig.from_env(environ)
+    except (ValueError, OSError):
+        return None
+
+
+def _fill_settings(sample: Mapping, prune) -> dict:
+    """`sample` with gamma, seed, order and recipe: its own values, else those of `prune` (the PruneConfig that ran)."""
+    out = dict(sample)
+    settings = result_settings(prune) if sample.get("method") is not None else dict.fromkeys(SETTING_KEYS)
+    for key in ("gamma", "seed", "order", "recipe"):
+        if out.get(key) is None:
+            out[key] = settings[key]
+    return out
+
+
+def _same_setting(sample: Mapping, settings: Mapping) -> bool:
+    method = sample.get("method")
+    if method is None or settings["method"] is None or str(method).lower() != settings["method"]:
+        return False
+    return sample.get("layer") == settings["layer"] and sample.get("ratio") == settings["ratio"]
+
+
 class RecordWriter:
     """Appends records to one JSONL file (or does nothing when `path` is None)."""
 
@@ -197,6 +344,11 @@ class RecordWriter:
         context = lmms_eval_context(argv) if target != "off" else None
         path = records_path(target, context, rank=rank)
         fields = {key: context[key] for key in ("output_path", "model_args", "tasks", "limit")} if context else {}
+        if context:
+            env = os.environ if environ is None else environ
+            fields["lmms_eval_version"] = installed_version("lmms-eval")
+            # MMBench's GPT judge: lmms-eval reads MODEL_VERSION (None = its default judge)
+            fields["mmbench_judge"] = (env.get("MODEL_VERSION") or "").strip() or None
         return cls(path, context=fields, rank=rank)
 
     def write(
@@ -208,18 +360,28 @@ class RecordWriter:
         intermediate: int | None = None,
         layers: int | None = None,
         model: str | None = None,
+        prune: object = None,
     ) -> list[dict]:
-        """Append one line per sample of `stats` (a dict or a list of dicts); returns the records."""
+        """Append one line per sample of `stats` (a dict or a list of dicts); returns the records.
+
+        `prune`: the `PruneConfig` that ran (gamma, seed, order, recipe of the records); when None,
+        the environment's, for the samples whose method / layer / ratio it matches.
+        """
         if self.path is None:
             return []
         samples = [stats] if isinstance(stats, Mapping) else list(stats)
         if model is None and config is not None:
             model = getattr(config, "_name_or_path", None) or None
+        guessed = None if prune is not None else _env_config()
         now = time.time()
         records = []
         for sample in samples:
             if not isinstance(sample, Mapping):
                 raise ValueError(f"pruning stats: expected a dict per sample, got {type(sample).__name__}")
+            ran = prune
+            if ran is None and guessed is not None and _same_setting(sample, result_settings(guessed)):
+                ran = guessed
+            sample = _fill_settings(sample, ran)
             size = decoder_size(sample, config=config, hidden=hidden, intermediate=intermediate, layers=layers)
             context = {"time": now, "run": self.run, "rank": self.rank, "index": self.count, **self.context}
             if model is not None:
@@ -251,15 +413,18 @@ def record(
     intermediate: int | None = None,
     layers: int | None = None,
     model: str | None = None,
+    prune: object = None,
 ) -> list[dict]:
     """Record one prefill's per-sample stats with this process's writer (no-op when recording is off).
 
-    Call it from the model's `on_pruning_stats` hook: `otprune.records.record(stats, config=self.config)`.
+    Call it from the model's `on_pruning_stats` hook:
+    `otprune.records.record(stats, config=self.config, prune=self.pruning_config())`.
     """
     writer = default_writer()
     if not writer.enabled:
         return []
-    return writer.write(stats, config=config, hidden=hidden, intermediate=intermediate, layers=layers, model=model)
+    return writer.write(stats, config=config, hidden=hidden, intermediate=intermediate, layers=layers, model=model,
+                        prune=prune)
 
 
 def reset() -> None:

@@ -11,9 +11,12 @@ Input, found recursively under a log folder:
 Each group of records (one `run` = one process) is matched to the results file it belongs to:
 results in the same folder (else with the same `--output_path` and `--model_args`) whose tasks
 include the run's `--tasks`, and among those the latest that started before the run's first
-record. The records give the row's method / layer / ratio and its FLOPs and latency.
+record. The records give the row's settings (method, layer, ratio, gamma, seed, order, recipe:
+`otprune.records.SETTING_KEYS`) and its FLOPs and latency; results without records take them from
+run_OTPrune.sh's `otprune_run.json`.
 
-Output: one row per model x method x kept ratio x layer, each task's headline metric (scaled as
+Output: one row per model x setting (method, kept ratio, layer, and gamma / seed / order / recipe,
+which the method label shows when they are not the defaults), each task's headline metric (scaled as
 in the paper: accuracies in %, CIDEr and MME raw), mean TFLOPs and their % of unpruned (the mean
 over tasks of pruned / unpruned, as the paper computes it), mean prefill latency and selection
 time, and the average rank among the pruned rows of the same model and kept ratio.
@@ -33,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from otprune.config import DISPLAY_NAMES
-from otprune.records import iter_records
+from otprune.records import SETTING_KEYS, iter_records, normalized_settings, setting_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,9 @@ HEADLINES: dict[str, Headline] = {
     "flickr30k_test": Headline("flickr_CIDEr", "Flickr CIDEr"),
     "gqa": Headline("exact_match", "GQA EM", 100.0),
     "mmbench_en_dev": Headline("gpt_eval_score", "MMB Acc"),  # lmms-eval already reports %
-    "mme": Headline("mme_perception_score", "MME P", 1.0, 0),
+    "mmbench_en_dev_static": Headline("gpt_eval_score", "MMB Acc (static)"),  # no judge: rule-based matching
+    "mme": Headline("mme_perception_score", "MME P", 1.0, 0),  # the paper's MME number: perception
+    "mme_cognition": Headline("mme_cognition_score", "MME C", 1.0, 0),  # lmms-eval's second MME score, beside it
     "mmmu_val": Headline("mmmu_acc", "MMMU Acc", 100.0),
     "nocaps_val": Headline("nocaps_CIDEr", "NoCaps CIDEr"),
     "ok_vqa_val2014": Headline("exact_match", "OKVQA EM", 100.0),
@@ -62,7 +67,15 @@ HEADLINES: dict[str, Headline] = {
     "otprune_smoke_gen": Headline("exact_match", "Smoke EM", 100.0),
     "otprune_smoke_mc": Headline("acc", "Smoke MC Acc", 100.0),
 }
-PAPER_TASKS = tuple(list(HEADLINES)[:11])
+PAPER_TASKS = (
+    "coco2017_cap_val", "flickr30k_test", "gqa", "mmbench_en_dev", "mme", "mmmu_val", "nocaps_val", "ok_vqa_val2014",
+    "pope", "scienceqa_img", "seedbench",
+)  # fmt: skip
+# Extra columns read from another task's metrics: column -> (task, metric).
+EXTRA_COLUMNS = {"mme_cognition": ("mme", "mme_cognition_score")}
+# MMBench's GPT judge when MODEL_VERSION is not set (lmms-eval 0.7's mmbench en_utils default); the
+# paper's lmms-eval judged with gpt-3.5-turbo-0613.
+DEFAULT_MMBENCH_JUDGE = "gpt-4o-2024-11-20"
 SMOKE_TASKS = ("otprune_smoke_gen", "otprune_smoke_mc")
 
 METHOD_LABELS = {None: "Original", **DISPLAY_NAMES}
@@ -223,6 +236,10 @@ class Row:
     method: str | None  # canonical method name; None = unpruned; UNKNOWN_METHOD = no records
     ratio: float | None
     layer: int | None
+    gamma: float | None = None  # None: unpruned, or not a parameter of the method
+    seed: int | None = None
+    order: str | None = None
+    recipe: str | None = None
     scores: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> headline value (scaled)
     lower_is_better: set[str] = dataclasses.field(default_factory=set)
     sources: dict[str, ResultFile] = dataclasses.field(default_factory=dict)  # task -> results file used
@@ -232,7 +249,11 @@ class Row:
 
     @property
     def key(self) -> tuple:
-        return (self.model, self.method, self.ratio, self.layer)
+        return (self.model, self.method, self.ratio, self.layer, self.gamma, self.seed, self.order, self.recipe)
+
+    @property
+    def settings(self) -> dict:
+        return {key: getattr(self, key) for key in SETTING_KEYS}
 
     @property
     def pruned(self) -> bool:
@@ -265,6 +286,7 @@ class Report:
     rows: list[Row]
     tasks: list[str]
     notes: list[str]
+    provenance: list[str] = dataclasses.field(default_factory=list)  # lmms-eval version, MMBench judge
 
     @property
     def ratios(self) -> list[float]:
@@ -312,32 +334,28 @@ def build_report(log_dir: str | os.PathLike) -> Report:
     for result in sorted(results, key=lambda result: (result.start or 0.0, result.date, str(result.path))):
         result_runs = matched.get(result.path, [])
         if result_runs:
-            method = _method(result_runs[0].field("method"))
-            layer = result_runs[0].field("layer") if method is not None else None
-            ratio = result_runs[0].field("ratio") if method is not None else None
-            settings = {(_method(run.field("method")), run.field("layer"), run.field("ratio")) for run in result_runs}
-            if len({(m, lay, r) if m is not None else (None, None, None) for m, lay, r in settings}) > 1:
-                notes.append(f"{result.path.relative_to(root)}: its records disagree on method/layer/ratio {sorted(map(str, settings))}")
+            settings = _run_settings(result_runs[0])
+            seen = {tuple(_run_settings(run).values()) for run in result_runs}
+            if len(seen) > 1:
+                notes.append(f"{result.path.relative_to(root)}: its records disagree on the setting {sorted(map(str, seen))}")
         elif (info := _run_info(result.folder, root)) is not None:
-            method, layer, ratio = info
+            settings = info
             notes.append(
                 f"{result.path.relative_to(root)}: no per-sample records (FLOPs and latency unknown); "
                 "setting from run_OTPrune.sh's otprune_run.json"
             )
         else:
-            method, layer, ratio = UNKNOWN_METHOD, None, None
+            settings = dict(dict.fromkeys(SETTING_KEYS), method=UNKNOWN_METHOD)
             notes.append(f"{result.path.relative_to(root)}: no per-sample records; method, FLOPs and latency unknown")
-        ratio = float(ratio) if ratio is not None else None
-        layer = int(layer) if layer is not None else None
-        key = (result.model, method, ratio, layer)
-        row = rows.setdefault(key, Row(result.model, method, ratio, layer))
+        row = Row(result.model, **settings)
+        row = rows.setdefault(row.key, row)
         for task, metrics in result.tasks.items():
             found = headline(task, metrics, result.higher_is_better.get(task))
             if found is None:
                 continue
             if task in row.sources:
                 notes.append(
-                    f"{task} of {_model_label(row.model)} / {_method_label(row.method)}: several results; "
+                    f"{task} of {_model_label(row.model)} / {_row_label(row)}: several results; "
                     f"using the newest ({row.sources[task].path.relative_to(root)} -> {result.path.relative_to(root)})"
                 )
                 old = row.sources[task].path
@@ -347,6 +365,10 @@ def build_report(log_dir: str | os.PathLike) -> Report:
             if result.higher_is_better.get(task, {}).get(found[0].metric) is False:
                 row.lower_is_better.add(task)
             row.sources[task] = result
+            for column, (source_task, metric) in EXTRA_COLUMNS.items():
+                if source_task == task and (value := _metric(metrics, metric)) is not None:
+                    row.scores[column] = value * HEADLINES[column].scale
+                    row.sources[column] = result
         if result_runs and any(source.path == result.path for source in row.sources.values()):
             row.buckets[result.path] = _bucket(record for run in result_runs for record in run.records)
 
@@ -354,7 +376,29 @@ def build_report(log_dir: str | os.PathLike) -> Report:
     tasks = _task_order({task for row in ordered for task in row.scores})
     _ranks(ordered, tasks)
     _relative(ordered, tasks)
-    return Report(root, ordered, tasks, notes)
+    return Report(root, ordered, tasks, notes, _provenance(runs, tasks))
+
+
+def _provenance(runs: Sequence[RecordRun], tasks: Sequence[str]) -> list[str]:
+    """Footer lines: the lmms-eval version(s) the records were written under, and MMBench's judge."""
+    from otprune.records import installed_version
+
+    records = [record for run in runs for record in run.records]
+    versions = sorted({str(r["lmms_eval_version"]) for r in records if r.get("lmms_eval_version")})
+    if versions:
+        lines = [f"lmms-eval: {', '.join(versions)} (from the records)."]
+    else:
+        lines = [f"lmms-eval: {installed_version('lmms-eval') or 'unknown'} (installed when this report was made; "
+                 "the records do not say)."]
+    if any(task.startswith("mmbench") for task in tasks):
+        judges = sorted({r.get("mmbench_judge") or f"{DEFAULT_MMBENCH_JUDGE} (lmms-eval's default)" for r in records})
+        static = [task for task in tasks if task.endswith("_static")]
+        judge = ", ".join(judges) or f"{DEFAULT_MMBENCH_JUDGE} (lmms-eval's default)"
+        lines.append(
+            f"MMBench judge: {judge} (set MODEL_VERSION to change; the paper's lmms-eval used gpt-3.5-turbo-0613)"
+            + (f"; {', '.join(static)}: rule-based answer matching, no judge." if static else ".")
+        )
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,7 +434,7 @@ def table_cells(report: Report) -> list[list[str]]:
         cells.append(
             [
                 _model_label(row.model),
-                _method_label(row.method),
+                _row_label(row),
                 "–" if row.layer is None else str(row.layer),
                 "100%" if not row.pruned and row.method is None else ("–" if row.ratio is None else f"{100 * row.ratio:.4g}%"),
                 flops_cell,
@@ -418,6 +462,8 @@ def to_markdown(report: Report) -> str:
         "% = mean over tasks of pruned / unpruned. Prefill / Select: mean per sample. "
         "Avg. rank: per task, rank among the pruned rows of the same model and kept ratio (1 = best), averaged.",
     ]
+    if report.provenance:
+        lines += ["", " ".join(report.provenance)]
     if report.notes:
         lines += ["", "Notes:", *[f"- {note}" for note in report.notes]]
     return "\n".join(lines) + "\n"
@@ -428,12 +474,13 @@ def to_csv(report: Report) -> str:
     writer = csv.writer(out)
     task_columns = [f"{task}:{_task_headline(task, report).metric}" for task in report.tasks]
     writer.writerow(
-        ["model", "method", "layer", "ratio", "tflops", "tflops_percent", *task_columns,
+        ["model", "method", "layer", "ratio", "gamma", "seed", "order", "recipe", "tflops", "tflops_percent", *task_columns,
          "prefill_ms", "select_ms", "avg_rank", "relative_score", "samples"]
     )
     for row in report.rows:
         writer.writerow(
-            [row.model, _method_label(row.method), _blank(row.layer), _blank(row.ratio), _blank(row.tflops()),
+            [row.model, _method_label(row.method), _blank(row.layer), _blank(row.ratio), _blank(row.gamma), _blank(row.seed),
+             _blank(row.order), _blank(row.recipe), _blank(row.tflops()),
              _blank(row.tflops_percent()), *[_blank(row.scores.get(task)) for task in report.tasks],
              _blank(row.mean("prefill_ms")), _blank(row.mean("select_ms")), _blank(row.rank), _blank(row.relative),
              row.samples()]
@@ -445,9 +492,12 @@ def plot(report: Report, path: str | os.PathLike) -> bool:
     """PNG of relative score (% of the unpruned model, mean over tasks) vs kept ratio; False if
     fewer than two kept ratios or no unpruned rows to compare with."""
     points: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    labels: dict[tuple, str] = {}
     for row in report.rows:
         if row.pruned and row.ratio is not None and row.relative is not None:
-            points[(row.model, row.method, row.layer)].append((row.ratio, row.relative))
+            line = (row.model, row.method, row.layer, row.gamma, row.seed, row.order, row.recipe)
+            points[line].append((row.ratio, row.relative))
+            labels[line] = f"{_model_label(row.model)} {_row_label(row)}" + ("" if not row.layer else f" L{row.layer}")
     if len(report.ratios) < 2 or not points:
         return False
     import matplotlib
@@ -456,10 +506,9 @@ def plot(report: Report, path: str | os.PathLike) -> bool:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(6.4, 4.2), dpi=120)
-    for (model, method, layer), values in sorted(points.items(), key=lambda item: str(item[0])):
+    for line, values in sorted(points.items(), key=lambda item: str(item[0])):
         values.sort()
-        label = f"{_model_label(model)} {_method_label(method)}" + ("" if not layer else f" L{layer}")
-        axes.plot([100 * ratio for ratio, _ in values], [score for _, score in values], marker="o", label=label)
+        axes.plot([100 * ratio for ratio, _ in values], [score for _, score in values], marker="o", label=labels[line])
     axes.axhline(100.0, color="grey", linestyle="--", linewidth=1)
     axes.set_xlabel("kept visual tokens (%)")
     axes.set_ylabel("score relative to unpruned (%)")
@@ -573,34 +622,44 @@ def _row_order(row: Row) -> tuple:
         method_rank = METHOD_ORDER.index(row.method)
     else:
         method_rank = len(METHOD_ORDER)
-    return (model_rank, row.model, row.method is not None, -(row.ratio or 0.0), method_rank, str(row.method), row.layer or 0)
+    extras = (str(row.gamma), str(row.seed), str(row.order), str(row.recipe))
+    return (model_rank, row.model, row.method is not None, -(row.ratio or 0.0), method_rank, str(row.method), row.layer or 0,
+            extras)
 
 
 RUN_INFO = "otprune_run.json"  # written by run_OTPrune.sh into each run's --output_path
 
 
-def _run_info(folder: Path, root: Path) -> tuple[str | None, int | None, float | None] | None:
-    """(method, layer, ratio) from the nearest otprune_run.json between `folder` and `root`."""
+def _run_info(folder: Path, root: Path) -> dict | None:
+    """The settings (`SETTING_KEYS`) in the nearest otprune_run.json between `folder` and `root`.
+
+    run_OTPrune.sh writes the canonical `method` and every setting; older files have only
+    "baseline" (the BASELINE value), "layer" and "ratio"."""
     for place in [folder, *folder.parents]:
         path = place / RUN_INFO
         if path.is_file():
             try:
                 info = json.loads(path.read_text(encoding="utf-8"))
-                baseline = info.get("baseline")
-                if baseline is None:
-                    return None, None, None
+                method = info.get("method", info.get("baseline"))
+                if method is None:
+                    return dict.fromkeys(SETTING_KEYS)
                 try:
-                    from otprune.methods import METHODS
+                    from otprune.config import canonical_method
 
-                    method = METHODS.canonical(str(baseline))
+                    method = canonical_method(str(method))
                 except (ImportError, ValueError):
-                    method = _method(baseline)
-                return method, int(info["layer"]), float(info["ratio"])
-            except (OSError, ValueError, KeyError, TypeError):
+                    method = _method(method)
+                return normalized_settings({**info, "method": method})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return None
         if place == root:
             break
     return None
+
+
+def _run_settings(run: RecordRun) -> dict:
+    """The settings (`SETTING_KEYS`) of one run's records."""
+    return normalized_settings({key: run.field(key) for key in SETTING_KEYS})
 
 
 def _method(value) -> str | None:
@@ -613,6 +672,24 @@ def _method_label(method: str | None) -> str:
     if method == UNKNOWN_METHOD:
         return "? (no records)"
     return METHOD_LABELS.get(method, str(method))
+
+
+def _row_label(row: Row) -> str:
+    """The method's name, plus the settings that are not PruneConfig's defaults (and FitPrune's recipe)."""
+    label = _method_label(row.method)
+    if not row.pruned:
+        return label
+    defaults = setting_defaults()
+    extras = []
+    if row.gamma is not None and row.gamma != defaults["gamma"]:
+        extras.append(f"γ={row.gamma:g}")
+    if row.seed is not None and row.seed != defaults["seed"]:
+        extras.append(f"seed={row.seed}")
+    if row.order is not None and row.order != defaults["order"]:
+        extras.append(f"{row.order} order")
+    if row.recipe is not None:
+        extras.append(Path(row.recipe).name)
+    return label + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _model_label(model: str) -> str:

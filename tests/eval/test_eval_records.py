@@ -165,3 +165,73 @@ def test_tensor_values_become_json():
     record = records.make_record(sample, flops.DecoderSize(8, 16, 2))
     json.dumps(record)
     assert record["seq_len_after"] == 30
+
+
+# ---------------------------------------------------------------- the settings that change results
+
+
+def test_result_settings_name_every_setting_a_method_uses(tmp_path):
+    from otprune import PruneConfig
+    from otprune.fitprune import FitPruneRecipe, save_recipe
+
+    assert records.result_settings(None) == dict.fromkeys(records.SETTING_KEYS)
+    assert records.result_settings(PruneConfig()) == dict.fromkeys(records.SETTING_KEYS)  # pruning off
+    ours = records.result_settings(PruneConfig(method="OURS", layer=0, ratio=0.098, gamma=0.05, seed=7))
+    assert ours == {"method": "otprune", "layer": 0, "ratio": 0.098, "gamma": 0.05, "seed": None,
+                    "order": "ascending", "recipe": None}
+    rand = records.result_settings(PruneConfig(method="random", layer=2, ratio=0.5, gamma=0.05, seed=7))
+    assert (rand["gamma"], rand["seed"], rand["layer"]) == (None, 7, 2)
+    assert records.result_settings(PruneConfig(method="vtw", layer=3))["ratio"] is None
+    recipe = save_recipe(FitPruneRecipe(4, 64, 128, 16, 30, (0, 4, 10, 16), 0.3), tmp_path / "r.json")
+    fit = records.result_settings(PruneConfig(method="fitprune", recipe=str(recipe)))
+    assert (fit["method"], fit["layer"], fit["ratio"], fit["recipe"]) == ("fitprune", 1, None, str(recipe))
+
+
+def test_settings_tag_is_the_run_folder_name(tmp_path):
+    from otprune import PruneConfig
+    from otprune.fitprune import FitPruneRecipe, save_recipe
+
+    def tag(config, name=None):
+        return records.settings_tag(records.result_settings(config), name)
+
+    assert tag(None) == "original"
+    assert tag(PruneConfig(method="otprune", layer=0, ratio=0.098), "ours") == "ours_r0.098_l0"  # defaults: no suffix
+    assert tag(PruneConfig(method="otprune", layer=0, ratio=0.098, gamma=0.05), "ours") == "ours_r0.098_l0_g0.05"
+    assert tag(PruneConfig(method="otprune", layer=0, ratio=0.098, order="official")) == "otprune_r0.098_l0_official"
+    assert tag(PruneConfig(method="divprune", layer=0, ratio=0.25, gamma=0.05)) == "divprune_r0.25_l0"  # unused
+    assert tag(PruneConfig(method="random", layer=0, ratio=1.0, seed=3)) == "random_r1_l0_s3"
+    assert tag(PruneConfig(method="fastv", ratio=0.5)) == "fastv_r0.5_l2"
+    assert tag(PruneConfig(method="vtw", layer=16)) == "vtw_l16"
+    first = save_recipe(FitPruneRecipe(4, 64, 128, 16, 30, (0, 4, 10, 16), 0.3), tmp_path / "a" / "calib.json")
+    other = save_recipe(FitPruneRecipe(4, 64, 128, 16, 30, (0, 2, 10, 16), 0.3), tmp_path / "b" / "calib.json")
+    a, b = tag(PruneConfig(method="fitprune", recipe=str(first))), tag(PruneConfig(method="fitprune", recipe=str(other)))
+    assert a.startswith("fitprune_calib-") and b.startswith("fitprune_calib-") and a != b  # same name, other content
+
+
+def test_records_carry_gamma_seed_order_recipe_from_the_prune_config(tmp_path, monkeypatch):
+    from otprune import PruneConfig
+
+    for name in ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER"):
+        monkeypatch.delenv(name, raising=False)
+    sample = stats(20, 576, method="otprune", ratio=0.098)
+    assert "gamma" not in sample and "order" not in sample  # what a model without these keys reports
+    writer = records.RecordWriter(tmp_path / "r.jsonl")
+    (line,) = writer.write(sample, config=CONFIG, prune=PruneConfig(method="otprune", layer=0, ratio=0.098, gamma=0.05))
+    assert (line["gamma"], line["seed"], line["order"], line["recipe"]) == (0.05, None, "ascending", None)
+    (line,) = writer.write(stats(20, 576, method="random", ratio=0.5), config=CONFIG,
+                           prune=PruneConfig(method="random", layer=0, ratio=0.5, seed=4))
+    assert (line["gamma"], line["seed"]) == (None, 4)
+    # Without a PruneConfig: the environment's, when it is the setting the stats report.
+    monkeypatch.setenv("BASELINE", "OURS")
+    monkeypatch.setenv("LAYER_INDEX", "0")
+    monkeypatch.setenv("SUBSET_RATIO", "0.098")
+    monkeypatch.setenv("OTPRUNE_GAMMA", "0.2")
+    (line,) = writer.write(sample, config=CONFIG)
+    assert (line["gamma"], line["order"]) == (0.2, "ascending")
+    (line,) = writer.write(stats(20, 576, method="otprune", ratio=0.25), config=CONFIG)
+    assert line["gamma"] is None  # another setting than the environment's: not guessed
+    (line,) = writer.write(stats(20, 576, method=None, ratio=None), config=CONFIG)
+    assert all(line[key] is None for key in ("gamma", "seed", "order", "recipe"))
+    # Keys the stats already have are kept.
+    (line,) = writer.write(dict(sample, order="official"), config=CONFIG)
+    assert line["order"] == "official"

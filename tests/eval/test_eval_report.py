@@ -1,5 +1,6 @@
 import csv
 import io
+import json
 
 import pytest
 from eval_fakes import stats, write_records, write_results
@@ -176,3 +177,94 @@ def test_empty_or_missing_log_dir_is_a_clear_error(tmp_path, capsys):
     assert "no lmms-eval results (*_results.json)" in err and "run_OTPrune.sh --smoke" in err
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_rows_differ_by_every_setting_that_changes_results(tmp_path):
+    """A gamma sweep, a seed, the kept-token order and FitPrune recipes are rows of their own."""
+    variants = [
+        ("otprune", {}),  # records written before gamma was recorded: the default gamma
+        ("otprune", {"gamma": 0.05, "seed": None, "order": "ascending"}),
+        ("otprune", {"gamma": 0.01, "order": "official"}),
+        ("random", {"seed": 3}),
+        ("random", {"seed": 0}),
+    ]
+    for index, (method, extra) in enumerate(variants):
+        out = tmp_path / f"run{index}"
+        start = T0 + 1000 * index
+        write_results(out, MODEL, {"gqa": {"exact_match": 0.5 + index / 100}}, start=start)
+        write_records(out, MODEL, [dict(stats(23, 576, method=method, ratio=0.098), **extra)], time=start + 10, tasks="gqa")
+    out = tmp_path / "run_default_gamma"
+    write_results(out, MODEL, {"pope": {"pope_f1_score": 0.8}}, start=T0 + 9000)
+    write_records(out, MODEL, [dict(stats(21, 576, method="otprune", ratio=0.098), gamma=0.01, order="ascending")],
+                  time=T0 + 9010, tasks="pope")
+    rep = report.build_report(tmp_path)
+    by_key = {(row.method, row.gamma, row.seed, row.order): row for row in rep.rows}
+    assert set(by_key) == {("otprune", 0.01, None, "ascending"), ("otprune", 0.05, None, "ascending"),
+                           ("otprune", 0.01, None, "official"), ("random", None, 3, "ascending"),
+                           ("random", None, 0, "ascending")}
+    # The old records without gamma and the new ones with the default are one row.
+    assert by_key[("otprune", 0.01, None, "ascending")].scores == pytest.approx({"gqa": 50.0, "pope": 80.0})
+    assert by_key[("otprune", 0.05, None, "ascending")].scores == pytest.approx({"gqa": 51.0})
+    markdown = report.to_markdown(rep)
+    for label in ("| OTPrune | 0 |", "| OTPrune (γ=0.05) | 0 |", "| OTPrune (official order) | 0 |", "| Random (seed=3) | 0 |",
+                  "| Random | 0 |"):
+        assert label in markdown, label
+    rows = list(csv.DictReader(io.StringIO(report.to_csv(rep))))
+    assert sorted((row["method"], row["gamma"], row["seed"], row["order"]) for row in rows if row["method"] == "OTPrune") \
+        == [("OTPrune", "0.01", "", "ascending"), ("OTPrune", "0.01", "", "official"), ("OTPrune", "0.05", "", "ascending")]
+    assert "several results" not in markdown  # no row mixes two settings
+
+
+def test_fitprune_recipes_are_rows_of_their_own(tmp_path):
+    for index, recipe in enumerate(("/r/light.json", "/r/heavy.json")):
+        out = tmp_path / f"fit{index}"
+        start = T0 + 1000 * index
+        write_results(out, MODEL, {"gqa": {"exact_match": 0.4 + index / 10}}, start=start)
+        sample = dict(stats(23, 576, method="fitprune", ratio=None, layer=2), recipe=recipe, order="ascending")
+        write_records(out, MODEL, [sample], time=start + 10, tasks="gqa")
+    rep = report.build_report(tmp_path)
+    assert sorted(row.recipe for row in rep.rows) == ["/r/heavy.json", "/r/light.json"]
+    markdown = report.to_markdown(rep)
+    assert "| FitPrune (light.json) |" in markdown and "| FitPrune (heavy.json) |" in markdown
+
+
+def test_run_info_settings_without_records(tmp_path):
+    out = tmp_path / "llava-v1.5-7b" / "ours_r0.098_l0_g0.05" / "gqa"
+    write_results(out, MODEL, {"gqa": {"exact_match": 0.5}}, start=T0)
+    (out / "otprune_run.json").write_text(json.dumps(
+        {"otprune_run": 1, "model": MODEL, "task": "gqa", "lmms_model": "llava", "method": "otprune", "baseline": "OURS",
+         "layer": 0, "ratio": 0.098, "gamma": 0.05, "seed": None, "order": "ascending", "recipe": None}))
+    (row,) = report.build_report(tmp_path).rows
+    assert (row.method, row.layer, row.ratio, row.gamma, row.order) == ("otprune", 0, 0.098, 0.05, "ascending")
+
+
+def test_mme_cognition_beside_perception_and_the_provenance_footer(tmp_path):
+    """MME's column is the paper's perception score; lmms-eval's cognition score gets its own column.
+    The footer names the lmms-eval version the records were written under and MMBench's judge."""
+    from otprune.records import RecordWriter
+
+    for method, values in (("otprune", (1368.0, 301.0, 60.4)), (None, (1506.0, 355.0, 64.1))):
+        tag = "original" if method is None else "otprune_r0.098_l0"
+        for task, metrics in (("mme", {"mme_perception_score": values[0], "mme_cognition_score": values[1]}),
+                              ("mmbench_en_dev", {"gpt_eval_score": values[2]})):
+            out = tmp_path / tag / task
+            write_results(out, MODEL, {task: metrics}, start=T0 + (0 if method is None else 1000))
+            path = write_records(out, MODEL, [stats(30, 576, method=method, ratio=0.098 if method else None)],
+                                 time=T0 + (30 if method is None else 1030), tasks=task)
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            for line in lines:
+                line.update(lmms_eval_version="0.7.3", mmbench_judge=None if method else "gpt-4o-mini")
+            path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rep = report.build_report(tmp_path)
+    assert rep.tasks == ["mmbench_en_dev", "mme", "mme_cognition"]
+    original, otprune = rep.rows
+    assert otprune.scores == pytest.approx({"mmbench_en_dev": 60.4, "mme": 1368.0, "mme_cognition": 301.0})
+    markdown = report.to_markdown(rep)
+    assert "| MMB Acc | MME P | MME C |" in markdown
+    assert "lmms-eval: 0.7.3 (from the records)." in markdown
+    assert "MMBench judge: gpt-4o-2024-11-20 (lmms-eval's default), gpt-4o-mini (set MODEL_VERSION" in markdown
+    # The writer stamps both into each record of an lmms-eval run.
+    argv = ["lmms_eval", "--output_path", str(tmp_path / "w"), "--model_args", f"pretrained={MODEL}"]
+    writer = RecordWriter.from_env({"MODEL_VERSION": "gpt-4o-mini"}, argv=argv)
+    assert writer.context["mmbench_judge"] == "gpt-4o-mini"
+    assert writer.context["lmms_eval_version"] is not None

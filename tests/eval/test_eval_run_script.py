@@ -1,4 +1,5 @@
 import itertools
+import json
 import os
 import re
 import shlex
@@ -14,7 +15,8 @@ MODELS = ["liuhaotian/llava-v1.5-7b", "liuhaotian/llava-v1.5-13b", "liuhaotian/l
 TASKS = ["coco2017_cap_val", "flickr30k_test", "gqa", "mmbench_en_dev", "mme", "mmmu_val", "nocaps_val",
          "ok_vqa_val2014", "pope", "scienceqa_img", "seedbench"]
 SWITCHES = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "MODELS", "TASKS", "METHODS", "RATIOS", "LAYERS", "LOG_DIR", "LIMIT",
-            "NUM_GPUS")
+            "NUM_GPUS", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE", "FASTV_LAYERS", "VTW_LAYERS",
+            "PYTHON")
 
 
 def run(*args, env=None, cwd=None):
@@ -70,16 +72,300 @@ def test_paper_group_name_expands_to_the_11_tasks():
     assert sorted(option(argv, "--tasks") for argv in commands(result.stdout)) == sorted(TASKS)
 
 
+def write_lmms_results(output_path, model, task, results=None):
+    """lmms-eval 0.7's results file of one run (only the keys the script reads)."""
+    from otprune.records import sanitize_model_name
+
+    folder = Path(output_path) / sanitize_model_name(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"results": {task: {"alias": task, "exact_match,none": 0.5}} if results is None else results}
+    (folder / "20250101_000000_results.json").write_text(json.dumps(data))
+
+
 def test_resume_skips_runs_with_results(tmp_path):
-    done = tmp_path / "llava-v1.5-7b" / "ours_r0.098_l0" / "gqa" / "liuhaotian__llava-v1.5-7b"
-    done.mkdir(parents=True)
-    (done / "20250101_000000_results.json").write_text("{}")
+    write_lmms_results(tmp_path / "llava-v1.5-7b" / "ours_r0.098_l0" / "gqa", MODELS[0], "gqa")
     result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa,pope", "--log-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "skip (results exist)" in result.stdout
     assert [option(argv, "--tasks") for argv in commands(result.stdout)] == ["pope"]
     forced = run("--dry-run", "--force", "--models", MODELS[0], "--tasks", "gqa,pope", "--log-dir", str(tmp_path))
     assert len(commands(forced.stdout)) == 2
+
+
+@pytest.mark.parametrize("results", [None, {}, {"results": {}}, {"results": {"pope": {"acc,none": 1.0}}},
+                                     {"results": {"gqa": {"alias": "gqa"}}}, "not json"])
+def test_resume_retries_runs_without_complete_results(tmp_path, results):
+    """A results file without numbers for the task (or none at all) is a failed run: run it again."""
+    out = tmp_path / "llava-v1.5-7b" / "ours_r0.098_l0" / "gqa"
+    folder = out / "liuhaotian__llava-v1.5-7b"
+    folder.mkdir(parents=True)
+    (folder / "otprune_records_x.jsonl").write_text("{}\n")
+    if results is not None:
+        text = results if isinstance(results, str) else json.dumps(results)
+        (folder / "20250101_000000_results.json").write_text(text)
+    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--log-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "skip" not in result.stdout and "retry (no complete results" in result.stdout
+    assert [option(argv, "--tasks") for argv in commands(result.stdout)] == ["gqa"]
+
+
+# ---------------------------------------------------------------- real runs with a fake lmms-eval
+
+FAKE_LMMS = """
+import json, os, sys, time
+from otprune.records import model_name_from_args, sanitize_model_name
+
+args = sys.argv[1:]
+def value(name):
+    return args[args.index(name) + 1]
+out, task, model_args = value("--output_path"), value("--tasks"), value("--model_args")
+env = {k: os.environ.get(k) for k in ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED",
+                                       "OTPRUNE_ORDER", "FITPRUNE_RECIPE")}
+with open(os.environ["FAKE_LMMS_LOG"], "a") as log:
+    log.write(json.dumps({"task": task, "output_path": out, "argv": args, "env": env}) + "\\n")
+behaviour = dict(item.split("=") for item in os.environ.get("FAKE_LMMS", "").split(",") if item).get(task, "ok")
+print("fake lmms-eval", task, behaviour)
+if behaviour == "fail":
+    sys.exit(3)
+if behaviour == "silent":  # lmms-eval logs the model's exception and exits 0 without results
+    print("Error during evaluation: The size of tensor a (4) must match the size of tensor b (5)", file=sys.stderr)
+    sys.exit(0)
+folder = os.path.join(out, sanitize_model_name(model_name_from_args(model_args)))
+os.makedirs(folder, exist_ok=True)
+results = {task: {"alias": task, "exact_match,none": 0.25}} if behaviour == "ok" else {}
+with open(os.path.join(folder, time.strftime("%Y%m%d_%H%M%S") + "_results.json"), "w") as file:
+    json.dump({"results": results, "config": {"model_args": model_args}}, file)
+"""
+
+
+@pytest.fixture
+def fake_gpu_env(tmp_path):
+    """PATH with a fake nvidia-smi, PYTHON = a wrapper that runs FAKE_LMMS for `-m accelerate.commands.launch`."""
+    import sys
+
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'GPU 0: Fake GPU (UUID: GPU-0)'\n")
+    (bin_dir / "fake_lmms.py").write_text(FAKE_LMMS)
+    (bin_dir / "python").write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "${1:-}" == -m && "${2:-}" == accelerate.commands.launch ]]; then\n'
+        f'    exec {shlex.quote(sys.executable)} {shlex.quote(str(bin_dir / "fake_lmms.py"))} "$@"\n'
+        "fi\n"
+        'if [[ "${1:-}" == -c && "${2:-}" == *torch.cuda* ]]; then exit 0; fi\n'
+        f'exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    for name in ("nvidia-smi", "python"):
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "lmms_calls.jsonl"
+    log.touch()
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"), "FAKE_LMMS_LOG": str(log)}
+    return env, log
+
+
+def calls(log):
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def test_runs_without_results_fail_the_script_and_are_retried(tmp_path, fake_gpu_env):
+    env, log = fake_gpu_env
+    logs = tmp_path / "logs"
+    args = ("--models", MODELS[0], "--tasks", "gqa,pope,mme,seedbench", "--methods", "VTW", "--vtw-layers", "2",
+            "--log-dir", str(logs), "--no-report")
+    first = run(*args, env={**env, "FAKE_LMMS": "pope=silent,mme=fail,seedbench=empty"})
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert [call["task"] for call in calls(log)] == ["gqa", "pope", "mme", "seedbench"]
+    summary = [line for line in first.stderr.splitlines() if line.startswith("run_OTPrune.sh: FAILED:")]
+    assert len(summary) == 3
+    base = logs / "llava-v1.5-7b" / "vtw_l2"
+    whys = ("lmms-eval exited 0 without results for pope", "lmms-eval exited 3", "lmms-eval exited 0 without results for seedbench")
+    for line, task, why in zip(summary, ("pope", "mme", "seedbench"), whys, strict=True):
+        assert str(base / task) in line and why in line and str(base / task / "lmms_eval.log") in line
+    assert "3 of 4 runs failed" in first.stderr
+    assert not any(str(base / "gqa") in line for line in summary)
+    info = json.loads((base / "gqa" / "otprune_run.json").read_text())
+    assert (info["method"], info["layer"], info["ratio"], info["lmms_model"]) == ("vtw", 2, None, "llava")
+    assert calls(log)[0]["env"]["BASELINE"] == "VTW" and calls(log)[0]["env"]["SUBSET_RATIO"] is None
+
+    log.write_text("")
+    second = run(*args, env=env)  # resume: only the failed runs run again
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [call["task"] for call in calls(log)] == ["pope", "mme", "seedbench"]
+    assert "skip (results exist)" in second.stdout and "FAILED" not in second.stderr
+
+
+def test_gamma_sweep_runs_are_not_skipped(tmp_path, fake_gpu_env):
+    env, log = fake_gpu_env
+    logs = tmp_path / "logs"
+    args = ("--models", MODELS[0], "--tasks", "gqa", "--log-dir", str(logs), "--no-report")
+    assert run(*args, env={**env, "OTPRUNE_GAMMA": "0.01"}).returncode == 0
+    second = run(*args, env={**env, "OTPRUNE_GAMMA": "0.05"})
+    assert second.returncode == 0, second.stderr
+    assert "skip" not in second.stdout
+    assert [(call["env"]["OTPRUNE_GAMMA"], Path(call["output_path"]).parent.name) for call in calls(log)] == [
+        ("0.01", "ours_r0.098_l0"), ("0.05", "ours_r0.098_l0_g0.05")]
+    info = json.loads((logs / "llava-v1.5-7b" / "ours_r0.098_l0_g0.05" / "gqa" / "otprune_run.json").read_text())
+    assert (info["method"], info["gamma"], info["seed"], info["order"], info["recipe"]) == ("otprune", 0.05, None,
+                                                                                           "ascending", None)
+
+
+# ---------------------------------------------------------------- methods and their layers
+
+
+def settings_of(stdout):
+    """{setting folder: the pruning variables in front of its command} of a dry run."""
+    found = {}
+    for argv in commands(stdout):
+        out = Path(option(argv, "--output_path"))
+        found[out.parent.name] = [arg for arg in argv[: argv.index("-m") - 1] if "=" in arg and arg.split("=")[0].isupper()]
+    return found
+
+
+def test_every_method_with_its_default_layer_in_one_call(tmp_path):
+    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--methods", "none,OURS,FASTV,VTW",
+                 "--vtw-layers", "16", "--log-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert settings_of(result.stdout) == {
+        "original": [],
+        "ours_r0.098_l0": ["BASELINE=OURS", "LAYER_INDEX=0", "SUBSET_RATIO=0.098"],
+        "fastv_r0.098_l2": ["BASELINE=FASTV", "LAYER_INDEX=2", "SUBSET_RATIO=0.098"],
+        "vtw_l16": ["BASELINE=VTW", "LAYER_INDEX=16"],
+    }
+
+
+def test_layers_apply_to_the_methods_that_can_use_them(tmp_path):
+    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--methods", "OURS,FASTV,VTW",
+                 "--layers", "0,3", "--ratios", "0.25,0.5", "--log-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert sorted(settings_of(result.stdout)) == sorted([
+        "ours_r0.25_l0", "ours_r0.25_l3", "ours_r0.5_l0", "ours_r0.5_l3",
+        "fastv_r0.25_l3", "fastv_r0.5_l3",  # FastV and VTW act at layers >= 1: the given ones
+        "vtw_l3",  # VTW keeps no visual token: no ratio, one run
+    ])
+    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--methods", "FASTV", "--fastv-layers", "1,2",
+                 "--layers", "3", "--log-dir", str(tmp_path))
+    assert sorted(settings_of(result.stdout)) == ["fastv_r0.098_l1", "fastv_r0.098_l2"]
+
+
+def test_vtw_without_a_layer_is_a_clear_error(tmp_path):
+    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--methods", "OURS,VTW", "--log-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "VTW" in result.stderr and "--vtw-layers" in result.stderr
+    assert "-m lmms_eval" not in result.stdout
+
+
+def test_fitprune_takes_its_recipe(tmp_path):
+    from otprune.fitprune import FitPruneRecipe, save_recipe
+
+    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--methods", "FITPRUNE", "--log-dir", str(tmp_path))
+    assert result.returncode == 2 and "FITPRUNE_RECIPE" in result.stderr
+    recipe = save_recipe(FitPruneRecipe(32, 4096, 11008, 576, 60, (0,) * 2 + (100,) * 30, 0.5), tmp_path / "r7b.json")
+    for how in (("--fitprune-recipe", str(recipe)), ()):
+        extra = {} if how else {"FITPRUNE_RECIPE": str(recipe)}
+        result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--methods", "OURS,FITPRUNE", *how,
+                     "--layers", "0", "--ratios", "0.098,0.25", "--log-dir", str(tmp_path / "logs"), env=extra)
+        assert result.returncode == 0, result.stderr
+        found = settings_of(result.stdout)
+        (tag,) = [name for name in found if name.startswith("fitprune")]
+        assert tag.startswith("fitprune_r7b-") and found[tag] == ["BASELINE=FITPRUNE", f"FITPRUNE_RECIPE={recipe}"]
+        assert len(found) == 3  # OURS x 2 ratios + one FitPrune run (its counts come from the recipe)
+
+
+def test_settings_from_the_environment_name_the_run(tmp_path):
+    env = {"OTPRUNE_GAMMA": "0.05", "OTPRUNE_SEED": "3", "OTPRUNE_ORDER": "official"}
+    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--methods", "OURS,RANDOM,DIVPRUNE,FASTV",
+                 "--layers", "0", "--log-dir", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert settings_of(result.stdout) == {
+        "ours_r0.098_l0_g0.05_official": ["BASELINE=OURS", "LAYER_INDEX=0", "SUBSET_RATIO=0.098", "OTPRUNE_GAMMA=0.05",
+                                          "OTPRUNE_ORDER=official"],
+        "random_r0.098_l0_s3_official": ["BASELINE=RANDOM", "LAYER_INDEX=0", "SUBSET_RATIO=0.098", "OTPRUNE_SEED=3",
+                                         "OTPRUNE_ORDER=official"],
+        "divprune_r0.098_l0_official": ["BASELINE=DIVPRUNE", "LAYER_INDEX=0", "SUBSET_RATIO=0.098", "OTPRUNE_ORDER=official"],
+        "fastv_r0.098_l2": ["BASELINE=FASTV", "LAYER_INDEX=2", "SUBSET_RATIO=0.098"],  # the order is for layer 0 only
+    }
+    bad = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", env={"OTPRUNE_GAMMA": "-1"})
+    assert bad.returncode == 2 and "OTPRUNE_GAMMA='-1'" in bad.stderr
+
+
+def test_refused_checkpoint_is_not_a_known_model():
+    result = run("--dry-run", "--models", "liuhaotian/llava-v1.6-mistral-7b", "--tasks", "gqa")
+    assert result.returncode == 2
+    assert "Mistral" in result.stderr
+    assert "liuhaotian/llava-v1.6-mistral-7b" not in run("--help").stdout
+
+
+# ---------------------------------------------------------------- which lmms-eval model runs a checkpoint
+
+
+def lmms_models(stdout):
+    return {option(argv, "--model_args"): option(argv, "--model") for argv in commands(stdout)}
+
+
+def test_hf_checkpoints_run_through_otprune_hf(tmp_path):
+    models = ["llava-hf/llava-1.5-7b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "liuhaotian/llava-v1.5-7b",
+              "llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-onevision-qwen2-7b-ov-hf"]
+    result = run("--dry-run", "--models", ",".join(models), "--tasks", "gqa", "--methods", "none,OURS",
+                 "--log-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert lmms_models(result.stdout) == {
+        "base=llava_hf,pretrained=llava-hf/llava-1.5-7b-hf": "otprune_hf",
+        "base=qwen2_5_vl,pretrained=Qwen/Qwen2.5-VL-7B-Instruct": "otprune_hf",
+        "pretrained=liuhaotian/llava-v1.5-7b": "llava",
+        "base=llava_hf,pretrained=llava-hf/llava-v1.6-mistral-7b-hf": "otprune_hf",
+        "base=llava_hf,pretrained=llava-hf/llava-onevision-qwen2-7b-ov-hf": "otprune_hf",
+    }
+    assert len(commands(result.stdout)) == 10
+    assert "--model otprune_hf --model_args base=qwen2_5_vl,pretrained=Qwen/Qwen2.5-VL-7B-Instruct --tasks gqa" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "config, model",
+    [
+        ({"model_type": "llava"}, "base=llava_hf"),
+        ({"model_type": "llava_next"}, "base=llava_hf"),
+        ({"model_type": "llava_onevision"}, "base=llava_hf"),
+        ({"model_type": "qwen2_5_vl"}, "base=qwen2_5_vl"),
+        ({"model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}, "llava"),
+        ({"model_type": "llava", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}, "llava"),  # original format
+    ],
+)
+def test_local_checkpoint_model_from_its_config(tmp_path, config, model):
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps(config))
+    result = run("--dry-run", "--models", str(local), "--tasks", "gqa", "--log-dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr
+    (argv,) = commands(result.stdout)
+    if model == "llava":
+        assert option(argv, "--model") == "llava" and option(argv, "--model_args") == f"pretrained={local}"
+    else:
+        assert option(argv, "--model") == "otprune_hf" and option(argv, "--model_args") == f"{model},pretrained={local}"
+
+
+def test_local_folder_of_unknown_format(tmp_path):
+    local = tmp_path / "mystery"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"model_type": "mllama"}))
+    result = run("--dry-run", "--models", str(local), "--tasks", "gqa")
+    assert result.returncode == 2 and "model_type 'mllama'" in result.stderr
+    result = run("--dry-run", "--models", str(local), "--tasks", "gqa", "--allow-unknown")
+    assert result.returncode == 0 and f"--model llava --model_args pretrained={local}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "FASTV"], "FASTV"),
+        (["--methods", "VTW", "--vtw-layers", "2"], "VTW"),
+        (["--methods", "OURS", "--layers", "0,2"], "layer 2"),
+    ],
+)
+def test_hf_checkpoints_refuse_pruning_inside_the_llm(args, message):
+    result = run("--dry-run", "--models", "liuhaotian/llava-v1.5-7b,llava-hf/llava-1.5-7b-hf", "--tasks", "gqa", *args)
+    assert result.returncode == 2
+    assert "llava-hf/llava-1.5-7b-hf" in result.stderr and message in result.stderr and "LAYER_INDEX=0" in result.stderr
+    assert "-m lmms_eval" not in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -105,6 +391,7 @@ def test_bad_names_and_values_are_clear_errors(args, message):
 def test_allow_unknown_and_local_checkpoint_folders(tmp_path):
     local = tmp_path / "my-llava"
     local.mkdir()
+    (local / "config.json").write_text(json.dumps({"model_type": "llava_llama", "mm_vision_tower": "clip"}))
     result = run("--dry-run", "--models", str(local), "--tasks", "gqa")
     assert result.returncode == 0, result.stderr
     assert f"pretrained={local}" in result.stdout
@@ -138,5 +425,7 @@ def test_without_gpu_it_points_to_the_smoke_test(tmp_path):
 def test_help():
     result = run("--help")
     assert result.returncode == 0
-    for flag in ("--models", "--tasks", "--methods", "--ratios", "--layers", "--gpus", "--log-dir", "--limit", "--dry-run", "--smoke"):
-        assert flag in result.stdout
+    for flag in ("--models", "--tasks", "--methods", "--ratios", "--layers", "--gpus", "--log-dir", "--limit", "--dry-run", "--smoke",
+                 "--fastv-layers", "--vtw-layers", "--fitprune-recipe", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER",
+                 "otprune_hf", "FAILED"):
+        assert flag in result.stdout, flag
