@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet
-from otprune.methods.base import TokenSelector, valid_mask
+from otprune.methods.base import TokenSelector, flat_rows, valid_mask
 
 
 def column_sq_norms(features: Tensor, chunk: int = 64) -> Tensor:
@@ -88,36 +88,69 @@ def interaction(features: Tensor) -> Tensor:
     return symmetric_gram(features, scale=column_scales(features))
 
 
-def duplicate_representatives(features: Tensor, s: Tensor, rtol: float = 1e-3) -> Tensor:
+def row_keys(features: Tensor) -> Tensor:
+    """(B, N) int64 fingerprints of the tokens' exact bit patterns: equal rows, equal keys.
+
+    The wrapping 32-bit sums of the raw bits of each row's two halves, so the key is exact
+    integer arithmetic: it does not depend on the summation order, the device or the BLAS.
+    Different rows collide with probability about 2^-64 per pair (or when they differ by a
+    permutation within a half; `duplicate_representatives` checks candidates element-wise).
+    """
+    bits = features.contiguous().view(torch.int32)  # (B, N, D) for fp32, (B, N, 2D) for fp64
+    half = bits.shape[-1] // 2
+    low = bits[..., half:].sum(-1, dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
+    high = bits[..., :half].sum(-1, dtype=torch.int32).to(torch.int64)
+    return (high << 32) | low
+
+
+def duplicate_representatives(features: Tensor) -> Tensor:
     """(B, N) long: for every token, the lowest index of a token with exactly the same features.
+
+    (`representatives` also says whether any copy was found.)
 
     Exact duplicates have identical rows of S and of L in exact arithmetic, but a GEMM may round
     two copies differently (they sit at different positions in the product). The kernel is
     therefore read through this map (`L[i, j] := L[rep[i], rep[j]]` off the identity), so copies
     get bit-identical kernel values and an exact tie goes to the lowest index, on every BLAS.
 
-    Candidates come from S (copies have S[i, j] = S[i, i] = S[j, j] up to rounding; the lowest
-    such j <= i is the candidate) and are then checked for exact equality of the features, so a
-    near-duplicate is never merged: it keeps its own index (also, in the rare case that a
-    near-duplicate precedes the true copy, the copy keeps its own index, which is still exact,
-    only not canonical). Padding rows (zero) map to the first zero token or themselves; they
-    are never selected.
+    Candidates are the tokens with equal `row_keys` (a stable sort groups them, lowest index
+    first); they are then compared element by element, so different tokens are never merged.
+    The comparison runs only when some candidate exists (one host read, before any selection
+    loop; under `torch.compile` a `torch.cond`, so the method still compiles as one graph). A token whose key collides
+    with a different, lower-indexed token keeps its own index: still exact, only not merged.
 
     Args:
-        features: (B, N, D), the tokens (padding rows zero).
-        s: (B, N, N), the interaction S of these features (`interaction`).
-        rtol: relative tolerance of the candidate test (far above fp32 rounding of S).
+        features: (B, N, D), the tokens (padding rows zero: they map to the first zero row).
     """
-    diag = s.diagonal(dim1=1, dim2=2)  # (B, N)
-    bound = torch.maximum(diag[:, :, None], diag[:, None, :]) * (1.0 - rtol)  # (B, N, N)
-    lower = torch.ones(s.shape[-1], s.shape[-1], dtype=torch.bool, device=s.device).tril_()
-    candidate = (s >= bound) & lower  # j <= i; always true at j = i unless the token is zero
-    candidate.diagonal(dim1=1, dim2=2).fill_(True)
-    first = candidate.to(torch.uint8).argmax(dim=-1)  # (B, N): lowest candidate index (first max)
-    copies = torch.gather(features, 1, first[:, :, None].expand_as(features))  # (B, N, D)
-    same = (copies == features).all(dim=-1)  # (B, N): an exact copy
-    own = torch.arange(s.shape[-1], device=s.device).expand_as(first)
-    return torch.where(same, first, own)
+    return representatives(features)[0]
+
+
+def representatives(features: Tensor, valid: Tensor | None = None) -> tuple[Tensor, bool | None]:
+    """`duplicate_representatives`, and whether some token has a candidate copy (None under
+    `torch.compile`, where that is not read on the host). `valid`: (B, N) bool; padding rows
+    (False) keep their own index and are no one's copy."""
+    bsz, n, dim = features.shape
+    keys, order = torch.sort(row_keys(features), dim=-1, stable=True)  # (B, N) each, ascending index within a key
+    starts = torch.ones_like(keys, dtype=torch.bool)
+    starts[:, 1:] = keys[:, 1:] != keys[:, :-1]
+    group = starts.cumsum(-1) - 1  # (B, N): group of each sorted position
+    group_first = torch.zeros_like(order).scatter_add_(1, group, torch.where(starts, order, 0))
+    first = torch.empty_like(order).scatter_(1, order, group_first.gather(1, group))  # (B, N)
+    own = torch.arange(n, device=features.device).expand_as(first)
+    if valid is not None:  # padding follows the real tokens, so a real token never maps to it
+        first = torch.where(valid, first, own)
+
+    def checked(first: Tensor, features: Tensor) -> Tensor:
+        offsets = torch.arange(bsz, device=features.device)[:, None] * n
+        rows = features.reshape(bsz * n, dim)
+        copies = rows.index_select(0, (first + offsets).view(-1))  # (B * N, D)
+        same = (copies == rows).all(dim=-1).view(bsz, n)
+        return torch.where(same, first, own)
+
+    if torch.compiler.is_compiling():  # one graph: the comparison as a traced conditional
+        return torch.cond((first != own).any(), checked, lambda first, features: first.clone(), (first, features)), None
+    candidates = bool((first != own).any())
+    return (checked(first, features) if candidates else first), candidates
 
 
 def kernel_diag(s: Tensor, gamma: float) -> Tensor:
@@ -152,17 +185,17 @@ class OTPrune(TokenSelector):
         """The official OTPrune code's order: the iteration order of a Python set of the picks."""
         return official_order(picks)
 
-    def gram(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """gamma * S S^T: (B, N, N), exactly symmetric, and the duplicate map rep: (B, N).
+    def gram(self, features: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, bool | None]:
+        """gamma * S S^T: (B, N, N), exactly symmetric; the duplicate map rep: (B, N); and whether
+        any token has a candidate copy (`representatives`; False: rep is the identity).
 
-        The kernel is L[i, j] = [i == j] + G[rep[i], rep[j]] with G the first output
-        (`duplicate_representatives`).
+        The kernel is L[i, j] = [i == j] + G[rep[i], rep[j]] with G the first output.
         """
         s = interaction(features)  # (B, N, N)
-        rep = duplicate_representatives(features, s)
+        rep, copies = representatives(features, valid)
         gram = symmetric_gram(s)
         gram.mul_(self.gamma)
-        return gram, rep
+        return gram, rep, copies
 
     def kernel(self, features: Tensor) -> Tensor:
         """L = I + gamma * S S^T: (B, N, N) from features: (B, N, D) (padding rows zero).
@@ -170,26 +203,29 @@ class OTPrune(TokenSelector):
         Exactly symmetric; exact duplicate tokens have bit-identical rows (off the identity)
         and diagonal values. `select` never forms this matrix: it reads its diagonal and K rows.
         """
-        gram, rep = self.gram(features)
+        gram, rep, _ = self.gram(features)
         rows = torch.gather(gram, 1, rep[:, :, None].expand_as(gram))  # G[rep[i], :]
         kernel = torch.gather(rows, 2, rep[:, None, :].expand_as(gram))  # G[rep[i], rep[j]]
         kernel.diagonal(dim1=1, dim2=2).add_(1.0)
         return kernel
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
-        gram, rep = self.gram(features)  # (B, N, N), (B, N)
+        valid = valid_mask(lengths, features.shape[1])  # (B, N)
+        gram, rep, copies = self.gram(features, valid)  # (B, N, N), (B, N)
         bsz, n, _ = gram.shape
+        if copies is False:  # no two tokens alike: L = I + G as it is, read in place
+            gram.diagonal(dim1=1, dim2=2).add_(1.0)
+            return greedy_logdet(gram.diagonal(dim1=1, dim2=2), flat_rows(gram), valid, k_max)
         diag = torch.gather(gram.diagonal(dim1=1, dim2=2), 1, rep) + 1.0  # (B, N): L[i, i]
         gram_rows = gram.view(bsz * n, n)
         offsets = torch.arange(bsz, device=gram.device)[:, None] * n  # (B, 1)
         rep_flat = (rep + offsets).view(-1)  # (B * N,)
         batch = torch.arange(bsz, device=gram.device)
 
-        def kernel_row(j: Tensor, flat: Tensor) -> Tensor:
+        def kernel_row(j: Tensor, flat: Tensor) -> Tensor:  # L[b, j[b], :] read through rep
             row = torch.gather(gram_rows.index_select(0, rep_flat.index_select(0, flat)), 1, rep)  # (B, N)
             return row.index_put_((batch, j), row.new_ones(()), accumulate=True)  # + identity
 
-        valid = valid_mask(lengths, n)
         return greedy_logdet(diag, kernel_row, valid, k_max)
 
 

@@ -12,6 +12,7 @@ def test_fullgraph_compile_gives_same_indices(name):
     torch._dynamo.reset()
     method = otprune.get_method(name)
     x = torch.randn(3, 24, 16)
+    x[0, 7] = x[0, 2]  # an exact duplicate: OTPrune's duplicate check runs inside the graph
     lengths = torch.tensor([24, 17, 9])
     k = otprune.keep_counts(0.25, lengths)
     x = x.masked_fill(~valid_mask(lengths, 24)[..., None], 0.0)

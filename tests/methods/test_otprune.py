@@ -9,8 +9,8 @@ from otprune.methods.base import flat_rows
 from otprune.methods.otprune import (
     OTPrune,
     duplicate_representatives,
-    interaction,
     official_order,
+    row_keys,
     symmetric_gram,
 )
 
@@ -79,10 +79,14 @@ def test_duplicate_representatives_are_the_lowest_exact_copy():
     x = _with_copies(300, 16, {5: 150, 150: 299, 7: 8})  # 5 == 150 == 299, 7 == 8
     x[40] = x[41] + 1e-6  # a near-duplicate: never merged
     x[100:104] = 0.0  # zero tokens are exact copies of each other
-    rep = duplicate_representatives(x[None], interaction(x[None]))[0].tolist()
+    x[60] = x[50][[2, 1, 0, *range(3, 16)]]  # same fingerprint as token 50 (a swap within one half)
+    assert torch.equal(row_keys(x[None])[0, 60], row_keys(x[None])[0, 50])
+    rep = duplicate_representatives(x[None])[0].tolist()
     expected = [next(j for j in range(i + 1) if torch.equal(x[j], x[i])) for i in range(300)]
     assert rep == expected
-    assert rep[299] == 5 and rep[8] == 7 and rep[41] == 41 and rep[103] == 100
+    assert rep[299] == 5 and rep[8] == 7 and rep[41] == 41 and rep[103] == 100 and rep[60] == 60
+    # No copies at all: every token is its own representative (the comparison is skipped).
+    assert duplicate_representatives(torch.randn(2, 50, 8)).tolist() == [list(range(50))] * 2
 
 
 def test_exact_tie_goes_to_the_lowest_index():
@@ -133,3 +137,18 @@ def test_objective_is_monotone_and_submodular():
 def test_bad_gamma():
     with pytest.raises(ValueError, match="gamma"):
         OTPrune(gamma=0)
+
+
+def test_padding_is_nobodys_copy_and_copies_in_a_ragged_batch_tie_low():
+    from otprune.methods.otprune import representatives
+
+    x = torch.randn(2, 40, 8)
+    x[0, 30:] = 0.0  # padding of sample 0 (length 30)
+    x[1, 20] = x[1, 3]
+    valid = torch.arange(40)[None] < torch.tensor([30, 40])[:, None]
+    rep, copies = representatives(x, valid)
+    assert copies is True
+    assert rep[0].tolist() == list(range(40))  # padding rows keep their own index
+    assert rep[1, 20] == 3 and rep[1].tolist().count(3) == 2
+    rep0, copies0 = representatives(x[:1], valid[:1])
+    assert copies0 is False and rep0[0].tolist() == list(range(40))  # padding alone is not a copy
