@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default=None, help="device map for loading the model (default: cuda if available, else cpu)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, needs=("transformers", "sentencepiece", "PIL"))
 
 
 def run(args) -> int:

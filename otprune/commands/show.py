@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the projection and of the random method (default 0)")
     parser.add_argument("--gamma", type=float, default=0.01, help="OTPrune's gamma (default 0.01)")
     parser.add_argument("--panel", type=int, default=336, help="panel side in pixels (default 336)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, needs=("ot", "matplotlib", "PIL"))
 
 
 def load_model(model_dir: str):

@@ -80,7 +80,7 @@ def register(subparsers) -> None:
     parser.add_argument("--estimate", action="store_true", help="only measure the scoring speed and print the projected run time")
     parser.add_argument("--json", metavar="FILE", help="write every number (per seed and summary) to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, needs=("ot", "tqdm"))
 
 
 def _resolve(args) -> dict:

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--layers", type=int, default=None,
                         help="decoder layers (default 2; >= 3 to try FastV at its default LAYER_INDEX=2)")
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads: 4 (default), 2 or 1 (grouped-query)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, needs=("transformers", "sentencepiece", "PIL"))
 
 
 def run(args) -> int:
