@@ -1,14 +1,35 @@
-"""`otprune bench selection`: time the selection methods against the cost floor."""
+"""`otprune bench selection` / `otprune bench prefill`: time the selection methods against their
+cost floor, and a whole multimodal prefill unpruned vs pruned."""
 
 from __future__ import annotations
 
 import argparse
 
+FAMILY_CHOICES = ["all", "llava", "llava_next", "onevision", "qwen2_5_vl"]  # = otprune.bench_prefill.FAMILIES
+LAYERS_ONE_FAMILY = 4
+LAYERS_ALL = 1  # `--family all` runs four models; one layer keeps the default run at a few minutes on 2 cores
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="Benchmark the selection methods",
+        help="Benchmark the selection methods, or a whole prefill unpruned vs pruned",
+        description=(
+            "selection: time every selection method on random features against OTPrune's cost floor. "
+            "prefill: time one multimodal forward (prompt + image) of each model family unpruned and pruned, "
+            "with random weights at the real LLM sizes. `otprune bench WHAT --help` for the options."
+        ),
+    )
+    what = parser.add_subparsers(dest="what", metavar="WHAT")
+    what.required = True
+    _register_selection(what)
+    _register_prefill(what)
+
+
+def _register_selection(what) -> None:
+    parser = what.add_parser(
+        "selection",
+        help="time the selection methods against the cost floor",
         description=(
             "Time every selection method on random features and compare OTPrune with its cost floor, "
             "one Xn @ Xn.T product (N x N x D), measured in the same process (ratios from paired runs). "
@@ -16,7 +37,6 @@ def register(subparsers) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("what", choices=["selection"], help="what to benchmark")
     parser.add_argument("--sizes", default="576,1152,2880", help="token counts N, comma-separated")
     parser.add_argument("--dim", type=int, default=4096, help="feature dimension D (4096 = LLaVA-7B)")
     parser.add_argument("--ratio", type=float, default=0.098, help="kept ratio")
@@ -25,6 +45,45 @@ def register(subparsers) -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch size for the batched-vs-single comparison")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.set_defaults(run=run)
+
+
+def _register_prefill(what) -> None:
+    parser = what.add_parser(
+        "prefill",
+        help="time a multimodal prefill unpruned vs pruned (random weights, real LLM sizes, CPU)",
+        description=(
+            "Build each model family (transformers' LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL classes) "
+            "offline with random weights at the real hidden / FFN sizes and heads of its LLM but only --layers "
+            "decoder layers, and a tiny vision tower that gives the real number of visual tokens per image. Time one "
+            "forward over a prompt with one image (fp32, CPU) unpruned and with otprune.hf.apply(model, "
+            "PruneConfig(method, layer=0, ratio)): paired runs after a warm-up, medians. The table gives the "
+            "measured pruned/unpruned time ratio (whole forward, and inside the LLM only) next to the ratio that "
+            "the FLOPs formula 4nd^2 + 2n^2d + 2ndm predicts for the same token counts and sizes."
+        ),
+    )
+    parser.add_argument("--family", choices=FAMILY_CHOICES, default="all", help="model family, or all four (default: all)")
+    parser.add_argument(
+        "--width", type=int, default=None,
+        help="LLM hidden size d (default: the family's 7B LLM: 4096 for llava / llava_next, 3584 for onevision / "
+        "qwen2_5_vl); a known width takes its real model's FFN size and heads (e.g. 5120 = 13B)",
+    )  # fmt: skip
+    parser.add_argument("--intermediate", type=int, default=None, help="FFN size m (default: the real model's)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (default: the real model's)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: the real model's)")
+    parser.add_argument(
+        "--layers", type=int, default=None,
+        help=f"decoder layers built (default: {LAYERS_ONE_FAMILY} for one family, {LAYERS_ALL} for --family all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--image-size", default=None,
+        help="WIDTHxHEIGHT of the image (default per family: llava / llava_next 640x480 -> 576 / 2340 visual "
+        "tokens, onevision 384x384 -> 1485, qwen2_5_vl 448x448 -> 256)",
+    )  # fmt: skip
+    parser.add_argument("--method", default="otprune", help="selection method of otprune.METHODS (default: otprune)")
+    parser.add_argument("--ratio", type=float, default=0.098, help="kept fraction of each image's visual tokens (default: 0.098)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed pairs (unpruned, pruned) after one warm-up pair (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.set_defaults(run=run_prefill, needs=("transformers", "tokenizers"))
 
 
 def run(args) -> int:
@@ -50,4 +109,53 @@ def run(args) -> int:
         progress=lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True),
     )
     print(bench.format_table(rows, args.dim, args.ratio, args.device))
+    return 0
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """"640x480" -> (640, 480)."""
+    width, sep, height = text.lower().replace(" ", "").partition("x")
+    try:
+        size = (int(width), int(height)) if sep else None
+    except ValueError:
+        size = None
+    if size is None or min(size) < 1:
+        raise ValueError(f"--image-size={text!r}: must be WIDTHxHEIGHT in pixels, e.g. 640x480")
+    return size
+
+
+def run_prefill(args) -> int:
+    import sys
+
+    import torch
+
+    from otprune import METHODS, bench_prefill
+
+    for flag, value in (("--layers", args.layers), ("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}={value}: must be an integer >= 1")
+    if not 0.0 < args.ratio <= 1.0:  # also rejects NaN
+        raise ValueError(f"--ratio={args.ratio}: must be in (0, 1], e.g. 0.098")
+    try:
+        method = METHODS.canonical(args.method)
+    except ValueError as err:
+        raise ValueError(f"--method={args.method!r}: {err}") from None
+    families = list(bench_prefill.FAMILIES) if args.family == "all" else [args.family]
+    layers = args.layers or (LAYERS_ALL if args.family == "all" else LAYERS_ONE_FAMILY)
+    sizes = {f: bench_prefill.llm_size(f, args.width, args.intermediate, args.heads, args.kv_heads) for f in families}
+    images = {f: parse_image_size(args.image_size) for f in families} if args.image_size else {}
+
+    def progress(message: str) -> None:
+        print(f"  ... {message}", file=sys.stderr, flush=True)
+
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        progress(f"prefill benchmark: {', '.join(families)}; {layers} decoder layer(s), {method} ratio {args.ratio}, "
+                 f"{args.repeats} timed pair(s) after a warm-up, {torch.get_num_threads()} torch threads")  # fmt: skip
+        rows = bench_prefill.run(families, sizes, layers, method, args.ratio, args.repeats, images, progress)
+        print(bench_prefill.format_table(rows, method, args.ratio, args.repeats))
+    finally:
+        torch.set_num_threads(threads)
     return 0
