@@ -44,14 +44,8 @@ from torch import nn
 
 from otprune import flops
 from otprune.config import PruneConfig
+from otprune.hf import FAMILIES, MODEL_CLASSES
 
-FAMILIES = ("llava", "llava_next", "onevision", "qwen2_5_vl")
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "onevision": "LlavaOnevisionForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
 # The LLM each family's default checkpoints use: Llama (Vicuna) for LLaVA-1.5 / 1.6, Qwen2 otherwise.
 _QWEN_LLM = {"onevision", "qwen2_5_vl"}
 

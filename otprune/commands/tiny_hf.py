@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-FAMILIES = ("llava", "llava_next", "onevision", "qwen2_5_vl")
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "onevision": "LlavaOnevisionForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
+from otprune.hf import FAMILIES, MODEL_CLASSES
 
 DESCRIPTION = """\
 Write a tiny random-weight checkpoint of one of transformers' own multimodal model classes, with

@@ -34,6 +34,15 @@ ADAPTERS: dict[str, str] = {
     "qwen2_5_vl": "otprune.hf.qwen2_5_vl:Qwen2_5_VLAdapter",
 }
 
+# family -> the transformers class its adapter prunes (and `otprune tiny-hf` / `otprune bench prefill` build).
+MODEL_CLASSES: dict[str, str] = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+FAMILIES = tuple(MODEL_CLASSES)
+
 TINY_WRITERS: dict[str, str] = {
     "llava": "otprune.hf.tiny:write_tiny_llava",
     "llava_next": "otprune.hf.tiny:write_tiny_llava_next",
@@ -120,4 +129,4 @@ def tiny_writer(family: str) -> Callable:
         raise
 
 
-__all__ = ["ADAPTERS", "TINY_WRITERS", "HFAdapter", "adapter_class", "apply", "load_object", "pruning", "tiny_writer"]
+__all__ = ["ADAPTERS", "FAMILIES", "MODEL_CLASSES", "TINY_WRITERS", "HFAdapter", "adapter_class", "apply", "load_object", "pruning", "tiny_writer"]

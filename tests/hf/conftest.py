@@ -14,14 +14,11 @@ import os
 
 import pytest
 import torch
+from model_env import clear_model_env
 
-PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE")
+from otprune.hf import MODEL_CLASSES
+
 LLAVA_FAMILIES = ("llava", "llava_next", "onevision")
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "onevision": "LlavaOnevisionForConditionalGeneration",
-}
 
 
 @dataclasses.dataclass
@@ -34,10 +31,7 @@ class TinyHF:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in PRUNING_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("OTPRUNE_RECORDS", "off")
+    clear_model_env(monkeypatch)
 
 
 @pytest.fixture(scope="session")

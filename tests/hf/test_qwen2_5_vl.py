@@ -23,7 +23,6 @@ from otprune.hf.qwen2_5_vl import Qwen2_5_VLAdapter
 from otprune.hf.qwen2_5_vl_tiny import MAX_PIXELS, MIN_PIXELS, SPECIAL_IDS, write_tiny_qwen2_5_vl
 from otprune.methods.otprune import official_order
 
-PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE")
 IGNORE_INDEX = -100
 TOL = {"atol": 2e-5, "rtol": 2e-5}
 
@@ -66,13 +65,6 @@ def model(tiny):
     if adapter is not None:
         adapter.remove()
     assert "forward" not in vars(model)
-
-
-@pytest.fixture(autouse=True)
-def no_pruning_env(monkeypatch):
-    for name in PRUNING_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OTPRUNE_RECORDS", "off")
 
 
 # -------------------------------------------------------------------- inputs

@@ -1,7 +1,6 @@
 """Session fixtures: tiny random LLaVA-1.5 / 1.6 checkpoints written once, loaded once, on CPU.
 
-Self-contained (imports only `llava` and pytest), so other test folders can copy these
-fixtures or move them to tests/conftest.py:
+Imports only `llava`, pytest and tests/model_env.py (the clean environment, shared with tests/hf):
 
 - `tiny_llava_v15_path` / `tiny_llava_v16_path`: directories written by `llava.tiny.write_tiny_llava`
   (names contain "llava", as the original builder expects).
@@ -19,8 +18,7 @@ import dataclasses
 
 import pytest
 import torch
-
-PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE")
+from model_env import clear_model_env
 
 
 @dataclasses.dataclass
@@ -33,10 +31,7 @@ class Tiny:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in PRUNING_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("OTPRUNE_RECORDS", "off")
+    clear_model_env(monkeypatch)
 
 
 @pytest.fixture(scope="session")
