@@ -371,6 +371,29 @@ def test_on_stats_callback(hf_llava):
     assert [s["images"] for s in seen[0]] == [1, 2, 0]
 
 
+def test_unpruned_prefill_is_counted_only_when_someone_listens(hf_tiny):
+    """Pruning off: with `on_stats` set (the lmms-eval plugin, for records) the prefill's visual and text
+    tokens and its time are reported; without it nothing is computed and the logits are the model's."""
+    inputs = make_inputs(hf_tiny, SAMPLES)
+    expected = logits(hf_tiny, inputs)
+    adapter = hf.apply(hf_tiny.model, PruneConfig())
+    torch.testing.assert_close(logits(hf_tiny, inputs), expected, rtol=0, atol=0)
+    assert adapter.last_stats == []
+    seen = []
+    adapter.on_stats = seen.append
+    torch.testing.assert_close(logits(hf_tiny, inputs), expected, rtol=0, atol=0)
+    (stats,) = seen
+    image_id = hf_tiny.model.config.image_token_id
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    for b, sample in enumerate(stats):
+        visual = int(((ids[b] == image_id) & mask[b]).sum())
+        assert sample["method"] is None and sample["images"] == len(SAMPLES[b][1])
+        assert sample["visual_tokens_before"] == sample["visual_tokens_after"] == visual
+        assert sample["text_tokens"] == int(mask[b].sum()) - visual
+        assert sample["seq_len_before"] == sample["seq_len_after"] == int(mask[b].sum())
+        assert sample["prefill_ms"] > 0 and sample["select_ms"] == 0.0
+
+
 def test_unsupported_model_lists_the_classes():
     with pytest.raises(ValueError, match="LlavaNextForConditionalGeneration"):
         hf.apply(torch.nn.Linear(2, 2))

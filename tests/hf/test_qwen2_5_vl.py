@@ -364,6 +364,22 @@ def test_keep_counts_and_stats(model, processor):
 
 
 # -------------------------------------------------------------------- generation
+def test_unpruned_prefill_counted_for_a_listener(model, processor):
+    """Pruning off with `on_stats` set (records): each image's tokens counted (runs of
+    <|image_pad|> between <|vision_start|> / <|vision_end|>), logits untouched."""
+    inputs = batch_inputs(processor)
+    expected = model(**inputs).logits
+    seen = []
+    with hf.pruning(model, otprune.PruneConfig()) as adapter:
+        adapter.on_stats = seen.append
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+    (stats,) = seen
+    assert [s["image_tokens_before"] for s in stats] == [[24], [9, 20], []]
+    for s in stats:
+        assert s["method"] is None and s["image_tokens_after"] == s["image_tokens_before"]
+        assert s["seq_len_after"] == s["seq_len_before"] == s["text_tokens"] + s["visual_tokens_before"]
+
+
 def greedy_logits_without_cache(model, inputs, tokens):
     """Logits of each step of a greedy continuation `tokens` (B, S): re-forward the growing sequence."""
     steps = []
