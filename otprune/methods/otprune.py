@@ -153,11 +153,6 @@ def representatives(features: Tensor, valid: Tensor | None = None) -> tuple[Tens
     return (checked(first, features) if candidates else first), candidates
 
 
-def kernel_diag(s: Tensor, gamma: float) -> Tensor:
-    """diag(L) = 1 + gamma * ||S[i, :]||^2: (B, N)."""
-    return 1.0 + gamma * (s * s).sum(-1)
-
-
 @dataclasses.dataclass
 class OTPrune(TokenSelector):
     """Greedy log-det selection on L = I + gamma * S S^T (ALGORITHM.md section 1).
