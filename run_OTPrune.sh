@@ -295,7 +295,7 @@ is_uint "$BATCH_SIZE" && [[ "$BATCH_SIZE" -ge 1 ]] || die "--batch-size: '$BATCH
 
 # Pruning settings: "none" = unpruned; a feature-selection method: every ratio x layer; FASTV: every
 # ratio x its layers; VTW: its layers (no ratio); FITPRUNE: its recipe. Each is checked by otprune's
-# own parser of the switches (the same code the model runs) and named by otprune.records.settings_tag.
+# own parser of the switches (the same code the model runs) and named by otprune.eval.records.settings_tag.
 # One line per setting: tag, method, layer, otprune_run.json fields, then the run's VAR=value switches.
 plan_settings() {
     "$PY" - "$METHODS" "$RATIOS" "$LAYERS" "$LAYERS_GIVEN" "$FASTV_LAYERS" "$VTW_LAYERS" "$FITPRUNE_RECIPE" <<'EOF'
@@ -313,7 +313,7 @@ def fail(message):
 try:
     from otprune.config import MODEL_METHODS, PruneConfig, canonical_method, describe_methods
     from otprune.methods import method_parameters
-    from otprune.records import result_settings, settings_tag
+    from otprune.eval.records import result_settings, settings_tag
 except Exception as err:  # noqa: BLE001
     fail(f"cannot import otprune with {sys.executable} ({err}); install it: pip install -e '.[eval]'")
 

@@ -10,14 +10,14 @@ import sys
 
 # (subcommand, module) in the order `otprune --help` lists them.
 COMMANDS = [
-    ("bench", "otprune.commands.bench"),
-    ("tiny-llava", "otprune.commands.tiny_llava"),
-    ("tiny-hf", "otprune.commands.tiny_hf"),
-    ("flops", "otprune.commands.flops"),
-    ("report", "otprune.commands.report"),
-    ("fitprune-calibrate", "otprune.commands.fitprune_calibrate"),
-    ("synth", "otprune.commands.synth"),
-    ("show", "otprune.commands.show"),
+    ("bench", "otprune.commands.bench_cmd"),
+    ("tiny-llava", "otprune.commands.tiny_llava_cmd"),
+    ("tiny-hf", "otprune.commands.tiny_hf_cmd"),
+    ("flops", "otprune.commands.flops_cmd"),
+    ("report", "otprune.commands.report_cmd"),
+    ("fitprune-calibrate", "otprune.commands.fitprune_calibrate_cmd"),
+    ("synth", "otprune.commands.synth_cmd"),
+    ("show", "otprune.commands.show_cmd"),
 ]
 
 

@@ -9,7 +9,7 @@
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
-| `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.records`): unset = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
+| `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
 
 The model-level (attention-based) methods prune inside the LLM and are switched on by `BASELINE`
 itself: `FASTV` prunes at `LAYER_INDEX` (default 2, FastV's K), keeping `SUBSET_RATIO` of each
@@ -27,134 +27,126 @@ import math
 import os
 from collections.abc import Mapping
 
-from otprune.methods import METHODS, TokenSelector, get_method, method_parameters
+from otprune import methods as registry
+from otprune.methods import TokenSelector, get_method
 
 KEEP_ORDERS = ("ascending", "official")
 
-# Methods that prune inside the LLM from attention scores (not feature-selection methods of
-# `otprune.METHODS`): name -> default layer (None: none, must be given).
-MODEL_METHODS = {"fastv": 2, "vtw": None, "fitprune": None}
-
-# How tables and figures name each method.
-DISPLAY_NAMES = {
-    "otprune": "OTPrune",
-    "divprune": "DivPrune",
-    "dpp": "DPP",
-    "random": "Random",
-    "uniform": "Uniform",
-    "first_k": "First-K",
-    "last_k": "Last-K",
-    "fastv": "FastV",
-    "vtw": "VTW",
-    "fitprune": "FitPrune",
-}
-
 
 def canonical_method(name: str) -> str:
-    """The canonical name of a selection method of `otprune.METHODS` or of a model-level method."""
-    key = str(name).strip().lower()
-    if key in MODEL_METHODS:
-        return key
-    if key in METHODS:
-        return METHODS.canonical(key)
-    raise ValueError(f"unknown selection method {name!r}; valid names: {describe_methods()}")
+    """The registry name of a method of either kind (selection or inside the LLM)."""
+    return registry.canonical(name)
 
 
 def describe_methods() -> str:
-    return f"{METHODS.describe()}; inside the LLM: {', '.join(MODEL_METHODS)}"
+    return registry.describe()
 
 
-@dataclasses.dataclass(frozen=True)
+def display_name(method: str | None) -> str:
+    """How tables and figures name `method` ("Original" when unpruned)."""
+    return registry.display_name(method)
+
+
+def _check_params(values: Mapping[str, object], env: Mapping[str, str] | None = None) -> dict[str, object]:
+    """Every given method parameter checked by the method(s) that take it; ValueError naming the
+    parameter (and its environment variable, with its text, when it came from there)."""
+    specs = registry.all_params()
+    out = {}
+    for name, value in values.items():
+        if name not in specs:
+            raise ValueError(f"{name}={value!r}: not a parameter of any method; known: {', '.join(specs) or 'none'}")
+        for cls in (c for c in registry._ALL.values() if any(p.name == name for p in c.params())):
+            try:
+                cls(**{name: value})
+            except (TypeError, ValueError) as err:
+                where = f"{specs[name].env}={env[specs[name].env]!r}" if env is not None else f"{name}={value!r}"
+                raise ValueError(f"{where}: {err}") from None
+        out[name] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class PruneConfig:
     """What to prune, where, and how much.
 
     Attributes:
         method: a selection method of `otprune.METHODS` (aliases and any case accepted), or a
-            model-level method inside the LLM: "fastv", "vtw", "fitprune".
+            rule inside the LLM of `otprune.methods.IN_LLM_RULES`: "fastv", "vtw", "fitprune".
         layer: None = pruning off; 0 = prune the visual embeddings before the LLM; L > 0 = prune
-            the hidden states entering decoder layer L. Defaults for the model-level methods:
+            the hidden states entering decoder layer L. Defaults of the rules inside the LLM:
             FastV 2; FitPrune the recipe's first pruning layer; VTW has none (required).
         ratio: fraction of each image's visual tokens to keep, in (0, 1]; not used by VTW and
             FitPrune (None for them).
-        gamma: OTPrune's kernel weight in L = I + gamma * S S^T.
-        seed: seed of the random method.
         order: order of the kept tokens handed to the LLM: "ascending" or "official"
             (`LAYER_INDEX=0` only).
-        recipe: FitPrune's recipe: a path or an `otprune.fitprune.FitPruneRecipe` (loaded and
-            checked here; its layer count is checked against the model at the first forward).
+        recipe: FitPrune's recipe: a path or an `otprune.methods.fitprune.FitPruneRecipe`
+            (loaded and checked here; its layer count is checked against the model at the first
+            forward).
+        params: method parameters given (e.g. `gamma=0.05`, `seed=3`: keywords of the
+            constructor), as sorted (name, value) pairs; `config.gamma` reads one, with the
+            method's default when not given. Any registered method's parameter is accepted;
+            `method_params()` keeps those the chosen method takes.
     """
 
-    method: str = "otprune"
-    layer: int | None = None
-    ratio: float | None = None
-    gamma: float = 0.01
-    seed: int = 0
-    order: str = "ascending"
-    recipe: object = None
+    method: str
+    layer: int | None
+    ratio: float | None
+    order: str
+    recipe: object
+    params: tuple[tuple[str, object], ...]
 
-    def __post_init__(self) -> None:
+    def __init__(self, method: str = "otprune", layer: int | None = None, ratio: float | None = None,
+                 order: str = "ascending", recipe: object = None, params: Mapping | tuple = (), **kwargs: object) -> None:
+        given = dict(params)
+        given.update(kwargs)
+        given = _check_params(given)
+        for name, value in (("method", method), ("layer", layer), ("ratio", ratio), ("order", order),
+                            ("recipe", recipe), ("params", tuple(sorted(given.items())))):
+            object.__setattr__(self, name, value)
+        self._validate()
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("_") or name in ("method", "layer", "ratio", "order", "recipe", "params"):
+            raise AttributeError(name)
+        specs = registry.all_params()
+        if name not in specs:
+            raise AttributeError(f"PruneConfig has no attribute or method parameter {name!r}")
+        given = dict(self.params)
+        if name in given:
+            return given[name]
+        owner = self.method_class()
+        own = {p.name: p.default for p in owner.params()}
+        return own.get(name, specs[name].default)
+
+    def method_class(self):
+        return registry.find(self.method)
+
+    def _validate(self) -> None:
         method = canonical_method(self.method)
         object.__setattr__(self, "method", method)
+        cls = registry.find(method)
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             raise ValueError(f"layer={self.layer!r}: must be an integer >= 0, or None for no pruning")
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0):
             raise ValueError(f"ratio={self.ratio!r}: must be a number in (0, 1]")
-        if method in MODEL_METHODS:
-            self._check_model_method()
-        elif self.recipe is not None:
-            raise ValueError(f"recipe: only for method 'fitprune', got method={method!r}")
-        if self.layer is not None and self.ratio is None and method not in ("vtw", "fitprune"):
+        if cls.kind == "in_llm":
+            layer, ratio, recipe = cls().resolve(self.layer, self.ratio, self.recipe)
+            for name, value in (("layer", layer), ("ratio", ratio), ("recipe", recipe)):
+                object.__setattr__(self, name, value)
+            uses_ratio = cls.uses_ratio
+        else:
+            if self.recipe is not None:
+                raise ValueError(f"recipe: only for method 'fitprune', got method={method!r}")
+            uses_ratio = True
+        if self.layer is not None and self.ratio is None and uses_ratio:
             raise ValueError(f"ratio: required when pruning (layer={self.layer}); give a number in (0, 1]")
-        if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
-            raise ValueError(f"gamma={self.gamma!r}: must be a finite number > 0")
         if self.order not in KEEP_ORDERS:
             raise ValueError(f"order={self.order!r}: must be one of {', '.join(KEEP_ORDERS)}")
-        if self.order == "official" and self.layer is not None and (self.layer > 0 or method in MODEL_METHODS):
+        if self.order == "official" and self.layer is not None and (self.layer > 0 or cls.kind == "in_llm"):
             raise ValueError(
                 f"order='official' (OTPRUNE_ORDER): reproduces the official code's order of the kept tokens before the "
                 f"LLM (layer 0) only; at layer {self.layer} the kept tokens keep their positions, use order='ascending'"
             )
-
-    def _check_model_method(self) -> None:
-        method = self.method
-        if method == "fitprune":
-            from otprune.fitprune import FitPruneRecipe, load_recipe
-
-            if self.recipe is None:
-                raise ValueError(
-                    "recipe: FitPrune needs a recipe (FITPRUNE_RECIPE=recipe.json); write one with "
-                    "`otprune fitprune-calibrate --model DIR --data FILE.jsonl --reduction 0.6 --out recipe.json`"
-                )
-            recipe = self.recipe if isinstance(self.recipe, FitPruneRecipe) else load_recipe(self.recipe)
-            object.__setattr__(self, "recipe", recipe)
-            first = recipe.first_layer
-            if first is None:
-                raise ValueError(f"FITPRUNE_RECIPE={recipe.source or '<in memory>'}: drops no token at any layer")
-            if self.layer is None:
-                object.__setattr__(self, "layer", first)
-            elif self.layer != first:
-                raise ValueError(
-                    f"layer={self.layer} (LAYER_INDEX): FitPrune prunes where its recipe says, first at layer {first}; "
-                    f"unset LAYER_INDEX or set it to {first}"
-                )
-            object.__setattr__(self, "ratio", None)
-            return
-        if self.recipe is not None:
-            raise ValueError(f"recipe: only for method 'fitprune', got method={method!r}")
-        if self.layer is None:
-            default = MODEL_METHODS[method]
-            if default is None:
-                raise ValueError(f"LAYER_INDEX: not set; {method.upper()} needs the layer where it acts, an integer >= 1")
-            object.__setattr__(self, "layer", default)
-        if self.layer < 1:
-            what = {"fastv": "ranks the visual tokens by the attention in layer L-1", "vtw": "withdraws the visual "
-                    "tokens inside the LLM"}[method]
-            raise ValueError(
-                f"layer={self.layer} (LAYER_INDEX): {method.upper()} {what}; use a layer >= 1"
-                + (" (FastV's default: 2)" if method == "fastv" else "")
-            )
-        if method == "vtw":
-            object.__setattr__(self, "ratio", None)
 
     @property
     def enabled(self) -> bool:
@@ -162,34 +154,36 @@ class PruneConfig:
 
     @property
     def model_level(self) -> bool:
-        """True for FastV, VTW and FitPrune, which prune inside the LLM from attention scores."""
-        return self.method in MODEL_METHODS
+        """True for the rules inside the LLM (FastV, VTW, FitPrune), which prune from attention scores."""
+        return registry.find(self.method).kind == "in_llm"
 
     @property
     def in_llm(self) -> bool:
-        """True when pruning happens inside the LLM (layer > 0, or a model-level method)."""
+        """True when pruning happens inside the LLM (layer > 0, or a rule inside the LLM)."""
         return self.enabled and (self.layer > 0 or self.model_level)
 
     def method_params(self) -> dict[str, object]:
-        """The config values that the chosen method takes as parameters (gamma, seed, ...)."""
-        if self.model_level:
-            return {}
-        names = method_parameters(self.method)
-        return {name: getattr(self, name) for name in names if hasattr(self, name)}
+        """The chosen method's parameters with their values (given, else the method's default)."""
+        return {spec.name: getattr(self, spec.name) for spec in self.method_class().params()}
 
     def selector(self) -> TokenSelector:
         if self.model_level:
-            raise ValueError(f"method {self.method!r}: a model-level method (attention scores inside the LLM), "
+            raise ValueError(f"method {self.method!r}: a rule inside the LLM (attention scores), "
                              "not a feature-selection method of otprune.METHODS")
         return get_method(self.method, **self.method_params())
 
+    def rule(self):
+        """The in-LLM rule of this config: the method's own for FastV / VTW / FitPrune; None for a
+        selection method (at `LAYER_INDEX > 0` it runs through `otprune.methods.in_llm.feature_keep`)."""
+        return registry.get_rule(self.method) if self.model_level else None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PruneConfig:
-        """Read `BASELINE`, `LAYER_INDEX`, `SUBSET_RATIO`, `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`,
-        `FITPRUNE_RECIPE`.
+        """Read `BASELINE`, `LAYER_INDEX`, `SUBSET_RATIO`, `OTPRUNE_ORDER`, `FITPRUNE_RECIPE` and every
+        method parameter's variable (`OTPRUNE_GAMMA`, `OTPRUNE_SEED`, ...).
 
         No `LAYER_INDEX`: layer 0 (the paper's default) when `BASELINE` or `SUBSET_RATIO` is set,
-        pruning off when neither is; a model-level method in `BASELINE` takes its own default
+        pruning off when neither is; a rule inside the LLM in `BASELINE` takes its own default
         (FASTV: layer 2; FITPRUNE: the recipe's layers; VTW: LAYER_INDEX required). So setting
         any of the three switches asks for pruning, and a run never falls back to unpruned
         because one of them was forgotten. Any malformed value raises
@@ -207,7 +201,8 @@ class PruneConfig:
             method = canonical_method(baseline) if baseline is not None else "otprune"
         except ValueError:
             raise ValueError(f"BASELINE={baseline!r}: unknown method; valid: {describe_methods()}") from None
-        model_level = method in MODEL_METHODS
+        rule = registry.find(method)
+        model_level = rule.kind == "in_llm"
 
         layer_raw = get("LAYER_INDEX")
         layer = None
@@ -227,7 +222,7 @@ class PruneConfig:
                 raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: must be a number in (0, 1], e.g. 0.098")
         if layer is None and not model_level and (baseline is not None or ratio is not None):
             layer = 0  # pruning was asked for: the paper's layer
-        if method in ("vtw", "fitprune"):
+        if model_level and not rule.uses_ratio:
             ratio = None  # VTW keeps no visual token, FitPrune's counts come from its recipe
         elif ratio is None and (layer is not None or model_level):
             why = f"LAYER_INDEX={layer_raw!r}" if layer_raw is not None else f"BASELINE={baseline!r}"
@@ -243,23 +238,17 @@ class PruneConfig:
                     "fitprune-calibrate --model DIR --data FILE.jsonl --reduction 0.6 --out recipe.json`"
                 )
 
-        gamma = 0.01
-        if (raw := get("OTPRUNE_GAMMA")) is not None:
-            gamma = _parse_float("OTPRUNE_GAMMA", raw, "a number > 0, e.g. 0.01")
-            if not (math.isfinite(gamma) and gamma > 0):
-                raise ValueError(f"OTPRUNE_GAMMA={raw!r}: must be a number > 0, e.g. 0.01")
-        seed = 0
-        if (raw := get("OTPRUNE_SEED")) is not None:
-            try:
-                seed = int(raw)
-            except ValueError:
-                raise ValueError(f"OTPRUNE_SEED={raw!r}: must be an integer") from None
+        params = {}
+        for spec in registry.all_params().values():
+            if (raw := get(spec.env)) is not None:
+                params[spec.name] = spec.parse(raw)
+        params = _check_params(params, {spec.env: get(spec.env) for spec in registry.all_params().values()})
         order = (get("OTPRUNE_ORDER") or "ascending").lower()
         if order not in KEEP_ORDERS:
             raise ValueError(f"OTPRUNE_ORDER={get('OTPRUNE_ORDER')!r}: must be one of {', '.join(KEEP_ORDERS)}")
         if not model_level and layer is None:
-            return cls(method=method, layer=None, ratio=ratio, gamma=gamma, seed=seed, order=order)
-        return cls(method=method, layer=layer, ratio=ratio, gamma=gamma, seed=seed, order=order, recipe=recipe)
+            return cls(method=method, layer=None, ratio=ratio, order=order, params=params)
+        return cls(method=method, layer=layer, ratio=ratio, order=order, recipe=recipe, params=params)
 
 
 def _parse_float(name: str, raw: str, allowed: str) -> float:
@@ -277,19 +266,17 @@ def describe_config(config: PruneConfig) -> str:
     visual tokens (gamma 0.01, ascending order)", or that pruning is off."""
     if not config.enabled:
         return "pruning off (no BASELINE / LAYER_INDEX / SUBSET_RATIO set): every visual token goes to the LLM"
-    name = DISPLAY_NAMES.get(config.method, config.method)
+    cls = config.method_class()
+    name = cls.label()
     where = "before the LLM (layer 0)" if config.layer == 0 else f"at decoder layer {config.layer}"
-    if config.method == "vtw":
-        what = "withdrawing every visual token"
-    elif config.method == "fitprune":
+    if config.method == "fitprune":
         what = f"following the recipe {config.recipe.source or '<in memory>'}"
+    elif config.ratio is None:
+        what = "withdrawing every visual token"
     else:
         what = f"keeping {config.ratio:.4g} of each image's visual tokens"
-    details = []
-    if config.method == "otprune":
-        details.append(f"gamma {config.gamma:g}")
-    if config.method == "random":
-        details.append(f"seed {config.seed}")
+    details = [f"{name_} {value:g}" if isinstance(value, float) else f"{name_} {value}"
+               for name_, value in config.method_params().items()]
     if not config.model_level:
         details.append(f"{config.order} order")
     return f"pruning on: {name} {where}, {what}" + (f" ({', '.join(details)})" if details else "")
@@ -305,7 +292,7 @@ def announce(owner: object, config: PruneConfig, model: str = "model") -> None:
     (lmms-eval configures only loguru), a stderr handler is added to that logger first, so the
     line shows up in the run's log.
     """
-    key = (config.method, config.layer, config.ratio, config.gamma, config.seed, config.order,
+    key = (config.method, config.layer, config.ratio, config.params, config.order,
            getattr(config.recipe, "source", None), config.enabled)
     if getattr(owner, "_otprune_announced", None) == key:
         return
@@ -326,7 +313,7 @@ RECORDS_OFF = ("0", "off", "false", "no", "none")
 
 
 def records_target(environ: Mapping[str, str] | None = None) -> str:
-    """`OTPRUNE_RECORDS`, where `otprune.records` writes per-sample records: "auto" when unset or
+    """`OTPRUNE_RECORDS`, where `otprune.eval.records` writes per-sample records: "auto" when unset or
     empty (beside lmms-eval's outputs when running under lmms-eval with `--output_path`, else
     off), "off" for 0/off/false/no/none, otherwise the path as given (a .jsonl file or a directory)."""
     env = os.environ if environ is None else environ

@@ -5,7 +5,7 @@ assertions."""
 import pytest
 import torch
 
-from otprune import bench_prefill
+from otprune.bench import prefill as bench_prefill
 from otprune.cli import main
 
 # Visual tokens of each family's default image: LLaVA-1.5 24 x 24; LLaVA-1.6 640 x 480 on a 2 x 2

@@ -118,7 +118,7 @@ def test_model_level_methods_are_switched_on_by_baseline():
     assert (fastv.method, fastv.layer, fastv.ratio, fastv.in_llm, fastv.model_level) == ("fastv", 2, 0.25, True, True)
     assert PruneConfig.from_env(env(BASELINE="FASTV", SUBSET_RATIO=0.25, LAYER_INDEX=5)).layer == 5
     assert PruneConfig(method="fastv", ratio=0.5).layer == 2 and fastv.method_params() == {}
-    with pytest.raises(ValueError, match="model-level method"):
+    with pytest.raises(ValueError, match="a rule inside the LLM"):
         fastv.selector()
     vtw = PruneConfig.from_env(env(BASELINE="VTW", LAYER_INDEX=3))
     assert (vtw.method, vtw.layer, vtw.ratio, vtw.enabled) == ("vtw", 3, None, True)

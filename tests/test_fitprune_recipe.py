@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otprune import flops
-from otprune.fitprune import (
+from otprune.methods.fitprune import (
     CurveAccumulator,
     FitPruneRecipe,
     attention_loss_curves,

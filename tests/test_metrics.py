@@ -1,4 +1,4 @@
-"""otprune.metrics against independent oracles: brute-force assignments, scipy's sqrtm, explicit kernels."""
+"""otprune.analysis.distances against independent oracles: brute-force assignments, scipy's sqrtm, explicit kernels."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from otprune import metrics
+from otprune.analysis import distances as metrics
 
 
 def _rng(seed: int) -> np.random.Generator:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from otprune import show
+from otprune.analysis import pictures as show
 from otprune.cli import main
 
 
@@ -132,7 +132,7 @@ def test_show_with_a_tiny_llava_model(scene, tmp_path, capsys, tiny_llava, v16):
 @pytest.fixture(scope="module")
 def position_coded_llava16(tiny_llava):
     """A tiny LLaVA-1.6 whose encode_images returns feature[p, t] = (p, t, 0, ...)."""
-    from otprune.commands.show import load_model
+    from otprune.commands.show_cmd import load_model
 
     model, processor = load_model(tiny_llava(True))
     side = model.get_vision_tower().num_patches_per_side
@@ -150,7 +150,7 @@ def position_coded_llava16(tiny_llava):
 @pytest.mark.parametrize("size", [(240, 180), (60, 150), (150, 40), (64, 64)])
 def test_anyres_token_cells_follow_the_models_layout(position_coded_llava16, size):
     """Position-coded crop features through the model's own layout code land in the cells we draw."""
-    from otprune.commands.show import model_views
+    from otprune.commands.show_cmd import model_views
 
     model, processor, side = position_coded_llava16
     features, views = model_views(model, processor, show.draw_example_scene(*size))

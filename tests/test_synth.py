@@ -12,7 +12,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from otprune import synth
+from otprune.analysis import synthetic as synth
 from otprune.cli import main
 
 

@@ -268,7 +268,7 @@ class HFAdapter:
         last_stats: one dict per sample of the last multimodal prefill (keys `STATS_KEYS`);
             empty after a prefill with pruning off.
         on_stats: None, or a callable called with `last_stats` after each pruned prefill (e.g. an
-            lmms-eval plugin writing `otprune.records`).
+            lmms-eval plugin writing `otprune.eval.records`).
     """
 
     family: ClassVar[str] = ""

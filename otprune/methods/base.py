@@ -1,21 +1,94 @@
-"""The interface every token-selection method implements, and small shared tensor helpers.
+"""The interfaces every pruning method implements, and small shared tensor helpers.
 
-A method sees a padded batch and returns, per sample, the indices it keeps in the order it
-picked them. Everything that is not specific to one method (argument checks, dtype handling,
-ragged lengths, sorting) lives in `otprune.selection.select_tokens`.
+A method is one file in `otprune/methods/`: a dataclass whose fields are its parameters, which
+owns its name, aliases, display name and place in tables (`Method`), registered in
+`otprune.methods.REGISTRY`. Two kinds:
+
+- `TokenSelector` (selection): sees a padded batch of features and returns, per sample, the
+  indices it keeps in the order it picked them. Everything that is not specific to one method
+  (argument checks, dtype handling, ragged lengths, sorting) lives in
+  `otprune.selection.select_tokens`.
+- `InLLMRule` (inside the LLM): decides, at a decoder layer, which visual tokens stay, from what
+  the model computes there (attention rows, hidden states); the model side hands it a
+  `StageContext` (see `otprune.methods.in_llm`).
+
+A parameter is a dataclass field; `param()` attaches how the environment, run folders and
+tables name it (`OTPRUNE_GAMMA`, `_g0.05`, `γ=0.05`), so configs, records and reports carry
+every method's parameters without naming them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 
+def param(default: Any, *, env: str, tag: str, label: str | None = None, kind: type = float, doc: str = "") -> Any:
+    """A method parameter: a dataclass field with its environment variable (`env`), the short
+    `tag` of run-folder names (`_<tag><value>`), its `label` in tables and its value `kind`."""
+    meta = {"env": env, "tag": tag, "label": label or tag, "kind": kind, "doc": doc}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """How one method parameter is named and parsed (from a `param()` field)."""
+
+    name: str
+    default: Any
+    env: str
+    tag: str
+    label: str
+    kind: type
+    doc: str
+
+    def parse(self, raw: str) -> Any:
+        """The environment's text as a value, or ValueError naming the variable."""
+        what = "an integer" if self.kind is int else "a number"
+        try:
+            value = self.kind(raw)
+        except ValueError:
+            raise ValueError(f"{self.env}={raw!r}: must be {what}" + (f" ({self.doc})" if self.doc else "")) from None
+        if isinstance(value, float) and value != value:
+            raise ValueError(f"{self.env}={raw!r}: not a number; must be {what}")
+        return value
+
+
 @dataclasses.dataclass
-class TokenSelector:
+class Method:
+    """What every pruning method declares (class attributes), beside its parameters (fields).
+
+    name: the registry name (lower case); aliases: other accepted names (`OURS` for OTPrune);
+    display_name: how tables and figures name it; table_rank: its row position in tables
+    (ascending; the paper lists the baselines first and OTPrune last).
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    display_name: ClassVar[str] = ""
+    table_rank: ClassVar[int] = 50
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def params(cls) -> tuple[ParamSpec, ...]:
+        """The method's parameters that the environment, records and tables know (`param()` fields)."""
+        return tuple(
+            ParamSpec(f.name, f.default, f.metadata["env"], f.metadata["tag"], f.metadata["label"],
+                      f.metadata["kind"], f.metadata["doc"])
+            for f in dataclasses.fields(cls)
+            if "env" in f.metadata
+        )
+
+    @classmethod
+    def label(cls) -> str:
+        return cls.display_name or cls.name
+
+
+@dataclasses.dataclass
+class TokenSelector(Method):
     """Base class of the selection methods.
 
     Subclasses are dataclasses whose fields are the method's parameters, and implement
@@ -24,8 +97,7 @@ class TokenSelector:
     captured by `torch.compile(fullgraph=True)` and queued on a GPU without stalls.
     """
 
-    name: ClassVar[str] = ""
-    aliases: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[str] = "selection"
 
     def official_order(self, picks: list[int]) -> list[int]:
         """The kept tokens, given in pick order, in the order the method's official code hands them

@@ -36,6 +36,8 @@ class DivPrune(TokenSelector):
     """
 
     name = "divprune"
+    display_name = "DivPrune"
+    table_rank = 90
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         dist = 1.0 - cosine_similarity(features)  # (B, N, N)

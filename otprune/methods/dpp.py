@@ -27,6 +27,8 @@ class DPP(TokenSelector):
 
     eps: float = 1e-6
     name = "dpp"
+    display_name = "DPP"
+    table_rank = 80
 
     def __post_init__(self) -> None:
         if not (isinstance(self.eps, (int, float)) and self.eps >= 0):

@@ -18,6 +18,8 @@ class FirstK(TokenSelector):
     """Keep tokens 0..k-1."""
 
     name = "first_k"
+    display_name = "First-K"
+    table_rank = 40
     aliases = ("firstk",)
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:

@@ -18,6 +18,8 @@ class LastK(TokenSelector):
     """Keep tokens n-k..n-1 of a sample of n valid tokens."""
 
     name = "last_k"
+    display_name = "Last-K"
+    table_rank = 50
     aliases = ("lastk",)
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet
-from otprune.methods.base import TokenSelector, flat_rows, valid_mask
+from otprune.methods.base import TokenSelector, flat_rows, param, valid_mask
 
 
 def column_sq_norms(features: Tensor, chunk: int = 64) -> Tensor:
@@ -168,8 +168,10 @@ class OTPrune(TokenSelector):
     every tie is exact and goes to the lowest index, as in the official code.
     """
 
-    gamma: float = 0.01
+    gamma: float = param(0.01, env="OTPRUNE_GAMMA", tag="g", label="γ", doc="a number > 0, e.g. 0.01")
     name = "otprune"
+    display_name = "OTPrune"
+    table_rank = 100
     aliases = ("ours",)
 
     def __post_init__(self) -> None:

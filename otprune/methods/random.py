@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from otprune.methods.base import TokenSelector, valid_mask
+from otprune.methods.base import TokenSelector, param, valid_mask
 
 _MASK32 = 0xFFFFFFFF
 
@@ -52,8 +52,10 @@ class RandomSelect(TokenSelector):
     `OTPRUNE_SEED`) for another draw.
     """
 
-    seed: int = 0
+    seed: int = param(0, env="OTPRUNE_SEED", tag="s", label="seed", kind=int, doc="an integer")
     name = "random"
+    display_name = "Random"
+    table_rank = 70
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -18,6 +18,8 @@ class Uniform(TokenSelector):
     """Keep index floor((2t + 1) * n / (2k)) for t = 0..k-1: the centres of k equal strides."""
 
     name = "uniform"
+    display_name = "Uniform"
+    table_rank = 60
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         t = torch.arange(k_max, device=lengths.device)

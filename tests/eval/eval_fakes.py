@@ -13,7 +13,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from otprune import flops
-from otprune.records import RecordWriter, sanitize_model_name
+from otprune.eval.records import RecordWriter, sanitize_model_name
 
 TIMEZONE = "Asia/Singapore"
 

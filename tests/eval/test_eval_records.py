@@ -5,8 +5,9 @@ from types import SimpleNamespace
 import pytest
 from eval_fakes import stats
 
-from otprune import flops, records
+from otprune import flops
 from otprune.config import process_rank, records_target
+from otprune.eval import records
 
 LMMS_ARGV = ["/x/site-packages/lmms_eval/__main__.py", "--model", "llava", "--model_args",
              "pretrained=liuhaotian/llava-v1.5-7b,device_map=auto", "--tasks", "gqa,pope", "--batch_size", "1",
@@ -172,10 +173,10 @@ def test_tensor_values_become_json():
 
 def test_result_settings_name_every_setting_a_method_uses(tmp_path):
     from otprune import PruneConfig
-    from otprune.fitprune import FitPruneRecipe, save_recipe
+    from otprune.methods.fitprune import FitPruneRecipe, save_recipe
 
-    assert records.result_settings(None) == dict.fromkeys(records.SETTING_KEYS)
-    assert records.result_settings(PruneConfig()) == dict.fromkeys(records.SETTING_KEYS)  # pruning off
+    assert records.result_settings(None) == dict.fromkeys(records.setting_keys())
+    assert records.result_settings(PruneConfig()) == dict.fromkeys(records.setting_keys())  # pruning off
     ours = records.result_settings(PruneConfig(method="OURS", layer=0, ratio=0.098, gamma=0.05, seed=7))
     assert ours == {"method": "otprune", "layer": 0, "ratio": 0.098, "gamma": 0.05, "seed": None,
                     "order": "ascending", "recipe": None}
@@ -189,7 +190,7 @@ def test_result_settings_name_every_setting_a_method_uses(tmp_path):
 
 def test_settings_tag_is_the_run_folder_name(tmp_path):
     from otprune import PruneConfig
-    from otprune.fitprune import FitPruneRecipe, save_recipe
+    from otprune.methods.fitprune import FitPruneRecipe, save_recipe
 
     def tag(config, name=None):
         return records.settings_tag(records.result_settings(config), name)

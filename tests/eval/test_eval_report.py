@@ -5,8 +5,9 @@ import json
 import pytest
 from eval_fakes import stats, write_records, write_results
 
-from otprune import flops, report
+from otprune import flops
 from otprune.cli import main
+from otprune.eval import report
 
 MODEL = "liuhaotian/llava-v1.5-7b"
 TEXT = {"gqa": 23, "pope": 21, "mme": 25}
@@ -241,7 +242,7 @@ def test_run_info_settings_without_records(tmp_path):
 def test_mme_cognition_beside_perception_and_the_provenance_footer(tmp_path):
     """MME's column is the paper's perception score; lmms-eval's cognition score gets its own column.
     The footer names the lmms-eval version the records were written under and MMBench's judge."""
-    from otprune.records import RecordWriter
+    from otprune.eval.records import RecordWriter
 
     for method, values in (("otprune", (1368.0, 301.0, 60.4)), (None, (1506.0, 355.0, 64.1))):
         tag = "original" if method is None else "otprune_r0.098_l0"

@@ -74,7 +74,7 @@ def test_paper_group_name_expands_to_the_11_tasks():
 
 def write_lmms_results(output_path, model, task, results=None):
     """lmms-eval 0.7's results file of one run (only the keys the script reads)."""
-    from otprune.records import sanitize_model_name
+    from otprune.eval.records import sanitize_model_name
 
     folder = Path(output_path) / sanitize_model_name(model)
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def test_resume_retries_runs_without_complete_results(tmp_path, results):
 
 FAKE_LMMS = """
 import json, os, sys, time
-from otprune.records import model_name_from_args, sanitize_model_name
+from otprune.eval.records import model_name_from_args, sanitize_model_name
 
 args = sys.argv[1:]
 def value(name):
@@ -255,7 +255,7 @@ def test_vtw_without_a_layer_is_a_clear_error(tmp_path):
 
 
 def test_fitprune_takes_its_recipe(tmp_path):
-    from otprune.fitprune import FitPruneRecipe, save_recipe
+    from otprune.methods.fitprune import FitPruneRecipe, save_recipe
 
     result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--methods", "FITPRUNE", "--log-dir", str(tmp_path))
     assert result.returncode == 2 and "FITPRUNE_RECIPE" in result.stderr

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from otprune import report
+from otprune.eval import report
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "lmms_eval" / "tasks"

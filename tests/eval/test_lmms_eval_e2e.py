@@ -65,7 +65,7 @@ def test_records_pruned_samples_use_k_visual_tokens(smoke):
     unpruned = records_of(run_dir(log_dir, "original"))
     assert pruned and unpruned, (
         "no otprune records next to the lmms-eval results: the llava model's on_pruning_stats hook "
-        "must call otprune.records.record(stats, config=self.config)"
+        "must call otprune.eval.records.record(stats, config=self.config)"
     )
     # LIMIT generation docs + one loglikelihood request per option of the LIMIT multiple-choice docs.
     assert len(pruned) == len(unpruned) >= LIMIT

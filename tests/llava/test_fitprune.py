@@ -12,7 +12,7 @@ from llava_test_utils import noise_image
 
 from otprune import PruneConfig
 from otprune.cli import main
-from otprune.fitprune import FitPruneRecipe, load_recipe, save_recipe
+from otprune.methods.fitprune import FitPruneRecipe, load_recipe, save_recipe
 
 # Tiny matrices: one thread is faster and immune to other processes on the cores.
 pytestmark = pytest.mark.usefixtures("one_thread")

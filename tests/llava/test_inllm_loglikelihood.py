@@ -16,7 +16,7 @@ from llava.constants import IGNORE_INDEX
 from llava_test_utils import chat_prompt, noise_image, pad_batch, pixels, token_ids
 
 from otprune import PruneConfig
-from otprune.fitprune import FitPruneRecipe, save_recipe
+from otprune.methods.fitprune import FitPruneRecipe, save_recipe
 
 # Tiny matrices: one thread is faster and immune to other processes on the cores.
 pytestmark = pytest.mark.usefixtures("one_thread")

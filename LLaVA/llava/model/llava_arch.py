@@ -213,10 +213,10 @@ class LlavaMetaForCausalLM(ABC):
         `generate`, next multimodal call, or reading `pruning_stats`) so that timing adds no
         host-device synchronisation; otherwise it runs at the end of the prefill.
 
-        By default the stats go to `otprune.records` (per-sample JSONL with FLOPs next to
+        By default the stats go to `otprune.eval.records` (per-sample JSONL with FLOPs next to
         lmms-eval's outputs, or where `OTPRUNE_RECORDS` says; nothing outside lmms-eval).
         """
-        from otprune import records
+        from otprune.eval import records
 
         records.record(stats, config=self.config)
 

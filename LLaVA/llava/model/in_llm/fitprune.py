@@ -8,7 +8,7 @@ hidden states (`received_attention`), averaged over heads:
 - cross attention: mean over the text queries after the image (the text before it cannot see it).
 
 Calibration (`collect_statistics`, `calibrate`; `otprune fitprune-calibrate`) records both for every
-layer of an unpruned forward per calibration sample and hands them to `otprune.fitprune`, which
+layer of an unpruned forward per calibration sample and hands them to `otprune.methods.fitprune`, which
 searches the per-layer recipe. Inference (`BASELINE=FITPRUNE FITPRUNE_RECIPE=recipe.json`): before
 each layer l where the recipe drops tokens, every image keeps its tokens with the largest
 self + cross attention in layer l (computed on layer l's input, i.e. the attention that their
@@ -138,7 +138,7 @@ def collect_statistics(model, tokenizer, image_processor, samples: Iterable[dict
                        progress: bool = True):
     """Run every sample unpruned and accumulate its per-layer self / cross attention curves.
 
-    Returns (`otprune.fitprune.CurveAccumulator`, text-token counts per sample).
+    Returns (`otprune.methods.fitprune.CurveAccumulator`, text-token counts per sample).
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -147,7 +147,7 @@ def collect_statistics(model, tokenizer, image_processor, samples: Iterable[dict
     from llava.mm_utils import process_images, tokenizer_image_token
     from llava.model.in_llm.decoder import HostLayout, _image_rows
     from otprune import PruneConfig
-    from otprune.fitprune import CurveAccumulator
+    from otprune.methods.fitprune import CurveAccumulator
 
     samples = list(samples)
     decoder = model.get_model()
@@ -194,12 +194,12 @@ def calibrate(model_path: str, data: str, reduction: float, *, conv_mode: str = 
               limit: int | None = None, progress: bool = True):
     """Load `model_path`, collect the statistics of `data`, and search the recipe for `reduction`.
 
-    Returns an `otprune.fitprune.FitPruneRecipe` (not yet saved).
+    Returns an `otprune.methods.fitprune.FitPruneRecipe` (not yet saved).
     """
     from llava.mm_utils import get_model_name_from_path
     from llava.model.builder import load_pretrained_model
     from otprune import flops
-    from otprune.fitprune import search_recipe
+    from otprune.methods.fitprune import search_recipe
 
     if not 0.0 < reduction < 1.0:
         raise ValueError(f"--reduction={reduction}: must be in (0, 1), the fraction of the decoder FLOPs to remove")

@@ -9,7 +9,7 @@ LLaVA-OneVision; `qwen2_5_vl`: Qwen2.5-VL); every other `--model_args` entry goe
 unchanged. The wrapper builds lmms-eval's model exactly as `--model BASE` would, then applies
 the `otprune.hf` adapter of the loaded transformers model, which reads the same switches as our
 llava package (`BASELINE`, `LAYER_INDEX`, `SUBSET_RATIO`, ...) at every multimodal forward, and
-writes the per-sample records (`otprune.records`) that `otprune report` reads. Nothing in
+writes the per-sample records (`otprune.eval.records`) that `otprune report` reads. Nothing in
 lmms-eval or transformers is modified.
 
 Registered through the entry-point group `lmms_eval.models` (see pyproject.toml), so
@@ -23,8 +23,8 @@ from typing import ClassVar
 
 from lmms_eval.api.model import lmms
 
-from otprune import records
 from otprune.config import PruneConfig
+from otprune.eval import records
 
 MODEL_ID = "otprune_hf"
 
@@ -79,7 +79,7 @@ def attach(lm: object):
 
     The adapter reads the environment at every multimodal forward; the switches are checked once
     here, so a bad value stops the run before any sample is evaluated. Each prefill's per-sample
-    statistics go to `otprune.records` (beside lmms-eval's results, or `OTPRUNE_RECORDS`).
+    statistics go to `otprune.eval.records` (beside lmms-eval's results, or `OTPRUNE_RECORDS`).
     """
     from otprune import hf
 

@@ -48,8 +48,8 @@ def run(args) -> int:
         raise ValueError(f"--limit={args.limit}: must be >= 1")
     from llava.model.in_llm.fitprune import calibrate
 
-    from otprune.fitprune import save_recipe
     from otprune.flops import compact_schedule
+    from otprune.methods.fitprune import save_recipe
 
     recipe = calibrate(args.model, args.data, args.reduction, conv_mode=args.conv_mode, device=args.device,
                        limit=args.limit, progress=not args.no_progress)

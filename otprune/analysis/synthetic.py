@@ -5,12 +5,12 @@ Protocol, per setting (n, d, k) and per seed:
 1. Data: X = n i.i.d. standard Gaussian rows of d dims (`gaussian_data`, a fresh draw per seed).
 2. Each method (`otprune.select_tokens` with OTPrune, DivPrune, DPP, random) picks k rows of X.
 3. Every k-subset is scored by the trace objective Tr((Sigma^1/2 Sigma_A Sigma^1/2)^1/2) of
-   `otprune.metrics` (higher is better; per-dimension normalised, zero-mean second moments as
+   `otprune.analysis.distances` (higher is better; per-dimension normalised, zero-mean second moments as
    in the paper, or covariances with `centred=True`). All C(n, k) subsets when that count is
    at most `exhaustive_max`, otherwise `samples` subsets drawn uniformly at random (with
    replacement between draws, without replacement inside a subset).
 4. For context, each method's subset also gets the exact W2 to all n points (POT,
-   `otprune.metrics.wasserstein2`) and the closed-form W2 of the Gaussian fits: the trace
+   `otprune.analysis.distances.wasserstein2`) and the closed-form W2 of the Gaussian fits: the trace
    objective is only one term of the Gaussian W2^2 = Tr(Sigma) + Tr(Sigma_A) - 2 * trace, and
    Tr(Sigma_A) is not fixed for subsets of the normalised data.
 5. Win rate of a method = share of the scored subsets whose objective is strictly lower than
@@ -20,7 +20,7 @@ Protocol, per setting (n, d, k) and per seed:
    best being taken over the scored subsets AND the subsets of all evaluated methods, so the
    denominator is common to all methods and the ratio is <= 1.
 
-Speed: subsets are scored in chunks by `otprune.metrics.TraceObjective` (one batched k x k
+Speed: subsets are scored in chunks by `otprune.analysis.distances.TraceObjective` (one batched k x k
 `eigvalsh` per chunk) on a pool of threads with one BLAS thread each (MKL's multi-threaded
 eigensolver is far slower on small batched matrices). Scores are computed in float32 and every
 decision that float32 could get wrong is re-done in float64: subsets within a relative `band`
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from otprune.metrics import TraceObjective, gaussian_w2, wasserstein2
+from otprune.analysis.distances import TraceObjective, gaussian_w2, wasserstein2
 from otprune.selection import select_tokens
 
 # The five (n, d, k) settings of Table 2.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-FAMILY_CHOICES = ["all", "llava", "llava_next", "onevision", "qwen2_5_vl"]  # = otprune.bench_prefill.FAMILIES
+FAMILY_CHOICES = ["all", "llava", "llava_next", "onevision", "qwen2_5_vl"]  # = otprune.bench.prefill.FAMILIES
 LAYERS_ONE_FAMILY = 4
 LAYERS_ALL = 1  # `--family all` runs four models; one layer keeps the default run at a few minutes on 2 cores
 
@@ -89,7 +89,8 @@ def _register_prefill(what) -> None:
 def run(args) -> int:
     import sys
 
-    from otprune import METHODS, bench
+    from otprune import METHODS
+    from otprune.bench import selection as bench
 
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -129,7 +130,8 @@ def run_prefill(args) -> int:
 
     import torch
 
-    from otprune import METHODS, bench_prefill
+    from otprune import METHODS
+    from otprune.bench import prefill as bench_prefill
 
     for flag, value in (("--layers", args.layers), ("--repeats", args.repeats), ("--threads", args.threads)):
         if value is not None and value < 1:

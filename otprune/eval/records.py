@@ -33,14 +33,13 @@ Where the lines go (`OTPRUNE_RECORDS`, read by `otprune.config.records_target`):
 Nothing in lmms-eval is patched: the context comes from `sys.argv`. `otprune report` reads these
 files next to the lmms-eval results.
 
-The settings that change a run's results (`SETTING_KEYS`: method, layer, ratio, gamma, seed, order,
+The settings that change a run's results (`setting_keys()`: method, layer, ratio, gamma, seed, order,
 recipe) are in every record, name run_OTPrune.sh's run folders (`settings_tag`) and tell
 `otprune report`'s rows apart (`normalized_settings`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -57,8 +56,21 @@ RECORD_MARKER = "otprune_record"  # key present (= RECORD_VERSION) in every line
 FILE_PREFIX = "otprune_records"
 REQUIRED_STATS = ("seq_len_before",)
 
-# The settings that change a run's results (a setting the method does not use is None).
-SETTING_KEYS = ("method", "layer", "ratio", "gamma", "seed", "order", "recipe")
+# The settings that change a run's results (a setting the method does not use is None): these,
+# then every registered method parameter (`param_keys()`: gamma, seed, ...).
+
+
+
+def param_keys() -> tuple[str, ...]:
+    """Every registered method parameter's name (gamma, seed, ...), in registration order."""
+    from otprune.methods import all_params
+
+    return tuple(all_params())
+
+
+def setting_keys() -> tuple[str, ...]:
+    """method, layer, ratio, the method parameters, order, recipe: what tells two runs apart."""
+    return ("method", "layer", "ratio", *param_keys(), "order", "recipe")
 
 # lmms-eval 0.7's order of model-name keys in --model_args (loggers/evaluation_tracker.py).
 _MODEL_NAME_KEYS = ("peft=", "delta=", "pretrained=", "model=", "model_version=", "model_name=", "model_id=", "path=", "engine=")
@@ -197,63 +209,69 @@ def make_record(stats: Mapping, size: flops.DecoderSize, **context) -> dict:
 
 
 def _method_uses(method: str | None) -> tuple[str, ...]:
-    """The PruneConfig parameters (gamma, seed) that selection method `method` takes; () for the others."""
-    from otprune.config import MODEL_METHODS
-    from otprune.methods import METHODS, method_parameters
+    """The method parameters (gamma, seed, ...) that `method` takes; () for unknown methods."""
+    from otprune.methods import find
 
-    if method is None or method in MODEL_METHODS or method not in METHODS:
+    if method is None:
         return ()
-    return tuple(name for name in method_parameters(method) if name in ("gamma", "seed"))
+    try:
+        return tuple(spec.name for spec in find(method).params())
+    except ValueError:
+        return ()
 
 
-def setting_defaults() -> dict:
-    """PruneConfig's defaults of gamma, seed and order."""
-    from otprune.config import PruneConfig
+def setting_defaults(method: str | None = None) -> dict:
+    """The default of every method parameter (`method`'s own where it takes one) and of order."""
+    from otprune.methods import all_params, find
 
-    fields = {field.name: field.default for field in dataclasses.fields(PruneConfig)}
-    return {"gamma": fields["gamma"], "seed": fields["seed"], "order": fields["order"]}
+    out = {name: spec.default for name, spec in all_params().items()}
+    if method is not None:
+        try:
+            out.update({spec.name: spec.default for spec in find(method).params()})
+        except ValueError:
+            pass
+    out["order"] = "ascending"
+    return out
 
 
 def result_settings(config) -> dict:
-    """The settings of a `PruneConfig` that change results, {key: value} for `SETTING_KEYS`.
+    """The settings of a `PruneConfig` that change results, {key: value} for `setting_keys()`.
 
     All None when `config` is None or pruning is off; gamma / seed only for the methods that take
     them (OTPrune / random); ratio None for VTW and FitPrune; recipe = FitPrune's recipe file.
     """
     if config is None or not config.enabled:
-        return dict.fromkeys(SETTING_KEYS)
+        return dict.fromkeys(setting_keys())
     params = config.method_params()
     recipe = None
     if config.method == "fitprune":
         recipe = getattr(config.recipe, "source", None) or None
-    return {
-        "method": config.method,
-        "layer": config.layer,
-        "ratio": config.ratio,
-        "gamma": params.get("gamma"),
-        "seed": params.get("seed"),
-        "order": config.order,
-        "recipe": recipe,
-    }
+    out = dict.fromkeys(setting_keys())
+    out.update(method=config.method, layer=config.layer, ratio=config.ratio, order=config.order, recipe=recipe)
+    out.update({name: value for name, value in params.items() if name in out})
+    return out
 
 
 def normalized_settings(values: Mapping) -> dict:
-    """`SETTING_KEYS` of a record (or otprune_run.json): method lower case; for a pruned run a missing
+    """`setting_keys()` of a record (or otprune_run.json): method lower case; for a pruned run a missing
     gamma / seed / order is PruneConfig's default (records written before they were recorded), a
     gamma / seed the method does not take is None; everything None when unpruned."""
+    from otprune.methods import all_params
+
     method = values.get("method")
     if method is None:
-        return dict.fromkeys(SETTING_KEYS)
+        return dict.fromkeys(setting_keys())
     method = str(method).strip().lower()
-    defaults = setting_defaults()
+    defaults = setting_defaults(method)
     uses = _method_uses(method)
-    out = {key: values.get(key) for key in SETTING_KEYS}
+    out = {key: values.get(key) for key in setting_keys()}
     out["method"] = method
-    for key in ("gamma", "seed"):
+    for key in param_keys():
         out[key] = (defaults[key] if out[key] is None else out[key]) if key in uses else None
     out["order"] = out["order"] or defaults["order"]
-    for key, kind in (("layer", int), ("ratio", float), ("gamma", float), ("seed", int)):
-        if out[key] is not None:
+    kinds = {"layer": int, "ratio": float, **{name: spec.kind for name, spec in all_params().items()}}
+    for key, kind in kinds.items():
+        if out.get(key) is not None:
             out[key] = kind(out[key])
     return out
 
@@ -283,11 +301,13 @@ def settings_tag(settings: Mapping, name: str | None = None) -> str:
         return f"{label}_{path.stem}-{digest}"
     tag = label if values["ratio"] is None else f"{label}_r{_number(values['ratio'])}"
     tag += f"_l{values['layer']}"
-    defaults = setting_defaults()
-    if values["gamma"] is not None and values["gamma"] != defaults["gamma"]:
-        tag += f"_g{_number(values['gamma'])}"
-    if values["seed"] is not None and values["seed"] != defaults["seed"]:
-        tag += f"_s{values['seed']}"
+    defaults = setting_defaults(values["method"])
+    from otprune.methods import all_params
+
+    for name, spec in all_params().items():
+        value = values.get(name)
+        if value is not None and value != defaults[name]:
+            tag += f"_{spec.tag}{_number(value) if isinstance(value, float) else value}"
     if values["order"] != defaults["order"]:
         tag += f"_{values['order']}"
     return tag
@@ -306,8 +326,8 @@ def _env_config(environ: Mapping[str, str] | None = None):
 def _fill_settings(sample: Mapping, prune) -> dict:
     """`sample` with gamma, seed, order and recipe: its own values, else those of `prune` (the PruneConfig that ran)."""
     out = dict(sample)
-    settings = result_settings(prune) if sample.get("method") is not None else dict.fromkeys(SETTING_KEYS)
-    for key in ("gamma", "seed", "order", "recipe"):
+    settings = result_settings(prune) if sample.get("method") is not None else dict.fromkeys(setting_keys())
+    for key in (*param_keys(), "order", "recipe"):
         if out.get(key) is None:
             out[key] = settings[key]
     return out
@@ -418,7 +438,7 @@ def record(
     """Record one prefill's per-sample stats with this process's writer (no-op when recording is off).
 
     Call it from the model's `on_pruning_stats` hook:
-    `otprune.records.record(stats, config=self.config, prune=self.pruning_config())`.
+    `otprune.eval.records.record(stats, config=self.config, prune=self.pruning_config())`.
     """
     writer = default_writer()
     if not writer.enabled:

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from otprune import flops
+from otprune.methods.in_llm import InLLMRule, StageContext, top_k
 
 RECIPE_FORMAT = "otprune-fitprune-recipe"
 RECIPE_VERSION = 1
@@ -428,3 +429,48 @@ def search_recipe(
         calibration=dict(calibration or {}),
     )
 
+
+
+# ----------------------------------------------------------------------------- the in-LLM rule
+@dataclasses.dataclass
+class FitPrune(InLLMRule):
+    """FitPrune at inference (`BASELINE=FITPRUNE FITPRUNE_RECIPE=recipe.json`): before each layer l
+    where the recipe drops tokens, every image keeps its tokens with the largest self + cross
+    attention received in layer l (`StageContext.received_attention`, computed on layer l's
+    input), `recipe.removed_for(V)` saying how many go.
+
+    Where the other half is: this file is FitPrune's pure half (the recipe search above, the
+    recipe file, this rule); the model half, which needs a running decoder, is in our `llava`
+    package: `llava.model.in_llm` computes the attention this rule reads, and
+    `llava.calibrate` runs a model over a calibration set to collect the statistics that
+    `search_recipe` turns into a recipe (`otprune fitprune-calibrate`).
+    """
+
+    name = "fitprune"
+    display_name = "FitPrune"
+    table_rank = 30
+    uses_ratio = False
+
+    def resolve(self, layer: int | None, ratio: float | None, recipe: object) -> tuple[int, float | None, object]:
+        if recipe is None:
+            raise ValueError(
+                "recipe: FitPrune needs a recipe (FITPRUNE_RECIPE=recipe.json); write one with "
+                "`otprune fitprune-calibrate --model DIR --data FILE.jsonl --reduction 0.6 --out recipe.json`"
+            )
+        recipe = recipe if isinstance(recipe, FitPruneRecipe) else load_recipe(recipe)
+        first = recipe.first_layer
+        if first is None:
+            raise ValueError(f"FITPRUNE_RECIPE={recipe.source or '<in memory>'}: drops no token at any layer")
+        if layer is not None and layer != first:
+            raise ValueError(
+                f"layer={layer} (LAYER_INDEX): FitPrune prunes where its recipe says, first at layer {first}; "
+                f"unset LAYER_INDEX or set it to {first}"
+            )
+        return first, None, recipe
+
+    def schedule(self, config, tokens: int, num_layers: int) -> list[int]:
+        return [tokens - r for r in config.recipe.removed_for(tokens)]
+
+    def keep(self, ctx: StageContext) -> Tensor:
+        self_attention, cross_attention = ctx.received_attention()
+        return top_k(self_attention + cross_attention, ctx.lengths, ctx.keep)

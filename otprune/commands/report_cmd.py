@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from otprune.report import to_markdown, write_report
+    from otprune.eval.report import to_markdown, write_report
 
     report, written = write_report(args.log_dir, args.out)
     if not args.quiet:

@@ -116,7 +116,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from otprune import METHODS
-    from otprune import synth as S
+    from otprune.analysis import synthetic as S
 
     conf = _resolve(args)
     settings = args.settings or list(S.SETTINGS)

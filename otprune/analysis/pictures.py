@@ -17,7 +17,7 @@ Drawing: a `View` is one picture with a cell grid and, for every token, the cell
 (-1 if none, e.g. LLaVA-1.6's newline tokens). `render` draws one column per method and one
 row per view: kept cells at full brightness with a yellow outline, the others dimmed, cells
 no token covers hatched, and a title with the method, the kept count and ratio, and the exact
-W2 between all tokens and the kept ones (`otprune.metrics.wasserstein2`).
+W2 between all tokens and the kept ones (`otprune.analysis.distances.wasserstein2`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from otprune.config import DISPLAY_NAMES
+from otprune.methods import display_name
 
 PAD_COLOUR = (123, 117, 104)  # int(255 * CLIP mean), LLaVA-1.5's padding colour
 BACKGROUND = (255, 255, 255)
@@ -209,7 +209,7 @@ def render(
     font = _font()
     for m, (method, kept) in enumerate(selections.items()):
         kept = torch.as_tensor(kept, dtype=torch.long)
-        label = DISPLAY_NAMES.get(method, method)
+        label = display_name(method)
         for v, view in enumerate(views):
             covered, chosen = view.masks(kept)
             left, top, right, bottom = geometry["boxes"][v][m]

@@ -71,7 +71,7 @@ def model_views(model, processor, image):
     import torch
     from llava.mm_utils import get_anyres_image_grid_shape, process_images, unpad_image
 
-    from otprune.show import View, grid_view
+    from otprune.analysis.pictures import View, grid_view
 
     pixels = process_images([image], processor, model.config)[0]  # (3, S, S), or (P, 3, S, S) for anyres
     crops = pixels if pixels.dim() == 4 else pixels[None]  # (P, 3, S, S)
@@ -131,8 +131,8 @@ def run(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from otprune import METHODS, select_tokens
-    from otprune.metrics import wasserstein2
-    from otprune.show import grid_view, patch_features, render
+    from otprune.analysis.distances import wasserstein2
+    from otprune.analysis.pictures import grid_view, patch_features, render
 
     methods = [METHODS.canonical(m) for m in args.methods.split(",") if m.strip()]
     if not methods:

@@ -5,14 +5,14 @@ Input, found recursively under a log folder:
 - lmms-eval 0.7 results, `<output_path>/<model>/<date>_results.json`: per task a dict of
   `"<metric>,<filter>": value` under "results", the model name, the command line under
   "config" / "resolved_cli_args" and the start `date` (in `--timezone`, default Asia/Singapore);
-- our records (`otprune.records`): JSONL files whose lines carry the "otprune_record" marker, one
+- our records (`otprune.eval.records`): JSONL files whose lines carry the "otprune_record" marker, one
   line per sample with method, layer, ratio, TFLOPs and latencies.
 
 Each group of records (one `run` = one process) is matched to the results file it belongs to:
 results in the same folder (else with the same `--output_path` and `--model_args`) whose tasks
 include the run's `--tasks`, and among those the latest that started before the run's first
 record. The records give the row's settings (method, layer, ratio, gamma, seed, order, recipe:
-`otprune.records.SETTING_KEYS`) and its FLOPs and latency; results without records take them from
+`otprune.eval.records.setting_keys()`) and its FLOPs and latency; results without records take them from
 run_OTPrune.sh's `otprune_run.json`.
 
 Output: one row per model x setting (method, kept ratio, layer, and gamma / seed / order / recipe,
@@ -35,8 +35,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from otprune.config import DISPLAY_NAMES
-from otprune.records import SETTING_KEYS, iter_records, normalized_settings, setting_defaults
+from otprune.eval.records import iter_records, normalized_settings, setting_defaults, setting_keys
+from otprune.methods import display_name, table_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +78,6 @@ EXTRA_COLUMNS = {"mme_cognition": ("mme", "mme_cognition_score")}
 DEFAULT_MMBENCH_JUDGE = "gpt-4o-2024-11-20"
 SMOKE_TASKS = ("otprune_smoke_gen", "otprune_smoke_mc")
 
-METHOD_LABELS = {None: "Original", **DISPLAY_NAMES}
-METHOD_ORDER = ("vtw", "fastv", "fitprune", "first_k", "last_k", "uniform", "random", "dpp", "divprune", "otprune")
 MODEL_ORDER = ("llava-v1.5-7b", "llava-v1.5-13b", "llava-v1.6-vicuna-7b")
 UNKNOWN_METHOD = "?"
 DEFAULT_TIMEZONE = "Asia/Singapore"  # lmms-eval 0.7's default --timezone
@@ -253,7 +251,7 @@ class Row:
 
     @property
     def settings(self) -> dict:
-        return {key: getattr(self, key) for key in SETTING_KEYS}
+        return {key: getattr(self, key) for key in setting_keys()}
 
     @property
     def pruned(self) -> bool:
@@ -345,7 +343,7 @@ def build_report(log_dir: str | os.PathLike) -> Report:
                 "setting from run_OTPrune.sh's otprune_run.json"
             )
         else:
-            settings = dict(dict.fromkeys(SETTING_KEYS), method=UNKNOWN_METHOD)
+            settings = dict(dict.fromkeys(setting_keys()), method=UNKNOWN_METHOD)
             notes.append(f"{result.path.relative_to(root)}: no per-sample records; method, FLOPs and latency unknown")
         row = Row(result.model, **settings)
         row = rows.setdefault(row.key, row)
@@ -381,7 +379,7 @@ def build_report(log_dir: str | os.PathLike) -> Report:
 
 def _provenance(runs: Sequence[RecordRun], tasks: Sequence[str]) -> list[str]:
     """Footer lines: the lmms-eval version(s) the records were written under, and MMBench's judge."""
-    from otprune.records import installed_version
+    from otprune.eval.records import installed_version
 
     records = [record for run in runs for record in run.records]
     versions = sorted({str(r["lmms_eval_version"]) for r in records if r.get("lmms_eval_version")})
@@ -616,12 +614,7 @@ def _task_order(tasks: set[str]) -> list[str]:
 def _row_order(row: Row) -> tuple:
     label = _model_label(row.model)
     model_rank = MODEL_ORDER.index(label) if label in MODEL_ORDER else len(MODEL_ORDER)
-    if row.method is None:
-        method_rank = -1
-    elif row.method in METHOD_ORDER:
-        method_rank = METHOD_ORDER.index(row.method)
-    else:
-        method_rank = len(METHOD_ORDER)
+    method_rank = table_rank(row.method)
     extras = (str(row.gamma), str(row.seed), str(row.order), str(row.recipe))
     return (model_rank, row.model, row.method is not None, -(row.ratio or 0.0), method_rank, str(row.method), row.layer or 0,
             extras)
@@ -631,7 +624,7 @@ RUN_INFO = "otprune_run.json"  # written by run_OTPrune.sh into each run's --out
 
 
 def _run_info(folder: Path, root: Path) -> dict | None:
-    """The settings (`SETTING_KEYS`) in the nearest otprune_run.json between `folder` and `root`.
+    """The settings (`setting_keys()`) in the nearest otprune_run.json between `folder` and `root`.
 
     run_OTPrune.sh writes the canonical `method` and every setting; older files have only
     "baseline" (the BASELINE value), "layer" and "ratio"."""
@@ -642,7 +635,7 @@ def _run_info(folder: Path, root: Path) -> dict | None:
                 info = json.loads(path.read_text(encoding="utf-8"))
                 method = info.get("method", info.get("baseline"))
                 if method is None:
-                    return dict.fromkeys(SETTING_KEYS)
+                    return dict.fromkeys(setting_keys())
                 try:
                     from otprune.config import canonical_method
 
@@ -658,8 +651,8 @@ def _run_info(folder: Path, root: Path) -> dict | None:
 
 
 def _run_settings(run: RecordRun) -> dict:
-    """The settings (`SETTING_KEYS`) of one run's records."""
-    return normalized_settings({key: run.field(key) for key in SETTING_KEYS})
+    """The settings (`setting_keys()`) of one run's records."""
+    return normalized_settings({key: run.field(key) for key in setting_keys()})
 
 
 def _method(value) -> str | None:
@@ -671,7 +664,7 @@ def _method(value) -> str | None:
 def _method_label(method: str | None) -> str:
     if method == UNKNOWN_METHOD:
         return "? (no records)"
-    return METHOD_LABELS.get(method, str(method))
+    return display_name(method)
 
 
 def _row_label(row: Row) -> str:
@@ -679,7 +672,7 @@ def _row_label(row: Row) -> str:
     label = _method_label(row.method)
     if not row.pruned:
         return label
-    defaults = setting_defaults()
+    defaults = setting_defaults(row.method)
     extras = []
     if row.gamma is not None and row.gamma != defaults["gamma"]:
         extras.append(f"γ={row.gamma:g}")
@@ -697,7 +690,7 @@ def _model_label(model: str) -> str:
 
 
 def _model_from_args(model_args: str) -> str:
-    from otprune.records import model_name_from_args
+    from otprune.eval.records import model_name_from_args
 
     return model_name_from_args(model_args)
 
