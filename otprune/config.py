@@ -174,7 +174,7 @@ class PruneConfig:
 
     def rule(self):
         """The in-LLM rule of this config: the method's own for FastV / VTW / FitPrune; None for a
-        selection method (at `LAYER_INDEX > 0` it runs through `otprune.methods.in_llm.feature_keep`)."""
+        selection method (at `LAYER_INDEX > 0` it runs through `otprune.selection.feature_keep`)."""
         return registry.get_rule(self.method) if self.model_level else None
 
     @classmethod

@@ -124,3 +124,13 @@ def select_tokens(
 def _uniform_k(keep: int | float, n: int) -> int:
     """K for a sample of n tokens (`keep` already validated by `keep_counts`)."""
     return keep if isinstance(keep, int) else max(1, round(keep * n))
+
+
+def feature_keep(ctx) -> Tensor:
+    """A selection method at `LAYER_INDEX = L > 0`: each image keeps K = round(SUBSET_RATIO x V) of
+    its tokens, selected on the hidden states entering layer L (the whole batch in one batched
+    `select_tokens` call, fp32). (I, K_max), ascending, -1 padded."""
+    features = ctx.image_values(ctx.hidden)  # (I, V_max, D); rows past an image's count are ignored
+    config = ctx.config
+    return select_tokens(features, float(config.ratio), config.method, lengths=ctx.lengths, order="ascending",
+                         **config.method_params())

@@ -46,7 +46,7 @@ def run(args) -> int:
         raise ValueError(f"--reduction={args.reduction}: must be in (0, 1), the fraction of the decoder FLOPs to remove")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit={args.limit}: must be >= 1")
-    from llava.model.in_llm.fitprune import calibrate
+    from llava.calibrate import calibrate
 
     from otprune.flops import compact_schedule
     from otprune.methods.fitprune import save_recipe

@@ -13,7 +13,7 @@ every family needs:
   `PrefillState` / `remap_decode` let the decode steps of `generate` address the pruned cache.
 
 Statistics: one dict per sample with the keys of our llava package's `_Plan.stats`
-(`STATS_KEYS`); `build_stats` makes them.
+(`otprune.stats.SampleStats`); `build_stats` makes them.
 """
 
 from __future__ import annotations
@@ -29,14 +29,8 @@ from torch import Tensor, nn
 
 import otprune
 from otprune.config import PruneConfig, announce
+from otprune.stats import SampleStats, stats_for
 from otprune.timing import Clock
-
-STATS_KEYS = (
-    "method", "layer", "ratio", "order", "images", "image_tokens_before", "image_tokens_after",
-    "visual_tokens_before", "visual_tokens_after", "text_tokens", "seq_len_before", "seq_len_after",
-    "batch_size", "select_ms", "prefill_ms", "tokens_per_layer", "visual_tokens_per_layer", "recipe",
-    "gamma", "seed",
-)  # fmt: skip
 
 
 # -------------------------------------------------------------------- statistics
@@ -50,8 +44,8 @@ def build_stats(
     *,
     select_ms: float | None = None,
     prefill_ms: float | None = None,
-) -> list[dict]:
-    """One stats dict per sample (keys `STATS_KEYS`), for pruning before the LLM (layer 0).
+) -> list[SampleStats]:
+    """One `otprune.stats.SampleStats` per sample, for pruning before the LLM (layer 0).
 
     Args:
         config: the configuration that ran (method/layer/ratio/order are None when it is off).
@@ -61,37 +55,10 @@ def build_stats(
         num_layers: decoder layers of the LLM (for the per-layer schedule).
         select_ms / prefill_ms: the batch's selection time and prefill wall time.
     """
-    on = config.enabled
-    params = config.method_params() if on else {}  # gamma (OTPrune), seed (random)
-    stats = []
-    for images, text in zip(image_index, text_tokens, strict=True):
-        before = [int(tokens_before[i]) for i in images]
-        after = [int(tokens_after[i]) for i in images]
-        visual_before, visual_after = sum(before), sum(after)
-        stats.append(
-            {
-                "method": config.method if on else None,
-                "layer": config.layer,
-                "ratio": config.ratio if on else None,
-                "order": config.order if on else None,
-                "images": len(images),
-                "image_tokens_before": before,
-                "image_tokens_after": after,
-                "visual_tokens_before": visual_before,
-                "visual_tokens_after": visual_after,
-                "text_tokens": int(text),
-                "seq_len_before": int(text) + visual_before,
-                "seq_len_after": int(text) + visual_after,
-                "batch_size": len(text_tokens),
-                "select_ms": select_ms,
-                "prefill_ms": prefill_ms,
-                "tokens_per_layer": [int(text) + visual_after] * num_layers,
-                "visual_tokens_per_layer": [visual_after] * num_layers,
-                "recipe": None,
-                "gamma": params.get("gamma"),
-                "seed": params.get("seed"),
-            }
-        )
+    schedules = [[int(after)] * num_layers for after in tokens_after]
+    stats = stats_for(config, image_index, tokens_before, schedules, text_tokens)
+    for sample in stats:
+        sample.select_ms, sample.prefill_ms = select_ms, prefill_ms
     return stats
 
 
@@ -265,7 +232,7 @@ class HFAdapter:
         model: the model (its class and modeling file are never changed).
         config: a fixed PruneConfig, or None to read `PruneConfig.from_env()` at every multimodal
             forward (as our llava package does).
-        last_stats: one dict per sample of the last multimodal prefill (keys `STATS_KEYS`);
+        last_stats: one `otprune.stats.SampleStats` per sample of the last multimodal prefill;
             empty after a prefill with pruning off.
         on_stats: None, or a callable called with `last_stats` after each pruned prefill (e.g. an
             lmms-eval plugin writing `otprune.eval.records`).

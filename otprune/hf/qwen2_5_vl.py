@@ -32,7 +32,7 @@ rope_deltas`) gives the first generated token the position it has unpruned; a st
 position ids gets exactly that rule, applied by the adapter to the q new tokens (transformers
 5.24's own rule would number the whole mask).
 
-Statistics (`last_stats`, one dict per sample, keys of `otprune.hf.base.STATS_KEYS`): a video
+Statistics (`last_stats`, one `otprune.stats.SampleStats` per sample): a video
 counts as one token set like an image (`images`, `image_tokens_before/after`).
 """
 

@@ -4,8 +4,9 @@ FitPrune (Ye et al., "Fit and Prune: Fast and Training-free Visual Token Pruning
 Large Language Models", AAAI 2025) turns attention statistics of a small calibration set into a
 per-layer *recipe*, then at inference drops, at each layer of the recipe, the visual tokens that
 receive the least attention. This module is the pure part: statistics -> recipe, the recipe file,
-and the recipe's FLOPs. The model glue (collecting the statistics, applying the recipe) lives in
-`llava.model.in_llm.fitprune`.
+and the recipe's FLOPs. The model glue lives in our `llava` package: `llava.calibrate` collects the statistics (it loads a
+model), and `llava.model.in_llm` computes, inside the decoder, the attention the rule at the end
+of this file reads (the drop itself needs a running decoder).
 
 Statistics. For every decoder layer l and calibration sample, the visual tokens' attention
 received, averaged over heads: from the visual queries (self attention) and from the text queries
@@ -470,6 +471,9 @@ class FitPrune(InLLMRule):
 
     def schedule(self, config, tokens: int, num_layers: int) -> list[int]:
         return [tokens - r for r in config.recipe.removed_for(tokens)]
+
+    def check_model(self, config, num_layers: int, hidden_size: int, intermediate_size: int) -> None:
+        config.recipe.check_model(num_layers, hidden_size, intermediate_size)
 
     def keep(self, ctx: StageContext) -> Tensor:
         self_attention, cross_attention = ctx.received_attention()

@@ -5,8 +5,8 @@ A rule is one file in `otprune/methods/` (a dataclass subclass of `InLLMRule`), 
 `llava` decoder, `llava.model.in_llm`) computes what a rule asks for at a decoder layer and hands
 it over as a `StageContext`; the rule returns which visual tokens of each image stay.
 
-A selection method of `otprune.METHODS` at `LAYER_INDEX = L > 0` runs through `feature_keep`:
-the same selection, on the hidden states entering layer L.
+A selection method of `otprune.METHODS` at `LAYER_INDEX = L > 0` runs through
+`otprune.selection.feature_keep`: the same selection, on the hidden states entering layer L.
 """
 
 from __future__ import annotations
@@ -78,21 +78,12 @@ class InLLMRule(Method):
         kept = round(config.ratio * tokens) if self.uses_ratio else 0
         return [tokens] * config.layer + [kept] * (num_layers - config.layer)
 
+    def check_model(self, config, num_layers: int, hidden_size: int, intermediate_size: int) -> None:
+        """Refuse a model this config cannot run on (ValueError); nothing to check by default."""
+
     def keep(self, ctx: StageContext) -> Tensor:
         """(I, K_max) indices of the tokens each image keeps at this stage, ascending, -1 padded."""
         raise NotImplementedError
-
-
-def feature_keep(ctx: StageContext) -> Tensor:
-    """A selection method at `LAYER_INDEX = L > 0`: each image keeps K = round(SUBSET_RATIO x V) of
-    its tokens, selected on the hidden states entering layer L (the whole batch in one batched
-    `select_tokens` call, fp32). (I, K_max), ascending, -1 padded."""
-    from otprune.selection import select_tokens
-
-    features = ctx.image_values(ctx.hidden)  # (I, V_max, D); rows past an image's count are ignored
-    config = ctx.config
-    return select_tokens(features, float(config.ratio), config.method, lengths=ctx.lengths, order="ascending",
-                         **config.method_params())
 
 
 def top_k(scores: Tensor, lengths: list[int], keep: list[int]) -> Tensor:

@@ -18,10 +18,10 @@ from PIL import Image
 
 import otprune
 from otprune import hf
-from otprune.hf.base import STATS_KEYS
 from otprune.hf.qwen2_5_vl import Qwen2_5_VLAdapter
 from otprune.hf.qwen2_5_vl_tiny import MAX_PIXELS, MIN_PIXELS, SPECIAL_IDS, write_tiny_qwen2_5_vl
 from otprune.methods.otprune import official_order
+from otprune.stats import SampleStats
 
 IGNORE_INDEX = -100
 TOL = {"atol": 2e-5, "rtol": 2e-5}
@@ -348,7 +348,7 @@ def test_keep_counts_and_stats(model, processor):
     with hf.pruning(model, otprune.PruneConfig(layer=0, ratio=ratio)) as adapter:
         logits = model(**inputs).logits
     stats = adapter.last_stats
-    assert len(stats) == 3 and all(tuple(s) == STATS_KEYS for s in stats)
+    assert len(stats) == 3 and all(isinstance(s, SampleStats) for s in stats)
     before = [[24], [9, 20], []]
     assert [s["image_tokens_before"] for s in stats] == before
     for s, tokens in zip(stats, before, strict=True):

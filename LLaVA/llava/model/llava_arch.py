@@ -37,6 +37,7 @@ from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from otprune import PruneConfig
 from otprune.config import announce
+from otprune.stats import SampleStats, stats_for
 from otprune.timing import Clock
 
 
@@ -229,8 +230,8 @@ class LlavaMetaForCausalLM(ABC):
         select_ms = pending.select_clock.ms() if pending.select_clock is not None else 0.0
         prefill_ms = pending.prefill_clock.ms() if pending.prefill_clock is not None else None
         for record in pending.stats:
-            record["select_ms"] = select_ms
-            record["prefill_ms"] = prefill_ms
+            record.select_ms = select_ms
+            record.prefill_ms = prefill_ms
         self._pruning_stats = pending.stats
         self.on_pruning_stats(pending.stats)
 
@@ -623,42 +624,8 @@ class _Plan:
     def stats(
         self, config: PruneConfig, before: list[int], schedules: list[list[int]], layout: VisualTokenLayout,
         num_layers: int,
-    ) -> list[dict]:
-        """One dict per sample; `schedules[i]`: image i's visual tokens seen by each decoder layer."""
-        records = []
-        after = [schedule[-1] for schedule in schedules]
-        params = config.method_params() if config.enabled else {}  # gamma (OTPrune), seed (random)
-        recipe = None
-        if config.enabled and config.method == "fitprune":
-            recipe = config.recipe.source or None
-        for b in range(self.batch):
-            images = layout.image_index[b]
-            text = layout.seq_lens[b] - sum(schedules[i][0] for i in images)  # after a cut to max_length, the kept text
-            vis_before = sum(before[i] for i in images)
-            vis_after = sum(after[i] for i in images)
-            visual_per_layer = [sum(schedules[i][layer] for i in images) for layer in range(num_layers)]
-            records.append(
-                {
-                    "method": config.method if config.enabled else None,
-                    "layer": config.layer,
-                    "ratio": config.ratio if config.enabled else None,
-                    "order": config.order if config.enabled else None,
-                    "gamma": params.get("gamma"),
-                    "seed": params.get("seed"),
-                    "images": len(images),
-                    "image_tokens_before": [before[i] for i in images],
-                    "image_tokens_after": [after[i] for i in images],
-                    "visual_tokens_before": vis_before,
-                    "visual_tokens_after": vis_after,
-                    "text_tokens": text,
-                    "seq_len_before": text + vis_before,
-                    "seq_len_after": text + vis_after,
-                    "batch_size": self.batch,
-                    "select_ms": None,
-                    "prefill_ms": None,
-                    "tokens_per_layer": [text + v for v in visual_per_layer],
-                    "visual_tokens_per_layer": visual_per_layer,
-                    "recipe": recipe,
-                }
-            )
-        return records
+    ) -> list[SampleStats]:
+        """One `SampleStats` per sample; `schedules[i]`: image i's visual tokens seen by each decoder layer."""
+        # after a cut to max_length, the kept text
+        text = [layout.seq_lens[b] - sum(schedules[i][0] for i in layout.image_index[b]) for b in range(self.batch)]
+        return stats_for(config, layout.image_index, before, schedules, text)

@@ -1,7 +1,7 @@
 """Attention probabilities of a few query rows of one decoder layer, computed on the side.
 
 The model runs with sdpa (or flash-attention), which never materialises attention weights.
-FastV and FitPrune need some of them: this recomputes exactly the rows they need from the layer's
+FastV and FitPrune need some of them (`otprune.methods.fastv`, `otprune.methods.fitprune`): this recomputes exactly the rows they need from the layer's
 input hidden states with the layer's own weights -- `input_layernorm`, `q_proj` on the query rows
 only, `k_proj` on every row, rotary embeddings, grouped-query heads repeated -- then a causal,
 padding-masked softmax over all keys in fp32, averaged over heads. The rest of the model keeps
@@ -58,3 +58,53 @@ def head_mean_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tens
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         out.append(scores.softmax(dim=-1).mean(dim=1))  # (B, C, N)
     return torch.cat(out, dim=1)
+
+
+def received_attention(layer, hidden: Tensor, cos: Tensor, sin: Tensor, valid: Tensor, layout, images: list[list[int]],
+                       rows: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
+    """Self and cross attention received by each image token in `layer`: two (I, V_max) fp32 tensors.
+
+    Args:
+        layer: the decoder layer; hidden (B, N, D), cos/sin (B, N, hd), valid (B, N): its input.
+        layout: a `HostLayout` of the rows; images: per sample, its image indices in prompt order.
+        rows: (I, V_max) current rows of each image's tokens; sample: (I,) sample of each image.
+    """
+    device = hidden.device
+    bsz, n = valid.shape
+    per_sample = max((len(spans) for spans in layout.spans), default=0)
+    n_images = rows.shape[0]
+    if per_sample == 0:
+        zeros = torch.zeros(n_images, rows.shape[1], device=device)
+        return zeros, zeros
+    text = layout.valid()  # (B, N) host
+    for b, spans in enumerate(layout.spans):
+        for start, end in spans:
+            text[b, start:end] = False
+    index = torch.arange(n)
+    w_self = torch.zeros(bsz, n, per_sample)
+    w_cross = torch.zeros(bsz, n, per_sample)
+    local = [0] * n_images
+    for b, spans in enumerate(layout.spans):
+        for j, ((start, end), i) in enumerate(zip(spans, images[b], strict=True)):
+            local[i] = j
+            if end > start:
+                w_self[b, start:end, j] = 1.0 / (end - start)
+            after = text[b] & (index >= end)
+            count = int(after.sum())
+            if count:
+                w_cross[b, after, j] = 1.0 / count
+    used = (w_self + w_cross).sum(dim=2) > 0  # (B, N) query rows that matter
+    q_rows = [used[b].nonzero().squeeze(1) for b in range(bsz)]
+    q_max = max(max(r.numel() for r in q_rows), 1)
+    last = [layout.seq_len - 1 if layout.side == "left" else m - 1 for m in layout.seq_lens]
+    query = torch.stack([torch.cat([r, torch.full((q_max - r.numel(),), last[b])]) for b, r in enumerate(q_rows)])
+    real = torch.arange(q_max)[None] < torch.tensor([r.numel() for r in q_rows])[:, None]  # (B, Q)
+    gather = query[..., None].expand(-1, -1, per_sample)
+    wq_self = (w_self.gather(1, gather) * real[..., None]).to(device)  # (B, Q, J)
+    wq_cross = (w_cross.gather(1, gather) * real[..., None]).to(device)
+    probs = head_mean_attention(layer, hidden, cos, sin, query.to(device), valid)  # (B, Q, N)
+    m_self = torch.einsum("bqn,bqj->bjn", probs, wq_self)  # (B, J, N)
+    m_cross = torch.einsum("bqn,bqj->bjn", probs, wq_cross)
+    local_t = torch.tensor(local, device=device)
+    pick = (sample[:, None], local_t[:, None], rows)
+    return m_self[pick], m_cross[pick]

@@ -29,8 +29,9 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from llava.model.in_llm import methods
-from otprune import PruneConfig, keep_counts
+from llava.model.in_llm.attention import head_mean_attention, received_attention
+from otprune.config import PruneConfig
+from otprune.selection import feature_keep, keep_counts
 
 CACHE_ATTRIBUTE = "llava_in_llm"
 # The name of the KV-cache argument of transformers' models, decoder layers, masks and outputs: `cache` since
@@ -43,12 +44,10 @@ def visual_token_schedule(config: PruneConfig, tokens: int, num_layers: int) -> 
     """Visual tokens of one image of `tokens` tokens seen by each of the `num_layers` layers."""
     if not config.enabled:
         return [tokens] * num_layers
-    if config.method == "fitprune":
-        return [tokens - r for r in config.recipe.removed_for(tokens)]
-    if config.method == "vtw":
-        kept = 0
-    else:
-        kept = int(keep_counts(float(config.ratio), torch.tensor([tokens]))[0]) if tokens else 0
+    rule = config.rule()
+    if rule is not None and not rule.uses_ratio:
+        return rule.schedule(config, tokens, num_layers)
+    kept = int(keep_counts(float(config.ratio), torch.tensor([tokens]))[0]) if tokens else 0
     layer = config.layer
     return [tokens] * layer + [kept] * (num_layers - layer)
 
@@ -68,8 +67,9 @@ def check_in_llm(config: PruneConfig, model_config) -> None:
         raise ValueError(
             f"LAYER_INDEX={config.layer}: the model has {layers} decoder layers; use 0 (before the LLM) to {layers - 1}"
         )
-    if config.method == "fitprune":
-        config.recipe.check_model(layers, int(model_config.hidden_size), int(model_config.intermediate_size))
+    rule = config.rule() if config.enabled else None
+    if rule is not None:
+        rule.check_model(config, layers, int(model_config.hidden_size), int(model_config.intermediate_size))
 
 
 # -------------------------------------------------------------------- plan and layouts
@@ -257,7 +257,7 @@ def decode_state(cache) -> DecodeState | None:
 # -------------------------------------------------------------------- one stage
 @dataclasses.dataclass
 class StageContext:
-    """What a stage rule sees (`llava.model.in_llm.methods`).
+    """What a rule sees at one stage: `otprune.methods.in_llm.StageContext`, for our decoder.
 
     Attributes:
         config: the PruneConfig.
@@ -291,6 +291,24 @@ class StageContext:
     def image_values(self, values: Tensor) -> Tensor:
         """(B, N, ...) per-row values -> (I, V_max, ...) per image token."""
         return values[self.sample[:, None], self.rows]
+
+    def last_token_attention(self) -> Tensor:
+        """(I, V_max) attention each image token receives from its sample's last token in layer L-1 (FastV)."""
+        hidden, cos, sin = self.previous
+        last = self.last_rows().to(hidden.device)[:, None]  # (B, 1)
+        probs = head_mean_attention(self.layers[self.layer - 1], hidden, cos, sin, last, self.valid)[:, 0]  # (B, N)
+        return self.image_values(probs)
+
+    def received_attention(self) -> tuple[Tensor, Tensor]:
+        """Self and cross attention each image token receives in this layer (FitPrune): two (I, V_max)."""
+        return received_attention(self.layers[self.layer], self.hidden, self.cos, self.sin, self.valid, self.layout,
+                                  self.images, self.rows, self.sample)
+
+    def keep_tokens(self) -> Tensor:
+        """(I, K_max) within-image indices each image keeps at this stage, ascending, -1 padded: the
+        config's in-LLM rule, or its selection method on the hidden states (`feature_keep`)."""
+        rule = self.config.rule()
+        return feature_keep(self) if rule is None else rule.keep(self)
 
     def last_rows(self) -> Tensor:
         """(B,) the last valid row of each sample (the last token of the prompt)."""
@@ -407,7 +425,7 @@ def pruned_prefill(model, plan: PrefillPlan, inputs_embeds: Tensor, attention_ma
             ctx = StageContext(plan.config, i, model.layers, hidden, cos, sin, valid, previous, rows.to(device),
                                sample.to(device), lengths, keep, layout, images)
             clock = plan.make_clock(device) if plan.make_clock is not None else None
-            kept = methods.keep_tokens(ctx)  # (I, K_max) within-image indices, ascending, -1 padded
+            kept = ctx.keep_tokens()  # (I, K_max) within-image indices, ascending, -1 padded
             if clock is not None:
                 plan.clocks.append(clock.stop())
             per_sample = [[keep[k] for k in imgs] for imgs in images]

@@ -1,18 +1,13 @@
-"""FitPrune (Ye et al., "Fit and Prune: Fast and Training-free Visual Token Pruning for Multi-modal
-Large Language Models", AAAI 2025): the model side.
+"""FitPrune calibration: run a LLaVA model over a calibration set and search its recipe.
 
-Attention received by the visual tokens of an image in one decoder layer, from its own input
-hidden states (`received_attention`), averaged over heads:
+`otprune fitprune-calibrate` calls `calibrate`. This loads a model, so it lives outside
+`llava.model` (the model package never imports its own loader). FitPrune itself is
+`otprune.methods.fitprune` (the recipe search, the recipe file and the in-LLM rule, pure); the
+attention it reads inside the decoder is `llava.model.in_llm.attention.received_attention`.
 
-- self attention: mean over the image's visual queries of their softmax rows (causal);
-- cross attention: mean over the text queries after the image (the text before it cannot see it).
-
-Calibration (`collect_statistics`, `calibrate`; `otprune fitprune-calibrate`) records both for every
-layer of an unpruned forward per calibration sample and hands them to `otprune.methods.fitprune`, which
-searches the per-layer recipe. Inference (`BASELINE=FITPRUNE FITPRUNE_RECIPE=recipe.json`): before
-each layer l where the recipe drops tokens, every image keeps its tokens with the largest
-self + cross attention in layer l (computed on layer l's input, i.e. the attention that their
-removal changes), `recipe.removed_for(V)` giving how many.
+Calibration (`collect_statistics`, `calibrate`) records, for every layer of an unpruned forward
+per calibration sample, the self and cross attention each visual token receives, and hands them
+to `otprune.methods.fitprune.search_recipe`.
 """
 
 from __future__ import annotations
@@ -25,69 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llava.model.in_llm.attention import head_mean_attention
-from llava.model.in_llm.methods import top_k
 
-
-def received_attention(layer, hidden: Tensor, cos: Tensor, sin: Tensor, valid: Tensor, layout, images: list[list[int]],
-                       rows: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
-    """Self and cross attention received by each image token in `layer`: two (I, V_max) fp32 tensors.
-
-    Args:
-        layer: the decoder layer; hidden (B, N, D), cos/sin (B, N, hd), valid (B, N): its input.
-        layout: a `HostLayout` of the rows; images: per sample, its image indices in prompt order.
-        rows: (I, V_max) current rows of each image's tokens; sample: (I,) sample of each image.
-    """
-    device = hidden.device
-    bsz, n = valid.shape
-    per_sample = max((len(spans) for spans in layout.spans), default=0)
-    n_images = rows.shape[0]
-    if per_sample == 0:
-        zeros = torch.zeros(n_images, rows.shape[1], device=device)
-        return zeros, zeros
-    text = layout.valid()  # (B, N) host
-    for b, spans in enumerate(layout.spans):
-        for start, end in spans:
-            text[b, start:end] = False
-    index = torch.arange(n)
-    w_self = torch.zeros(bsz, n, per_sample)
-    w_cross = torch.zeros(bsz, n, per_sample)
-    local = [0] * n_images
-    for b, spans in enumerate(layout.spans):
-        for j, ((start, end), i) in enumerate(zip(spans, images[b], strict=True)):
-            local[i] = j
-            if end > start:
-                w_self[b, start:end, j] = 1.0 / (end - start)
-            after = text[b] & (index >= end)
-            count = int(after.sum())
-            if count:
-                w_cross[b, after, j] = 1.0 / count
-    used = (w_self + w_cross).sum(dim=2) > 0  # (B, N) query rows that matter
-    q_rows = [used[b].nonzero().squeeze(1) for b in range(bsz)]
-    q_max = max(max(r.numel() for r in q_rows), 1)
-    last = [layout.seq_len - 1 if layout.side == "left" else m - 1 for m in layout.seq_lens]
-    query = torch.stack([torch.cat([r, torch.full((q_max - r.numel(),), last[b])]) for b, r in enumerate(q_rows)])
-    real = torch.arange(q_max)[None] < torch.tensor([r.numel() for r in q_rows])[:, None]  # (B, Q)
-    gather = query[..., None].expand(-1, -1, per_sample)
-    wq_self = (w_self.gather(1, gather) * real[..., None]).to(device)  # (B, Q, J)
-    wq_cross = (w_cross.gather(1, gather) * real[..., None]).to(device)
-    probs = head_mean_attention(layer, hidden, cos, sin, query.to(device), valid)  # (B, Q, N)
-    m_self = torch.einsum("bqn,bqj->bjn", probs, wq_self)  # (B, J, N)
-    m_cross = torch.einsum("bqn,bqj->bjn", probs, wq_cross)
-    local_t = torch.tensor(local, device=device)
-    pick = (sample[:, None], local_t[:, None], rows)
-    return m_self[pick], m_cross[pick]
-
-
-def fitprune_keep(ctx) -> Tensor:
-    """(I, K_max) kept indices per image: the `keep` tokens with the most self + cross attention."""
-    self_att, cross_att = received_attention(
-        ctx.layers[ctx.layer], ctx.hidden, ctx.cos, ctx.sin, ctx.valid, ctx.layout, ctx.images, ctx.rows, ctx.sample
-    )
-    return top_k(self_att + cross_att, ctx.lengths, ctx.keep)
-
-
-# -------------------------------------------------------------------- calibration
 def read_calibration_data(path: str | Path, limit: int | None = None) -> list[dict]:
     """Lines {"image": path, "question": text} of a JSONL file; relative image paths are relative to it."""
     data = Path(path)
@@ -145,6 +78,7 @@ def collect_statistics(model, tokenizer, image_processor, samples: Iterable[dict
 
     from llava.constants import IMAGE_TOKEN_INDEX
     from llava.mm_utils import process_images, tokenizer_image_token
+    from llava.model.in_llm.attention import received_attention
     from llava.model.in_llm.decoder import HostLayout, _image_rows
     from otprune import PruneConfig
     from otprune.methods.fitprune import CurveAccumulator
