@@ -311,8 +311,8 @@ def fail(message):
 
 
 try:
-    from otprune.config import MODEL_METHODS, PruneConfig, canonical_method, describe_methods
-    from otprune.methods import method_parameters
+    from otprune.config import PruneConfig, canonical_method, describe_methods
+    from otprune.methods import IN_LLM_RULES, find
     from otprune.eval.records import result_settings, settings_tag
 except Exception as err:  # noqa: BLE001
     fail(f"cannot import otprune with {sys.executable} ({err}); install it: pip install -e '.[eval]'")
@@ -332,16 +332,16 @@ def layers_of(method):
     """The layers a method runs at: its own flag, else the given --layers it can use, else its default."""
     if method == "fitprune":
         return [None]  # the recipe's
-    if method not in MODEL_METHODS:
+    if method not in IN_LLM_RULES:
         return split(layers)
-    own = {"fastv": fastv_layers, "vtw": vtw_layers}[method]
+    own = {"fastv": fastv_layers, "vtw": vtw_layers}.get(method, "")
     if own:
         return split(own)
     usable = [layer for layer in split(layers) if not is_zero(layer)] if layers_given == "1" else []
     if usable:
         return usable
-    if MODEL_METHODS[method] is not None:
-        return [str(MODEL_METHODS[method])]
+    if find(method).default_layer is not None:
+        return [str(find(method).default_layer)]
     fail(f"--methods {method.upper()}: {method.upper()} withdraws the visual tokens at a layer L >= 1 and has no default "
          f"layer (it depends on the model); give it with --vtw-layers L (or --layers L)")
 
@@ -355,11 +355,10 @@ def emit(name, method, ratio, layer):
         env["LAYER_INDEX"] = layer
     if ratio is not None:
         env["SUBSET_RATIO"] = ratio
-    uses = () if method in MODEL_METHODS else method_parameters(method)
-    for variable, parameter in (("OTPRUNE_GAMMA", "gamma"), ("OTPRUNE_SEED", "seed")):
-        if parameter in uses and os.environ.get(variable, "").strip():
-            env[variable] = os.environ[variable].strip()
-    if method not in MODEL_METHODS and layer is not None and is_zero(layer) and os.environ.get("OTPRUNE_ORDER", "").strip():
+    for spec in find(method).params():  # the method's own parameters (OTPRUNE_GAMMA, OTPRUNE_SEED, ...)
+        if os.environ.get(spec.env, "").strip():
+            env[spec.env] = os.environ[spec.env].strip()
+    if method not in IN_LLM_RULES and layer is not None and is_zero(layer) and os.environ.get("OTPRUNE_ORDER", "").strip():
         env["OTPRUNE_ORDER"] = os.environ["OTPRUNE_ORDER"].strip()
     if method == "fitprune" and recipe:
         env["FITPRUNE_RECIPE"] = recipe
@@ -387,7 +386,7 @@ for name in methods.split(",") or [""]:
         method = canonical_method(name)
     except ValueError:
         fail(f"BASELINE={name!r}: unknown method; valid: {describe_methods()}")
-    for ratio in [None] if method in ("vtw", "fitprune") else split(ratios) or [""]:
+    for ratio in [None] if method in IN_LLM_RULES and not find(method).uses_ratio else split(ratios) or [""]:
         for layer in layers_of(method):
             emit(name, method, ratio, layer)
 EOF

@@ -9,9 +9,9 @@ All functions take the features of one image, `features: (N, D)`, and the kept t
   optimal transport cost (the cost is W2^2). `wasserstein2_batch` does a padded batch of images.
 - `gaussian_w2_squared`: the closed form for Gaussians,
   `W2^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1^1/2 S2 S1^1/2)^1/2)`.
-- `trace_objective`: the paper's Eq. 4 (ALGORITHM.md section 8), `Tr((Sigma^1/2 Sigma_A Sigma^1/2)^1/2)`,
+- `trace_objective`: the paper's Eq. 4 (docs/ALGORITHM.md section 8), `Tr((Sigma^1/2 Sigma_A Sigma^1/2)^1/2)`,
   higher is better; the quantity scored in the synthetic study (Table 2).
-- `logdet_objective`: OTPrune's surrogate `log det L[A, A]`, L = I + gamma * S S^T (ALGORITHM.md 1).
+- `logdet_objective`: OTPrune's surrogate `log det L[A, A]`, L = I + gamma * S S^T (docs/ALGORITHM.md 1).
 
 Moments used by the Gaussian surrogates (`gaussian_moments`). The paper fits ZERO-MEAN
 Gaussians to the tokens and normalises every embedding dimension to unit variance (Sec. 3.3).
@@ -341,7 +341,7 @@ def trace_objective(features: ArrayLike, kept: ArrayLike, *, centred: bool = Fal
 
 
 def logdet_objective(features: ArrayLike, kept: ArrayLike, gamma: float = 0.01) -> Tensor:
-    """OTPrune's objective log det L[A, A], L = I + gamma * S S^T, S = Xn Xn^T (ALGORITHM.md 1).
+    """OTPrune's objective log det L[A, A], L = I + gamma * S S^T, S = Xn Xn^T (docs/ALGORITHM.md 1).
 
     Xn is `features` with every dimension scaled to unit L2 norm over all N tokens
     (`otprune.methods.otprune.normalise_columns`); L[A, A] = I + gamma * S[A, :] S[A, :]^T is

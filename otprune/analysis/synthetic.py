@@ -1,4 +1,4 @@
-"""The paper's synthetic study (OTPrune paper Sec. 4, Table 2; ALGORITHM.md section 8), as pure functions.
+"""The paper's synthetic study (OTPrune paper Sec. 4, Table 2; docs/ALGORITHM.md section 8), as pure functions.
 
 Protocol, per setting (n, d, k) and per seed:
 

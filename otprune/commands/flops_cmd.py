@@ -1,4 +1,4 @@
-"""`otprune flops`: the paper's FLOPs calculator (ALGORITHM.md 6).
+"""`otprune flops`: the paper's FLOPs calculator (docs/ALGORITHM.md 6).
 
     otprune flops --paper                                   # the paper's TFLOP column
     otprune flops --model-size 13b --ratio 0.2              # paper averaging, other ratio

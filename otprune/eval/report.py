@@ -49,7 +49,7 @@ class Headline:
     digits: int = 2
 
 
-# The paper's 11 tasks (ALGORITHM.md 7, in the paper's column order) and our smoke tasks.
+# The paper's 11 tasks (docs/ALGORITHM.md 7, in the paper's column order) and our smoke tasks.
 HEADLINES: dict[str, Headline] = {
     "coco2017_cap_val": Headline("coco_CIDEr", "COCO CIDEr"),
     "flickr30k_test": Headline("flickr_CIDEr", "Flickr CIDEr"),

@@ -28,7 +28,7 @@ def cosine_similarity(features: Tensor) -> Tensor:
 
 @dataclasses.dataclass
 class DivPrune(TokenSelector):
-    """Max-min cosine-distance selection (ALGORITHM.md section 5).
+    """Max-min cosine-distance selection (docs/ALGORITHM.md section 5).
 
     Distance d(i, j) = 1 - cos(x_i, x_j). First pick: the token whose nearest other token is
     farthest. Then repeatedly the unpicked token whose minimum distance to the picked set is

@@ -23,7 +23,7 @@ largest non-decreasing schedule with g[l, c_l] <= a at every layer: c_l = min_{l
 The recipe uses the smallest a (over all values g takes: an exact binary search) whose schedule
 meets the budget `FLOPs(c) <= floor((1 - reduction) * FLOPs(unpruned))`, so among all monotone
 schedules that meet the budget it minimises the largest per-layer attention loss (self or
-cross), and for that loss it removes every token it allows. FLOPs use ALGORITHM.md 6 with the
+cross), and for that loss it removes every token it allows. FLOPs use docs/ALGORITHM.md 6 with the
 model's own sizes (`otprune.flops`): 4 n d^2 + 2 n^2 d + 2 n d m per layer, n = text + V - c_l.
 """
 

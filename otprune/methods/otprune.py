@@ -155,7 +155,7 @@ def representatives(features: Tensor, valid: Tensor | None = None) -> tuple[Tens
 
 @dataclasses.dataclass
 class OTPrune(TokenSelector):
-    """Greedy log-det selection on L = I + gamma * S S^T (ALGORITHM.md section 1).
+    """Greedy log-det selection on L = I + gamma * S S^T (docs/ALGORITHM.md section 1).
 
     Steps per image: normalise each embedding dimension over the tokens to unit L2 norm;
     S = Xn Xn^T; L = I + gamma * S S^T; greedily add the token with the largest Cholesky

@@ -105,7 +105,7 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
 class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
     """LLaVA-1.5 / 1.6 (Vicuna). `forward` and `generate` take `images` and `image_sizes`.
 
-    Pruning (ALGORITHM.md 2-3): read from the environment (`BASELINE`, `LAYER_INDEX`,
+    Pruning (docs/ALGORITHM.md 2-3): read from the environment (`BASELINE`, `LAYER_INDEX`,
     `SUBSET_RATIO`, ...) at every multimodal forward, or fixed with `set_pruning(PruneConfig(...))`.
     """
 
