@@ -7,6 +7,7 @@ import torch
 
 from otprune.bench import prefill as bench_prefill
 from otprune.cli import main
+from otprune.hf import FAMILIES
 
 # Visual tokens of each family's default image: LLaVA-1.5 24 x 24; LLaVA-1.6 640 x 480 on a 2 x 2
 # grid: 576 + 36 x (48 + 1); OneVision 384 x 384: 729 + 27 x (27 + 1); Qwen2.5-VL 448 x 448: 16 x 16.
@@ -19,7 +20,7 @@ def table_rows(out: str) -> dict[str, list[str]]:
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0].split(" ")[0] in bench_prefill.FAMILIES:
+        if line.startswith("| ") and cells[0].split(" ")[0] in FAMILIES:
             rows[cells[0].split(" ")[0]] = cells
     return rows
 
@@ -48,7 +49,7 @@ def test_all_families_at_a_tiny_width(capsys):
     assert torch.get_num_threads() == threads  # --threads is restored
     captured = capsys.readouterr()
     rows = table_rows(captured.out)
-    assert sorted(rows) == sorted(bench_prefill.FAMILIES)
+    assert sorted(rows) == sorted(FAMILIES)
     for family, cells in rows.items():
         size = bench_prefill.llm_size(family, 64)
         check_row(cells, DEFAULT_VISUAL[family], 0.098, 64, size.intermediate, 1)
@@ -70,13 +71,11 @@ def test_one_family_with_its_own_ratio_method_sizes_and_image(capsys):
 def test_random_weights_are_cheap_but_complete():
     # Buffers (rotary frequencies, position ids) as the normal constructor computes them; every
     # parameter filled (finite), norms at 1.
-    import transformers
-
     size = bench_prefill.llm_size("qwen2_5_vl", 64)
-    for family in bench_prefill.FAMILIES:
+    for family in FAMILIES:
         model, inputs = bench_prefill.build(family, size if family == "qwen2_5_vl" else bench_prefill.llm_size(family, 64), 1)
         assert inputs["input_ids"].shape[0] == 1
-        reference = getattr(transformers, bench_prefill.MODEL_CLASSES[family])(model.config)
+        reference = FAMILIES[family].load_model_class()(model.config)
         ours = dict(model.named_buffers())
         for name, buffer in reference.named_buffers():
             assert torch.equal(ours[name], buffer), (family, name)

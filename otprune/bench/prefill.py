@@ -44,7 +44,7 @@ from torch import nn
 
 from otprune import flops
 from otprune.config import PruneConfig
-from otprune.hf import FAMILIES, MODEL_CLASSES
+from otprune.hf import FAMILIES
 
 # The LLM each family's default checkpoints use: Llama (Vicuna) for LLaVA-1.5 / 1.6, Qwen2 otherwise.
 _QWEN_LLM = {"onevision", "qwen2_5_vl"}
@@ -215,9 +215,7 @@ def random_weights(model: nn.Module, seed: int = 0, std: float = INIT_STD) -> No
 
 
 def _build_model(family: str, config) -> nn.Module:
-    import transformers
-
-    cls = getattr(transformers, MODEL_CLASSES[family])
+    cls = FAMILIES[family].load_model_class()
     with _no_init():
         model = cls(config)
     random_weights(model)
@@ -543,7 +541,7 @@ def bench_family(
     gb = decoder_params(size, layers) * 4 / 1e9
     what = f"{size.name} sizes" if size.name else "custom sizes"
     of = f" of the real {size.real_layers}" if size.real_layers else ""
-    say(f"[{family}] building {MODEL_CLASSES[family]} ({what}: {size.label()}), {layers}{of} decoder layer(s) "
+    say(f"[{family}] building {FAMILIES[family].model_class} ({what}: {size.label()}), {layers}{of} decoder layer(s) "
         f"(~{gb:.1f} GB fp32), random weights")  # fmt: skip
     start = time.perf_counter()
     model, inputs = build(family, size, layers, image_size)
@@ -576,7 +574,7 @@ def bench_family(
 
 
 def run(
-    families=FAMILIES,
+    families=tuple(FAMILIES),
     sizes: dict[str, LLMSize] | None = None,
     layers: int = 4,
     method: str = "otprune",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-FAMILY_CHOICES = ["all", "llava", "llava_next", "onevision", "qwen2_5_vl"]  # = otprune.bench.prefill.FAMILIES
+from otprune.hf.families import FAMILIES
+
+FAMILY_CHOICES = ["all", *FAMILIES]
 LAYERS_ONE_FAMILY = 4
 LAYERS_ALL = 1  # `--family all` runs four models; one layer keeps the default run at a few minutes on 2 cores
 
@@ -61,7 +63,7 @@ def _register_prefill(what) -> None:
             "the FLOPs formula 4nd^2 + 2n^2d + 2ndm predicts for the same token counts and sizes."
         ),
     )
-    parser.add_argument("--family", choices=FAMILY_CHOICES, default="all", help="model family, or all four (default: all)")
+    parser.add_argument("--family", choices=FAMILY_CHOICES, default="all", help="model family, or all of them (default: all)")
     parser.add_argument(
         "--width", type=int, default=None,
         help="LLM hidden size d (default: the family's 7B LLM: 4096 for llava / llava_next, 3584 for onevision / "
@@ -142,7 +144,7 @@ def run_prefill(args) -> int:
         method = METHODS.canonical(args.method)
     except ValueError as err:
         raise ValueError(f"--method={args.method!r}: {err}") from None
-    families = list(bench_prefill.FAMILIES) if args.family == "all" else [args.family]
+    families = list(FAMILIES) if args.family == "all" else [args.family]
     layers = args.layers or (LAYERS_ALL if args.family == "all" else LAYERS_ONE_FAMILY)
     sizes = {f: bench_prefill.llm_size(f, args.width, args.intermediate, args.heads, args.kv_heads) for f in families}
     images = {f: parse_image_size(args.image_size) for f in families} if args.image_size else {}

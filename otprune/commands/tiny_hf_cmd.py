@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from otprune.hf import FAMILIES, MODEL_CLASSES
+from otprune.hf import FAMILIES
 
 DESCRIPTION = """\
 Write a tiny random-weight checkpoint of one of transformers' own multimodal model classes, with
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("dir", metavar="DIR", help="output directory (created)")
-    parser.add_argument("--family", required=True, choices=FAMILIES, help="model family")
+    parser.add_argument("--family", required=True, choices=list(FAMILIES), help="model family")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.set_defaults(run=run)
 
@@ -39,5 +39,5 @@ def run(args) -> int:
     from otprune.hf import tiny_writer
 
     folder = tiny_writer(args.family)(args.dir, seed=args.seed)
-    print(f"wrote a tiny {MODEL_CLASSES[args.family]} checkpoint (with its processor) to {folder}")
+    print(f"wrote a tiny {FAMILIES[args.family].model_class} checkpoint (with its processor) to {folder}")
     return 0

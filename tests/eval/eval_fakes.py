@@ -119,3 +119,19 @@ def write_records(output_path: Path, model: str, samples: list[dict], *, time: f
             record["time"] = time
             out.write(json.dumps(record) + "\n")
     return path
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The stripped cells of every line of the pipe tables in `markdown` (the header too, not the rule)."""
+    rows = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if not all(cell and set(cell) <= set(":-") for cell in cells):
+                rows.append(cells)
+    return rows
+
+
+def has_row(markdown: str, *cells: str) -> bool:
+    """True when a line of a table in `markdown` starts with `cells`."""
+    return any(row[: len(cells)] == list(cells) for row in table_rows(markdown))

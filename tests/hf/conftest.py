@@ -16,7 +16,7 @@ import pytest
 import torch
 from model_env import clear_model_env
 
-from otprune.hf import MODEL_CLASSES
+from otprune.hf import FAMILIES
 
 LLAVA_FAMILIES = ("llava", "llava_next", "onevision")
 
@@ -59,7 +59,7 @@ def load_tiny(family: str, path: str) -> TinyHF:
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         processor = transformers.AutoProcessor.from_pretrained(path)
-        model = getattr(transformers, MODEL_CLASSES[family]).from_pretrained(path, dtype=torch.float32).eval()
+        model = FAMILIES[family].load_model_class().from_pretrained(path, dtype=torch.float32).eval()
     finally:
         if previous is None:
             os.environ.pop("HF_HUB_OFFLINE")

@@ -400,24 +400,27 @@ def test_unsupported_model_lists_the_classes():
         hf.apply(torch.nn.Linear(2, 2))
 
 
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "onevision": "LlavaOnevisionForConditionalGeneration",
-}
+def test_each_family_record_names_its_adapter_and_class():
+    for name, family in hf.FAMILIES.items():
+        adapter = family.load_adapter()
+        assert (family.name, adapter.family) == (name, name)
+        assert family.model_class in adapter.model_classes
+        assert callable(family.load_tiny_writer())
+    with pytest.raises(ValueError, match=r"family='nope': must be one of llava, llava_next, onevision, qwen2_5_vl"):
+        hf.family("nope")
 
 
-@pytest.mark.parametrize("family", list(MODEL_CLASSES))
-def test_tiny_hf_cli_writes_an_offline_loadable_checkpoint(hf_tiny_path, family):
+def test_tiny_hf_cli_writes_an_offline_loadable_checkpoint(hf_tiny):
     import os
 
     import transformers
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    path = hf_tiny_path(family)  # written by `otprune tiny-hf PATH --family FAMILY`
+    path = hf_tiny.path  # written by `otprune tiny-hf PATH --family FAMILY`
     processor = transformers.AutoProcessor.from_pretrained(path)
-    model = getattr(transformers, MODEL_CLASSES[family]).from_pretrained(path)
-    assert type(model).__name__ == MODEL_CLASSES[family]
+    family = hf.FAMILIES[hf_tiny.family]
+    model = family.load_model_class().from_pretrained(path)
+    assert type(model).__name__ == family.model_class
     assert processor.tokenizer.chat_template is not None or processor.chat_template is not None
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert image_id == model.config.image_token_id

@@ -1,0 +1,128 @@
+"""The paper-style results table (Table 1) from lmms-eval logs and our per-sample records.
+
+Input, found recursively under a log folder (`collect`):
+
+- lmms-eval 0.7 results, `<output_path>/<model>/<date>_results.json`: per task a dict of
+  `"<metric>,<filter>": value` under "results", the model name, the command line under
+  "config" / "resolved_cli_args" and the start `date` (in `--timezone`, default Asia/Singapore);
+- our records (`otprune.eval.records`): JSONL files whose lines carry the "otprune_record" marker, one
+  line per sample with method, layer, ratio, TFLOPs and latencies.
+
+Each group of records (one `run` = one process) is matched to the results file it belongs to:
+results in the same folder (else with the same `--output_path` and `--model_args`) whose tasks
+include the run's `--tasks`, and among those the latest that started before the run's first
+record. The records give the row's settings (method, layer, ratio, the method parameters, order,
+recipe: `otprune.eval.records.setting_keys()`) and its FLOPs and latency; results without records
+take them from run_OTPrune.sh's `otprune_run.json`.
+
+Output (`rows`, `scores`, `tables`, `plots`): one row per model x setting (method, kept ratio, layer,
+and the method parameters / order / recipe, which the method label shows when they are not the
+method's defaults), each task's headline metric (`headlines`; scaled as in the paper: accuracies in
+%, CIDEr and MME raw), mean TFLOPs and their % of unpruned (the mean over tasks of pruned /
+unpruned, as the paper computes it), mean prefill latency and selection time, and the average rank
+among the pruned rows of the same model and kept ratio.
+
+A new analysis is a new module here that reads `Report` / `Row` and is called from `build_report`
+or `write_report`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from otprune.eval.report.collect import (
+    DEFAULT_TIMEZONE,
+    RUN_INFO,
+    RecordRun,
+    ResultFile,
+    associate,
+    find_record_runs,
+    find_result_files,
+    parse_result_file,
+    run_info,
+)
+from otprune.eval.report.headlines import (
+    EXTRA_COLUMNS,
+    HEADLINES,
+    PAPER_TASKS,
+    SMOKE_TASKS,
+    Headline,
+    headline,
+    metric_value,
+    task_order,
+)
+from otprune.eval.report.plots import plot
+from otprune.eval.report.provenance import DEFAULT_MMBENCH_JUDGE, provenance
+from otprune.eval.report.rows import (
+    MODEL_ORDER,
+    UNKNOWN_METHOD,
+    Report,
+    Row,
+    collect_rows,
+    method_label,
+    model_label,
+    row_label,
+    row_order,
+)
+from otprune.eval.report.scores import average_ranks, relative_scores
+from otprune.eval.report.tables import (
+    columns,
+    flops_unit,
+    markdown_table,
+    table_cells,
+    task_headline,
+    to_csv,
+    to_markdown,
+)
+
+
+def build_report(log_dir: str | os.PathLike) -> Report:
+    """Read everything under `log_dir` and build the table (raises ValueError if there are no results)."""
+    root = Path(log_dir)
+    if not root.exists():
+        raise FileNotFoundError(f"LOG_DIR={str(log_dir)!r}: no such directory")
+    if not root.is_dir():
+        raise ValueError(f"LOG_DIR={str(log_dir)!r}: not a directory")
+    results = find_result_files(root)
+    if not results:
+        raise ValueError(
+            f"LOG_DIR={str(log_dir)!r}: no lmms-eval results (*_results.json) found under it; run lmms-eval with "
+            f"--output_path {log_dir} (or `bash run_OTPrune.sh --log-dir {log_dir}`, `bash run_OTPrune.sh --smoke`) first"
+        )
+    runs = find_record_runs(root)
+    matched, unmatched = associate(results, runs)
+    notes = []
+    for run in unmatched:
+        files = ", ".join(sorted(str(path.relative_to(root)) for path in run.files))
+        notes.append(f"records of run {run.run} ({files}) match no results file (interrupted run?); left out")
+    rows, tasks, row_notes = collect_rows(results, matched, root)
+    average_ranks(rows, tasks)
+    relative_scores(rows, tasks)
+    return Report(root, rows, tasks, notes + row_notes, provenance(runs, tasks))
+
+
+def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Report, dict[str, Path]]:
+    """Build the report and write markdown, CSV and (when useful) the PNG; returns what was written."""
+    report = build_report(log_dir)
+    markdown = Path(out) if out is not None else Path(log_dir) / "otprune_report.md"
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(to_markdown(report), encoding="utf-8")
+    written = {"markdown": markdown}
+    table = markdown.with_suffix(".csv")
+    table.write_text(to_csv(report), encoding="utf-8")
+    written["csv"] = table
+    picture = markdown.with_suffix(".png")
+    if plot(report, picture):
+        written["png"] = picture
+    return report, written
+
+
+__all__ = [
+    "DEFAULT_MMBENCH_JUDGE", "DEFAULT_TIMEZONE", "EXTRA_COLUMNS", "HEADLINES", "MODEL_ORDER", "PAPER_TASKS", "RUN_INFO",
+    "SMOKE_TASKS", "UNKNOWN_METHOD", "Headline", "RecordRun", "Report", "ResultFile", "Row", "associate",
+    "average_ranks", "build_report", "collect_rows", "columns", "find_record_runs", "find_result_files", "flops_unit",
+    "headline", "markdown_table", "method_label", "metric_value", "model_label", "parse_result_file", "plot",
+    "provenance", "relative_scores", "row_label", "row_order", "run_info", "table_cells", "task_headline",
+    "task_order", "to_csv", "to_markdown", "write_report",
+]

@@ -1,0 +1,222 @@
+"""The table's rows: one per model x setting (`setting_keys()`), with each task's headline score and
+the FLOPs / latency sums of its records; how rows are labelled and in which order they are listed.
+
+A row carries the method parameters generically (`Row.params`, one entry per
+`otprune.methods.all_params()` name), so a method with a new `param()` needs no change here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from otprune.eval.records import param_keys, setting_defaults, setting_keys
+from otprune.eval.report.collect import RecordRun, ResultFile, run_info
+from otprune.eval.report.headlines import (
+    EXTRA_COLUMNS,
+    HEADLINES,
+    headline,
+    is_number,
+    metric_value,
+    task_order,
+)
+from otprune.methods import all_params, display_name, table_rank
+
+UNKNOWN_METHOD = "?"
+MODEL_ORDER = ("llava-v1.5-7b", "llava-v1.5-13b", "llava-v1.6-vicuna-7b")
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    method: str | None  # canonical method name; None = unpruned; UNKNOWN_METHOD = no records
+    ratio: float | None
+    layer: int | None
+    # every registered method parameter (`all_params()` order) -> value; None: unpruned, or not a
+    # parameter of the method
+    params: dict[str, object] = dataclasses.field(default_factory=dict)
+    order: str | None = None
+    recipe: str | None = None
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)  # task -> headline value (scaled)
+    lower_is_better: set[str] = dataclasses.field(default_factory=set)
+    sources: dict[str, ResultFile] = dataclasses.field(default_factory=dict)  # task -> results file used
+    buckets: dict[Path, dict] = dataclasses.field(default_factory=dict)  # results file -> flops / latency sums
+    rank: float | None = None
+    relative: float | None = None
+
+    @classmethod
+    def from_settings(cls, model: str, settings: Mapping) -> Row:
+        """The row of `model` for `settings` ({key: value} for `setting_keys()`)."""
+        return cls(
+            model, settings.get("method"), settings.get("ratio"), settings.get("layer"),
+            params={name: settings.get(name) for name in param_keys()},
+            order=settings.get("order"), recipe=settings.get("recipe"),
+        )  # fmt: skip
+
+    @property
+    def settings(self) -> dict:
+        """{key: value} for `setting_keys()`."""
+        values = {"method": self.method, "layer": self.layer, "ratio": self.ratio, "order": self.order,
+                  "recipe": self.recipe, **self.params}
+        return {key: values.get(key) for key in setting_keys()}
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, *self.settings.values())
+
+    @property
+    def pruned(self) -> bool:
+        return self.method is not None and self.method != UNKNOWN_METHOD
+
+    def tflops(self) -> float | None:
+        values = [bucket["tflops"] / bucket["n"] for bucket in self.buckets.values() if bucket["n"]]
+        return sum(values) / len(values) if values else None
+
+    def tflops_percent(self) -> float | None:
+        values = [
+            100.0 * bucket["tflops"] / bucket["tflops_unpruned"]
+            for bucket in self.buckets.values()
+            if bucket["n"] and bucket["tflops_unpruned"] > 0
+        ]
+        return sum(values) / len(values) if values else None
+
+    def mean(self, field: str) -> float | None:
+        total = sum(bucket[field] for bucket in self.buckets.values())
+        count = sum(bucket[field + "_n"] for bucket in self.buckets.values())
+        return total / count if count else None
+
+    def samples(self) -> int:
+        return sum(bucket["n"] for bucket in self.buckets.values())
+
+
+@dataclasses.dataclass
+class Report:
+    log_dir: Path
+    rows: list[Row]
+    tasks: list[str]
+    notes: list[str]
+    provenance: list[str] = dataclasses.field(default_factory=list)  # lmms-eval version, MMBench judge
+
+    @property
+    def ratios(self) -> list[float]:
+        return sorted({row.ratio for row in self.rows if row.pruned and row.ratio is not None})
+
+
+def collect_rows(
+    results: Sequence[ResultFile], matched: Mapping[Path, list[RecordRun]], root: Path
+) -> tuple[list[Row], list[str], list[str]]:
+    """(rows in table order, task columns, notes) from the results files and their record runs."""
+    notes: list[str] = []
+    rows: dict[tuple, Row] = {}
+    for result in sorted(results, key=lambda result: (result.start or 0.0, result.date, str(result.path))):
+        result_runs = matched.get(result.path, [])
+        row = Row.from_settings(result.model, _settings(result, result_runs, root, notes))
+        row = rows.setdefault(row.key, row)
+        _add_scores(row, result, root, notes)
+        if result_runs and any(source.path == result.path for source in row.sources.values()):
+            row.buckets[result.path] = bucket(record for run in result_runs for record in run.records)
+    ordered = sorted(rows.values(), key=row_order)
+    return ordered, task_order({task for row in ordered for task in row.scores}), notes
+
+
+def _settings(result: ResultFile, runs: Sequence[RecordRun], root: Path, notes: list[str]) -> dict:
+    """The setting of `result`: its records', else otprune_run.json's, else an unknown method."""
+    where = result.path.relative_to(root)
+    if runs:
+        seen = {tuple(run.settings().values()) for run in runs}
+        if len(seen) > 1:
+            notes.append(f"{where}: its records disagree on the setting {sorted(map(str, seen))}")
+        return runs[0].settings()
+    info = run_info(result.folder, root)
+    if info is not None:
+        notes.append(f"{where}: no per-sample records (FLOPs and latency unknown); setting from run_OTPrune.sh's otprune_run.json")
+        return info
+    notes.append(f"{where}: no per-sample records; method, FLOPs and latency unknown")
+    return dict(dict.fromkeys(setting_keys()), method=UNKNOWN_METHOD)
+
+
+def _add_scores(row: Row, result: ResultFile, root: Path, notes: list[str]) -> None:
+    """Put each task's headline of `result` into `row` (a newer results file replaces an older one)."""
+    for task, metrics in result.tasks.items():
+        found = headline(task, metrics, result.higher_is_better.get(task))
+        if found is None:
+            continue
+        if task in row.sources:
+            old = row.sources[task].path
+            notes.append(
+                f"{task} of {model_label(row.model)} / {row_label(row)}: several results; "
+                f"using the newest ({old.relative_to(root)} -> {result.path.relative_to(root)})"
+            )
+            if all(source.path != old for name, source in row.sources.items() if name != task):
+                row.buckets.pop(old, None)
+        row.scores[task] = found[1]
+        if result.higher_is_better.get(task, {}).get(found[0].metric) is False:
+            row.lower_is_better.add(task)
+        row.sources[task] = result
+        for column, (source_task, metric) in EXTRA_COLUMNS.items():
+            if source_task == task and (value := metric_value(metrics, metric)) is not None:
+                row.scores[column] = value * HEADLINES[column].scale
+                row.sources[column] = result
+
+
+def bucket(records: Iterable[dict]) -> dict:
+    """The sums a row averages over one results file's records: samples, TFLOPs, latencies."""
+    sums = {"n": 0, "tflops": 0.0, "tflops_unpruned": 0.0, "prefill_ms": 0.0, "prefill_ms_n": 0, "select_ms": 0.0, "select_ms_n": 0}
+    for record in records:
+        if is_number(record.get("tflops")) and is_number(record.get("tflops_unpruned")):
+            sums["n"] += 1
+            sums["tflops"] += float(record["tflops"])
+            sums["tflops_unpruned"] += float(record["tflops_unpruned"])
+        for field in ("prefill_ms", "select_ms"):
+            if field == "select_ms" and record.get("method") is None:
+                continue  # nothing is selected when pruning is off
+            if is_number(record.get(field)):
+                sums[field] += float(record[field])
+                sums[field + "_n"] += 1
+    return sums
+
+
+def row_order(row: Row) -> tuple:
+    """Sort key: model (paper order), unpruned first, kept ratio descending, method (`table_rank`),
+    layer, then the other settings."""
+    label = model_label(row.model)
+    model_rank = MODEL_ORDER.index(label) if label in MODEL_ORDER else len(MODEL_ORDER)
+    extras = (*(str(row.params.get(name)) for name in param_keys()), str(row.order), str(row.recipe))
+    return (model_rank, row.model, row.method is not None, -(row.ratio or 0.0), table_rank(row.method), str(row.method),
+            row.layer or 0, extras)
+
+
+def method_label(method: str | None) -> str:
+    if method == UNKNOWN_METHOD:
+        return "? (no records)"
+    return display_name(method)
+
+
+def row_label(row: Row) -> str:
+    """The method's name, plus the settings that are not the method's defaults (and FitPrune's recipe):
+    "OTPrune (γ=0.05)", "Random (seed=3)", "OTPrune (official order)"."""
+    label = method_label(row.method)
+    if not row.pruned:
+        return label
+    defaults = setting_defaults(row.method)
+    specs = all_params()
+    extras = [
+        f"{specs[name].label if name in specs else name}={_value_text(value)}"
+        for name, value in row.params.items()
+        if value is not None and value != defaults.get(name)
+    ]
+    if row.order is not None and row.order != defaults["order"]:
+        extras.append(f"{row.order} order")
+    if row.recipe is not None:
+        extras.append(Path(row.recipe).name)
+    return label + (f" ({', '.join(extras)})" if extras else "")
+
+
+def model_label(model: str) -> str:
+    """The model's short name: the last part of its path or hub id."""
+    return model.rstrip("/").split("/")[-1] or model
+
+
+def _value_text(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
