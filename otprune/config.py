@@ -137,7 +137,7 @@ class PruneConfig:
         if self.ratio is not None and self.ratio != ADAPTIVE and not (
                 isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool) and 0.0 < self.ratio <= 1.0):
             raise ValueError(f"ratio={self.ratio!r}: must be {RATIO_ALLOWED}")
-        if self.adaptive and self.layer is not None and (self.layer > 0 or cls.kind == "in_llm"):
+        if self.adaptive and cls.kind != "merge" and self.layer is not None and (self.layer > 0 or cls.kind == "in_llm"):
             raise ValueError(
                 f"ratio={ADAPTIVE!r} (SUBSET_RATIO): the adaptive budget comes from the vision tower's CLS attention and "
                 f"applies before the LLM (LAYER_INDEX=0) with a selection or merge method; got method={method!r}, "

@@ -55,7 +55,7 @@ def canonical(name: str, kind: str | None = None) -> str:
     key = str(name).strip().lower()
     found = _NAMES.get(key)
     if found is None or (kind is not None and _ALL[found].kind != kind):
-        what = {"in_llm": "", "selection": "selection ", "merge": "merge "}.get(kind or "", "")
+        what = {"in_llm": "", "merge": "merge "}.get(kind or "", "selection ")
         raise ValueError(f"unknown {what}method {name!r}; valid names: {describe(kind)}")
     return found
 

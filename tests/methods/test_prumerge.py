@@ -7,6 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import prumerge_kept as oracle_kept
+from oracles import prumerge_merge as oracle_merge
+from oracles import prumerge_outliers as oracle_outliers
+from oracles import prumerge_scores as oracle_scores
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import otprune
@@ -22,48 +26,6 @@ from otprune.methods.prumerge import (
 )
 
 KNN = 32
-
-
-# ------------------------------------------------------------------ oracles (numpy, fp64)
-def oracle_scores(q_cls: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """(C,), (1 + N, C) -> (N,): softmax over all keys of q . k / sqrt(C), patch part."""
-    logits = keys @ q_cls / np.sqrt(q_cls.shape[0])
-    e = np.exp(logits - logits.max())
-    return (e / e.sum())[1:]
-
-
-def oracle_outliers(scores: np.ndarray) -> list[int]:
-    q1, q3 = np.percentile(scores, 25), np.percentile(scores, 75)
-    return [i for i, s in enumerate(scores) if s > q3 + 1.5 * (q3 - q1)]
-
-
-def oracle_kept(scores: np.ndarray, plus: bool) -> tuple[list[int], list[int]]:
-    """(attention picks by descending score, PruMerge+ samples ascending); K >= 1."""
-    out = oracle_outliers(scores)
-    k = max(1, len(out))
-    first = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
-    extra = []
-    if plus:
-        n = len(scores)
-        stride = max(1, int(int(1 / (k / n)) / 3))
-        extra = [p for p in range(0, n - 1, stride) if p not in first]
-    return first, extra
-
-
-def oracle_merge(x: np.ndarray, keys: np.ndarray, scores: np.ndarray, kept: list[int], knn: int) -> np.ndarray:
-    """Each kept p: x_p + sum of a_j x_j over its knn most key-cosine-similar other patches; then the summary."""
-    unit = keys / np.linalg.norm(keys, axis=1, keepdims=True)
-    rows = []
-    for p in kept:
-        others = [j for j in range(len(x)) if j != p]
-        others.sort(key=lambda j: -(unit[p] @ unit[j]))
-        row = x[p].copy()
-        for j in others[:knn]:
-            row = row + scores[j] * x[j]
-        rows.append(row)
-    dropped = [j for j in range(len(x)) if j not in kept]
-    rows.append(sum((scores[j] * x[j] for j in dropped), np.zeros(x.shape[1])))
-    return np.stack(rows)
 
 
 # ------------------------------------------------------------------ a tiny CLIP tower
