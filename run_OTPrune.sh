@@ -61,7 +61,11 @@ Options (environment variable in brackets):
   --tasks LIST      comma-separated lmms-eval tasks [TASKS] (default: the paper's 11;
                     'otprune_paper' = those 11; also otprune_smoke)
   --methods LIST    BASELINE values: OURS (= OTPrune), DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK;
-                    inside the LLM: FASTV, VTW, FITPRUNE; or 'none' for the unpruned model
+                    inside the LLM: FASTV, VTW, FITPRUNE; or 'none' for the unpruned model;
+                    adaptive (Table 1, layer 0, per-image IQR budget, --ratios not used): PRUMERGE,
+                    PRUMERGE_PLUS, DIVPRUNE_STAR (DivPrune*), OURS_STAR (OTPrune*)
+  --paper-table     the methods of the paper's Table 1: none,VTW (with --vtw-layers),FASTV,DIVPRUNE,OURS,
+                    PRUMERGE,PRUMERGE_PLUS,DIVPRUNE_STAR,OURS_STAR
                     [METHODS, else BASELINE] (default: OURS)
   --ratios LIST     SUBSET_RATIO values, kept fraction in (0, 1] [RATIOS, else SUBSET_RATIO] (default: 0.098);
                     not used by VTW and FITPRUNE (one run each)
@@ -103,6 +107,7 @@ die() {
 MODELS="${MODELS:-}"
 TASKS="${TASKS:-}"
 METHODS="${METHODS:-${BASELINE:-}}"
+PAPER_TABLE=0
 RATIOS="${RATIOS:-${SUBSET_RATIO:-}}"
 LAYERS="${LAYERS:-${LAYER_INDEX:-}}"
 FASTV_LAYERS="${FASTV_LAYERS:-}"
@@ -128,6 +133,7 @@ while [[ $# -gt 0 ]]; do
         --models | --model) need_value "$@"; MODELS="$2"; shift 2 ;;
         --tasks | --task) need_value "$@"; TASKS="$2"; shift 2 ;;
         --methods | --method) need_value "$@"; METHODS="$2"; shift 2 ;;
+        --paper-table) PAPER_TABLE=1; shift ;;
         --ratios | --ratio) need_value "$@"; RATIOS="$2"; shift 2 ;;
         --layers | --layer) need_value "$@"; LAYERS="$2"; shift 2 ;;
         --fastv-layers | --fastv-layer) need_value "$@"; FASTV_LAYERS="$2"; shift 2 ;;
@@ -195,6 +201,9 @@ if [[ $SMOKE -eq 1 ]]; then
 else
     MODELS="${MODELS:-$PAPER_MODELS}"
     TASKS="${TASKS:-$PAPER_TASKS}"
+    if [[ $PAPER_TABLE -eq 1 ]]; then
+        METHODS="none${VTW_LAYERS:+,VTW},FASTV,DIVPRUNE,OURS,PRUMERGE,PRUMERGE_PLUS,DIVPRUNE_STAR,OURS_STAR"
+    fi
     METHODS="${METHODS:-OURS}"
     RATIOS="${RATIOS:-0.098}"
     LAYERS="${LAYERS:-0}"
@@ -311,13 +320,14 @@ def fail(message):
 
 
 try:
-    from otprune.config import MODEL_METHODS, PruneConfig, canonical_method, describe_methods
-    from otprune.methods import method_parameters
+    from otprune.config import PruneConfig, canonical_method, describe_methods
+    from otprune.methods import IN_LLM_RULES, method_parameters
     from otprune.eval.records import result_settings, settings_tag
 except Exception as err:  # noqa: BLE001
     fail(f"cannot import otprune with {sys.executable} ({err}); install it: pip install -e '.[eval]'")
 
 methods, ratios, layers, layers_given, fastv_layers, vtw_layers, recipe = sys.argv[1:8]
+MODEL_METHODS = {name: IN_LLM_RULES[name].default_layer for name in IN_LLM_RULES}  # in-LLM rule -> default layer
 
 
 def split(text):
@@ -349,8 +359,14 @@ def layers_of(method):
 seen = set()
 
 
-def emit(name, method, ratio, layer):
-    env = {"BASELINE": name}
+# The adaptive rows of Table 1: PruMerge / PruMerge+ (their own IQR budget), DivPrune* / OTPrune*
+# (DivPrune's / OTPrune's selection with PruMerge's per-image IQR count: SUBSET_RATIO=iqr), at layer 0.
+STARS = {"divprune_star": "DIVPRUNE", "divprune*": "DIVPRUNE", "ours_star": "OURS", "otprune_star": "OURS",
+         "otprune*": "OURS", "ours*": "OURS"}
+
+
+def emit(name, method, ratio, layer, baseline=None):
+    env = {"BASELINE": baseline or name}
     if layer is not None:
         env["LAYER_INDEX"] = layer
     if ratio is not None:
@@ -383,10 +399,16 @@ for name in methods.split(",") or [""]:
             seen.add("original")
             print("\t".join(["original", "-", "-", json.dumps({**result_settings(None), "baseline": None})[1:-1]]))
         continue
+    if name.lower() in STARS:
+        emit(name.replace("*", "_star"), canonical_method(STARS[name.lower()]), "iqr", "0", STARS[name.lower()])
+        continue
     try:
         method = canonical_method(name)
     except ValueError:
-        fail(f"BASELINE={name!r}: unknown method; valid: {describe_methods()}")
+        fail(f"BASELINE={name!r}: unknown method; valid: {describe_methods()}; adaptive rows: DIVPRUNE_STAR, OURS_STAR")
+    if method in ("prumerge", "prumerge_plus"):
+        emit(name, method, "iqr", "0")  # adaptive (Table 1); a fixed ratio: BASELINE=PRUMERGE SUBSET_RATIO=r by hand
+        continue
     for ratio in [None] if method in ("vtw", "fitprune") else split(ratios) or [""]:
         for layer in layers_of(method):
             emit(name, method, ratio, layer)

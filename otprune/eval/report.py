@@ -35,6 +35,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from otprune.eval import adaptive
 from otprune.eval.records import iter_records, normalized_settings, setting_defaults, setting_keys
 from otprune.methods import display_name, table_rank
 
@@ -288,7 +289,7 @@ class Report:
 
     @property
     def ratios(self) -> list[float]:
-        return sorted({row.ratio for row in self.rows if row.pruned and row.ratio is not None})
+        return sorted({row.ratio for row in self.rows if row.pruned and isinstance(row.ratio, (int, float))})
 
 
 def headline(task: str, metrics: dict, higher_is_better: dict | None = None) -> tuple[Headline, float] | None:
@@ -425,6 +426,8 @@ def table_cells(report: Report) -> list[list[str]]:
     for row in report.rows:
         tflops, percent = row.tflops(), row.tflops_percent()
         flops_cell = "–" if tflops is None else f"{tflops * factor:.3f}" + ("" if percent is None else f" ({_percent(percent)})")
+        if adaptive.is_adaptive(row.ratio):  # per-image budgets: Table 1's "Variable", per-sample mean
+            flops_cell = adaptive.flops_cell(flops_cell)
         scores = []
         for task in report.tasks:
             value = row.scores.get(task)
@@ -434,7 +437,9 @@ def table_cells(report: Report) -> list[list[str]]:
                 _model_label(row.model),
                 _row_label(row),
                 "–" if row.layer is None else str(row.layer),
-                "100%" if not row.pruned and row.method is None else ("–" if row.ratio is None else f"{100 * row.ratio:.4g}%"),
+                "100%" if not row.pruned and row.method is None else (
+                    adaptive.kept_cell(row.buckets.values()) if adaptive.is_adaptive(row.ratio)
+                    else "–" if row.ratio is None else f"{100 * row.ratio:.4g}%"),
                 flops_cell,
                 *scores,
                 _fmt(row.mean("prefill_ms"), 1),
@@ -492,7 +497,7 @@ def plot(report: Report, path: str | os.PathLike) -> bool:
     points: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     labels: dict[tuple, str] = {}
     for row in report.rows:
-        if row.pruned and row.ratio is not None and row.relative is not None:
+        if row.pruned and isinstance(row.ratio, (int, float)) and row.relative is not None:
             line = (row.model, row.method, row.layer, row.gamma, row.seed, row.order, row.recipe)
             points[line].append((row.ratio, row.relative))
             labels[line] = f"{_model_label(row.model)} {_row_label(row)}" + ("" if not row.layer else f" L{row.layer}")
@@ -546,6 +551,10 @@ def _bucket(records: Iterable[dict]) -> dict:
             bucket["n"] += 1
             bucket["tflops"] += float(record["tflops"])
             bucket["tflops_unpruned"] += float(record["tflops_unpruned"])
+        after, before, kept_n = adaptive.kept_sums([record])
+        bucket["kept_after"] = bucket.get("kept_after", 0.0) + after
+        bucket["kept_before"] = bucket.get("kept_before", 0.0) + before
+        bucket["kept_n"] = bucket.get("kept_n", 0) + kept_n
         for field in ("prefill_ms", "select_ms"):
             if field == "select_ms" and record.get("method") is None:
                 continue  # nothing is selected when pruning is off
@@ -616,7 +625,7 @@ def _row_order(row: Row) -> tuple:
     model_rank = MODEL_ORDER.index(label) if label in MODEL_ORDER else len(MODEL_ORDER)
     method_rank = table_rank(row.method)
     extras = (str(row.gamma), str(row.seed), str(row.order), str(row.recipe))
-    return (model_rank, row.model, row.method is not None, -(row.ratio or 0.0), method_rank, str(row.method), row.layer or 0,
+    return (model_rank, row.model, row.method is not None, adaptive.sort_key(row.ratio), method_rank, str(row.method), row.layer or 0,
             extras)
 
 
