@@ -444,7 +444,8 @@ for index in "${!MODEL_LIST[@]}"; do
         [[ "$method" != "-" ]] || continue
         case "$method" in
             fastv | vtw | fitprune) what="${method^^} (pruning inside the LLM, at layer $layer)" ;;
-            *) [[ "$layer" == "0" ]] && continue; what="${method} at layer $layer" ;;
+            prumerge | prumerge_plus) what="${method^^} (merging in the CLIP tower: our llava only, for now)" ;;
+            *) [[ "$layer" == "0" && "${SETTINGS[$s]}" != *_riqr_* ]] && continue; what="${method} at layer $layer (or an adaptive budget)" ;;
         esac
         die "--models: '${MODEL_LIST[$index]}' is a Hugging Face-format checkpoint (lmms-eval model otprune_hf, base=${MODEL_BASES[$index]}), which for now prunes only before the LLM (LAYER_INDEX=0) with the feature-selection methods; setting '${SETTINGS[$s]}' = $what is not available for it: leave it out, or run it on an original-format checkpoint (e.g. liuhaotian/llava-v1.5-7b)"
     done
