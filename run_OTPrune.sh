@@ -61,7 +61,11 @@ Options (environment variable in brackets):
   --tasks LIST      comma-separated lmms-eval tasks [TASKS] (default: the paper's 11;
                     'otprune_paper' = those 11; also otprune_smoke)
   --methods LIST    BASELINE values: OURS (= OTPrune), DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK;
-                    inside the LLM: FASTV, VTW, FITPRUNE; or 'none' for the unpruned model
+                    inside the LLM: FASTV, VTW, FITPRUNE; or 'none' for the unpruned model;
+                    adaptive (Table 1, layer 0, per-image IQR budget, --ratios not used): PRUMERGE,
+                    PRUMERGE_PLUS, DIVPRUNE_STAR (DivPrune*), OURS_STAR (OTPrune*)
+  --paper-table     the methods of the paper's Table 1: none,VTW (with --vtw-layers),FASTV,DIVPRUNE,OURS,
+                    PRUMERGE,PRUMERGE_PLUS,DIVPRUNE_STAR,OURS_STAR
                     [METHODS, else BASELINE] (default: OURS)
   --ratios LIST     SUBSET_RATIO values, kept fraction in (0, 1] [RATIOS, else SUBSET_RATIO] (default: 0.098);
                     not used by VTW and FITPRUNE (one run each)
@@ -103,6 +107,7 @@ die() {
 MODELS="${MODELS:-}"
 TASKS="${TASKS:-}"
 METHODS="${METHODS:-${BASELINE:-}}"
+PAPER_TABLE=0
 RATIOS="${RATIOS:-${SUBSET_RATIO:-}}"
 LAYERS="${LAYERS:-${LAYER_INDEX:-}}"
 FASTV_LAYERS="${FASTV_LAYERS:-}"
@@ -128,6 +133,7 @@ while [[ $# -gt 0 ]]; do
         --models | --model) need_value "$@"; MODELS="$2"; shift 2 ;;
         --tasks | --task) need_value "$@"; TASKS="$2"; shift 2 ;;
         --methods | --method) need_value "$@"; METHODS="$2"; shift 2 ;;
+        --paper-table) PAPER_TABLE=1; shift ;;
         --ratios | --ratio) need_value "$@"; RATIOS="$2"; shift 2 ;;
         --layers | --layer) need_value "$@"; LAYERS="$2"; shift 2 ;;
         --fastv-layers | --fastv-layer) need_value "$@"; FASTV_LAYERS="$2"; shift 2 ;;
@@ -195,6 +201,9 @@ if [[ $SMOKE -eq 1 ]]; then
 else
     MODELS="${MODELS:-$PAPER_MODELS}"
     TASKS="${TASKS:-$PAPER_TASKS}"
+    if [[ $PAPER_TABLE -eq 1 ]]; then
+        METHODS="none${VTW_LAYERS:+,VTW},FASTV,DIVPRUNE,OURS,PRUMERGE,PRUMERGE_PLUS,DIVPRUNE_STAR,OURS_STAR"
+    fi
     METHODS="${METHODS:-OURS}"
     RATIOS="${RATIOS:-0.098}"
     LAYERS="${LAYERS:-0}"
@@ -349,8 +358,14 @@ def layers_of(method):
 seen = set()
 
 
-def emit(name, method, ratio, layer):
-    env = {"BASELINE": name}
+# The adaptive rows of Table 1: PruMerge / PruMerge+ (their own IQR budget), DivPrune* / OTPrune*
+# (DivPrune's / OTPrune's selection with PruMerge's per-image IQR count: SUBSET_RATIO=iqr), at layer 0.
+STARS = {"divprune_star": "DIVPRUNE", "divprune*": "DIVPRUNE", "ours_star": "OURS", "otprune_star": "OURS",
+         "otprune*": "OURS", "ours*": "OURS"}
+
+
+def emit(name, method, ratio, layer, baseline=None):
+    env = {"BASELINE": baseline or name}
     if layer is not None:
         env["LAYER_INDEX"] = layer
     if ratio is not None:
@@ -382,10 +397,16 @@ for name in methods.split(",") or [""]:
             seen.add("original")
             print("\t".join(["original", "-", "-", json.dumps({**result_settings(None), "baseline": None})[1:-1]]))
         continue
+    if name.lower() in STARS:
+        emit(name.replace("*", "_star"), canonical_method(STARS[name.lower()]), "iqr", "0", STARS[name.lower()])
+        continue
     try:
         method = canonical_method(name)
     except ValueError:
-        fail(f"BASELINE={name!r}: unknown method; valid: {describe_methods()}")
+        fail(f"BASELINE={name!r}: unknown method; valid: {describe_methods()}; adaptive rows: DIVPRUNE_STAR, OURS_STAR")
+    if method in ("prumerge", "prumerge_plus"):
+        emit(name, method, "iqr", "0")  # adaptive (Table 1); a fixed ratio: BASELINE=PRUMERGE SUBSET_RATIO=r by hand
+        continue
     for ratio in [None] if method in IN_LLM_RULES and not find(method).uses_ratio else split(ratios) or [""]:
         for layer in layers_of(method):
             emit(name, method, ratio, layer)
@@ -421,7 +442,8 @@ for index in "${!MODEL_LIST[@]}"; do
         [[ "$method" != "-" ]] || continue
         case "$method" in
             fastv | vtw | fitprune) what="${method^^} (pruning inside the LLM, at layer $layer)" ;;
-            *) [[ "$layer" == "0" ]] && continue; what="${method} at layer $layer" ;;
+            prumerge | prumerge_plus) what="${method^^} (merging in the CLIP tower: our llava only, for now)" ;;
+            *) [[ "$layer" == "0" && "${SETTINGS[$s]}" != *_riqr_* ]] && continue; what="${method} at layer $layer (or an adaptive budget)" ;;
         esac
         die "--models: '${MODEL_LIST[$index]}' is a Hugging Face-format checkpoint (lmms-eval model otprune_hf, base=${MODEL_BASES[$index]}), which for now prunes only before the LLM (LAYER_INDEX=0) with the feature-selection methods; setting '${SETTINGS[$s]}' = $what is not available for it: leave it out, or run it on an original-format checkpoint (e.g. liuhaotian/llava-v1.5-7b)"
     done

@@ -4,7 +4,7 @@
 |---|---|
 | `BASELINE` | method name (`OURS`/`OTPRUNE`, `DIVPRUNE`, `DPP`, `RANDOM`, `UNIFORM`, `FIRSTK`, `LASTK`; model-level: `FASTV`, `VTW`, `FITPRUNE`); default OTPrune |
 | `LAYER_INDEX` | where to prune: `0` = the embeddings before the LLM, `L > 0` = the hidden states entering decoder layer L; unset = `0` when `BASELINE` or `SUBSET_RATIO` is set (the paper's default), pruning off when neither is (model-level methods: see below) |
-| `SUBSET_RATIO` | fraction of each image's visual tokens to keep, in (0, 1]; required with `LAYER_INDEX` and with `FASTV`; not used by `VTW` / `FITPRUNE` |
+| `SUBSET_RATIO` | fraction of each image's visual tokens to keep, in (0, 1]; or `iqr`: each image keeps the count PruMerge's IQR rule gives it (adaptive budget, layer 0, CLIP towers: `DIVPRUNE` + `iqr` = DivPrune*, `OURS` + `iqr` = OTPrune*); required with `LAYER_INDEX` and with `FASTV`; not used by `VTW` / `FITPRUNE`; `PRUMERGE` / `PRUMERGE_PLUS` default to `iqr` |
 | `FITPRUNE_RECIPE` | path of a FitPrune recipe (`otprune fitprune-calibrate`); required with `BASELINE=FITPRUNE` |
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
@@ -29,6 +29,9 @@ from collections.abc import Mapping
 
 from otprune import methods as registry
 from otprune.methods import TokenSelector, get_method
+from otprune.methods.prumerge import ADAPTIVE
+
+RATIO_ALLOWED = f"a number in (0, 1], e.g. 0.098, or {ADAPTIVE!r} (PruMerge's adaptive per-image budget)"
 
 KEEP_ORDERS = ("ascending", "official")
 
@@ -75,8 +78,10 @@ class PruneConfig:
         layer: None = pruning off; 0 = prune the visual embeddings before the LLM; L > 0 = prune
             the hidden states entering decoder layer L. Defaults of the rules inside the LLM:
             FastV 2; FitPrune the recipe's first pruning layer; VTW has none (required).
-        ratio: fraction of each image's visual tokens to keep, in (0, 1]; not used by VTW and
-            FitPrune (None for them).
+        ratio: fraction of each image's visual tokens to keep, in (0, 1]; or "iqr" (ADAPTIVE):
+            each image keeps the count PruMerge's IQR rule on its CLS attention gives (layer 0,
+            CLIP towers; DivPrune* / OTPrune*); the merge methods (PruMerge, PruMerge+) default
+            to "iqr". Not used by VTW and FitPrune (None for them).
         order: order of the kept tokens handed to the LLM: "ascending" or "official"
             (`LAYER_INDEX=0` only).
         recipe: FitPrune's recipe: a path or an `otprune.methods.fitprune.FitPruneRecipe`
@@ -127,9 +132,28 @@ class PruneConfig:
         cls = registry.find(method)
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
             raise ValueError(f"layer={self.layer!r}: must be an integer >= 0, or None for no pruning")
-        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0):
-            raise ValueError(f"ratio={self.ratio!r}: must be a number in (0, 1]")
-        if cls.kind == "in_llm":
+        if isinstance(self.ratio, str) and self.ratio.strip().lower() == ADAPTIVE:
+            object.__setattr__(self, "ratio", ADAPTIVE)
+        if self.ratio is not None and self.ratio != ADAPTIVE and not (
+                isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool) and 0.0 < self.ratio <= 1.0):
+            raise ValueError(f"ratio={self.ratio!r}: must be {RATIO_ALLOWED}")
+        if self.adaptive and cls.kind != "merge" and self.layer is not None and (self.layer > 0 or cls.kind == "in_llm"):
+            raise ValueError(
+                f"ratio={ADAPTIVE!r} (SUBSET_RATIO): the adaptive budget comes from the vision tower's CLS attention and "
+                f"applies before the LLM (LAYER_INDEX=0) with a selection or merge method; got method={method!r}, "
+                f"layer={self.layer}"
+            )
+        if cls.kind == "merge":
+            if self.recipe is not None:
+                raise ValueError(f"recipe: only for method 'fitprune', got method={method!r}")
+            if self.layer is not None and self.layer != 0:
+                raise ValueError(
+                    f"LAYER_INDEX={self.layer}: {cls.label()} merges inside the vision tower, before the LLM; only layer 0"
+                )
+            if self.ratio is None:
+                object.__setattr__(self, "ratio", ADAPTIVE)
+            uses_ratio = True
+        elif cls.kind == "in_llm":
             layer, ratio, recipe = cls().resolve(self.layer, self.ratio, self.recipe)
             for name, value in (("layer", layer), ("ratio", ratio), ("recipe", recipe)):
                 object.__setattr__(self, name, value)
@@ -153,6 +177,21 @@ class PruneConfig:
         return self.layer is not None
 
     @property
+    def adaptive(self) -> bool:
+        """True when each image's budget comes from PruMerge's IQR rule (ratio "iqr")."""
+        return self.ratio == ADAPTIVE
+
+    @property
+    def merging(self) -> bool:
+        """True for the merge methods (PruMerge, PruMerge+), which run inside the vision tower."""
+        return registry.find(self.method).kind == "merge"
+
+    @property
+    def needs_cls_attention(self) -> bool:
+        """True when the vision tower must hand over its CLS attention (merge methods, adaptive budgets)."""
+        return self.enabled and (self.merging or self.adaptive)
+
+    @property
     def model_level(self) -> bool:
         """True for the rules inside the LLM (FastV, VTW, FitPrune), which prune from attention scores."""
         return registry.find(self.method).kind == "in_llm"
@@ -166,7 +205,15 @@ class PruneConfig:
         """The chosen method's parameters with their values (given, else the method's default)."""
         return {spec.name: getattr(self, spec.name) for spec in self.method_class().params()}
 
+    def merger(self):
+        """The merge method of this config (PruMerge, PruMerge+); ValueError for the others."""
+        if not self.merging:
+            raise ValueError(f"method {self.method!r}: not a merge method; merge methods: {registry.describe('merge')}")
+        return registry.get_merger(self.method, **self.method_params())
+
     def selector(self) -> TokenSelector:
+        if self.merging:
+            raise ValueError(f"method {self.method!r}: merges inside the vision tower (PruMerge), not a selection method")
         if self.model_level:
             raise ValueError(f"method {self.method!r}: a rule inside the LLM (attention scores), "
                              "not a feature-selection method of otprune.METHODS")
@@ -216,10 +263,17 @@ class PruneConfig:
 
         ratio_raw = get("SUBSET_RATIO")
         ratio = None
-        if ratio_raw is not None:
-            ratio = _parse_float("SUBSET_RATIO", ratio_raw, "a number in (0, 1], e.g. 0.098")
+        if ratio_raw is not None and ratio_raw.lower() == ADAPTIVE:
+            ratio = ADAPTIVE
+            if model_level:
+                raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: the adaptive budget is for the selection and merge methods "
+                                 f"before the LLM, not BASELINE={baseline!r}")
+        elif ratio_raw is not None:
+            ratio = _parse_float("SUBSET_RATIO", ratio_raw, RATIO_ALLOWED)
             if not 0.0 < ratio <= 1.0:
-                raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: must be a number in (0, 1], e.g. 0.098")
+                raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: must be {RATIO_ALLOWED}")
+        if rule.kind == "merge" and ratio is None:
+            ratio = ADAPTIVE  # PruMerge is adaptive by default
         if layer is None and not model_level and (baseline is not None or ratio is not None):
             layer = 0  # pruning was asked for: the paper's layer
         if model_level and not rule.uses_ratio:
@@ -227,7 +281,7 @@ class PruneConfig:
         elif ratio is None and (layer is not None or model_level):
             why = f"LAYER_INDEX={layer_raw!r}" if layer_raw is not None else f"BASELINE={baseline!r}"
             raise ValueError(
-                f"SUBSET_RATIO: not set, but {why} asks for pruning; set SUBSET_RATIO to a number in (0, 1], e.g. 0.098"
+                f"SUBSET_RATIO: not set, but {why} asks for pruning; set SUBSET_RATIO to {RATIO_ALLOWED}"
             )
         recipe = None
         if method == "fitprune":
@@ -273,6 +327,8 @@ def describe_config(config: PruneConfig) -> str:
         what = f"following the recipe {config.recipe.source or '<in memory>'}"
     elif config.ratio is None:
         what = "withdrawing every visual token"
+    elif config.adaptive:
+        what = "keeping per image the count of PruMerge's IQR rule (adaptive budget)"
     else:
         what = f"keeping {config.ratio:.4g} of each image's visual tokens"
     details = [f"{name_} {value:g}" if isinstance(value, float) else f"{name_} {value}"

@@ -17,8 +17,22 @@ def keep_counts(keep: int | float, lengths: Tensor) -> Tensor:
     """Tokens to keep per sample: (B,) long from lengths: (B,) long.
 
     An int `keep` is a count (at most each sample's length); a float is a ratio in (0, 1] and
-    gives K = round(ratio * n) (half to even, as Python's `round`), at least 1.
+    gives K = round(ratio * n) (half to even, as Python's `round`), at least 1; a (B,) integer
+    tensor is a count per sample (an adaptive budget, e.g. PruMerge's IQR rule: DivPrune*), each
+    in [1, lengths[b]].
     """
+    if isinstance(keep, Tensor):
+        if keep.dtype.is_floating_point or keep.dtype == torch.bool or keep.shape != lengths.shape:
+            raise ValueError(
+                f"keep: a per-sample count tensor must be {tuple(lengths.shape)} integers, got shape "
+                f"{tuple(keep.shape)} dtype {keep.dtype}"
+            )
+        counts = keep.to(device=lengths.device, dtype=torch.long)
+        bad = (counts < 1) | (counts > lengths)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"keep[{b}]={int(counts[b])}: a per-sample count must be in [1, {int(lengths[b])}] (that sample's tokens)")
+        return counts
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise ValueError(f"keep={keep!r}: must be an int count >= 1 or a float ratio in (0, 1]")
     if isinstance(keep, int):
@@ -65,7 +79,8 @@ def select_tokens(
     Args:
         features: (N, D) tokens of one image, or (B, N, D) a batch (rows past `lengths[b]` are
             padding and never selected). Any float dtype; selection runs in fp32 (fp64 stays fp64).
-        keep: int count, or float ratio in (0, 1] giving K = int(round(ratio * n)) >= 1 per sample.
+        keep: int count, or float ratio in (0, 1] giving K = int(round(ratio * n)) >= 1 per sample,
+            or a (B,) integer tensor: a count per sample (adaptive budgets).
         method: a name of `otprune.METHODS` (case-insensitive, aliases such as `OURS`).
         lengths: (B,) valid tokens per sample for ragged batches; default all N.
         order: "ascending" (spatial order, the default), "greedy" (the method's pick order) or
@@ -104,7 +119,7 @@ def select_tokens(
         raise ValueError("features: contain NaN or Inf; selection on them would be arbitrary")
 
     # Without `lengths` every sample keeps the same K: no padding slots to mask (host ints only).
-    uniform_k = lengths is None
+    uniform_k = lengths is None and not isinstance(keep, Tensor)
     k_max = _uniform_k(keep, n) if uniform_k else int(k.max())
     picks = selector.select(x, lengths_t, k, k_max)  # (B, k_max), selection order
     if order == "official":

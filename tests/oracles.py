@@ -64,3 +64,45 @@ def logdet(kernel: np.ndarray, subset) -> float:
     if not idx:
         return 0.0
     return float(np.linalg.slogdet(kernel[np.ix_(idx, idx)])[1])
+
+
+# PruMerge (tests/methods/test_prumerge.py, tests/llava/test_prumerge.py)
+def prumerge_scores(q_cls: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(C,), (1 + N, C) -> (N,): softmax over all keys of q . k / sqrt(C), patch part."""
+    logits = keys @ q_cls / np.sqrt(q_cls.shape[0])
+    e = np.exp(logits - logits.max())
+    return (e / e.sum())[1:]
+
+
+def prumerge_outliers(scores: np.ndarray) -> list[int]:
+    q1, q3 = np.percentile(scores, 25), np.percentile(scores, 75)
+    return [i for i, s in enumerate(scores) if s > q3 + 1.5 * (q3 - q1)]
+
+
+def prumerge_kept(scores: np.ndarray, plus: bool) -> tuple[list[int], list[int]]:
+    """(attention picks by descending score, PruMerge+ samples ascending); K >= 1."""
+    out = prumerge_outliers(scores)
+    k = max(1, len(out))
+    first = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+    extra = []
+    if plus:
+        n = len(scores)
+        stride = max(1, int(int(1 / (k / n)) / 3))
+        extra = [p for p in range(0, n - 1, stride) if p not in first]
+    return first, extra
+
+
+def prumerge_merge(x: np.ndarray, keys: np.ndarray, scores: np.ndarray, kept: list[int], knn: int) -> np.ndarray:
+    """Each kept p: x_p + sum of a_j x_j over its knn most key-cosine-similar other patches; then the summary."""
+    unit = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    rows = []
+    for p in kept:
+        others = [j for j in range(len(x)) if j != p]
+        others.sort(key=lambda j: -(unit[p] @ unit[j]))
+        row = x[p].copy()
+        for j in others[:knn]:
+            row = row + scores[j] * x[j]
+        rows.append(row)
+    dropped = [j for j in range(len(x)) if j not in kept]
+    rows.append(sum((scores[j] * x[j] for j in dropped), np.zeros(x.shape[1])))
+    return np.stack(rows)

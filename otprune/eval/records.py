@@ -269,7 +269,9 @@ def normalized_settings(values: Mapping) -> dict:
     for key in param_keys():
         out[key] = (defaults[key] if out[key] is None else out[key]) if key in uses else None
     out["order"] = out["order"] or defaults["order"]
-    kinds = {"layer": int, "ratio": float, **{name: spec.kind for name, spec in all_params().items()}}
+    from otprune.eval.adaptive import parse_ratio
+
+    kinds = {"layer": int, "ratio": parse_ratio, **{name: spec.kind for name, spec in all_params().items()}}
     for key, kind in kinds.items():
         if out.get(key) is not None:
             out[key] = kind(out[key])
@@ -299,7 +301,9 @@ def settings_tag(settings: Mapping, name: str | None = None) -> str:
         except OSError:
             digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
         return f"{label}_{path.stem}-{digest}"
-    tag = label if values["ratio"] is None else f"{label}_r{_number(values['ratio'])}"
+    from otprune.eval.adaptive import ratio_tag
+
+    tag = label if values["ratio"] is None else f"{label}_{ratio_tag(values['ratio'])}"
     tag += f"_l{values['layer']}"
     defaults = setting_defaults(values["method"])
     from otprune.methods import all_params

@@ -74,6 +74,10 @@ def padding_side(attention_mask: Tensor | None) -> str:
     return "right" if bool((attention_mask[:, -1] == 0).any()) else "left"
 
 
+# The families whose vision tower has no CLS token: PruMerge's CLS attention does not exist there.
+NO_CLS_TOWERS = {"onevision": "SigLIP (LLaVA-OneVision)", "qwen2_5_vl": "Qwen2.5-VL's ViT (window attention, no CLS)"}
+
+
 @dataclasses.dataclass
 class CompactBatch:
     """A batch after pruning: each sample's kept rows, in order, re-padded to the longest.
@@ -274,6 +278,18 @@ class HFAdapter:
             raise ValueError(
                 f"LAYER_INDEX={config.layer}: pruning inside the LLM is not supported by {where}; "
                 f"supported: {self.supported()}"
+            )
+        if config.needs_cls_attention:
+            from otprune.methods.prumerge import no_cls_error
+
+            method = config.method.upper() if config.merging else f"{config.method.upper()} with SUBSET_RATIO=iqr"
+            tower = NO_CLS_TOWERS.get(self.family)
+            if tower is not None:
+                raise no_cls_error(method, tower)
+            raise ValueError(
+                f"BASELINE={method}: PruMerge's CLS attention (merge methods, SUBSET_RATIO=iqr) is not wired into {where} "
+                "yet; run it on an original-format checkpoint with our llava (e.g. liuhaotian/llava-v1.5-7b), or pick a "
+                f"fixed SUBSET_RATIO; supported here: {self.supported()}"
             )
 
     def log_config(self, config: PruneConfig) -> None:

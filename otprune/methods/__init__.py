@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 
-from otprune.methods.base import Method, ParamSpec, TokenSelector, param
+from otprune.methods.base import Method, ParamSpec, TokenMerger, TokenSelector, param
 from otprune.methods.divprune import DivPrune
 from otprune.methods.dpp import DPP
 from otprune.methods.fastv import FastV
@@ -20,6 +20,7 @@ from otprune.methods.fitprune import FitPrune
 from otprune.methods.in_llm import InLLMRule
 from otprune.methods.last_k import LastK
 from otprune.methods.otprune import OTPrune
+from otprune.methods.prumerge import PruMerge, PruMergePlus
 from otprune.methods.random import RandomSelect
 from otprune.methods.uniform import Uniform
 from otprune.methods.vtw import VTW
@@ -30,8 +31,8 @@ _NAMES: dict[str, str] = {}  # name or alias -> name
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Add a method class (usable as a decorator). Its name and aliases must be new."""
-    if not (isinstance(cls, type) and issubclass(cls, (TokenSelector, InLLMRule)) and cls.name):
-        raise ValueError(f"register_method: {cls!r} must be a TokenSelector or InLLMRule subclass with a `name`")
+    if not (isinstance(cls, type) and issubclass(cls, (TokenSelector, TokenMerger, InLLMRule)) and cls.name):
+        raise ValueError(f"register_method: {cls!r} must be a TokenSelector, TokenMerger or InLLMRule subclass with a `name`")
     keys = [cls.name.lower(), *(a.lower() for a in cls.aliases)]
     taken = [key for key in keys if key in _NAMES and _ALL[_NAMES[key]] is not cls]
     if taken:
@@ -54,7 +55,8 @@ def canonical(name: str, kind: str | None = None) -> str:
     key = str(name).strip().lower()
     found = _NAMES.get(key)
     if found is None or (kind is not None and _ALL[found].kind != kind):
-        raise ValueError(f"unknown {'' if kind == 'in_llm' else 'selection '}method {name!r}; valid names: {describe(kind)}")
+        what = {"in_llm": "", "merge": "merge "}.get(kind or "", "selection ")
+        raise ValueError(f"unknown {what}method {name!r}; valid names: {describe(kind)}")
     return found
 
 
@@ -71,7 +73,10 @@ def describe(kind: str | None = None) -> str:
     if kind == "selection":
         return selection
     in_llm = ", ".join(one(c) for c in _ALL.values() if c.kind == "in_llm")
-    return in_llm if kind == "in_llm" else f"{selection}; inside the LLM: {in_llm}"
+    merge = ", ".join(one(c) for c in _ALL.values() if c.kind == "merge")
+    if kind in ("in_llm", "merge"):
+        return in_llm if kind == "in_llm" else merge
+    return f"{selection}; merging in the vision tower: {merge}; inside the LLM: {in_llm}"
 
 
 def all_params() -> dict[str, ParamSpec]:
@@ -131,12 +136,13 @@ class MethodRegistry(Mapping[str, type[Method]]):
         return sum(cls.kind == self.kind for cls in _ALL.values())
 
 
-_BUILTIN = [OTPrune, DivPrune, DPP, RandomSelect, Uniform, FirstK, LastK, FastV, VTW, FitPrune]
+_BUILTIN = [OTPrune, DivPrune, DPP, RandomSelect, Uniform, FirstK, LastK, FastV, VTW, FitPrune, PruMerge, PruMergePlus]
 for _cls in _BUILTIN:
     register_method(_cls)
 
 METHODS = MethodRegistry("selection")  # the selection methods (`select_tokens`)
 IN_LLM_RULES = MethodRegistry("in_llm")  # the rules that prune inside the LLM
+MERGERS = MethodRegistry("merge")  # the methods that merge inside the vision tower (PruMerge)
 
 
 def get_method(name: str, **params: object) -> TokenSelector:
@@ -147,6 +153,16 @@ def get_method(name: str, **params: object) -> TokenSelector:
     if unknown:
         allowed = ", ".join(sorted(fields)) or "none"
         raise ValueError(f"method {cls.name!r} got unknown parameter(s) {unknown}; allowed: {allowed}")
+    return cls(**params)
+
+
+def get_merger(name: str, **params: object) -> TokenMerger:
+    """Instantiate merge method `name` (PruMerge, PruMerge+) with its parameters."""
+    cls = _ALL[canonical(name, "merge")]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(f"method {cls.name!r} got unknown parameter(s) {unknown}; allowed: {', '.join(sorted(fields)) or 'none'}")
     return cls(**params)
 
 
@@ -161,7 +177,7 @@ def method_parameters(name: str) -> tuple[str, ...]:
 
 
 __all__ = [
-    "DPP", "IN_LLM_RULES", "METHODS", "VTW", "DivPrune", "FastV", "FirstK", "FitPrune", "InLLMRule", "LastK",
+    "DPP", "IN_LLM_RULES", "MERGERS", "METHODS", "VTW", "PruMerge", "PruMergePlus", "TokenMerger", "get_merger", "DivPrune", "FastV", "FirstK", "FitPrune", "InLLMRule", "LastK",
     "Method", "MethodRegistry", "OTPrune", "ParamSpec", "RandomSelect", "TokenSelector", "Uniform", "all_params",
     "canonical", "describe", "display_name", "find", "get_method", "get_rule", "method_parameters", "param",
     "register_method", "table_rank", "unregister_method",

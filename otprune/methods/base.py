@@ -8,6 +8,9 @@ owns its name, aliases, display name and place in tables (`Method`), registered 
   indices it keeps in the order it picked them. Everything that is not specific to one method
   (argument checks, dtype handling, ragged lengths, sorting) lives in
   `otprune.selection.select_tokens`.
+- `TokenMerger` (merge, PruMerge): runs inside the vision tower on the CLS attention and the
+  patch keys of one layer and returns new tokens (a variable number per image) with, per row,
+  the patch it stands for (`otprune.methods.prumerge`).
 - `InLLMRule` (inside the LLM): decides, at a decoder layer, which visual tokens stay, from what
   the model computes there (attention rows, hidden states); the model side hands it a
   `StageContext` (see `otprune.methods.in_llm`).
@@ -123,6 +126,21 @@ class TokenSelector(Method):
             (B, k_max) long: sample b's picks in selection order in its first k[b] slots,
             -1 in the rest.
         """
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class TokenMerger(Method):
+    """Base class of the merge methods (PruMerge): they see what the vision tower computes at one
+    layer (the CLS query, the patch keys) beside the patch features, and return NEW tokens, a
+    variable number per image, each with the index of the patch it stands for (`MergeResult`
+    of `otprune.methods.prumerge`). They run inside the vision tower, before the projector, at
+    `LAYER_INDEX=0` only; `ratio` is a fixed ratio or "iqr" (the adaptive default)."""
+
+    kind: ClassVar[str] = "merge"
+
+    def merge(self, features: Tensor, q_cls: Tensor, keys: Tensor, ratio, order: str = "ascending"):
+        """features: (B, N, D) patches of B crops; q_cls: (B, C); keys: (B, 1 + N, C) -> MergeResult."""
         raise NotImplementedError
 
 

@@ -7,7 +7,7 @@ from eval_fakes import has_row, stats, table_rows, write_records, write_results
 
 from otprune import flops
 from otprune.cli import main
-from otprune.eval import report
+from otprune.eval import records, report
 
 MODEL = "liuhaotian/llava-v1.5-7b"
 TEXT = {"gqa": 23, "pope": 21, "mme": 25}
@@ -87,7 +87,8 @@ def test_markdown_and_csv(paper_logs):
             "79.59", "101.0", "2.00", "1.67"] in table_rows(markdown)
     assert has_row(markdown, "llava-v1.5-7b", "Original", "–", "100%")
     text = report.to_csv(rep)
-    assert text.startswith("model,method,layer,ratio,gamma,seed,order,recipe,tflops,tflops_percent,gqa:exact_match,")
+    params = ",".join(records.param_keys())  # every registered method parameter (gamma, seed, ...)
+    assert text.startswith(f"model,method,layer,ratio,{params},order,recipe,tflops,tflops_percent,gqa:exact_match,")
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [row["method"] for row in rows] == ["Original", "DivPrune", "OTPrune"]
     assert float(rows[2]["gqa:exact_match"]) == pytest.approx(56.62)

@@ -474,3 +474,13 @@ def test_lmms_eval_llava_hf_generates_with_pruning(hf_tiny, monkeypatch):
     assert len(out) == 1 and isinstance(out[0], str)
     (stats,) = adapter.last_stats
     assert stats["image_tokens_after"] == [round(0.25 * t) for t in stats["image_tokens_before"]]
+
+
+@pytest.mark.parametrize("config", [PruneConfig(method="prumerge", layer=0),
+                                    PruneConfig(method="divprune", layer=0, ratio="iqr")])
+def test_cls_attention_methods_refuse_clearly(hf_tiny, config):
+    """PruMerge / the IQR budget: towers without a CLS token (OneVision's SigLIP) name the tower;
+    the CLIP families are not wired yet and say where to run it instead."""
+    want = "SigLIP" if hf_tiny.family == "onevision" else "not wired"
+    with pytest.raises(ValueError, match=want):
+        hf.apply(hf_tiny.model, config)

@@ -256,16 +256,10 @@ class LlavaMetaForCausalLM(ABC):
         params = list(projector.parameters())
         return projector(features.to(params[0].dtype if params else features.dtype))
 
-    def image_features(self, images, image_sizes=None) -> list[Tensor]:
-        """The visual tokens of every image: a list of (T_i, D), in batch order.
-
-        `images` is (N, 3, S, S) (one crop per image), or (N, P, 3, S, S) / a list of
-        (P_i, 3, S, S) for LLaVA-1.6 anyres crops, which are laid out according to
-        `mm_patch_merge_type` ("flat" or "spatial[_unpad]").
-        """
-        config = self.config
+    def _crops(self, images) -> tuple[Tensor, list[int] | None]:
+        """(all crops (P, 3, S, S), crops per image; None for (N, 3, S, S) input: one crop each)."""
         if isinstance(images, Tensor) and images.ndim == 4:
-            return list(self.encode_images(images).unbind(0))
+            return images, None
         if isinstance(images, Tensor) and images.ndim != 5:
             raise ValueError(
                 f"images: expected (N, 3, H, W), (N, P, 3, H, W) or a list of (P, 3, H, W), got shape {tuple(images.shape)}"
@@ -273,14 +267,34 @@ class LlavaMetaForCausalLM(ABC):
         crops = [image if image.ndim == 4 else image.unsqueeze(0) for image in images]
         if any(image.ndim != 4 for image in crops):
             raise ValueError("images: every list element must be (3, H, W) or (P, 3, H, W)")
-        counts = [image.shape[0] for image in crops]
-        encoded = torch.split(self.encode_images(torch.cat(crops)), counts)  # (P_i, T, D) each
+        return torch.cat(crops), [image.shape[0] for image in crops]
+
+    def _project(self, features: Tensor) -> Tensor:
+        projector = self.get_model().mm_projector
+        params = list(projector.parameters())
+        return projector(features.to(params[0].dtype if params else features.dtype))
+
+    def image_features(self, images, image_sizes=None, *, encoded: Tensor | None = None) -> list[Tensor]:
+        """The visual tokens of every image: a list of (T_i, D), in batch order.
+
+        `images` is (N, 3, S, S) (one crop per image), or (N, P, 3, S, S) / a list of
+        (P_i, 3, S, S) for LLaVA-1.6 anyres crops, which are laid out according to
+        `mm_patch_merge_type` ("flat" or "spatial[_unpad]"). `encoded`: the crops' projected
+        tokens (P, T, D) when already computed.
+        """
+        config = self.config
+        crops, counts = self._crops(images)
+        if encoded is None:
+            encoded = self.encode_images(crops)
+        if counts is None:
+            return list(encoded.unbind(0))
+        encoded = torch.split(encoded, counts)  # (P_i, T, D) each
         merge = str(getattr(config, "mm_patch_merge_type", "flat"))
         if merge == "flat":
             return [x.flatten(0, 1) for x in encoded]
         if not merge.startswith("spatial"):
             raise ValueError(f"mm_patch_merge_type={merge!r}: must be 'flat', 'spatial' or 'spatial_unpad'")
-        sizes = _image_sizes(image_sizes, len(crops)) if any(n > 1 for n in counts) else None
+        sizes = _image_sizes(image_sizes, len(counts)) if any(n > 1 for n in counts) else None
         return [self._spatial_features(x, sizes[i] if sizes else None, merge, i) for i, x in enumerate(encoded)]
 
     def _spatial_features(self, features: Tensor, image_size, merge: str, index: int) -> Tensor:
@@ -326,25 +340,78 @@ class LlavaMetaForCausalLM(ABC):
             raise ValueError("keep: not given and no SUBSET_RATIO configured; pass a count or a ratio in (0, 1]")
         return image_features[greedy_select(image_features, keep, gamma=config.gamma)]
 
-    def select_visual_tokens(self, features: list[Tensor], config: PruneConfig) -> tuple[list[Tensor], list[Tensor], Clock]:
+    def merged_image_features(self, images, config: PruneConfig) -> tuple[list[Tensor], list[Tensor], list[int], Clock]:
+        """PruMerge / PruMerge+ (`config.merging`): every crop merged inside the tower, then projected.
+
+        LLaVA-1.6 (anyres): each crop (the base image and every grid crop) is one CLIP forward with
+        its own CLS token, so each crop is merged on its own (its own IQR budget and summary token);
+        an image's tokens are its crops' merged tokens, base first, then the grid crops in order.
+        The grid no longer exists after merging: no unpadding and no `image_newline` tokens.
+
+        Returns (tokens per image (M_i, D), per image its rows' sources (M_i,): crop c's patch p is
+        c * N + p, the summary token `SUMMARY`; tokens before per image (crops x N), the clock).
+        """
+        from otprune.methods.prumerge import SUMMARY
+
+        crops, counts = self._crops(images)
+        feats, q_cls, keys = self.get_vision_tower().forward_with_cls(crops)  # (P, N, C), (P, C), (P, 1 + N, C)
+        n = feats.shape[1]
+        clock = Clock(feats.device)
+        res = config.merger().merge(feats, q_cls, keys, ratio=config.ratio, order=config.order)
+        clock.stop()
+        tokens = self._project(res.features)  # (P, M_max, D)
+        sizes = res.counts.tolist()
+        src = res.sources + torch.arange(len(sizes), device=res.sources.device)[:, None] * n
+        src = torch.where(res.sources == SUMMARY, res.sources, src)
+        per_crop = [(tokens[c, :m], src[c, :m]) for c, m in enumerate(sizes)]
+        counts = counts or [1] * len(sizes)
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        features = [torch.cat([per_crop[c][0] for c in range(s, s + p)]) for s, p in zip(starts, counts, strict=True)]
+        sources = [torch.cat([per_crop[c][1] for c in range(s, s + p)]) for s, p in zip(starts, counts, strict=True)]
+        return features, sources, [p * n for p in counts], clock
+
+    def adaptive_image_features(self, images, image_sizes) -> tuple[list[Tensor], list[int]]:
+        """The visual tokens of every image (as `image_features`) and its adaptive budget
+        (`SUBSET_RATIO=iqr`, DivPrune* / OTPrune*): the count PruMerge's IQR rule gives on the
+        CLS attention of the layer reading the selected hidden state. LLaVA-1.6: the sum of its
+        crops' counts (each crop is one CLIP forward with its own CLS token), at most its tokens."""
+        from otprune.methods.prumerge import cls_attention, iqr_keep_count
+
+        crops, counts = self._crops(images)
+        feats, q_cls, keys = self.get_vision_tower().forward_with_cls(crops)
+        per_crop = iqr_keep_count(cls_attention(q_cls, keys)).tolist()  # (P,) host ints: the budgets
+        features = self.image_features(images, image_sizes, encoded=self._project(feats))
+        counts = counts or [1] * len(per_crop)
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        budgets = [min(sum(per_crop[s:s + p]), f.shape[0]) for s, p, f in zip(starts, counts, features, strict=True)]
+        return features, budgets
+
+    def select_visual_tokens(self, features: list[Tensor], config: PruneConfig,
+                             budgets: list[int] | None = None) -> tuple[list[Tensor], list[Tensor], Clock]:
         """Prune every image of a batch in one batched selection call.
 
         Args:
             features: per image, (T_i, D) visual tokens, all on the model's device.
             config: an enabled PruneConfig.
+            budgets: per image, its token count (adaptive budgets, `SUBSET_RATIO=iqr`); default
+                round(ratio * T_i).
 
         Returns:
             (kept features per image (K_i, D), kept indices per image (K_i,), the selection clock).
         """
-        ratio = float(config.ratio)  # a ratio, also when given as the int 1
         lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
-        keep = otprune.keep_counts(ratio, lengths).tolist()  # host ints, no device sync
+        if budgets is not None:
+            keep = list(budgets)
+            how = torch.tensor(keep, dtype=torch.long)
+        else:
+            how = float(config.ratio)  # a ratio, also when given as the int 1
+            keep = otprune.keep_counts(how, lengths).tolist()  # host ints, no device sync
         padded = nn.utils.rnn.pad_sequence(features, batch_first=True)  # (B_img, N_max, D)
         n_images, n_max, dim = padded.shape
         clock = Clock(padded.device)
         picks = otprune.select_tokens(
             padded,
-            ratio,
+            how,
             config.method,
             lengths=lengths,
             order=config.order,  # "official": the method's official code's order (OTPrune: set order)
@@ -413,11 +480,17 @@ class LlavaMetaForCausalLM(ABC):
         used = plan.images_used(len(images))
         images, image_sizes = _take_images(images, image_sizes, used)
         n_images = len(used)
-        features = self.image_features(images, image_sizes) if n_images else []
-        before = [f.shape[0] for f in features]
-        select_clock, kept_indices = None, None
-        if config.enabled and n_images and not config.in_llm:
-            features, kept_indices, select_clock = self.select_visual_tokens(features, config)
+        select_clock, kept_indices, budgets = None, None, None
+        if n_images and config.enabled and config.merging:
+            features, kept_indices, before, select_clock = self.merged_image_features(images, config)
+        else:
+            if n_images and config.enabled and config.adaptive:
+                features, budgets = self.adaptive_image_features(images, image_sizes)
+            else:
+                features = self.image_features(images, image_sizes) if n_images else []
+            before = [f.shape[0] for f in features]
+        if config.enabled and n_images and not config.in_llm and not config.merging:
+            features, kept_indices, select_clock = self.select_visual_tokens(features, config, budgets)
         after = [f.shape[0] for f in features]
 
         embed = self.get_model().embed_tokens

@@ -19,7 +19,7 @@ def plot(report: Report, path: str | os.PathLike) -> bool:
     points: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     labels: dict[tuple, str] = {}
     for row in report.rows:
-        if row.pruned and row.ratio is not None and row.relative is not None:
+        if row.pruned and isinstance(row.ratio, (int, float)) and row.relative is not None:
             line = line_key(row)
             points[line].append((row.ratio, row.relative))
             labels[line] = f"{model_label(row.model)} {row_label(row)}" + ("" if not row.layer else f" L{row.layer}")

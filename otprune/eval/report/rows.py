@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from otprune.eval import adaptive
 from otprune.eval.records import param_keys, setting_defaults, setting_keys
 from otprune.eval.report.collect import RecordRun, ResultFile, run_info
 from otprune.eval.report.headlines import (
@@ -100,7 +101,7 @@ class Report:
 
     @property
     def ratios(self) -> list[float]:
-        return sorted({row.ratio for row in self.rows if row.pruned and row.ratio is not None})
+        return sorted({row.ratio for row in self.rows if row.pruned and isinstance(row.ratio, (int, float))})
 
 
 def collect_rows(
@@ -168,6 +169,10 @@ def bucket(records: Iterable[dict]) -> dict:
             sums["n"] += 1
             sums["tflops"] += float(record["tflops"])
             sums["tflops_unpruned"] += float(record["tflops_unpruned"])
+        after, before, kept_n = adaptive.kept_sums([record])
+        sums["kept_after"] = sums.get("kept_after", 0.0) + after
+        sums["kept_before"] = sums.get("kept_before", 0.0) + before
+        sums["kept_n"] = sums.get("kept_n", 0) + kept_n
         for field in ("prefill_ms", "select_ms"):
             if field == "select_ms" and record.get("method") is None:
                 continue  # nothing is selected when pruning is off
@@ -183,7 +188,7 @@ def row_order(row: Row) -> tuple:
     label = model_label(row.model)
     model_rank = MODEL_ORDER.index(label) if label in MODEL_ORDER else len(MODEL_ORDER)
     extras = (*(str(row.params.get(name)) for name in param_keys()), str(row.order), str(row.recipe))
-    return (model_rank, row.model, row.method is not None, -(row.ratio or 0.0), table_rank(row.method), str(row.method),
+    return (model_rank, row.model, row.method is not None, adaptive.sort_key(row.ratio), table_rank(row.method), str(row.method),
             row.layer or 0, extras)
 
 

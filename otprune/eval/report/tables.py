@@ -8,6 +8,7 @@ import io
 
 from tabulate import tabulate
 
+from otprune.eval import adaptive
 from otprune.eval.records import param_keys
 from otprune.eval.report.headlines import HEADLINES, Headline, headline
 from otprune.eval.report.rows import Report, method_label, model_label, row_label
@@ -60,6 +61,9 @@ def table_cells(report: Report) -> list[list[str]]:
         flops_cell = "–" if tflops is None else f"{tflops * factor:.3f}" + ("" if percent is None else f" ({format_percent(percent)}%)")
         scores = [_fmt(row.scores.get(task), places) for task, places in zip(report.tasks, digits, strict=True)]
         kept = "100%" if row.method is None else ("–" if row.ratio is None else f"{100 * row.ratio:.4g}%")
+        if adaptive.is_adaptive(row.ratio):  # per-image budgets: Table 1's "Variable", per-sample mean
+            flops_cell = adaptive.flops_cell(flops_cell)
+            kept = adaptive.kept_cell(row.buckets.values())
         cells.append(
             [model_label(row.model), row_label(row), "–" if row.layer is None else str(row.layer), kept, flops_cell,
              *scores, _fmt(row.mean("prefill_ms"), 1), _fmt(row.mean("select_ms"), 2), _fmt(row.rank, 2)]

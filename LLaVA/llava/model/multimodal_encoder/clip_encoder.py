@@ -91,6 +91,25 @@ class CLIPVisionTower(nn.Module):
         out = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
         return self.feature_select(out.hidden_states)
 
+    @torch.no_grad()
+    def forward_with_cls(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """images: (P, 3, S, S) crops -> (features (P, N, C) the selected layer's patches,
+        q_cls (P, C), keys (P, 1 + N, C)): the query of the CLS token and the keys of every token
+        in the layer that reads the selected hidden state (PruMerge's CLS attention; captured by
+        forward hooks on its q_proj / k_proj only during this call)."""
+        from otprune.methods.prumerge import capture_projections, consuming_layer, encoder_layers
+
+        if self.select_feature != "patch":
+            raise ValueError(
+                f"mm_vision_select_feature={self.select_feature!r}: PruMerge and the adaptive budget score the patches "
+                "without the CLS token; only 'patch' is supported"
+            )
+        layers = encoder_layers(self.vision_tower, self.vision_tower_name)
+        attn = layers[consuming_layer(self.select_layer, len(layers))].self_attn
+        with capture_projections(attn.q_proj, attn.k_proj) as got:
+            out = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
+        return self.feature_select(out.hidden_states), got["q_cls"][0], got["keys"][0]
+
     @property
     def dummy_feature(self) -> Tensor:
         return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
