@@ -28,6 +28,7 @@ import os
 from collections.abc import Mapping
 
 from otprune.methods import METHODS, TokenSelector, get_method, method_parameters
+from otprune.methods.otprune import check_gamma
 
 KEEP_ORDERS = ("ascending", "official")
 
@@ -107,6 +108,7 @@ class PruneConfig:
             raise ValueError(f"ratio: required when pruning (layer={self.layer}); give a number in (0, 1]")
         if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
             raise ValueError(f"gamma={self.gamma!r}: must be a finite number > 0")
+        check_gamma(self.gamma, 1)  # the kernel must be finite in fp32; select_tokens checks D too
         if self.order not in KEEP_ORDERS:
             raise ValueError(f"order={self.order!r}: must be one of {', '.join(KEEP_ORDERS)}")
         if self.order == "official" and self.layer is not None and (self.layer > 0 or method in MODEL_METHODS):
