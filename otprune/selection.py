@@ -106,7 +106,10 @@ def select_tokens(
     # Without `lengths` every sample keeps the same K: no padding slots to mask (host ints only).
     uniform_k = lengths is None
     k_max = _uniform_k(keep, n) if uniform_k else int(k.max())
-    picks = selector.select(x, lengths_t, k, k_max)  # (B, k_max), selection order
+    if bsz == 1:
+        picks = selector.select(x, lengths_t, k, k_max)  # (B, k_max), selection order
+    else:
+        picks = _sample_by_sample(selector, x, lengths_t, k, k_max)
     if order == "official":
         counts = k.tolist() if not uniform_k else [k_max] * bsz
         rows = [selector.official_order(row[:count]) + [-1] * (k_max - count) for row, count in zip(picks.tolist(), counts, strict=True)]
@@ -118,6 +121,22 @@ def select_tokens(
     if order == "ascending":
         picks = picks.masked_fill(picks < 0, n).sort(dim=1).values  # padding slots sort last
         picks = picks.masked_fill(picks >= n, -1)
+    return picks
+
+
+def _sample_by_sample(selector, x: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
+    """(B, k_max) picks of a batch, each sample selected on its own slice x[b, :lengths[b]].
+
+    Every sample thus goes through exactly the ops, shapes and reduction orders of a call with
+    that sample alone, so it gets the same indices bit for bit in fp32 too (a padded batch's
+    GEMMs and reductions would round differently, and a greedy near-tie or DPP's rank cut-off
+    could then fall the other way). The products that dominate the cost gain nothing from
+    batching on a CPU. `TokenSelector.select` itself takes padded batches (e.g. compiled), where
+    samples agree with their single calls up to rounding.
+    """
+    picks = torch.full((x.shape[0], k_max), -1, dtype=torch.long, device=x.device)
+    for b, (length, count) in enumerate(zip(lengths.tolist(), k.tolist(), strict=True)):
+        picks[b, :count] = selector.select(x[b : b + 1, :length], lengths[b : b + 1], k[b : b + 1], count)[0]
     return picks
 
 
