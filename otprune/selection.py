@@ -67,12 +67,14 @@ def select_tokens(
             padding and never selected). Any float dtype; selection runs in fp32 (fp64 stays fp64).
         keep: int count, or float ratio in (0, 1] giving K = int(round(ratio * n)) >= 1 per sample.
         method: a name of `otprune.METHODS` (case-insensitive, aliases such as `OURS`).
-        lengths: (B,) valid tokens per sample for ragged batches; default all N.
+        lengths: (B,) valid tokens per sample for ragged batches; default all N. Each sample of
+            a batch is selected on its own slice: the same indices as the sample alone.
         order: "ascending" (spatial order, the default), "greedy" (the method's pick order) or
             "official" (the order the method's official code hands to the LLM: OTPrune's set
             order, ascending for the others; see `TokenSelector.official_order`). "official"
             reads the picks on the host: one synchronisation after the selection.
-        **params: the method's parameters, e.g. `gamma=0.05` for OTPrune, `seed=1` for random.
+        **params: the method's parameters, e.g. `gamma=0.05` for OTPrune (at most fp32 max / D^2),
+            `seed=1` for random.
 
     Returns:
         LongTensor (K,) for (N, D) input, or (B, K_max) padded with -1 where a sample keeps fewer.
