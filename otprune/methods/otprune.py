@@ -194,8 +194,9 @@ class OTPrune(TokenSelector):
         check_gamma(self.gamma, 1, torch.float32)
 
     def check_features(self, features: Tensor) -> None:
-        """gamma must keep the kernel representable for these features: `check_gamma`."""
-        check_gamma(self.gamma, features.shape[-1], features.dtype)
+        """gamma must keep the kernel representable in fp32 for these features' D (`check_gamma`;
+        one bound for every input dtype, fp64 included)."""
+        check_gamma(self.gamma, features.shape[-1])
 
     def official_order(self, picks: list[int]) -> list[int]:
         """The official OTPrune code's order: the iteration order of a Python set of the picks."""

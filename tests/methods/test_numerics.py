@@ -85,8 +85,10 @@ def test_gamma_where_the_kernel_overflows_is_rejected():
         otprune.select_tokens(x, 56, "otprune", gamma=limit * 1.01)
     keep = otprune.select_tokens(x, 56, "otprune", gamma=limit)  # at the bound: representable
     assert keep.unique().numel() == 56
-    # fp64 features have their own (larger) bound.
-    assert otprune.select_tokens(x.double(), 56, "otprune", gamma=1e36).unique().numel() == 56
+    # One bound for every input dtype (fp64 features too).
+    assert otprune.select_tokens(x.double(), 56, "otprune", gamma=limit).unique().numel() == 56
+    with pytest.raises(ValueError, match="OTPRUNE_GAMMA"):
+        otprune.select_tokens(x.double(), 56, "otprune", gamma=1e36)
     with pytest.raises(ValueError, match="OTPRUNE_GAMMA"):
         otprune.PruneConfig(method="otprune", layer=0, ratio=0.1, gamma=1e39)
 
@@ -142,7 +144,7 @@ def test_never_a_repeated_index(method, dtype, kind, seed, n, d, power, mantissa
         x = torch.nan_to_num(x, posinf=1.0, neginf=-1.0)  # mixed magnitudes beyond the dtype's range
     params = {}
     if method == "otprune" and huge_gamma:
-        params["gamma"] = gamma_limit(d, torch.float64 if dtype == torch.float64 else torch.float32)
+        params["gamma"] = gamma_limit(d)
     keep = otprune.select_tokens(x, ratio, method, order="greedy", **params).tolist()
     k = max(1, round(ratio * n))
     assert len(keep) == k == len(set(keep))
