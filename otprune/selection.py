@@ -82,12 +82,14 @@ def select_tokens(
         keep: int count, or float ratio in (0, 1] giving K = int(round(ratio * n)) >= 1 per sample,
             or a (B,) integer tensor: a count per sample (adaptive budgets).
         method: a name of `otprune.METHODS` (case-insensitive, aliases such as `OURS`).
-        lengths: (B,) valid tokens per sample for ragged batches; default all N.
+        lengths: (B,) valid tokens per sample for ragged batches; default all N. Each sample of
+            a batch is selected on its own slice: the same indices as the sample alone.
         order: "ascending" (spatial order, the default), "greedy" (the method's pick order) or
             "official" (the order the method's official code hands to the LLM: OTPrune's set
             order, ascending for the others; see `TokenSelector.official_order`). "official"
             reads the picks on the host: one synchronisation after the selection.
-        **params: the method's parameters, e.g. `gamma=0.05` for OTPrune, `seed=1` for random.
+        **params: the method's parameters, e.g. `gamma=0.05` for OTPrune (at most fp32 max / D^2),
+            `seed=1` for random.
 
     Returns:
         LongTensor (K,) for (N, D) input, or (B, K_max) padded with -1 where a sample keeps fewer.
@@ -121,7 +123,10 @@ def select_tokens(
     # Without `lengths` every sample keeps the same K: no padding slots to mask (host ints only).
     uniform_k = lengths is None and not isinstance(keep, Tensor)
     k_max = _uniform_k(keep, n) if uniform_k else int(k.max())
-    picks = selector.select(x, lengths_t, k, k_max)  # (B, k_max), selection order
+    if bsz == 1:
+        picks = selector.select(x, lengths_t, k, k_max)  # (B, k_max), selection order
+    else:
+        picks = _sample_by_sample(selector, x, lengths_t, k, k_max)
     if order == "official":
         counts = k.tolist() if not uniform_k else [k_max] * bsz
         rows = [selector.official_order(row[:count]) + [-1] * (k_max - count) for row, count in zip(picks.tolist(), counts, strict=True)]
@@ -133,6 +138,22 @@ def select_tokens(
     if order == "ascending":
         picks = picks.masked_fill(picks < 0, n).sort(dim=1).values  # padding slots sort last
         picks = picks.masked_fill(picks >= n, -1)
+    return picks
+
+
+def _sample_by_sample(selector, x: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
+    """(B, k_max) picks of a batch, each sample selected on its own slice x[b, :lengths[b]].
+
+    Every sample thus goes through exactly the ops, shapes and reduction orders of a call with
+    that sample alone, so it gets the same indices bit for bit in fp32 too (a padded batch's
+    GEMMs and reductions would round differently, and a greedy near-tie or DPP's rank cut-off
+    could then fall the other way). The products that dominate the cost gain nothing from
+    batching on a CPU. `TokenSelector.select` itself takes padded batches (e.g. compiled), where
+    samples agree with their single calls up to rounding.
+    """
+    picks = torch.full((x.shape[0], k_max), -1, dtype=torch.long, device=x.device)
+    for b, (length, count) in enumerate(zip(lengths.tolist(), k.tolist(), strict=True)):
+        picks[b, :count] = selector.select(x[b : b + 1, :length], lengths[b : b + 1], k[b : b + 1], count)[0]
     return picks
 
 

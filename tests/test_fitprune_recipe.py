@@ -142,3 +142,11 @@ def test_file_round_trip_and_clear_errors(tmp_path):
         recipe.check_model(4)
     with pytest.raises(ValueError, match=r"computed for hidden_size=8, but this model has hidden_size=16"):
         recipe.check_model(3, 16, 16)
+
+
+@pytest.mark.parametrize("opener, closer", [("[", "]"), ('{"a": ', "}")])
+def test_deeply_nested_recipe_is_a_clear_error(tmp_path, opener, closer):
+    path = tmp_path / "deep.json"
+    path.write_text(opener * 100_000 + "0" + closer * 100_000)
+    with pytest.raises(ValueError, match=r"FITPRUNE_RECIPE='.*deep.json': JSON nested too deeply"):
+        load_recipe(path)

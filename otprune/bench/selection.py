@@ -7,7 +7,10 @@ pair (A, B, A, B, ...) so that drifts of a shared machine cancel out.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +19,20 @@ import torch
 
 import otprune
 from otprune.methods.otprune import normalise_columns
+
+
+@contextlib.contextmanager
+def busy_neighbours(count: int):
+    """Run `count` busy-loop Python processes (CPU contention, as on a shared machine) for the
+    duration of the block; they are stopped (by their own process handles) on exit."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def _sync(device: torch.device) -> None:
@@ -104,11 +121,12 @@ def run(
     return rows
 
 
-def format_table(rows: list[Row], dim: int, ratio: float, device: str) -> str:
+def format_table(rows: list[Row], dim: int, ratio: float, device: str, busy: int = 0) -> str:
     methods = list(rows[0].method_ms)
     head = ["N", "K", "floor ms"] + [f"{m} ms" for m in methods] + ["OTPrune/floor", "batch/sample ms", "single ms", "batch/single"]
     lines = [
-        f"Selection benchmark: D={dim}, ratio={ratio}, fp32, device={device}, torch threads={torch.get_num_threads()}",
+        f"Selection benchmark: D={dim}, ratio={ratio}, fp32, device={device}, torch threads={torch.get_num_threads()}"
+        + (f", {busy} busy neighbour process(es)" if busy else ""),
         "floor = one Xn @ Xn.T; times are medians; ratios are medians of paired runs in this process",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -46,6 +46,10 @@ def _register_selection(what) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     parser.add_argument("--batch", type=int, default=8, help="batch size for the batched-vs-single comparison")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--busy", type=int, default=0,
+        help="busy-loop neighbour processes to run during the benchmark (CPU contention, as on a shared machine)",
+    )  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -102,16 +106,19 @@ def run(args) -> int:
         raise ValueError(f"--sizes={args.sizes!r}: every N must be >= 1")
     if args.repeats < 1 or args.batch < 1 or args.dim < 1:
         raise ValueError("--repeats, --batch and --dim must be >= 1")
+    if args.busy < 0:
+        raise ValueError(f"--busy={args.busy}: must be an integer >= 0")
     methods = None
     if args.methods:
         methods = [METHODS.canonical(m) for m in args.methods.split(",")]
         if "otprune" not in methods:
             methods.insert(0, "otprune")
-    rows = bench.run(
-        sizes, args.dim, args.ratio, methods, args.repeats, args.batch, args.device,
-        progress=lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True),
-    )
-    print(bench.format_table(rows, args.dim, args.ratio, args.device))
+    with bench.busy_neighbours(args.busy):
+        rows = bench.run(
+            sizes, args.dim, args.ratio, methods, args.repeats, args.batch, args.device,
+            progress=lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True),
+        )
+    print(bench.format_table(rows, args.dim, args.ratio, args.device, args.busy))
     return 0
 
 

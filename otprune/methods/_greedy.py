@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from otprune.methods._numerics import one_thread
+
 
 def greedy_logdet(
     diag: Tensor,
@@ -33,51 +35,68 @@ def greedy_logdet(
             j: (B,) and their flat positions flat = b * N + j[b] (for an index_select on a
             (B * N, N) view).
         valid: (B, N) bool, the candidates (padding is False).
-        k_max: number of picks.
-        eps: None when every gain is known to stay positive (L = I + PSD, as in OTPrune).
+        k_max: number of picks (at most the valid tokens of every sample).
+        eps: None for L = I + PSD (OTPrune): every d2 is >= 1 in exact arithmetic, so a
+            candidate's d2 is read as max(d2, 1) (rounding, or a NaN, never pushes it below).
             Otherwise, once no unpicked token of a sample has d2 > eps (the kernel's rank is
             used up), that sample's remaining picks are its unpicked valid tokens in ascending
             index order, and they do not update the factor.
 
+    A picked or padding token is never picked (again), whatever the arithmetic gives: the
+    candidates are tracked apart from d2, and a candidate's score is never -inf or NaN.
+    On the CPU the loop runs with one intra-op thread (`one_thread`): its ops are tiny.
+
     Returns:
         (B, k_max) long, the picks in selection order (ties go to the lowest index).
     """
+    with one_thread(diag.device):
+        return _greedy_logdet(diag, kernel_row, valid, k_max, eps)
+
+
+def _greedy_logdet(diag: Tensor, kernel_row, valid: Tensor, k_max: int, eps: float | None) -> Tensor:
     bsz, n = diag.shape
     neg_inf = float("-inf")
     d2 = diag.masked_fill(~valid, neg_inf)  # (B, N); -inf marks padding and picked tokens
     d2_flat = d2.view(-1)
-    if eps is not None:
+    if eps is None:
+        floor = torch.zeros_like(d2).masked_fill_(~valid, neg_inf).add_(1.0)  # (B, N): 1, or -inf once taken
+        floor_flat = floor.view(-1)
+    else:
+        taken = (~valid).view(-1)  # (B * N,) padding and picked tokens
         # Score once the rank is used up: negative and decreasing with the index.
         fallback = -1.0 - torch.arange(n, device=diag.device, dtype=diag.dtype) / n
-    # chol[b, i, t]: entry t of token i's Cholesky row; flat view for row gathers.
-    chol = diag.new_zeros(bsz, n, max(k_max - 1, 1))
-    chol_flat = chol.view(bsz * n, -1)
+    # chol[b, t, i]: entry t of token i's Cholesky row (step-major: each step writes one row).
+    chol = diag.new_zeros(bsz, max(k_max - 1, 1), n)
     offsets = torch.arange(bsz, device=diag.device) * n  # (B,): flat index of each sample's row 0
     picks = []
     for t in range(k_max):
         if eps is None:
-            dj, j = d2.max(dim=1, keepdim=True)  # (B, 1) each: the largest gain and its token
+            # fmax: a NaN d2 reads as the floor; a taken token (d2 -inf or NaN) stays -inf.
+            dj, j = torch.fmax(d2, floor).max(dim=1, keepdim=True)  # (B, 1) each, dj >= 1
             j = j.view(-1)
         else:
-            score = torch.where(d2 > eps, d2, fallback).masked_fill_(d2 == neg_inf, neg_inf)
+            score = torch.where(d2 > eps, d2, fallback).masked_fill_(taken.view(bsz, n), neg_inf)
             j = score.argmax(dim=1)  # (B,)
         picks.append(j)
         if t == k_max - 1:
             break
         flat = j if bsz == 1 else j + offsets  # (B,)
-        if eps is not None:
+        if eps is None:
+            floor_flat.index_fill_(0, flat, neg_inf)
+            d2_flat.index_fill_(0, flat, neg_inf)
+        else:
             dj = d2_flat.take(flat)[:, None]  # (B, 1)
-        d2_flat.index_fill_(0, flat, neg_inf)
+            taken.index_fill_(0, flat, True)
         row = kernel_row(j, flat)  # (B, N) = L[b, j[b], :]
         if t > 0:
-            c_j = chol_flat.index_select(0, flat)[:, :t, None]  # (B, t, 1)
-            row = torch.baddbmm(row[:, :, None], chol[:, :, :t], c_j, alpha=-1.0).view(bsz, n)
+            c_j = chol[:, :t].gather(2, j.view(bsz, 1, 1).expand(bsz, t, 1))  # (B, t, 1): picked token's row
+            row = torch.baddbmm(row[:, None, :], c_j.transpose(1, 2), chol[:, :t], alpha=-1.0).view(bsz, n)
         if eps is None:
             scale = dj.rsqrt()
         else:
-            live = dj > eps
+            live = dj > eps  # False for a NaN
             scale = torch.where(live, dj, 1.0).rsqrt() * live
         e = row * scale  # (B, N)
-        chol[:, :, t] = e
+        chol[:, t] = e  # entry t of every token's row
         d2.addcmul_(e, e, value=-1.0)
     return torch.stack(picks, dim=1)

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from otprune.methods._numerics import max_abs, one_thread, pow2_scale
 from otprune.methods.base import TokenSelector, flat_rows, valid_mask
 
 
@@ -18,7 +19,10 @@ def cosine_similarity(features: Tensor) -> Tensor:
     """features: (B, N, D) -> (B, N, N) cosine similarities.
 
     The diagonal is exactly 1 (cos(x, x)), or 0 for an all-zero token, whose row is zero.
+    Each token is first scaled by an exact power of two (`otprune.methods._numerics`), so its
+    norm neither overflows nor underflows at any magnitude: x and c * x give the same kernel.
     """
+    features = features * pow2_scale(max_abs(features, dim=-1))  # (B, N, D), largest |value| in [0.5, 1)
     norms = torch.linalg.vector_norm(features, dim=-1, keepdim=True)  # (B, N, 1)
     unit = features / norms.clamp_min(torch.finfo(features.dtype).tiny)
     cos = torch.bmm(unit, unit.transpose(1, 2))
@@ -41,6 +45,10 @@ class DivPrune(TokenSelector):
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         dist = 1.0 - cosine_similarity(features)  # (B, N, N)
+        with one_thread(dist.device):  # a loop of tiny ops (see `one_thread`)
+            return self._greedy(dist, lengths, k_max)
+
+    def _greedy(self, dist: Tensor, lengths: Tensor, k_max: int) -> Tensor:
         bsz, n, _ = dist.shape
         valid = valid_mask(lengths, n)
         eye = torch.eye(n, dtype=torch.bool, device=dist.device)

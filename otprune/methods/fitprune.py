@@ -276,6 +276,11 @@ def load_recipe(path: str | os.PathLike) -> FitPruneRecipe:
         data = json.loads(Path(name).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"FITPRUNE_RECIPE={name!r}: not valid JSON ({err})") from None
+    except RecursionError:  # the JSON parser recurses once per nesting level
+        raise ValueError(
+            f"FITPRUNE_RECIPE={name!r}: JSON nested too deeply to read (a recipe is a flat object of numbers and "
+            "lists); write recipes with `otprune fitprune-calibrate`"
+        ) from None
     recipe = FitPruneRecipe.from_json(data, source=name)
     _CACHE[name] = (key, recipe)
     return recipe

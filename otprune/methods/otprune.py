@@ -15,7 +15,20 @@ import torch
 from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet
+from otprune.methods._numerics import max_abs, pow2_scale
 from otprune.methods.base import TokenSelector, flat_rows, param, valid_mask
+
+
+def column_prescaled(features: Tensor) -> Tensor:
+    """features: (B, N, D) -> a copy with every dimension scaled by an exact power of two so that
+    its largest |value| over the tokens lies in [0.5, 1) (all-zero dimensions stay zero).
+
+    The column normalisation removes any per-dimension scale, so this changes nothing in exact
+    arithmetic, and nothing at all in fp32 (powers of two scale exactly): it only keeps the
+    squares and products that follow far from fp32 overflow and underflow, so features of any
+    magnitude (1e-30 .. 1e30) give the same S (`otprune.methods._numerics`).
+    """
+    return features * pow2_scale(max_abs(features, dim=1))
 
 
 def column_sq_norms(features: Tensor, chunk: int = 64) -> Tensor:
@@ -46,8 +59,9 @@ def normalise_columns(features: Tensor) -> Tensor:
     """features: (B, N, D) -> every dimension scaled to unit L2 norm over the N tokens.
 
     Padding rows must be zero: they then add nothing to the norms. An all-zero dimension
-    stays zero instead of turning into NaN.
+    stays zero instead of turning into NaN. Any magnitude works (`column_prescaled`).
     """
+    features = column_prescaled(features)
     return features * column_scales(features).sqrt()
 
 
@@ -82,9 +96,11 @@ def symmetric_gram(x: Tensor, blocks: int = 4, scale: Tensor | None = None) -> T
 def interaction(features: Tensor) -> Tensor:
     """S = Xn Xn^T: (B, N, N), Xn the column-normalised features: (B, N, D) (padding rows zero).
 
-    Xn is never formed: S = X diag(1 / ||X[:, c]||^2) X^T. This product is the method's cost
-    floor; exploiting the symmetry of S costs about 0.6-0.7 of one full product.
+    Xn is never formed: S = X diag(1 / ||X[:, c]||^2) X^T, with X first rescaled exactly per
+    dimension (`column_prescaled`). This product is the method's cost floor; exploiting the
+    symmetry of S costs about 0.6-0.7 of one full product.
     """
+    features = column_prescaled(features)
     return symmetric_gram(features, scale=column_scales(features))
 
 
@@ -175,8 +191,14 @@ class OTPrune(TokenSelector):
     aliases = ("ours",)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.gamma, (int, float)) and self.gamma > 0):
+        if isinstance(self.gamma, bool) or not (isinstance(self.gamma, (int, float)) and self.gamma > 0):
             raise ValueError(f"OTPrune gamma={self.gamma!r}: must be a number > 0 (paper default 0.01)")
+        check_gamma(self.gamma, 1, torch.float32)
+
+    def check_features(self, features: Tensor) -> None:
+        """gamma must keep the kernel representable in fp32 for these features' D (`check_gamma`;
+        one bound for every input dtype, fp64 included)."""
+        check_gamma(self.gamma, features.shape[-1])
 
     def official_order(self, picks: list[int]) -> list[int]:
         """The official OTPrune code's order: the iteration order of a Python set of the picks."""
@@ -188,7 +210,9 @@ class OTPrune(TokenSelector):
 
         The kernel is L[i, j] = [i == j] + G[rep[i], rep[j]] with G the first output.
         """
-        s = interaction(features)  # (B, N, N)
+        self.check_features(features)
+        features = column_prescaled(features)  # exact: equal tokens stay equal, S is unchanged
+        s = symmetric_gram(features, scale=column_scales(features))  # (B, N, N)
         rep, copies = representatives(features, valid)
         gram = symmetric_gram(s)
         gram.mul_(self.gamma)
@@ -224,6 +248,28 @@ class OTPrune(TokenSelector):
             return row.index_put_((batch, j), row.new_ones(()), accumulate=True)  # + identity
 
         return greedy_logdet(diag, kernel_row, valid, k_max)
+
+
+def gamma_limit(dim: int, dtype: torch.dtype = torch.float32) -> float:
+    """The largest gamma for which L = I + gamma * S S^T is finite in `dtype` for D = dim features.
+
+    Every dimension of Xn has unit norm, so trace(S) = ||Xn||_F^2 <= D and, by Cauchy-Schwarz,
+    |S_ij| <= sqrt(S_ii S_jj) and |(S S^T)_ij| <= sqrt(S_ii S_jj) * trace(S) <= D^2 (equality for
+    a single non-zero token). Hence every entry of L is at most 1 + gamma * D^2.
+    """
+    return (torch.finfo(dtype).max - 1.0) / float(dim) ** 2
+
+
+def check_gamma(gamma: float, dim: int, dtype: torch.dtype = torch.float32) -> None:
+    """ValueError naming OTPRUNE_GAMMA and the bound when gamma * D^2 would overflow `dtype`."""
+    limit = gamma_limit(dim, dtype)
+    if not gamma <= limit:  # also NaN
+        what = "any features" if dim == 1 else f"D={dim} features"
+        raise ValueError(
+            f"gamma={gamma!r} (OTPRUNE_GAMMA) is too large for {what}: the kernel I + gamma * S S^T has entries "
+            f"up to 1 + gamma * D^2, which must stay finite in {str(dtype).replace('torch.', '')}; "
+            f"gamma must be <= {limit:.4g} (paper default 0.01, robust range 0.005..0.1)"
+        )
 
 
 def official_order(picks: list[int]) -> list[int]:
