@@ -5,7 +5,7 @@
 #   bash run_OTPrune.sh --dry-run             # print the lmms-eval commands only
 #   bash run_OTPrune.sh --methods none,OURS,DIVPRUNE --ratios 0.098,0.25 --models liuhaotian/llava-v1.5-7b
 #   bash run_OTPrune.sh --methods OURS,FASTV,VTW --vtw-layers 16 --models liuhaotian/llava-v1.5-7b
-#   bash run_OTPrune.sh --models llava-hf/llava-1.5-7b-hf,Qwen/Qwen2.5-VL-7B-Instruct   # through --model otprune_hf
+#   bash run_OTPrune.sh --models llava-hf/llava-1.5-7b-hf,Qwen/Qwen2.5-VL-7B-Instruct   # --model llava_hf / qwen2_5_vl
 #   bash run_OTPrune.sh --smoke               # whole pipeline on CPU: tiny checkpoint + otprune_smoke (make demo)
 #
 # Run `bash run_OTPrune.sh --help` for every option.
@@ -17,8 +17,8 @@ ME="run_OTPrune.sh"
 PAPER_MODELS="liuhaotian/llava-v1.5-7b,liuhaotian/llava-v1.5-13b,liuhaotian/llava-v1.6-vicuna-7b"
 PAPER_TASKS="coco2017_cap_val,flickr30k_test,gqa,mmbench_en_dev,mme,mmmu_val,nocaps_val,ok_vqa_val2014,pope,scienceqa_img,seedbench"
 SMOKE_TASKS="otprune_smoke,otprune_smoke_gen,otprune_smoke_mc"
-# Hugging Face-format checkpoints: run by the lmms-eval model `otprune_hf` around lmms-eval's own
-# `llava_hf` (llava-hf/*) or `qwen2_5_vl` (Qwen/Qwen2.5-VL-*); pruning before the LLM only.
+# Hugging Face-format checkpoints: run by lmms-eval's own models `llava_hf` (llava-hf/*) or `qwen2_5_vl`
+# (Qwen/Qwen2.5-VL-*), which prune with the switches once otprune is installed; before the LLM only.
 HF_MODELS="llava-hf/llava-1.5-7b-hf,llava-hf/llava-1.5-13b-hf,llava-hf/llava-v1.6-vicuna-7b-hf,llava-hf/llava-v1.6-vicuna-13b-hf"
 HF_MODELS+=",llava-hf/llava-v1.6-mistral-7b-hf,llava-hf/llava-onevision-qwen2-0.5b-ov-hf,llava-hf/llava-onevision-qwen2-7b-ov-hf"
 HF_MODELS+=",Qwen/Qwen2.5-VL-3B-Instruct,Qwen/Qwen2.5-VL-7B-Instruct,Qwen/Qwen2.5-VL-32B-Instruct,Qwen/Qwen2.5-VL-72B-Instruct"
@@ -49,9 +49,10 @@ fitprune_<recipe name>-<hash of the recipe file>. The folder's otprune_run.json 
 
 Models: original-format LLaVA checkpoints (liuhaotian/*, or a folder whose config.json has
 "mm_vision_tower") run through lmms-eval's --model llava (our llava package). Hugging Face-format
-ones run through --model otprune_hf --model_args base=<lmms-eval model>,pretrained=MODEL:
-base=llava_hf for llava-hf/* (config.json model_type llava, llava_next, llava_onevision) and
-base=qwen2_5_vl for Qwen/Qwen2.5-VL-* (model_type qwen2_5_vl). For now otprune_hf prunes only
+ones run through lmms-eval's own --model llava_hf for llava-hf/* (config.json model_type llava,
+llava_next, llava_onevision) and --model qwen2_5_vl for Qwen/Qwen2.5-VL-* (model_type qwen2_5_vl),
+which prune with the same switches once otprune is installed (its unpruned runs get
+OTPRUNE_RECORDS=auto unless OTPRUNE_RECORDS is set, for the report's FLOPs). For now they prune only
 before the LLM (LAYER_INDEX=0) with the feature-selection methods: FASTV, VTW, FITPRUNE and
 layers > 0 are refused for those checkpoints.
 
@@ -264,7 +265,7 @@ EOF
 }
 
 # The lmms-eval model of each checkpoint: llava (original format, our llava package) or, for
-# Hugging Face-format checkpoints, lmms-eval's own model that otprune_hf wraps (llava_hf, qwen2_5_vl).
+# Hugging Face-format checkpoints, lmms-eval's own model that prunes them (llava_hf, qwen2_5_vl).
 MODEL_BASES=()
 for model in "${MODEL_LIST[@]}"; do
     [[ -n "$model" ]] || die "--models: empty name in '$MODELS'"
@@ -434,7 +435,7 @@ while IFS=$'\t' read -r -a fields; do
 done <<<"$PLAN"
 [[ ${#SETTINGS[@]} -gt 0 ]] || die "--methods: empty"
 
-# Hugging Face-format checkpoints (otprune_hf): pruning before the LLM with the feature methods only.
+# Hugging Face-format checkpoints (llava_hf, qwen2_5_vl): pruning before the LLM with the feature methods only.
 for index in "${!MODEL_LIST[@]}"; do
     [[ "${MODEL_BASES[$index]}" != "llava" ]] || continue
     for s in "${!SETTINGS[@]}"; do
@@ -445,7 +446,7 @@ for index in "${!MODEL_LIST[@]}"; do
             prumerge | prumerge_plus) what="${method^^} (merging in the CLIP tower: our llava only, for now)" ;;
             *) [[ "$layer" == "0" && "${SETTINGS[$s]}" != *_riqr_* ]] && continue; what="${method} at layer $layer (or an adaptive budget)" ;;
         esac
-        die "--models: '${MODEL_LIST[$index]}' is a Hugging Face-format checkpoint (lmms-eval model otprune_hf, base=${MODEL_BASES[$index]}), which for now prunes only before the LLM (LAYER_INDEX=0) with the feature-selection methods; setting '${SETTINGS[$s]}' = $what is not available for it: leave it out, or run it on an original-format checkpoint (e.g. liuhaotian/llava-v1.5-7b)"
+        die "--models: '${MODEL_LIST[$index]}' is a Hugging Face-format checkpoint (lmms-eval model ${MODEL_BASES[$index]}), which for now prunes only before the LLM (LAYER_INDEX=0) with the feature-selection methods; setting '${SETTINGS[$s]}' = $what is not available for it: leave it out, or run it on an original-format checkpoint (e.g. liuhaotian/llava-v1.5-7b)"
     done
 done
 
@@ -568,14 +569,14 @@ SKIPPED=0
 for m in "${!MODEL_LIST[@]}"; do
     model="${MODEL_LIST[$m]}"
     base="${MODEL_BASES[$m]}"
-    if [[ "$base" == "llava" ]]; then
-        model_args=(--model llava --model_args "pretrained=$model$MODEL_ARGS_EXTRA")
-    else
-        model_args=(--model otprune_hf --model_args "base=$base,pretrained=$model$MODEL_ARGS_EXTRA")
-    fi
+    model_args=(--model "$base" --model_args "pretrained=$model$MODEL_ARGS_EXTRA")
     for s in "${!SETTINGS[@]}"; do
         setting="${SETTINGS[$s]}"
         IFS="$SEP" read -r -a switches <<<"${SETTING_ENVS[$s]}"
+        if [[ "$base" != "llava" && ${#switches[@]} -eq 0 && -z "${OTPRUNE_RECORDS:-}" ]]; then
+            # llava_hf / qwen2_5_vl write records of an unpruned run only when asked: the report's FLOPs
+            switches=(OTPRUNE_RECORDS=auto)
+        fi
         envs=(env "${UNSET[@]}" "${switches[@]}")  # only this setting's switches, whatever the shell exports
         if [[ ${#switches[@]} -eq 0 ]]; then
             shown=("${envs[@]}")

@@ -9,7 +9,7 @@
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
-| `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
+| `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset or `auto` = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
 
 The model-level (attention-based) methods prune inside the LLM and are switched on by `BASELINE`
 itself: `FASTV` prunes at `LAYER_INDEX` (default 2, FastV's K), keeping `SUBSET_RATIO` of each
@@ -369,12 +369,12 @@ RECORDS_OFF = ("0", "off", "false", "no", "none")
 
 
 def records_target(environ: Mapping[str, str] | None = None) -> str:
-    """`OTPRUNE_RECORDS`, where `otprune.eval.records` writes per-sample records: "auto" when unset or
-    empty (beside lmms-eval's outputs when running under lmms-eval with `--output_path`, else
-    off), "off" for 0/off/false/no/none, otherwise the path as given (a .jsonl file or a directory)."""
+    """`OTPRUNE_RECORDS`, where `otprune.eval.records` writes per-sample records: "auto" when unset,
+    empty or `auto` (beside lmms-eval's outputs when running under lmms-eval with `--output_path`,
+    else off), "off" for 0/off/false/no/none, otherwise the path as given (a .jsonl file or a directory)."""
     env = os.environ if environ is None else environ
     value = (env.get("OTPRUNE_RECORDS") or "").strip()
-    if not value:
+    if not value or value.lower() == "auto":
         return "auto"
     return "off" if value.lower() in RECORDS_OFF else value
 

@@ -17,7 +17,7 @@ image size, a chat template). It loads on a CPU with no network:
 
 and prunes with `otprune.hf.apply(model, config)`. Use it to smoke-test an install, e.g.
 `LAYER_INDEX=0 SUBSET_RATIO=0.25 lmms-eval --model llava_hf --model_args pretrained=DIR,device=cpu ...`
-(with the adapter applied). The outputs are gibberish: the weights are random (the same for
+(lmms-eval's own model name, pruned by the switches; `--model qwen2_5_vl` for --family qwen2_5_vl). The outputs are gibberish: the weights are random (the same for
 the same --seed).
 """
 

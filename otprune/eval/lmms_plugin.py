@@ -1,29 +1,37 @@
-"""lmms-eval model `otprune_hf`: lmms-eval's own HF-native model wrappers, with OTPrune's pruning.
+"""lmms-eval's own HF-native models, pruned by the switches: `llava_hf`, `qwen2_5_vl`, `otprune_hf`.
 
     BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098 python -m lmms_eval \\
-        --model otprune_hf --model_args base=llava_hf,pretrained=llava-hf/llava-1.5-7b-hf \\
+        --model llava_hf --model_args pretrained=llava-hf/llava-1.5-7b-hf \\
         --tasks gqa --batch_size 1 --output_path logs
 
-`base=` names the lmms-eval model to wrap (`llava_hf`: transformers' LLaVA-1.5 / LLaVA-NeXT /
-LLaVA-OneVision; `qwen2_5_vl`: Qwen2.5-VL); every other `--model_args` entry goes to it
-unchanged. The wrapper builds lmms-eval's model exactly as `--model BASE` would, then applies
-the `otprune.hf` adapter of the loaded transformers model, which reads the same switches as our
-llava package (`BASELINE`, `LAYER_INDEX`, `SUBSET_RATIO`, ...) at every multimodal forward, and
-writes the per-sample records (`otprune.eval.records`) that `otprune report` reads. Nothing in
-lmms-eval or transformers is modified.
+The entry point (group `lmms_eval.models`, see pyproject.toml; lmms-eval registers entry points
+over its built-in names) gives lmms-eval's model names `llava_hf` (transformers' LLaVA-1.5 /
+LLaVA-NeXT / LLaVA-OneVision) and `qwen2_5_vl` (Qwen2.5-VL), chat and simple, to the classes
+below. Each builds lmms-eval's own class of that name exactly as lmms-eval would, and then:
 
-Registered through the entry-point group `lmms_eval.models` (see pyproject.toml), so
-`pip install otprune[eval]` is all it takes. `otprune_hf` resolves to a simple model or a chat
-model as lmms-eval resolves the base (`--force_simple` is honoured).
+- a pruning switch set (`BASELINE`, `LAYER_INDEX`, `SUBSET_RATIO`: `PruneConfig.from_env()` is
+  enabled): applies the `otprune.hf` adapter of the loaded transformers model, which reads the
+  switches at every multimodal forward, and writes the per-sample records
+  (`otprune.eval.records`) that `otprune report` reads;
+- no switch set: attaches the adapter only when `OTPRUNE_RECORDS` asks for records (of the
+  unpruned run); otherwise the model is lmms-eval's, untouched: nothing runs per forward and
+  no record is written.
+
+A malformed switch stops the run here, before any sample is evaluated. `otprune_hf`
+(`--model otprune_hf --model_args base=llava_hf,...`) is the explicit spelling: it always
+attaches the adapter, so its unpruned runs write records beside lmms-eval's results as well.
+Nothing in lmms-eval or transformers is modified; `--force_simple` is honoured.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import ClassVar
 
 from lmms_eval.api.model import lmms
 
-from otprune.config import PruneConfig
+from otprune.config import PruneConfig, records_target
 from otprune.eval import records
 
 MODEL_ID = "otprune_hf"
@@ -33,16 +41,57 @@ BASES = ("llava_hf", "qwen2_5_vl")
 
 
 def manifests():
-    """The entry point's payload: one lmms-eval model manifest for `otprune_hf`."""
+    """The entry point's payload: lmms-eval model manifests for `otprune_hf` and for every name of
+    `BASES` (lmms-eval loads entry points with overwrite, so these replace its built-in entries)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [
+    found = [
         ModelManifest(
             model_id=MODEL_ID,
             simple_class_path=f"{__name__}.OTPruneHFSimple",
             chat_class_path=f"{__name__}.OTPruneHFChat",
         )
     ]
+    for name in BASES:
+        simple, chat = PLAIN_CLASSES[name]
+        found.append(
+            ModelManifest(
+                model_id=name,
+                simple_class_path=f"{__name__}.{simple.__name__}",
+                chat_class_path=f"{__name__}.{chat.__name__}",
+            )
+        )
+    return found
+
+
+def builtin_class(name: str, force_simple: bool = False) -> type:
+    """lmms-eval's own class for model `name` (not the entry points'), chosen as lmms-eval chooses:
+    the simple class when `force_simple` and there is one, else the chat class, else the simple one."""
+    import importlib
+
+    from lmms_eval import models
+
+    simple = models.AVAILABLE_SIMPLE_MODELS.get(name)
+    chat = models.AVAILABLE_CHAT_TEMPLATE_MODELS.get(name)
+    if simple is None and chat is None:
+        raise ValueError(f"model {name!r}: not one of lmms-eval's built-in models; pruned here: {', '.join(BASES)}")
+    kind, class_name = ("simple", simple) if (force_simple and simple) or not chat else ("chat", chat)
+    # lmms-eval's layout of built-in classes: lmms_eval.models.<kind>.<name>.<Class>, or a dotted path
+    path = class_name if "." in class_name else f"lmms_eval.models.{kind}.{name}.{class_name}"
+    module, _, attribute = path.rpartition(".")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def records_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """True when `OTPRUNE_RECORDS` is set to something other than off (`auto`, a file or a folder)."""
+    env = os.environ if environ is None else environ
+    return bool((env.get("OTPRUNE_RECORDS") or "").strip()) and records_target(env) != "off"
+
+
+def wants_adapter(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a plain lmms-eval model name (`llava_hf`, `qwen2_5_vl`) gets the adapter: a pruning
+    switch is set, or records are asked for. A malformed switch raises ValueError naming it."""
+    return PruneConfig.from_env(environ).enabled or records_requested(environ)
 
 
 def split_base(args: dict[str, object]) -> tuple[str, dict[str, object]]:
@@ -92,24 +141,13 @@ def attach(lm: object):
     return adapter
 
 
-class _OTPruneHF(lmms):
-    """Never instantiated: `create_from_arg_string` returns the base model, adapted."""
+class _Factory(lmms):
+    """Never instantiated: lmms-eval calls `create_from_arg_string`, which returns lmms-eval's own model."""
 
     force_simple: ClassVar[bool] = False
 
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        from lmms_eval import utils
-        from lmms_eval.models import get_model
-
-        base, rest = split_base(utils.simple_parse_args_string(arg_string))
-        base_cls = get_model(base, force_simple=cls.force_simple)
-        lm = base_cls.create_from_arg_string(join_args(rest), additional_config)
-        attach(lm)
-        return lm
-
     def __init__(self, *args, **kwargs) -> None:  # pragma: no cover - guarded by create_from_arg_string
-        raise TypeError(f"{MODEL_ID}: build it with create_from_arg_string (lmms-eval does)")
+        raise TypeError(f"{type(self).__name__}: build it with create_from_arg_string (lmms-eval does)")
 
     def loglikelihood(self, requests):  # pragma: no cover
         raise NotImplementedError
@@ -119,6 +157,19 @@ class _OTPruneHF(lmms):
 
     def generate_until_multi_round(self, requests):  # pragma: no cover
         raise NotImplementedError
+
+
+class _OTPruneHF(_Factory):
+    """`otprune_hf`: lmms-eval's model `base=`, with the adapter always attached."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lmms_eval import utils
+
+        base, rest = split_base(utils.simple_parse_args_string(arg_string))
+        lm = builtin_class(base, cls.force_simple).create_from_arg_string(join_args(rest), additional_config)
+        attach(lm)
+        return lm
 
 
 class OTPruneHFSimple(_OTPruneHF):
@@ -133,3 +184,48 @@ class OTPruneHFChat(_OTPruneHF):
 
     force_simple = False
     is_simple = False
+
+
+class _Plain(_Factory):
+    """lmms-eval's model `name`, its own class and arguments; the adapter only when `wants_adapter()`."""
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        wanted = wants_adapter()  # a malformed switch stops here, before the model loads
+        lm = builtin_class(cls.name, cls.force_simple).create_from_arg_string(arg_string, additional_config)
+        if wanted:
+            attach(lm)
+        return lm
+
+
+class LlavaHfSimple(_Plain):
+    """`--model llava_hf --force_simple`."""
+
+    name, force_simple, is_simple = "llava_hf", True, True
+
+
+class LlavaHfChat(_Plain):
+    """`--model llava_hf`."""
+
+    name, force_simple, is_simple = "llava_hf", False, False
+
+
+class Qwen2_5_VLSimple(_Plain):
+    """`--model qwen2_5_vl --force_simple`."""
+
+    name, force_simple, is_simple = "qwen2_5_vl", True, True
+
+
+class Qwen2_5_VLChat(_Plain):
+    """`--model qwen2_5_vl`."""
+
+    name, force_simple, is_simple = "qwen2_5_vl", False, False
+
+
+# lmms-eval model name -> (simple class, chat class) registered over lmms-eval's own.
+PLAIN_CLASSES: dict[str, tuple[type[_Plain], type[_Plain]]] = {
+    "llava_hf": (LlavaHfSimple, LlavaHfChat),
+    "qwen2_5_vl": (Qwen2_5_VLSimple, Qwen2_5_VLChat),
+}

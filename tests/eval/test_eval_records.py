@@ -25,6 +25,7 @@ def fresh_writer():
 def test_records_target_and_rank_from_the_environment():
     assert records_target({}) == "auto"
     assert records_target({"OTPRUNE_RECORDS": " "}) == "auto"
+    assert records_target({"OTPRUNE_RECORDS": "Auto"}) == "auto"  # asked explicitly (llava_hf / qwen2_5_vl unpruned)
     assert records_target({"OTPRUNE_RECORDS": "OFF"}) == "off"
     assert records_target({"OTPRUNE_RECORDS": "0"}) == "off"
     assert records_target({"OTPRUNE_RECORDS": "/tmp/x.jsonl"}) == "/tmp/x.jsonl"

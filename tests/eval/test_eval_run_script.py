@@ -16,7 +16,7 @@ TASKS = ["coco2017_cap_val", "flickr30k_test", "gqa", "mmbench_en_dev", "mme", "
          "ok_vqa_val2014", "pope", "scienceqa_img", "seedbench"]
 SWITCHES = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "MODELS", "TASKS", "METHODS", "RATIOS", "LAYERS", "LOG_DIR", "LIMIT",
             "NUM_GPUS", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE", "FASTV_LAYERS", "VTW_LAYERS",
-            "PYTHON")
+            "PYTHON", "OTPRUNE_RECORDS")
 
 
 def run(*args, env=None, cwd=None):
@@ -302,30 +302,40 @@ def lmms_models(stdout):
     return {option(argv, "--model_args"): option(argv, "--model") for argv in commands(stdout)}
 
 
-def test_hf_checkpoints_run_through_otprune_hf(tmp_path):
+def test_hf_checkpoints_run_through_lmms_evals_own_names(tmp_path):
     models = ["llava-hf/llava-1.5-7b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "liuhaotian/llava-v1.5-7b",
               "llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-onevision-qwen2-7b-ov-hf"]
     result = run("--dry-run", "--models", ",".join(models), "--tasks", "gqa", "--methods", "none,OURS",
                  "--log-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert lmms_models(result.stdout) == {
-        "base=llava_hf,pretrained=llava-hf/llava-1.5-7b-hf": "otprune_hf",
-        "base=qwen2_5_vl,pretrained=Qwen/Qwen2.5-VL-7B-Instruct": "otprune_hf",
+        "pretrained=llava-hf/llava-1.5-7b-hf": "llava_hf",
+        "pretrained=Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl",
         "pretrained=liuhaotian/llava-v1.5-7b": "llava",
-        "base=llava_hf,pretrained=llava-hf/llava-v1.6-mistral-7b-hf": "otprune_hf",
-        "base=llava_hf,pretrained=llava-hf/llava-onevision-qwen2-7b-ov-hf": "otprune_hf",
+        "pretrained=llava-hf/llava-v1.6-mistral-7b-hf": "llava_hf",
+        "pretrained=llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava_hf",
     }
     assert len(commands(result.stdout)) == 10
-    assert "--model otprune_hf --model_args base=qwen2_5_vl,pretrained=Qwen/Qwen2.5-VL-7B-Instruct --tasks gqa" in result.stdout
+    assert "--model qwen2_5_vl --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct --tasks gqa" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if "-m lmms_eval" in line]
+    # unpruned runs of the HF names ask for records (the report's FLOPs); the llava package always writes them
+    unpruned = [line for line in lines if "BASELINE=" not in line]
+    assert len(unpruned) == 5
+    for line in unpruned:
+        assert line.startswith("OTPRUNE_RECORDS=auto ") == ("--model llava " not in line), line
+    explicit = run("--dry-run", "--models", models[0], "--tasks", "gqa", "--methods", "none", "--log-dir", str(tmp_path),
+                   env={"OTPRUNE_RECORDS": "off"})
+    assert explicit.returncode == 0, explicit.stderr
+    assert "OTPRUNE_RECORDS=auto" not in explicit.stdout  # the user's choice stands
 
 
 @pytest.mark.parametrize(
     "config, model",
     [
-        ({"model_type": "llava"}, "base=llava_hf"),
-        ({"model_type": "llava_next"}, "base=llava_hf"),
-        ({"model_type": "llava_onevision"}, "base=llava_hf"),
-        ({"model_type": "qwen2_5_vl"}, "base=qwen2_5_vl"),
+        ({"model_type": "llava"}, "llava_hf"),
+        ({"model_type": "llava_next"}, "llava_hf"),
+        ({"model_type": "llava_onevision"}, "llava_hf"),
+        ({"model_type": "qwen2_5_vl"}, "qwen2_5_vl"),
         ({"model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}, "llava"),
         ({"model_type": "llava", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}, "llava"),  # original format
     ],
@@ -337,10 +347,7 @@ def test_local_checkpoint_model_from_its_config(tmp_path, config, model):
     result = run("--dry-run", "--models", str(local), "--tasks", "gqa", "--log-dir", str(tmp_path / "logs"))
     assert result.returncode == 0, result.stderr
     (argv,) = commands(result.stdout)
-    if model == "llava":
-        assert option(argv, "--model") == "llava" and option(argv, "--model_args") == f"pretrained={local}"
-    else:
-        assert option(argv, "--model") == "otprune_hf" and option(argv, "--model_args") == f"{model},pretrained={local}"
+    assert option(argv, "--model") == model and option(argv, "--model_args") == f"pretrained={local}"
 
 
 def test_local_folder_of_unknown_format(tmp_path):
@@ -427,5 +434,5 @@ def test_help():
     assert result.returncode == 0
     for flag in ("--models", "--tasks", "--methods", "--ratios", "--layers", "--gpus", "--log-dir", "--limit", "--dry-run", "--smoke",
                  "--fastv-layers", "--vtw-layers", "--fitprune-recipe", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER",
-                 "otprune_hf", "FAILED"):
+                 "llava_hf", "qwen2_5_vl", "FAILED"):
         assert flag in result.stdout, flag

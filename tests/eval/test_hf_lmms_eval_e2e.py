@@ -11,12 +11,12 @@ loglikelihood, and its `llava_hf` loglikelihood fails on transformers 5 before a
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from eval_fakes import table_rows
+from lmms_cli_runs import assert_ran, side_by_side
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 2
@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("hf_e2e")
     env = {k: v for k, v in os.environ.items() if k not in ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_RECORDS")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(base_dir / "hf"))
-    procs = {}
+    jobs, outs = {}, {}
     for family, (base, extra, switches, _) in RUNS.items():
         checkpoint = tiny_writer(family)(base_dir / f"tiny-{family}")
         out = base_dir / family
@@ -52,20 +52,16 @@ def runs(tmp_path_factory):
             "--device", "cpu", "--tasks", "otprune_smoke_gen", "--include_path", str(ROOT / "lmms_eval" / "tasks"),
             "--batch_size", "1", "--limit", str(LIMIT), "--output_path", str(out), "--gen_kwargs", "max_new_tokens=2",
         ]  # fmt: skip
-        procs[family] = (out, subprocess.Popen(command, env={**env, **switches}, cwd=base_dir, text=True,
-                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    results = {}
-    for family, (out, proc) in procs.items():
-        log, _ = proc.communicate(timeout=900)
-        results[family] = (out, proc.returncode, log)
-    return results
+        jobs[family] = (command, {**env, **switches}, base_dir)
+        outs[family] = out
+    done = side_by_side(jobs, timeout=900)
+    return {family: (outs[family], *done[family]) for family in RUNS}
 
 
 @pytest.mark.parametrize("family", list(RUNS))
 def test_wrapper_runs_pruned_and_logs_the_switches(runs, family):
     out, code, log = runs[family]
-    assert code == 0, log[-4000:]
-    assert "Traceback" not in log, log[-4000:]
+    assert_ran(code, log)
     (results,) = out.rglob("*_results.json")
     assert "exact_match,none" in json.loads(results.read_text())["results"]["otprune_smoke_gen"]
     assert "pruning on: " in log  # the adapter says what is active, in lmms-eval's log

@@ -123,8 +123,10 @@ def test_projector_only_checkpoint_on_a_base(tiny_llava_v15_path, tmp_path):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"model_type": "llava_mistral"}, "not supported"),
-        ({"text_config": {}, "architectures": ["LlavaForConditionalGeneration"]}, "transformers-format"),
+        ({"model_type": "llava_mistral"}, "not supported.*llava-v1.6-mistral-7b-hf.*`--model llava_hf` \\(pruned by the same"),
+        ({"model_type": "llava_qwen"}, "not supported.*llava-onevision-qwen2-7b-ov-hf.*`--model llava_hf` \\(pruned"),
+        ({"text_config": {}, "architectures": ["LlavaForConditionalGeneration"]},
+         "transformers-format.*`--model llava_hf` \\(pruned by the same .*--model llava_hf --model_args pretrained="),
         ({"mm_vision_tower": None}, "mm_vision_tower"),
     ],
 )

@@ -29,6 +29,10 @@ from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCau
 
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies", "subfolder")
 UNSUPPORTED_TYPES = {"llava_mistral": "Mistral", "llava_mpt": "MPT", "llava_qwen": "Qwen", "llava_gemma": "Gemma"}
+# Their transformers-format counterparts, which lmms-eval's `--model llava_hf` runs, pruned by the same
+# switches (otprune's entry point registers `llava_hf`).
+HF_COUNTERPARTS = {"llava_mistral": "llava-hf/llava-v1.6-mistral-7b-hf", "llava_qwen": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
+PRUNING_HF_MODEL = "lmms-eval's `--model llava_hf` (pruned by the same BASELINE / LAYER_INDEX / SUBSET_RATIO switches)"
 
 
 def read_config_dict(model_path: str, **hub_kwargs) -> dict:
@@ -54,12 +58,16 @@ def llava_config_from_dict(config: dict, model_path: str = "") -> LlavaConfig:
     if "text_config" in config or "LlavaForConditionalGeneration" in (config.get("architectures") or []):
         raise ValueError(
             f"{model_path}: this is a transformers-format LLaVA checkpoint (e.g. llava-hf/...), not an original one; "
-            "use the original checkpoints (e.g. liuhaotian/llava-v1.5-7b) or lmms-eval's `llava_hf` model"
+            f"run it with {PRUNING_HF_MODEL}: --model llava_hf --model_args pretrained={model_path}; "
+            "this loader reads the original checkpoints (e.g. liuhaotian/llava-v1.5-7b)"
         )
     if model_type in UNSUPPORTED_TYPES:
+        counterpart = HF_COUNTERPARTS.get(model_type)
+        hint = (f"; its transformers-format checkpoint (e.g. {counterpart}) runs with {PRUNING_HF_MODEL}"
+                if counterpart else "")
         raise ValueError(
             f"{model_path}: model_type={model_type!r} (LLaVA on {UNSUPPORTED_TYPES[model_type]}) is not supported; "
-            "this package runs the Llama/Vicuna based LLaVA-1.5 and LLaVA-1.6 checkpoints"
+            f"this package runs the Llama/Vicuna based LLaVA-1.5 and LLaVA-1.6 checkpoints{hint}"
         )
     if not config.get("mm_vision_tower"):
         raise ValueError(
