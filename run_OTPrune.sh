@@ -34,11 +34,19 @@ Usage: bash $ME [options] [-- extra lmms-eval arguments]
 Runs, for every model x task x pruning setting, exactly the lmms-eval call of the OTPrune README:
   BASELINE=.. LAYER_INDEX=.. SUBSET_RATIO=.. python3 -m accelerate.commands.launch --num_processes=N \\
     -m lmms_eval --model llava --model_args pretrained=MODEL --tasks TASK --batch_size 1 \\
-    --log_samples --output_path LOG_DIR/<model>/<setting>/<task> --include_path lmms_eval/tasks
+    --log_samples --output_path LOG_DIR/<model>/<setting>/<task>/run_<id> --include_path lmms_eval/tasks
 then \`otprune report LOG_DIR\` (markdown + CSV + plot).
 
+<model> is unique per model identity: for a hub id owner/name, 'owner--name-<hash>'; for a local folder,
+its name then '-<hash>', the hash being the first 8 hex digits of the sha256 of 'hub:owner/name' or
+'local:<absolute path>' (two checkpoints named checkpoint-1000 in different folders get two folders).
+Each lmms-eval call gets a fresh run id (<date>_<time>_<8 random hex digits>) and writes into its own
+folder run_<id>: the id is passed as OTPRUNE_RUN_ID (every per-sample record carries it) and is in the
+folder's otprune_run.json, by which \`otprune report\` joins records and results.
+
 Runs whose results exist are skipped: a run counts as done only when an lmms-eval *_results.json in
-its folder has numbers for its task. Any other run -- lmms-eval failed, or exited 0 without results
+its task folder has numbers for its task (after a call, only the results in that call's own run_<id>
+folder count: an older results file is never taken for a new run's). Any other run -- lmms-eval failed, or exited 0 without results
 (e.g. the model raised inside lmms-eval) -- is FAILED: it is run again next time, and at the end the
 script prints one "FAILED:" line per such run and exits 1.
 
@@ -481,9 +489,22 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # The runs.
-model_tag() {
-    local name="${1%/}"
-    echo "${name##*/}"
+model_folder() {  # model_folder MODEL: its run-folder name, unique per model identity (see --help)
+    local identity slug
+    if [[ -d "$1" || "$1" == /* || "$1" == ./* || "$1" == ../* ]]; then
+        identity="local:$(realpath -ms -- "$1")"  # a local folder: its absolute path
+        slug="${identity##*/}"
+    else
+        identity="hub:${1%/}"                     # a hub id: owner/name
+        slug="${identity#hub:}"
+        slug="${slug//\//--}"
+    fi
+    slug="$(printf '%s' "$slug" | tr -c 'A-Za-z0-9._-' '_' | cut -c1-60)"
+    echo "$slug-$(printf '%s' "$identity" | sha256sum | cut -c1-8)"
+}
+
+new_run_id() {  # a fresh id per lmms-eval call: start time + 32 random bits
+    echo "$(date +%Y%m%d_%H%M%S)_$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
 }
 
 results_status() {  # results_status DIR TASK: "complete" when a *_results.json under DIR has numbers for TASK, else why not
@@ -526,9 +547,11 @@ json_string() {
     printf '"%s"' "${text//\"/\\\"}"
 }
 
-write_run_info() {  # write_run_info DIR MODEL TASK LMMS_MODEL MODEL_ARGS SETTING_INDEX: what this run is, for `otprune report`
-    printf '{"otprune_run": 2, "model": %s, "task": %s, "lmms_model": %s, "model_args": %s, %s}\n' "$(json_string "$2")" \
-        "$(json_string "$3")" "$(json_string "$4")" "$(json_string "$5")" "${SETTING_INFOS[$6]}" >"$1/otprune_run.json"
+write_run_info() {  # write_run_info DIR MODEL TASK LMMS_MODEL MODEL_ARGS SETTING_INDEX RUN_ID: what this run is, for `otprune report`
+    # written to a temporary file and renamed (never through a link at otprune_run.json)
+    printf '{"otprune_run": 3, "run_id": %s, "model": %s, "task": %s, "lmms_model": %s, "model_args": %s, %s}\n' \
+        "$(json_string "$7")" "$(json_string "$2")" "$(json_string "$3")" "$(json_string "$4")" "$(json_string "$5")" \
+        "${SETTING_INFOS[$6]}" | "$PY" -m otprune.eval.atomic "$1/otprune_run.json"
 }
 
 quote() {  # print a command so that it can be pasted into a shell
@@ -585,32 +608,37 @@ for m in "${!MODEL_LIST[@]}"; do
         fi
         for task in "${TASK_LIST[@]}"; do
             INDEX=$((INDEX + 1))
-            out="$LOG_DIR/$(model_tag "$model")/$setting/$task${LIMIT:+_limit$LIMIT}"
+            # Each lmms-eval call writes into a fresh folder of its own, run_<id>, inside the task's folder,
+            # so that a results file counts for the call that wrote it only.
+            task_dir="$LOG_DIR/$(model_folder "$model")/$setting/$task${LIMIT:+_limit$LIMIT}"
+            run_id="$(new_run_id)"
+            out="$task_dir/run_$run_id"
             cmd=("$PY" -m accelerate.commands.launch "--num_processes=$NUM_GPUS" -m lmms_eval
                 "${model_args[@]}" --tasks "$task"
                 --batch_size "$BATCH_SIZE" --log_samples --output_path "$out" --include_path "$TASKS_DIR")
             [[ -z "$LIMIT" ]] || cmd+=(--limit "$LIMIT")
             [[ ${#EXTRA[@]} -eq 0 ]] || cmd+=("${EXTRA[@]}")
 
-            if [[ $FORCE -eq 0 && -d "$out" ]]; then
-                status="$(results_status "$out" "$task")"
+            if [[ $FORCE -eq 0 && -d "$task_dir" ]]; then
+                status="$(results_status "$task_dir" "$task")"
                 if [[ "$status" == "complete" ]]; then
-                    echo "[$INDEX/$TOTAL] skip (results exist): $out"
+                    echo "[$INDEX/$TOTAL] skip (results exist): $task_dir"
                     SKIPPED=$((SKIPPED + 1))
                     continue
                 fi
-                echo "[$INDEX/$TOTAL] retry (no complete results: $status): $out"
+                echo "[$INDEX/$TOTAL] retry (no complete results: $status): $task_dir"
             fi
             if [[ $DRY_RUN -eq 1 ]]; then
-                quote "${shown[@]}" "${cmd[@]}"
+                quote "${shown[@]}" "OTPRUNE_RUN_ID=$run_id" "${cmd[@]}"
                 continue
             fi
-            echo "[$INDEX/$TOTAL] $(model_tag "$model") / $setting / $task"
-            [[ $SMOKE -eq 0 ]] || rm -rf "$out"
-            mkdir -p "$out"
-            write_run_info "$out" "$model" "$task" "${model_args[1]}" "${model_args[3]}" "$s"
+            echo "[$INDEX/$TOTAL] $model / $setting / $task"
+            [[ $SMOKE -eq 0 ]] || rm -rf "$task_dir"
+            mkdir -p "$task_dir"
+            mkdir "$out"  # fresh: never an older run's folder
+            write_run_info "$out" "$model" "$task" "${model_args[1]}" "${model_args[3]}" "$s" "$run_id"
             code=0
-            "${envs[@]}" "${cmd[@]}" 2>&1 | tee "$out/lmms_eval.log" || code=$?
+            "${envs[@]}" "OTPRUNE_RUN_ID=$run_id" "${cmd[@]}" 2>&1 | tee "$out/lmms_eval.log" || code=$?
             why=""
             if [[ $code -ne 0 ]]; then
                 why="lmms-eval exited $code"

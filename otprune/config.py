@@ -390,3 +390,23 @@ def process_rank(environ: Mapping[str, str] | None = None) -> int:
     if rank < 0:
         raise ValueError(f"RANK={raw!r}: must be an integer >= 0 (set by accelerate / torchrun)")
     return rank
+
+
+RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+
+
+def run_id(environ: Mapping[str, str] | None = None) -> str | None:
+    """`OTPRUNE_RUN_ID`: the id run_OTPrune.sh gives each lmms-eval call (written into every record and into
+    the run's otprune_run.json, so that `otprune report` joins records and results by it); None when unset."""
+    import re
+
+    env = os.environ if environ is None else environ
+    value = (env.get("OTPRUNE_RUN_ID") or "").strip()
+    if not value:
+        return None
+    if not re.fullmatch(RUN_ID_PATTERN, value):
+        raise ValueError(
+            f"OTPRUNE_RUN_ID={value!r}: must be 1-128 characters of letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit), e.g. 20250101_120000_3f9a2c1e"
+        )
+    return value

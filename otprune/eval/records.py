@@ -19,7 +19,8 @@ None for a setting the method does not use, see `result_settings`); the decoder 
 (`hidden_size`, `intermediate_size`, `num_layers`, from `config` or given explicitly), the schedule
 `tokens_per_layer`, and `tflops` / `tflops_unpruned` from the paper's formula (`otprune.flops`) on
 the actual lengths, plus the lmms-eval context (output path, tasks, model args, limit) and `time`,
-`run`, `rank`.
+`run` (this process), `run_id` (`OTPRUNE_RUN_ID`: the lmms-eval call run_OTPrune.sh made, also in
+its otprune_run.json; None outside the script), `rank`.
 
 Where the lines go (`OTPRUNE_RECORDS`, read by `otprune.config.records_target`):
 
@@ -29,6 +30,10 @@ Where the lines go (`OTPRUNE_RECORDS`, read by `otprune.config.records_target`):
 - `off` (or 0/false/no/none): off;
 - a path ending in `.jsonl`: that file (`NAME.rank<R>.jsonl` for ranks > 0);
 - any other path: a folder, the file name as above inside it.
+
+The writer never writes through a symbolic link (`otprune.eval.atomic.open_append`): a file it names
+itself (the two cases above without `.jsonl`) is created with O_EXCL; a `.jsonl` file the user names
+may exist already and is appended to, unless it is a link (an error).
 
 Nothing in lmms-eval is patched: the context comes from `sys.argv`. `otprune report` reads these
 files next to the lmms-eval results.
@@ -50,6 +55,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from otprune import flops
+from otprune.eval import atomic
 
 RECORD_VERSION = 1
 RECORD_MARKER = "otprune_record"  # key present (= RECORD_VERSION) in every line
@@ -347,12 +353,18 @@ def _same_setting(sample: Mapping, settings: Mapping) -> bool:
 class RecordWriter:
     """Appends records to one JSONL file (or does nothing when `path` is None)."""
 
-    def __init__(self, path: str | os.PathLike | None, *, context: dict | None = None, rank: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike | None, *, context: dict | None = None, rank: int = 0,
+                 run_id: str | None = None, exclusive: bool = False) -> None:
+        """`run_id`: the lmms-eval call (`OTPRUNE_RUN_ID`), in every line; `exclusive`: `path` is a
+        name of the writer's own, so it must not exist yet (else an existing regular file is appended to)."""
         self.path = None if path is None else Path(path)
         self.context = dict(context or {})
         self.rank = rank
         self.run = f"{time.strftime('%Y%m%d_%H%M%S')}_r{rank}_{os.getpid()}"
+        self.run_id = run_id
+        self.exclusive = exclusive
         self.count = 0
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file this writer opened first
 
     @property
     def enabled(self) -> bool:
@@ -361,19 +373,21 @@ class RecordWriter:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, argv: Sequence[str] | None = None) -> RecordWriter:
         """The writer `OTPRUNE_RECORDS` and the lmms-eval command line ask for (see the module doc)."""
-        from otprune.config import process_rank, records_target
+        from otprune.config import process_rank, records_target, run_id
 
         target = records_target(environ)
         rank = process_rank(environ)
         context = lmms_eval_context(argv) if target != "off" else None
         path = records_path(target, context, rank=rank)
+        exclusive = target == "auto" or not target.endswith(".jsonl")
         fields = {key: context[key] for key in ("output_path", "model_args", "tasks", "limit")} if context else {}
         if context:
             env = os.environ if environ is None else environ
             fields["lmms_eval_version"] = installed_version("lmms-eval")
             # MMBench's GPT judge: lmms-eval reads MODEL_VERSION (None = its default judge)
             fields["mmbench_judge"] = (env.get("MODEL_VERSION") or "").strip() or None
-        return cls(path, context=fields, rank=rank)
+        return cls(path, context=fields, rank=rank, run_id=run_id(environ) if path is not None else None,
+                   exclusive=exclusive)
 
     def write(
         self,
@@ -407,15 +421,36 @@ class RecordWriter:
                 ran = guessed
             sample = _fill_settings(sample, ran)
             size = decoder_size(sample, config=config, hidden=hidden, intermediate=intermediate, layers=layers)
-            context = {"time": now, "run": self.run, "rank": self.rank, "index": self.count, **self.context}
+            context = {"time": now, "run": self.run, "run_id": self.run_id, "rank": self.rank, "index": self.count,
+                       **self.context}
             if model is not None:
                 context["model"] = model
             records.append(make_record(sample, size, **context))
             self.count += 1
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as out:
-            out.write("".join(json.dumps(record) + "\n" for record in records))
+        self._append("".join(json.dumps(record) + "\n" for record in records).encode("utf-8"))
         return records
+
+    def _append(self, data: bytes) -> None:
+        """Append `data` to this writer's file, never through a link (see the module doc)."""
+        if self._identity is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                handle, info = atomic.open_append(self.path, create=True)
+            except FileExistsError:
+                if self.exclusive:
+                    raise
+                handle, info = atomic.open_append(self.path, create=False)
+            self._identity = (info.st_dev, info.st_ino)
+        else:
+            handle, info = atomic.open_append(self.path, create=False)
+            if (info.st_dev, info.st_ino) != self._identity:
+                os.close(handle)
+                raise OSError(f"{self.path}: replaced by another file since this writer opened it; records not appended")
+        try:
+            while data:
+                data = data[os.write(handle, data):]
+        finally:
+            os.close(handle)
 
 
 _default_writer: RecordWriter | None = None

@@ -32,8 +32,10 @@ def write_results(
     cli_tasks: str | None = None,
     model_args: str | None = None,
     higher_is_better: dict | None = None,
+    run_id: str | None = None,
 ) -> Path:
-    """A results file as lmms-eval 0.7.3 writes it (only the keys the report may use, plus some others)."""
+    """A results file as lmms-eval 0.7.3 writes it (only the keys the report may use, plus some others);
+    with `run_id`, run_OTPrune.sh's otprune_run.json of that call in `output_path`."""
     model_args = model_args if model_args is not None else f"pretrained={model}"
     folder = Path(output_path) / sanitize_model_name(model)
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,6 +80,8 @@ def write_results(
     }
     path = folder / f"{date}_results.json"
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    if run_id is not None:
+        (Path(output_path) / "otprune_run.json").write_text(json.dumps({"otprune_run": 3, "run_id": run_id, "model": model}))
     for task in metrics:
         (folder / f"{date}_samples_{task}.jsonl").write_text(
             json.dumps({"doc_id": 0, "target": "x", "filtered_resps": ["y"], "exact_match": 0.0}) + "\n", encoding="utf-8"
@@ -104,12 +108,13 @@ def stats(text: int, visual: int, *, method: str | None, ratio: float | None, la
 
 
 def write_records(output_path: Path, model: str, samples: list[dict], *, time: float, tasks: str,
-                  size: flops.DecoderSize = flops.MODEL_SIZES["7b"], run: str | None = None) -> Path:
+                  size: flops.DecoderSize = flops.MODEL_SIZES["7b"], run: str | None = None,
+                  run_id: str | None = None) -> Path:
     """Our records file for one run, written with the real RecordWriter (times forced to `time`)."""
     folder = Path(output_path) / sanitize_model_name(model)
     path = folder / f"otprune_records_{date_string(time)}_r0_{abs(hash(run or str(time))) % 100000}.jsonl"
     writer = RecordWriter(path, context={"output_path": str(output_path), "model_args": f"pretrained={model}",
-                                         "tasks": tasks, "limit": None})
+                                         "tasks": tasks, "limit": None}, run_id=run_id)
     if run is not None:
         writer.run = run
     records = writer.write(samples, hidden=size.hidden, intermediate=size.intermediate, layers=size.layers, model=model)

@@ -115,29 +115,43 @@ def test_cli_writes_files_and_plot_only_with_several_ratios(paper_logs, capsys, 
     assert len(lone) == 1 and lone[0].rank is None
 
 
-def test_two_runs_in_one_folder_are_told_apart_by_time(tmp_path):
+def test_two_settings_in_one_output_path_are_never_mislabelled(tmp_path):
+    """Issue #16: two lmms-eval calls of different settings into one --output_path, close in time. Without a
+    run id nothing tells which records belong to which results: no row gets the other setting's label."""
     out = tmp_path / "shared"
     write_results(out, MODEL, {"gqa": {"exact_match": 0.6}}, start=T0)
-    write_records(out, MODEL, [stats(23, 576, method=None, ratio=None)], time=T0 + 20, tasks="gqa", run="a")
-    write_results(out, MODEL, {"gqa": {"exact_match": 0.5}}, start=T0 + 100)
-    write_records(out, MODEL, [stats(23, 576, method="otprune", ratio=0.098)], time=T0 + 120, tasks="gqa", run="b")
+    write_records(out, MODEL, [stats(23, 576, method="divprune", ratio=0.098)], time=T0 + 20, tasks="gqa", run="a")
+    write_results(out, MODEL, {"gqa": {"exact_match": 0.5}}, start=T0 + 1)
+    write_records(out, MODEL, [stats(23, 576, method="otprune", ratio=0.098)], time=T0 + 21, tasks="gqa", run="b")
     rep = report.build_report(tmp_path)
-    by_method = {row.method: row for row in rep.rows}
-    assert by_method[None].scores["gqa"] == pytest.approx(60.0)
-    assert by_method["otprune"].scores["gqa"] == pytest.approx(50.0)
-    assert by_method["otprune"].tflops() < by_method[None].tflops()
+    assert [row.method for row in rep.rows] == [report.UNKNOWN_METHOD]  # one "?" row, scores of both files
+    assert sum("have no run id" in note for note in rep.notes) == 2
+    assert "DivPrune" not in report.markdown_table(rep) and "OTPrune" not in report.markdown_table(rep)
+
+
+def test_records_and_results_are_joined_by_run_id_not_by_time(tmp_path):
+    """run_OTPrune.sh's layout: each call in its own run folder with its id; record times are irrelevant."""
+    base = tmp_path / "llava" / "gqa"
+    for run_id, method, value, start, time in (("idA", "divprune", 0.6, T0, T0 + 500), ("idB", "otprune", 0.5, T0 + 1, T0 - 900)):
+        out = base / f"run_{run_id}"
+        write_results(out, MODEL, {"gqa": {"exact_match": value}}, start=start, run_id=run_id)
+        write_records(out, MODEL, [stats(23, 576, method=method, ratio=0.098)], time=time, tasks="gqa", run=run_id,
+                      run_id=run_id)
+    rep = report.build_report(tmp_path)
+    assert {row.method: row.scores["gqa"] for row in rep.rows} == pytest.approx({"divprune": 60.0, "otprune": 50.0})
+    assert not any("records" in note and "left out" in note for note in rep.notes)
 
 
 def test_records_without_results_and_results_without_records_are_noted(tmp_path):
     out = tmp_path / "a"
-    write_results(out, MODEL, {"gqa": {"exact_match": 0.6}}, start=T0)
-    # Records from before the only results file started: an interrupted earlier run.
-    write_records(out, MODEL, [stats(23, 576, method="otprune", ratio=0.098)], time=T0 - 500, tasks="gqa", run="old")
+    write_results(out, MODEL, {"gqa": {"exact_match": 0.6}}, start=T0, run_id="new")
+    # Records of an earlier call (another run id) that wrote no results: an interrupted run.
+    write_records(out, MODEL, [stats(23, 576, method="otprune", ratio=0.098)], time=T0 + 500, tasks="gqa", run="old",
+                  run_id="old")
     rep = report.build_report(tmp_path)
-    assert [row.method for row in rep.rows] == [report.UNKNOWN_METHOD]
-    assert any("match no results file" in note for note in rep.notes)
+    assert [row.method for row in rep.rows] != ["otprune"]  # not the records' setting
+    assert any("run id old" in note and "match no results file" in note for note in rep.notes)
     assert any("no per-sample records" in note for note in rep.notes)
-    assert "? (no records)" in report.to_markdown(rep)
 
 
 def test_newest_result_wins_for_a_repeated_task(tmp_path):
@@ -273,3 +287,65 @@ def test_mme_cognition_beside_perception_and_the_provenance_footer(tmp_path):
     writer = RecordWriter.from_env({"MODEL_VERSION": "gpt-4o-mini"}, argv=argv)
     assert writer.context["mmbench_judge"] == "gpt-4o-mini"
     assert writer.context["lmms_eval_version"] is not None
+
+
+# ---------------------------------------------------------------- broken and foreign files (issue #16)
+
+
+def test_undecodable_jsonl_is_skipped_with_a_warning_naming_it(tmp_path, capsys):
+    run_setting(tmp_path, None, None, {"gqa": 0.6}, T0)
+    foreign = tmp_path / "llava-v1.5-7b" / "notes" / "dump.jsonl"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"\xff\xfe\x00garbage\n")
+    (tmp_path / "other.jsonl").write_text('{"hello": 1}\n')
+    (tmp_path / "x_results.json").write_bytes(b"\xff\xfe")
+    rep = report.build_report(tmp_path)
+    assert [row.method for row in rep.rows] == [None] and rep.rows[0].samples() == 3
+    err = capsys.readouterr().err
+    for name in ("llava-v1.5-7b/notes/dump.jsonl", "other.jsonl", "x_results.json"):
+        assert name in err and any(name in note for note in rep.notes), name
+    assert main(["report", str(tmp_path), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("field, value", [("time", None), ("tflops", "abc"), ("prefill_ms", float("nan")),
+                                          ("ratio", "lots"), ("layer", "x")])
+def test_record_with_an_invalid_field_is_skipped_with_file_and_line(tmp_path, capsys, field, value):
+    run_setting(tmp_path, "otprune", 0.098, {"gqa": 0.5}, T0)
+    (path,) = tmp_path.rglob("otprune_records_*.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    lines[1][field] = value
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rep = report.build_report(tmp_path)
+    (row,) = rep.rows
+    assert row.method == "otprune" and row.samples() == 2
+    where = f"{path.relative_to(tmp_path)}:2"
+    assert where in capsys.readouterr().err and any(where in note and repr(field) in note for note in rep.notes)
+
+
+def test_report_files_are_never_written_through_a_link(tmp_path):
+    logs = tmp_path / "logs"
+    run_setting(logs, None, None, {"gqa": 0.6}, T0)
+    victims = {}
+    for suffix in (".md", ".csv"):
+        victim = tmp_path / f"victim{suffix}"
+        victim.write_text("keep me")
+        (logs / f"otprune_report{suffix}").symlink_to(victim)
+        victims[suffix] = victim
+    _, written = report.write_report(logs)
+    for suffix, victim in victims.items():
+        assert victim.read_text() == "keep me"
+        link = logs / f"otprune_report{suffix}"
+        assert not link.is_symlink() and link.read_text() != "keep me"
+    assert written["markdown"] == logs / "otprune_report.md"
+    assert not [path for path in logs.iterdir() if path.name.startswith(".otprune_report")]  # no temporary left
+
+
+def test_models_sharing_a_basename_get_rows_and_labels_of_their_own(tmp_path):
+    for index, model in enumerate(("/exp1/checkpoint-1000", "/exp2/checkpoint-1000")):
+        out = tmp_path / f"m{index}"
+        write_results(out, model, {"gqa": {"exact_match": 0.5 + index / 10}}, start=T0 + index)
+        write_records(out, model, [stats(23, 576, method=None, ratio=None)], time=T0 + index, tasks="gqa")
+    rep = report.build_report(tmp_path)
+    assert sorted(row.model for row in rep.rows) == ["/exp1/checkpoint-1000", "/exp2/checkpoint-1000"]
+    labels = [row[0] for row in table_rows(report.markdown_table(rep))[1:]]
+    assert sorted(labels) == ["/exp1/checkpoint-1000", "/exp2/checkpoint-1000"]

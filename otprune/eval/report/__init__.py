@@ -8,10 +8,12 @@ Input, found recursively under a log folder (`collect`):
 - our records (`otprune.eval.records`): JSONL files whose lines carry the "otprune_record" marker, one
   line per sample with method, layer, ratio, TFLOPs and latencies.
 
-Each group of records (one `run` = one process) is matched to the results file it belongs to:
-results in the same folder (else with the same `--output_path` and `--model_args`) whose tasks
-include the run's `--tasks`, and among those the latest that started before the run's first
-record. The records give the row's settings (method, layer, ratio, the method parameters, order,
+Each group of records (one `run` = one process) is matched to the results file it belongs to by
+the run's identity, never by time (`collect`): the `run_id` of run_OTPrune.sh's lmms-eval call,
+in every record and in the otprune_run.json of the call's own folder; records without an id only
+when their folder holds a single results file for their tasks and no records of another setting.
+Unreadable or foreign files and invalid record lines are skipped with a warning naming them (in
+the notes and on stderr). The records give the row's settings (method, layer, ratio, the method parameters, order,
 recipe: `otprune.eval.records.setting_keys()`) and its FLOPs and latency; results without records
 take them from run_OTPrune.sh's `otprune_run.json`.
 
@@ -29,7 +31,10 @@ or `write_report`.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+from otprune.eval import atomic
 
 from otprune.eval.report.collect import (
     DEFAULT_TIMEZONE,
@@ -84,18 +89,28 @@ def build_report(log_dir: str | os.PathLike) -> Report:
         raise FileNotFoundError(f"LOG_DIR={str(log_dir)!r}: no such directory")
     if not root.is_dir():
         raise ValueError(f"LOG_DIR={str(log_dir)!r}: not a directory")
-    results = find_result_files(root)
+    warnings: list[str] = []
+    results = find_result_files(root, warnings)
     if not results:
+        _warn(warnings)
         raise ValueError(
             f"LOG_DIR={str(log_dir)!r}: no lmms-eval results (*_results.json) found under it; run lmms-eval with "
             f"--output_path {log_dir} (or `bash run_OTPrune.sh --log-dir {log_dir}`, `bash run_OTPrune.sh --smoke`) first"
         )
-    runs = find_record_runs(root)
+    runs = find_record_runs(root, warnings)
+    _warn(warnings)
     matched, unmatched = associate(results, runs)
-    notes = []
+    notes = [f"warning: {warning}" for warning in warnings]
     for run in unmatched:
         files = ", ".join(sorted(str(path.relative_to(root)) for path in run.files))
-        notes.append(f"records of run {run.run} ({files}) match no results file (interrupted run?); left out")
+        if run.run_id is not None:
+            notes.append(f"records of run id {run.run_id} ({files}) match no results file of that run (interrupted or "
+                         "failed run?); left out")
+        else:
+            notes.append(f"records of run {run.run} ({files}) have no run id and match no results file unambiguously "
+                         "(none, or several in their folder, or records of another setting beside them); left out: give "
+                         "each lmms-eval call its own --output_path, or use run_OTPrune.sh")
+    runs = [run for run in runs if run not in unmatched]
     rows, tasks, row_notes = collect_rows(results, matched, root)
     average_ranks(rows, tasks)
     relative_scores(rows, tasks)
@@ -106,16 +121,26 @@ def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     """Build the report and write markdown, CSV and (when useful) the PNG; returns what was written."""
     report = build_report(log_dir)
     markdown = Path(out) if out is not None else Path(log_dir) / "otprune_report.md"
-    markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(to_markdown(report), encoding="utf-8")
+    # Each file is written to a temporary file beside it and renamed: never through a link.
+    atomic.write_text(markdown, to_markdown(report))
     written = {"markdown": markdown}
     table = markdown.with_suffix(".csv")
-    table.write_text(to_csv(report), encoding="utf-8")
+    atomic.write_text(table, to_csv(report))
     written["csv"] = table
     picture = markdown.with_suffix(".png")
-    if plot(report, picture):
+    with atomic.replacing(picture) as temporary:
+        drawn = plot(report, temporary)
+        if not drawn:
+            temporary.unlink()  # nothing to draw: an existing picture is left as it is
+    if drawn:
         written["png"] = picture
     return report, written
+
+
+def _warn(warnings: list[str]) -> None:
+    """Print the report's warnings (skipped files and lines) on stderr."""
+    for warning in warnings:
+        print(f"otprune report: warning: {warning}", file=sys.stderr)
 
 
 __all__ = [

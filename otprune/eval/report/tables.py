@@ -51,9 +51,18 @@ def columns(report: Report) -> list[str]:
     return ["Model", "Method", "Layer", "Kept", f"{unit} (% unpruned)", *labels, "Prefill ms", "Select ms", "Avg. rank"]
 
 
+def model_labels(report: Report) -> dict[str, str]:
+    """Each model's label: its short name, or the full path / hub id when two models share the short name."""
+    short: dict[str, set[str]] = {}
+    for row in report.rows:
+        short.setdefault(model_label(row.model), set()).add(row.model)
+    return {model: (label if len(models) == 1 else model) for label, models in short.items() for model in models}
+
+
 def table_cells(report: Report) -> list[list[str]]:
     """The markdown table's cells, one list per row, in `columns` order."""
     cells = []
+    labels = model_labels(report)
     factor = flops_unit(report)[1]
     digits = [task_headline(task, report).digits for task in report.tasks]
     for row in report.rows:
@@ -65,7 +74,7 @@ def table_cells(report: Report) -> list[list[str]]:
             flops_cell = adaptive.flops_cell(flops_cell)
             kept = adaptive.kept_cell(row.buckets.values())
         cells.append(
-            [model_label(row.model), row_label(row), "–" if row.layer is None else str(row.layer), kept, flops_cell,
+            [labels[row.model], row_label(row), "–" if row.layer is None else str(row.layer), kept, flops_cell,
              *scores, _fmt(row.mean("prefill_ms"), 1), _fmt(row.mean("select_ms"), 2), _fmt(row.rank, 2)]
         )
     return cells
