@@ -238,3 +238,22 @@ def test_records_carry_gamma_seed_order_recipe_from_the_prune_config(tmp_path, m
     # Keys the stats already have are kept.
     (line,) = writer.write(dict(sample, order="official"), config=CONFIG)
     assert line["order"] == "official"
+
+
+def test_records_are_never_written_through_a_link_and_carry_the_run_id(tmp_path):
+    """Issue #16: a link at the records file is refused (its target untouched); every line has OTPRUNE_RUN_ID."""
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text("keep me\n")
+    link = tmp_path / "otprune_records_x.jsonl"
+    link.symlink_to(victim)
+    for exclusive in (True, False):
+        writer = records.RecordWriter(link, exclusive=exclusive)
+        with pytest.raises(OSError, match="otprune_records_x.jsonl"):
+            writer.write(stats(5, 100, method="otprune", ratio=0.5), config=CONFIG)
+    assert victim.read_text() == "keep me\n"
+    argv = ["lmms_eval", "--output_path", str(tmp_path / "out"), "--model_args", "pretrained=m"]
+    writer = records.RecordWriter.from_env({"OTPRUNE_RUN_ID": "20250101_000000_abcd1234"}, argv=argv)
+    writer.write([stats(5, 100, method="otprune", ratio=0.5)] * 2, config=CONFIG)
+    assert [line["run_id"] for line in records.read_records(writer.path)] == ["20250101_000000_abcd1234"] * 2
+    with pytest.raises(ValueError, match="OTPRUNE_RUN_ID='a b'"):
+        records.RecordWriter.from_env({"OTPRUNE_RUN_ID": "a b"}, argv=argv)

@@ -34,6 +34,20 @@ def option(argv, name):
     return argv[argv.index(name) + 1]
 
 
+def hub_folder(model):
+    """The run folder of a hub id, by the documented rule: owner--name-<8 hex of sha256('hub:owner/name')>."""
+    import hashlib
+
+    return model.replace("/", "--") + "-" + hashlib.sha256(f"hub:{model}".encode()).hexdigest()[:8]
+
+
+def task_dir(output_path):
+    """The task folder of a call's --output_path (LOG_DIR/<model>/<setting>/<task>/run_<id>)."""
+    path = Path(output_path)
+    assert re.fullmatch(r"run_\d{8}_\d{6}_[0-9a-f]{8}", path.name), path
+    return path.parent
+
+
 def test_dry_run_covers_3_models_x_11_tasks(tmp_path):
     result = run("--dry-run", "--log-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -64,7 +78,8 @@ def test_settings_by_flags_and_environment(tmp_path):
     assert sum("BASELINE=DIVPRUNE LAYER_INDEX=0 SUBSET_RATIO=0.25 " in line for line in lines) == 2
     outputs = {option(shlex.split(line), "--output_path") for line in lines}
     assert len(outputs) == 6  # one folder per run
-    assert str(tmp_path / "llava-v1.5-13b" / "divprune_r0.25_l0" / "gqa_limit8") in outputs
+    assert str(tmp_path / hub_folder("liuhaotian/llava-v1.5-13b") / "divprune_r0.25_l0" / "gqa_limit8") in {
+        str(task_dir(out)) for out in outputs}
 
 
 def test_paper_group_name_expands_to_the_11_tasks():
@@ -83,7 +98,7 @@ def write_lmms_results(output_path, model, task, results=None):
 
 
 def test_resume_skips_runs_with_results(tmp_path):
-    write_lmms_results(tmp_path / "llava-v1.5-7b" / "ours_r0.098_l0" / "gqa", MODELS[0], "gqa")
+    write_lmms_results(tmp_path / hub_folder(MODELS[0]) / "ours_r0.098_l0" / "gqa" / "run_x", MODELS[0], "gqa")
     result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa,pope", "--log-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "skip (results exist)" in result.stdout
@@ -96,8 +111,8 @@ def test_resume_skips_runs_with_results(tmp_path):
                                      {"results": {"gqa": {"alias": "gqa"}}}, "not json"])
 def test_resume_retries_runs_without_complete_results(tmp_path, results):
     """A results file without numbers for the task (or none at all) is a failed run: run it again."""
-    out = tmp_path / "llava-v1.5-7b" / "ours_r0.098_l0" / "gqa"
-    folder = out / "liuhaotian__llava-v1.5-7b"
+    out = tmp_path / hub_folder(MODELS[0]) / "ours_r0.098_l0" / "gqa"
+    folder = out / "run_x" / "liuhaotian__llava-v1.5-7b"
     folder.mkdir(parents=True)
     (folder / "otprune_records_x.jsonl").write_text("{}\n")
     if results is not None:
@@ -120,7 +135,7 @@ def value(name):
     return args[args.index(name) + 1]
 out, task, model_args = value("--output_path"), value("--tasks"), value("--model_args")
 env = {k: os.environ.get(k) for k in ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED",
-                                       "OTPRUNE_ORDER", "FITPRUNE_RECIPE")}
+                                       "OTPRUNE_ORDER", "FITPRUNE_RECIPE", "OTPRUNE_RUN_ID")}
 with open(os.environ["FAKE_LMMS_LOG"], "a") as log:
     log.write(json.dumps({"task": task, "output_path": out, "argv": args, "env": env}) + "\\n")
 behaviour = dict(item.split("=") for item in os.environ.get("FAKE_LMMS", "").split(",") if item).get(task, "ok")
@@ -177,14 +192,18 @@ def test_runs_without_results_fail_the_script_and_are_retried(tmp_path, fake_gpu
     assert [call["task"] for call in calls(log)] == ["gqa", "pope", "mme", "seedbench"]
     summary = [line for line in first.stderr.splitlines() if line.startswith("run_OTPrune.sh: FAILED:")]
     assert len(summary) == 3
-    base = logs / "llava-v1.5-7b" / "vtw_l2"
+    base = logs / hub_folder(MODELS[0]) / "vtw_l2"
+    runs = {call["task"]: Path(call["output_path"]) for call in calls(log)}
     whys = ("lmms-eval exited 0 without results for pope", "lmms-eval exited 3", "lmms-eval exited 0 without results for seedbench")
     for line, task, why in zip(summary, ("pope", "mme", "seedbench"), whys, strict=True):
-        assert str(base / task) in line and why in line and str(base / task / "lmms_eval.log") in line
+        assert str(runs[task]) in line and why in line and str(runs[task] / "lmms_eval.log") in line
+        assert task_dir(runs[task]) == base / task
     assert "3 of 4 runs failed" in first.stderr
     assert not any(str(base / "gqa") in line for line in summary)
-    info = json.loads((base / "gqa" / "otprune_run.json").read_text())
+    info = json.loads((runs["gqa"] / "otprune_run.json").read_text())
     assert (info["method"], info["layer"], info["ratio"], info["lmms_model"]) == ("vtw", 2, None, "llava")
+    assert info["run_id"] == calls(log)[0]["env"]["OTPRUNE_RUN_ID"] == runs["gqa"].name.removeprefix("run_")
+    assert len({call["env"]["OTPRUNE_RUN_ID"] for call in calls(log)}) == 4  # one id per call
     assert calls(log)[0]["env"]["BASELINE"] == "VTW" and calls(log)[0]["env"]["SUBSET_RATIO"] is None
 
     log.write_text("")
@@ -202,9 +221,10 @@ def test_gamma_sweep_runs_are_not_skipped(tmp_path, fake_gpu_env):
     second = run(*args, env={**env, "OTPRUNE_GAMMA": "0.05"})
     assert second.returncode == 0, second.stderr
     assert "skip" not in second.stdout
-    assert [(call["env"]["OTPRUNE_GAMMA"], Path(call["output_path"]).parent.name) for call in calls(log)] == [
+    assert [(call["env"]["OTPRUNE_GAMMA"], task_dir(call["output_path"]).parent.name) for call in calls(log)] == [
         ("0.01", "ours_r0.098_l0"), ("0.05", "ours_r0.098_l0_g0.05")]
-    info = json.loads((logs / "llava-v1.5-7b" / "ours_r0.098_l0_g0.05" / "gqa" / "otprune_run.json").read_text())
+    (path,) = (logs / hub_folder(MODELS[0]) / "ours_r0.098_l0_g0.05" / "gqa").glob("run_*/otprune_run.json")
+    info = json.loads(path.read_text())
     assert (info["method"], info["gamma"], info["seed"], info["order"], info["recipe"]) == ("otprune", 0.05, None,
                                                                                            "ascending", None)
 
@@ -216,8 +236,9 @@ def settings_of(stdout):
     """{setting folder: the pruning variables in front of its command} of a dry run."""
     found = {}
     for argv in commands(stdout):
-        out = Path(option(argv, "--output_path"))
-        found[out.parent.name] = [arg for arg in argv[: argv.index("-m") - 1] if "=" in arg and arg.split("=")[0].isupper()]
+        out = task_dir(option(argv, "--output_path"))
+        found[out.parent.name] = [arg for arg in argv[: argv.index("-m") - 1]
+                                  if "=" in arg and arg.split("=")[0].isupper() and not arg.startswith("OTPRUNE_RUN_ID=")]
     return found
 
 
@@ -436,3 +457,59 @@ def test_help():
                  "--fastv-layers", "--vtw-layers", "--fitprune-recipe", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER",
                  "llava_hf", "qwen2_5_vl", "FAILED"):
         assert flag in result.stdout, flag
+
+
+# ---------------------------------------------------------------- issue #16: identity of models and runs
+
+
+def test_models_sharing_a_basename_get_folders_of_their_own(tmp_path, fake_gpu_env):
+    """/exp1/checkpoint-1000 and /exp2/checkpoint-1000, llava-hf/llava-1.5-7b-hf beside a local llava-1.5-7b-hf:
+    every model runs, into a folder of its own."""
+    env, log = fake_gpu_env
+    import hashlib
+
+    local = []
+    for folder, config in (("exp1/checkpoint-1000", {"model_type": "llava_llama", "mm_vision_tower": "clip"}),
+                           ("exp2/checkpoint-1000", {"model_type": "llava_llama", "mm_vision_tower": "clip"}),
+                           ("mine/llava-1.5-7b-hf", {"model_type": "llava"})):
+        path = tmp_path / folder
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps(config))
+        local.append(str(path))
+    models = [*local, "llava-hf/llava-1.5-7b-hf"]
+    logs = tmp_path / "logs"
+    result = run("--models", ",".join(models), "--tasks", "gqa", "--log-dir", str(logs), "--no-report", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "skip" not in result.stdout
+    folders = [task_dir(call["output_path"]).parents[1].name for call in calls(log)]
+    expected = [Path(model).name + "-" + hashlib.sha256(f"local:{model}".encode()).hexdigest()[:8] for model in local]
+    assert folders == [*expected, hub_folder("llava-hf/llava-1.5-7b-hf")]
+    assert len(set(folders)) == 4
+
+
+def test_forced_run_that_fails_is_failed_even_beside_older_results(tmp_path, fake_gpu_env):
+    env, log = fake_gpu_env
+    args = ("--models", MODELS[0], "--tasks", "gqa", "--log-dir", str(tmp_path / "logs"), "--no-report")
+    assert run(*args, env=env).returncode == 0
+    for behaviour in ("silent", "fail"):
+        again = run("--force", *args, env={**env, "FAKE_LMMS": f"gqa={behaviour}"})
+        assert again.returncode == 1, again.stdout + again.stderr
+        (failed,) = [line for line in again.stderr.splitlines() if line.startswith("run_OTPrune.sh: FAILED:")]
+        assert calls(log)[-1]["output_path"] in failed
+    first, *forced = [call["output_path"] for call in calls(log)]
+    assert len({first, *forced}) == 3  # a fresh folder per call
+
+
+def test_run_info_is_never_written_through_a_link(tmp_path):
+    victim = tmp_path / "victim.json"
+    victim.write_text("keep me")
+    link = tmp_path / "otprune_run.json"
+    link.symlink_to(victim)
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "otprune.eval.atomic", str(link)], input='{"run_id": "x"}\n',
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "keep me" and not link.is_symlink()
+    assert json.loads(link.read_text()) == {"run_id": "x"}
+    assert "otprune.eval.atomic" in SCRIPT.read_text()  # the script writes otprune_run.json with it

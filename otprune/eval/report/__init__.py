@@ -35,7 +35,6 @@ import sys
 from pathlib import Path
 
 from otprune.eval import atomic
-
 from otprune.eval.report.collect import (
     DEFAULT_TIMEZONE,
     RUN_INFO,

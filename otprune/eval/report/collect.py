@@ -23,7 +23,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from otprune.eval.records import RECORD_MARKER, is_record, model_name_from_args, normalized_settings, setting_keys
+from otprune.eval.records import (
+    RECORD_MARKER,
+    is_record,
+    model_name_from_args,
+    normalized_settings,
+    setting_keys,
+)
 from otprune.eval.report.headlines import is_number
 
 DEFAULT_TIMEZONE = "Asia/Singapore"  # lmms-eval 0.7's default --timezone
