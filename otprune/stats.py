@@ -20,7 +20,9 @@ class SampleStats(Mapping):
     file); params: the method's parameters ({} when off); image_tokens_before / _after: per image
     (or video) of the sample, its visual tokens before and after pruning; text_tokens: the
     non-visual, non-padding tokens; batch_size: samples in the forward; select_ms / prefill_ms:
-    the batch's selection time and prefill wall time; visual_tokens_per_layer: the sample's
+    the batch's selection time and prefill wall time; peak_memory_mb: the accelerator's peak
+    allocated memory during the batch's prefill (CUDA; None on a CPU, see
+    `otprune.timing.Clock`); visual_tokens_per_layer: the sample's
     visual tokens at each decoder layer's input (the schedule; multi-layer for in-LLM methods).
     """
 
@@ -37,6 +39,7 @@ class SampleStats(Mapping):
     recipe: str | None = None
     select_ms: float | None = None
     prefill_ms: float | None = None
+    peak_memory_mb: float | None = None
 
     @classmethod
     def of(cls, config, before: Sequence[int], schedules: Sequence[Sequence[int]], text_tokens: int,

@@ -44,6 +44,7 @@ def build_stats(
     *,
     select_ms: float | None = None,
     prefill_ms: float | None = None,
+    peak_memory_mb: float | None = None,
 ) -> list[SampleStats]:
     """One `otprune.stats.SampleStats` per sample, for pruning before the LLM (layer 0).
 
@@ -54,11 +55,12 @@ def build_stats(
         text_tokens: per sample, its non-visual, non-padding tokens.
         num_layers: decoder layers of the LLM (for the per-layer schedule).
         select_ms / prefill_ms: the batch's selection time and prefill wall time.
+        peak_memory_mb: the prefill's peak accelerator memory (None when unknown: CPU).
     """
     schedules = [[int(after)] * num_layers for after in tokens_after]
     stats = stats_for(config, image_index, tokens_before, schedules, text_tokens)
     for sample in stats:
-        sample.select_ms, sample.prefill_ms = select_ms, prefill_ms
+        sample.select_ms, sample.prefill_ms, sample.peak_memory_mb = select_ms, prefill_ms, peak_memory_mb
     return stats
 
 
@@ -406,7 +408,7 @@ class HFAdapter:
         input_ids = kwargs.get("input_ids")
         if self.on_stats is None or input_ids is None:
             return original(**kwargs)
-        clock = Clock(input_ids.device)
+        clock = Clock(input_ids.device, memory=True)
         out = original(**kwargs)
         clock.stop()
         mask = kwargs.get("attention_mask")
@@ -422,7 +424,8 @@ class HFAdapter:
             image_index.append(list(range(len(sizes), len(sizes) + len(bounds))))
             sizes += [end - start for start, end in zip(bounds, ends, strict=True)]
             text.append(int(valid[b].sum()) - int(visual[b].sum()))
-        self.emit_stats(build_stats(config, image_index, sizes, sizes, text, self.num_layers, select_ms=0.0, prefill_ms=clock.ms()))
+        self.emit_stats(build_stats(config, image_index, sizes, sizes, text, self.num_layers, select_ms=0.0,
+                                    prefill_ms=clock.ms(), peak_memory_mb=clock.peak_memory_mb))
         return out
 
     def emit_stats(self, stats: list[dict]) -> None:

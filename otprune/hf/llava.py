@@ -187,7 +187,7 @@ class LlavaFamilyAdapter(HFAdapter):
                 "first forward of a cache (the prefill)"
             )
         inner = self.inner
-        prefill_clock = Clock(input_ids.device)
+        prefill_clock = Clock(input_ids.device, memory=True)
         sets = self.visual_sets(inner, kwargs)
 
         batch, length = input_ids.shape
@@ -273,6 +273,7 @@ class LlavaFamilyAdapter(HFAdapter):
                 self.num_layers,
                 select_ms=select_clock.ms(),
                 prefill_ms=prefill_clock.ms(),
+                peak_memory_mb=prefill_clock.peak_memory_mb,
             )
         )
         return out if want_dict else out.to_tuple()

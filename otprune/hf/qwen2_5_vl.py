@@ -268,7 +268,7 @@ class Qwen2_5_VLAdapter(HFAdapter):
                 "cache: a prefill with images on a non-empty cache (chunked prefill or a multi-turn continuation) "
                 "is not supported with pruning; prefill the whole prompt at once (prefill_chunk_size=None)"
             )
-        clock = Clock(input_ids.device)
+        clock = Clock(input_ids.device, memory=True)
         batch, length = input_ids.shape
         mask: Tensor | None = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, Tensor) or mask.shape != (batch, length)):
@@ -426,6 +426,7 @@ class Qwen2_5_VLAdapter(HFAdapter):
             self.num_layers,
             select_ms=select_clock.ms(),
             prefill_ms=clock.ms(),
+            peak_memory_mb=clock.peak_memory_mb,
         )
         self.emit_stats(stats)
 

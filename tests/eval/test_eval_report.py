@@ -79,12 +79,12 @@ def test_markdown_and_csv(paper_logs):
     rep = report.build_report(paper_logs)
     markdown = report.to_markdown(rep)
     header = ["Model", "Method", "Layer", "Kept", "TFLOPs (% unpruned)", "GQA EM", "MME P", "POPE F1", "Prefill ms",
-              "Select ms", "Avg. rank"]
+              "Select ms", "Peak mem (GB)", "Avg. rank"]
     assert table_rows(markdown)[0] == header
     assert "|:---" in markdown and "---:|" in markdown  # names left-aligned, numbers right-aligned
     tflops, percent = expected_tflops(0.098)
     assert ["llava-v1.5-7b", "OTPrune", "0", "9.8%", f"{tflops:.3f} ({flops.format_percent(percent)}%)", "56.62", "1368",
-            "79.59", "101.0", "2.00", "1.67"] in table_rows(markdown)
+            "79.59", "101.0", "2.00", "–", "1.67"] in table_rows(markdown)  # CPU records: peak memory unknown
     assert has_row(markdown, "llava-v1.5-7b", "Original", "–", "100%")
     text = report.to_csv(rep)
     params = ",".join(records.param_keys())  # every registered method parameter (gamma, seed, ...)
@@ -349,3 +349,18 @@ def test_models_sharing_a_basename_get_rows_and_labels_of_their_own(tmp_path):
     assert sorted(row.model for row in rep.rows) == ["/exp1/checkpoint-1000", "/exp2/checkpoint-1000"]
     labels = [row[0] for row in table_rows(report.markdown_table(rep))[1:]]
     assert sorted(labels) == ["/exp1/checkpoint-1000", "/exp2/checkpoint-1000"]
+
+
+def test_peak_memory_column_is_the_largest_measured_prefill_peak(tmp_path):
+    """Records with a measured peak (CUDA) give the row's largest, in GiB; unmeasured (CPU) ones "–"."""
+    out = tmp_path / "llava-v1.5-7b" / "otprune_r0.098_l0" / "gqa"
+    write_results(out, MODEL, {"gqa": {"exact_match": 0.5}}, start=T0)
+    samples = [dict(stats(23, 576, method="otprune", ratio=0.098), peak_memory_mb=mb) for mb in (1024.0, 3584.0, None)]
+    write_records(out, MODEL, samples, time=T0 + 30, tasks="gqa")
+    rep = report.build_report(tmp_path)
+    (row,) = rep.rows
+    assert row.peak_memory_gb() == 3.5
+    (cells,) = [r for r in table_rows(report.to_markdown(rep))[1:]]
+    assert cells[report.columns(rep).index("Peak mem (GB)")] == "3.50"
+    header, line = list(csv.reader(io.StringIO(report.to_csv(rep))))[:2]
+    assert float(line[header.index("peak_memory_gb")]) == 3.5

@@ -232,12 +232,13 @@ class LlavaMetaForCausalLM(ABC):
         for record in pending.stats:
             record.select_ms = select_ms
             record.prefill_ms = prefill_ms
+            record.peak_memory_mb = pending.prefill_clock.peak_memory_mb if pending.prefill_clock is not None else None
         self._pruning_stats = pending.stats
         self.on_pruning_stats(pending.stats)
 
     def _begin_prefill(self, device: torch.device) -> Clock:
         self.flush_pruning_stats()
-        clock = Clock(device)
+        clock = Clock(device, memory=True)
         self._active_clock = clock
         return clock
 

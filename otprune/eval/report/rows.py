@@ -90,6 +90,11 @@ class Row:
     def samples(self) -> int:
         return sum(bucket["n"] for bucket in self.buckets.values())
 
+    def peak_memory_gb(self) -> float | None:
+        """The largest prefill peak of the row's samples (GiB), None when no record measured one."""
+        peaks = [bucket["peak_memory_mb"] for bucket in self.buckets.values() if "peak_memory_mb" in bucket]
+        return max(peaks) / 1024 if peaks else None
+
 
 @dataclasses.dataclass
 class Report:
@@ -179,6 +184,8 @@ def bucket(records: Iterable[dict]) -> dict:
             if is_number(record.get(field)):
                 sums[field] += float(record[field])
                 sums[field + "_n"] += 1
+        if is_number(record.get("peak_memory_mb")):  # None on a CPU: unknown, left out
+            sums["peak_memory_mb"] = max(sums.get("peak_memory_mb", 0.0), float(record["peak_memory_mb"]))
     return sums
 
 

@@ -48,7 +48,7 @@ def task_headline(task: str, report: Report) -> Headline:
 def columns(report: Report) -> list[str]:
     labels = [task_headline(task, report).label for task in report.tasks]
     unit = flops_unit(report)[0]
-    return ["Model", "Method", "Layer", "Kept", f"{unit} (% unpruned)", *labels, "Prefill ms", "Select ms", "Avg. rank"]
+    return ["Model", "Method", "Layer", "Kept", f"{unit} (% unpruned)", *labels, "Prefill ms", "Select ms", "Peak mem (GB)", "Avg. rank"]
 
 
 def model_labels(report: Report) -> dict[str, str]:
@@ -75,7 +75,8 @@ def table_cells(report: Report) -> list[list[str]]:
             kept = adaptive.kept_cell(row.buckets.values())
         cells.append(
             [labels[row.model], row_label(row), "–" if row.layer is None else str(row.layer), kept, flops_cell,
-             *scores, _fmt(row.mean("prefill_ms"), 1), _fmt(row.mean("select_ms"), 2), _fmt(row.rank, 2)]
+             *scores, _fmt(row.mean("prefill_ms"), 1), _fmt(row.mean("select_ms"), 2),
+             _fmt(row.peak_memory_gb(), 2), _fmt(row.rank, 2)]
         )
     return cells
 
@@ -103,12 +104,12 @@ def to_csv(report: Report) -> str:
     task_columns = [f"{task}:{task_headline(task, report).metric}" for task in report.tasks]
     writer.writerow(
         ["model", "method", "layer", "ratio", *names, "order", "recipe", "tflops", "tflops_percent", *task_columns,
-         "prefill_ms", "select_ms", "avg_rank", "relative_score", "samples"]
+         "prefill_ms", "select_ms", "peak_memory_gb", "avg_rank", "relative_score", "samples"]
     )
     for row in report.rows:
         values = [row.layer, row.ratio, *(row.params.get(name) for name in names), row.order, row.recipe, row.tflops(),
                   row.tflops_percent(), *(row.scores.get(task) for task in report.tasks), row.mean("prefill_ms"),
-                  row.mean("select_ms"), row.rank, row.relative]
+                  row.mean("select_ms"), row.peak_memory_gb(), row.rank, row.relative]
         writer.writerow([row.model, method_label(row.method), *("" if value is None else value for value in values),
                          row.samples()])
     return out.getvalue()
