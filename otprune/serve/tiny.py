@@ -35,7 +35,8 @@ def _tokenizer():
     return build_tokenizer(SPECIALS, bos=True)
 
 
-def _configs(config_cls, tokenizer, image_size: int, hidden_size: int, layers: int, heads: int, **extra):
+def _configs(config_cls, tokenizer, image_size: int, hidden_size: int, layers: int, heads: int,
+             intermediate_size: int | None = None, **extra):
     from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(
@@ -43,7 +44,7 @@ def _configs(config_cls, tokenizer, image_size: int, hidden_size: int, layers: i
         image_size=image_size, patch_size=PATCH_SIZE, projection_dim=64, initializer_range=INIT_RANGE,
     )  # fmt: skip
     text = LlamaConfig(
-        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
         vocab_size=(len(tokenizer) + 7) // 8 * 8, max_position_embeddings=4096, initializer_range=INIT_RANGE,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -109,7 +110,8 @@ def _save(model_cls, config, processor, path: str | Path, seed: int) -> Path:
 
 
 def write_tiny_llava(
-    path: str | Path, seed: int = 0, *, image_size: int = 112, hidden_size: int = 128, layers: int = 2, heads: int = 4
+    path: str | Path, seed: int = 0, *, image_size: int = 112, hidden_size: int = 128, layers: int = 2, heads: int = 4,
+    intermediate_size: int | None = None,
 ) -> Path:
     """A tiny `LlavaForConditionalGeneration` (LLaVA-1.5 layout) that vLLM loads: (image_size / 14)^2 tokens per image."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -124,7 +126,7 @@ def write_tiny_llava(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=VICUNA_TEMPLATE,
     )  # fmt: skip
-    config = _configs(LlavaConfig, tokenizer, image_size, hidden_size, layers, heads)
+    config = _configs(LlavaConfig, tokenizer, image_size, hidden_size, layers, heads, intermediate_size)
     return _save(LlavaForConditionalGeneration, config, processor, path, seed)
 
 
@@ -132,7 +134,12 @@ def write_tiny_llava_next(
     path: str | Path, seed: int = 0, *, image_size: int = 56, hidden_size: int = 128, layers: int = 2, heads: int = 4
 ) -> Path:
     """A tiny `LlavaNextForConditionalGeneration` (anyres grids of 2 x 1, 1 x 2 and 2 x 2 crops) that vLLM loads."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     from otprune.hf.tiny import VICUNA_TEMPLATE
 
