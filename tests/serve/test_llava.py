@@ -85,6 +85,14 @@ def runs(tiny_llava):
             records[name] = llm.apply_model(lambda model: list(model.otprune_record))[0]
             llm.apply_model(lambda model: model.otprune_record.clear())
         results["plugin"], results["records"] = plugin, records
+        errors = []
+        for bad in (0.0, 1.5, "half"):  # refused at processing; the engine keeps serving
+            try:
+                generate(llm, [request(PROMPT, [image(0)], bad)])
+            except Exception as err:  # noqa: BLE001 - vLLM may wrap the ValueError
+                errors.append(str(err))
+        results["bad_ratio_errors"] = errors
+        results["after_bad"] = generate(llm, _requests(["one@0.25"]))[0]
     chunked_names = ["one", "one@1.0", "one@0.5", "two", "other@0.25"]
     with engine(
         tiny_llava, env={"SUBSET_RATIO": str(RATIO)}, enable_prefix_caching=True, enable_chunked_prefill=True,
@@ -181,3 +189,9 @@ def test_prefix_caching_chunked_prefill_and_mixed_ratios_give_the_same_outputs(r
     # the second round read the prefix cache (pruned image placeholders included)
     assert sum(out[3] for out in second_round.values()) > 0
     assert second_round["one"][3] >= 16  # beyond the text prefix: a block with the image's kept tokens
+
+
+def test_invalid_request_ratio_is_refused_and_the_engine_keeps_serving(runs):
+    errors = runs["bad_ratio_errors"]
+    assert len(errors) == 3 and all("otprune_ratio" in e for e in errors), errors
+    assert runs["after_bad"][:3] == runs["plugin"]["one@0.25"][:3]
