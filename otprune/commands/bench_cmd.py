@@ -26,6 +26,37 @@ def register(subparsers) -> None:
     what.required = True
     _register_selection(what)
     _register_prefill(what)
+    _register_serve(what)
+
+
+def _register_serve(what) -> None:
+    parser = what.add_parser(
+        "serve",
+        help="vLLM offline throughput and time to first token, unpruned vs pruned (serve venv)",
+        description=(
+            "One vLLM engine with the otprune plugin on a random LLaVA-1.5-geometry checkpoint (336 px CLIP tower, "
+            "576 tokens per image): requests/s and time to first token unpruned (otprune_ratio 1.0) vs pruned "
+            "(--ratio), interleaved in the same engine, beside the ratio the FLOPs formula predicts. "
+            "Needs the serve extra (make serve-venv)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--ratio", type=float, default=0.098, help="kept fraction of each image's tokens")
+    parser.add_argument("--width", type=int, default=1024, help="LLM hidden size d")
+    parser.add_argument("--intermediate", type=int, default=2816, help="LLM FFN size m")
+    parser.add_argument("--layers", type=int, default=4, help="LLM decoder layers")
+    parser.add_argument("--heads", type=int, default=16, help="LLM attention heads (head size >= 32)")
+    parser.add_argument("--requests", type=int, default=16, help="requests per throughput round")
+    parser.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (throughput)")
+    parser.add_argument("--rounds", type=int, default=2, help="throughput rounds per phase")
+    parser.add_argument("--ttft-repeats", type=int, default=5, help="single-request TTFT measurements per phase")
+    parser.set_defaults(run=run_serve, needs=("vllm",))
+
+
+def run_serve(args) -> int:
+    from otprune import bench_serve
+
+    return bench_serve.main(args)
 
 
 def _register_selection(what) -> None:

@@ -1,0 +1,160 @@
+"""Tiny random-weight LLaVA / LLaVA-NeXT checkpoints that vLLM (CPU backend) loads, built offline.
+
+    from otprune.serve.tiny import write_tiny_llava
+    path = write_tiny_llava("/tmp/tiny-vllm-llava")       # then LLM(model=str(path), ...)
+
+Differences from `otprune.hf.tiny` (which vLLM refuses):
+- attention head size 32 in the LLM and the vision tower (vLLM's CPU attention supports head
+  sizes 32, 64, 80, ...; the hf tiny models use 16);
+- the vision tower's weights under `vision_tower.vision_model.*`, the key layout of the hub
+  checkpoints that vLLM's loader expects (transformers 5.x `save_pretrained` writes
+  `vision_tower.embeddings.*`); transformers loads both layouts;
+- a real CLIP structure at a small crop (`image_size`, default 112 px, 14 px patches: 64 tokens
+  per crop) instead of 336 px (576 tokens), so tests stay fast; `image_size=336` gives LLaVA-1.5's
+  geometry (576 tokens per image) for benchmarks, `hidden_size` / `layers` the LLM width/depth.
+
+Same tokenizer and chat template as `otprune.hf.tiny` (byte-level, Vicuna "USER: ... ASSISTANT:").
+Imports only torch, transformers and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+PATCH_SIZE = 14
+INIT_RANGE = 0.1  # larger than usual, so that pruning visibly changes the logits
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+def _tokenizer():
+    from otprune.hf.tiny import build_tokenizer
+
+    return build_tokenizer(SPECIALS, bos=True)
+
+
+def _configs(config_cls, tokenizer, image_size: int, hidden_size: int, layers: int, heads: int,
+             intermediate_size: int | None = None, **extra):
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,  # head size 32
+        image_size=image_size, patch_size=PATCH_SIZE, projection_dim=64, initializer_range=INIT_RANGE,
+    )  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        vocab_size=(len(tokenizer) + 7) // 8 * 8, max_position_embeddings=4096, initializer_range=INIT_RANGE,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    if hidden_size // heads < 32:
+        raise ValueError(f"hidden_size={hidden_size}, heads={heads}: head size {hidden_size // heads} < 32 (vLLM CPU)")
+    return config_cls(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // PATCH_SIZE) ** 2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def _rewrite_vision_keys(folder: Path) -> None:
+    """`...vision_tower.X` -> `...vision_tower.vision_model.X` in every safetensors file."""
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(file))
+        renamed = {}
+        for key, value in tensors.items():
+            head, sep, rest = key.partition("vision_tower.")
+            if sep and not rest.startswith("vision_model."):
+                key = f"{head}vision_tower.vision_model.{rest}"
+            renamed[key] = value.contiguous()
+        save_file(renamed, str(file), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {
+            (k.replace("vision_tower.", "vision_tower.vision_model.", 1) if "vision_tower.vision_model." not in k
+             and "vision_tower." in k else k): v
+            for k, v in data["weight_map"].items()
+        }  # fmt: skip
+        index.write_text(json.dumps(data, indent=2))
+
+
+def _save(model_cls, config, processor, path: str | Path, seed: int) -> Path:
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config).eval()
+        for name, param in model.named_parameters():
+            if "image_newline" in name:
+                with torch.no_grad():
+                    param.normal_(0.0, 1.0)
+    tokenizer = processor.tokenizer
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    _rewrite_vision_keys(folder)
+    return folder
+
+
+def write_tiny_llava(
+    path: str | Path, seed: int = 0, *, image_size: int = 112, hidden_size: int = 128, layers: int = 2, heads: int = 4,
+    intermediate_size: int | None = None,
+) -> Path:
+    """A tiny `LlavaForConditionalGeneration` (LLaVA-1.5 layout) that vLLM loads: (image_size / 14)^2 tokens per image."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from otprune.hf.tiny import VICUNA_TEMPLATE
+
+    tokenizer = _tokenizer()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=VICUNA_TEMPLATE,
+    )  # fmt: skip
+    config = _configs(LlavaConfig, tokenizer, image_size, hidden_size, layers, heads, intermediate_size)
+    return _save(LlavaForConditionalGeneration, config, processor, path, seed)
+
+
+def write_tiny_llava_next(
+    path: str | Path, seed: int = 0, *, image_size: int = 56, hidden_size: int = 128, layers: int = 2, heads: int = 4
+) -> Path:
+    """A tiny `LlavaNextForConditionalGeneration` (anyres grids of 2 x 1, 1 x 2 and 2 x 2 crops) that vLLM loads."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    from otprune.hf.tiny import VICUNA_TEMPLATE
+
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    tokenizer = _tokenizer()
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )  # fmt: skip
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=VICUNA_TEMPLATE,
+    )  # fmt: skip
+    config = _configs(LlavaNextConfig, tokenizer, image_size, hidden_size, layers, heads, image_grid_pinpoints=pinpoints)
+    return _save(LlavaNextForConditionalGeneration, config, processor, path, seed)
+
+
+WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next}

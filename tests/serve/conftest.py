@@ -1,0 +1,109 @@
+"""Fixtures of the vLLM plugin tests: they run in the serve venv (`make test-serve`) and are skipped
+in the main venv, which has no vLLM.
+
+Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a test reaches the model with
+`LLM.apply_model`; the plugin is loaded through its installed entry point, as `vllm serve` loads
+it. Every engine is module- or session-scoped and shut down explicitly: one costs ~30 s to start
+on 2 cores. The engines run with the pruning switches unset (requests carry their ratio in
+`mm_processor_kwargs`) except where a test sets them for its own engine's lifetime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+import os
+
+import pytest
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+SKIP_REASON = "the vLLM plugin tests run in the serve venv (make test-serve)"
+SWITCHES = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE")
+if HAVE_VLLM:  # only in the serve venv: the main suite's environment is left alone
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for _name in SWITCHES:  # engines start unpruned unless a test says otherwise
+        os.environ.pop(_name, None)
+
+PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+PROMPT2 = "USER: <image>\nand <image>\nCompare them. ASSISTANT:"
+MAX_TOKENS = 6
+
+
+def image(seed: int, size=(160, 120)):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_llava
+
+    return str(write_tiny_llava(tmp_path_factory.mktemp("vllm-llava") / "ckpt", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_llava_next
+
+    return str(write_tiny_llava_next(tmp_path_factory.mktemp("vllm-llava-next") / "ckpt", seed=0))
+
+
+@contextlib.contextmanager
+def engine(model: str, *, arch: str | None = None, env: dict | None = None, **kwargs):
+    """A vLLM engine on `model` (fp32, eager, CPU), with `env` set for its whole lifetime."""
+    from vllm import LLM
+
+    saved = {name: os.environ.get(name) for name in (env or {})}
+    os.environ.update(env or {})
+    options = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0, limit_mm_per_prompt={"image": 2})
+    if arch is not None:
+        options["hf_overrides"] = {"architectures": [arch]}
+    options.update(kwargs)
+    llm = LLM(model=model, **options)
+    try:
+        yield llm
+    finally:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def request(prompt: str, images: list, ratio: float | None = None) -> dict:
+    req = {"prompt": prompt, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
+    if ratio is not None:
+        req["mm_processor_kwargs"] = {"otprune_ratio": ratio}
+    return req
+
+
+def generate(llm, requests: list[dict], max_tokens: int = MAX_TOKENS, logprobs: int = 5):
+    """[(prompt token ids, generated ids, first-step {token: logprob}, cached prompt tokens)] per request."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, ignore_eos=True)
+    outs = llm.generate(requests, params, use_tqdm=False)
+    result = []
+    for out in outs:
+        completion = out.outputs[0]
+        first = {tok: lp.logprob for tok, lp in completion.logprobs[0].items()}
+        result.append((list(out.prompt_token_ids), list(completion.token_ids), first, out.num_cached_tokens or 0))
+    return result
+
+
+@pytest.fixture(scope="module")
+def plugin_llm(tiny_llava):
+    """The plugin's LLaVA-1.5 (the entry point registers it under vLLM's architecture name), unpruned engine."""
+    with engine(tiny_llava, enable_prefix_caching=False) as llm:
+        yield llm

@@ -1,0 +1,82 @@
+"""Parts of the plugin that need no engine: switches, refusals, the embedding-count assertion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
+
+from otprune import serve  # noqa: E402
+
+
+def test_importing_otprune_serve_does_not_import_vllm():
+    import subprocess
+    import sys
+
+    code = "import sys, otprune.serve; assert 'vllm' not in sys.modules, 'vllm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"LAYER_INDEX": "2", "SUBSET_RATIO": "0.5"}, {"BASELINE": "FASTV", "SUBSET_RATIO": "0.5"}, {"BASELINE": "VTW", "LAYER_INDEX": "1"}],
+)
+def test_in_llm_pruning_is_refused(env):
+    with pytest.raises(ValueError, match="before the LLM only"):
+        serve.engine_config(env)
+
+
+def test_engine_config_reads_the_switches():
+    config = serve.engine_config({"BASELINE": "OURS", "SUBSET_RATIO": "0.098", "OTPRUNE_GAMMA": "0.05"})
+    assert (config.method, config.layer, config.ratio, config.gamma) == ("otprune", 0, 0.098, 0.05)
+    assert not serve.engine_config({}).enabled
+    with pytest.raises(ValueError, match="SUBSET_RATIO"):
+        serve.engine_config({"SUBSET_RATIO": "2"})
+
+
+def test_request_ratio():
+    off, on = serve.engine_config({}), serve.engine_config({"SUBSET_RATIO": "0.25"})
+    assert serve.request_ratio(off) == 1.0 and serve.request_ratio(on) == 0.25
+    assert serve.request_ratio(on, 0.5) == 0.5 and serve.request_ratio(off, "0.5") == 0.5
+    for bad in (0, 1.5, -0.1, "x", float("nan"), True):
+        with pytest.raises(ValueError, match="otprune_ratio"):
+            serve.request_ratio(on, bad)
+
+
+class _Model:
+    """The model mixin's pruning step on a stand-in object."""
+
+    def __init__(self):
+        from otprune.serve._common import PruneModelMixin
+
+        self.mixin = PruneModelMixin
+        self.otprune_config = serve.engine_config({"SUBSET_RATIO": "0.25"})
+        self.otprune_record = None
+
+    def prune(self, rows, total, keep):
+        return self.mixin.otprune_prune(self, rows, total, keep)
+
+    def otprune_params(self):
+        return self.mixin.otprune_params(self)
+
+
+def test_embedding_count_is_asserted_not_truncated():
+    model = _Model()
+    rows = torch.randn(64, 32)
+    assert model.prune(rows, 64, 16).shape == (16, 32)
+    assert model.prune(rows, 64, 64) is rows
+    with pytest.raises(AssertionError, match="placeholders"):
+        model.prune(torch.randn(70, 32), 64, 16)  # the tower gave more rows than the processor counted
+    with pytest.raises(AssertionError, match="placeholders"):
+        model.prune(torch.randn(70, 32), 64, 64)
+
+
+def test_qwen2_5_vl_refuses_pruning(monkeypatch):
+    qwen = pytest.importorskip("otprune.serve.qwen2_5_vl")
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        qwen._check_request({"otprune_ratio": 0.5})
+    assert qwen._check_request({"otprune_ratio": 1.0, "fps": 1}) == {"fps": 1}
+    monkeypatch.setenv("SUBSET_RATIO", "0.5")
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        qwen.OTPruneQwen2_5_VLForConditionalGeneration(vllm_config=None)
