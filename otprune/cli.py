@@ -1,4 +1,4 @@
-"""The `otprune` command line. Each subcommand lives in `otprune/commands/<name>.py` and
+"""The `otprune` command line. Each subcommand lives in `otprune/commands/<name>_cmd.py` and
 provides `register(subparsers)`; heavy imports happen inside the command, so `--help` is fast."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`otprune bench serve`: the table (no vLLM needed) and the CLI wiring."""
 
-from otprune import bench_serve
+from otprune.bench import serve as bench_serve
 from otprune.cli import build_parser
 
 

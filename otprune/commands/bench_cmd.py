@@ -54,7 +54,7 @@ def _register_serve(what) -> None:
 
 
 def run_serve(args) -> int:
-    from otprune import bench_serve
+    from otprune.bench import serve as bench_serve
 
     return bench_serve.main(args)
 
