@@ -17,22 +17,22 @@ inner model's `forward` on the instance:
   numbering) are mapped to the pruned cache (`otprune.hf.base.remap_decode`).
 
 PruMerge / PruMerge+ and adaptive budgets (`SUBSET_RATIO=iqr`), LLaVA-1.5 and LLaVA-1.6 only
-(CLIP towers; OneVision's SigLIP has no CLS token and is refused): forward hooks on the q/k
-projections of the CLIP encoder layer whose input is hidden state `vision_feature_layer` (the
-layer that reads it; installed only for such a prefill, removed after it) give each crop's CLS
-query and keys (`otprune.methods.prumerge`), a hook on the projector's input the selected patches
-(CLS row dropped, strategy "default"); `get_image_features` is wrapped so that `generate`'s own
-encoding before the prefill carries them too. PruMerge merges those patches in CLIP space and runs
-the model's own projector on the merged rows (the model's projection of all patches is unused); an image's M_i tokens take the places of its T_i
-placeholder rows (the first M_i rows; when M_i > T_i, e.g. PruMerge+ with many outliers plus the
-summary token, the last row's place holds the rest), text rows stay. `iqr`: the model's own `get_image_features` gives the token sets, the
-hooks give each crop's IQR count K, the selection method keeps K tokens of the projected set.
-LLaVA-1.6: each anyres crop (the base image, then each grid crop) is one CLIP forward with its own
-CLS token, as in our llava package: PruMerge merges each crop on its own and the image's tokens
-are its crops' merged tokens in crop order, without unpadding or `image_newline` tokens; the
-adaptive budget of an image is the sum of its crops' counts (at most its T_i tokens, newline
-tokens included), selected from the model's own anyres set. Statistics count T_i (the tokens the
-unpruned model hands the LLM) before and the M_i / K_i kept after.
+(CLIP towers; OneVision's SigLIP has no CLS token and is refused). Only for such a configuration,
+the model's own `get_image_features` (wrapped on the instance, so that `generate`'s encoding before
+the prefill is covered too) runs with forward hooks on the q/k projections of the CLIP encoder
+layer whose input is hidden state `vision_feature_layer` (each crop's CLS query and keys) and on
+the projector's input (the selected patches, CLS row dropped: strategy "default"); the hooks are
+removed right after. PruMerge merges those patches in CLIP space and runs the model's projector
+on the merged rows (the model's projection of all patches is unused). An image's M_i tokens take
+the places of its T_i placeholder rows (the first M_i rows; when M_i > T_i, e.g. PruMerge+ with
+many outliers plus the summary token, the last row's place holds the rest); text rows stay.
+`iqr`: the hooks give each crop's IQR count K, and the selection method keeps K tokens of the
+model's own projected set. LLaVA-1.6: each anyres crop (the base image, then each grid crop) is
+one CLIP forward with its own CLS token, as in our llava package: PruMerge merges each crop on its
+own and the image's tokens are its crops' merged tokens in crop order, without unpadding or
+`image_newline` tokens; the adaptive budget of an image is the sum of its crops' counts (at most
+its T_i tokens), selected from the model's own anyres set (newline tokens included). Statistics
+count T_i (the tokens the unpruned model hands the LLM) before, M_i / K_i after.
 
 The outer model's `forward` is wrapped too, for `labels` only: the loss is computed on the pruned
 sequence with every label following its row (kept visual rows keep their placeholder's label).
