@@ -71,8 +71,10 @@ Options (environment variable in brackets):
                     'otprune_paper' = those 11; also otprune_smoke)
   --methods LIST    BASELINE values: OURS (= OTPrune), DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK;
                     inside the LLM: FASTV, VTW, FITPRUNE; or 'none' for the unpruned model;
-                    adaptive (Table 1, layer 0, per-image IQR budget, --ratios not used): PRUMERGE,
-                    PRUMERGE_PLUS, DIVPRUNE_STAR (DivPrune*), OURS_STAR (OTPrune*)
+                    adaptive (Table 1, layer 0, per-image IQR budget): PRUMERGE, PRUMERGE_PLUS,
+                    DIVPRUNE_STAR (DivPrune*), OURS_STAR (OTPrune*); PRUMERGE / PRUMERGE_PLUS run
+                    at each given ratio instead when --ratios (or RATIOS / SUBSET_RATIO) is given,
+                    e.g. --methods PRUMERGE --ratios 0.1 -> prumerge_r0.1_l0 (not with --paper-table)
   --paper-table     the methods of the paper's Table 1: none,VTW (with --vtw-layers),FASTV,DIVPRUNE,OURS,
                     PRUMERGE,PRUMERGE_PLUS,DIVPRUNE_STAR,OURS_STAR
                     [METHODS, else BASELINE] (default: OURS)
@@ -97,7 +99,8 @@ Options (environment variable in brackets):
   --dry-run         print the commands, run nothing
   --smoke           the whole pipeline on CPU in a few minutes: a fresh tiny random checkpoint
                     (\`otprune tiny-llava\`), task otprune_smoke, unpruned and
-                    BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098, then the report (= make demo)
+                    BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098, then the report (= make demo);
+                    with --methods (and --ratios) those methods instead, e.g. the adaptive rows
   -h, --help        this help
 
 Environment only: OTPRUNE_GAMMA (OTPrune's gamma), OTPRUNE_SEED (RANDOM's seed) and OTPRUNE_ORDER
@@ -116,6 +119,7 @@ die() {
 MODELS="${MODELS:-}"
 TASKS="${TASKS:-}"
 METHODS="${METHODS:-${BASELINE:-}}"
+METHODS_GIVEN=0
 PAPER_TABLE=0
 RATIOS="${RATIOS:-${SUBSET_RATIO:-}}"
 LAYERS="${LAYERS:-${LAYER_INDEX:-}}"
@@ -141,7 +145,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --models | --model) need_value "$@"; MODELS="$2"; shift 2 ;;
         --tasks | --task) need_value "$@"; TASKS="$2"; shift 2 ;;
-        --methods | --method) need_value "$@"; METHODS="$2"; shift 2 ;;
+        --methods | --method) need_value "$@"; METHODS="$2"; METHODS_GIVEN=1; shift 2 ;;
         --paper-table) PAPER_TABLE=1; shift ;;
         --ratios | --ratio) need_value "$@"; RATIOS="$2"; shift 2 ;;
         --layers | --layer) need_value "$@"; LAYERS="$2"; shift 2 ;;
@@ -169,6 +173,8 @@ done
 
 LAYERS_GIVEN=0
 [[ -z "$LAYERS" ]] || LAYERS_GIVEN=1
+RATIOS_GIVEN=0   # a ratio given (--ratios / RATIOS / SUBSET_RATIO): PRUMERGE / PRUMERGE_PLUS at that fixed ratio
+[[ -z "$RATIOS" ]] || RATIOS_GIVEN=1
 
 if [[ -n "${PYTHON:-}" ]]; then
     PY="$PYTHON"
@@ -198,8 +204,8 @@ if [[ $SMOKE -eq 1 ]]; then
     esac
     MODELS="$CHECKPOINT"
     TASKS="otprune_smoke"
-    METHODS="none,OURS"
-    RATIOS="0.098"
+    [[ $METHODS_GIVEN -eq 1 ]] || METHODS="none,OURS"   # --methods: e.g. the adaptive rows on the tiny checkpoint
+    [[ $METHODS_GIVEN -eq 1 && $RATIOS_GIVEN -eq 1 ]] || { RATIOS="0.098"; RATIOS_GIVEN=0; }
     LAYERS="0"
     NUM_GPUS=1
     MODEL_ARGS_EXTRA=",device=cpu,device_map=auto"
@@ -212,6 +218,7 @@ else
     TASKS="${TASKS:-$PAPER_TASKS}"
     if [[ $PAPER_TABLE -eq 1 ]]; then
         METHODS="none${VTW_LAYERS:+,VTW},FASTV,DIVPRUNE,OURS,PRUMERGE,PRUMERGE_PLUS,DIVPRUNE_STAR,OURS_STAR"
+        RATIOS_GIVEN=0  # Table 1's PruMerge rows are adaptive
     fi
     METHODS="${METHODS:-OURS}"
     RATIOS="${RATIOS:-0.098}"
@@ -316,7 +323,7 @@ is_uint "$BATCH_SIZE" && [[ "$BATCH_SIZE" -ge 1 ]] || die "--batch-size: '$BATCH
 # own parser of the switches (the same code the model runs) and named by otprune.eval.records.settings_tag.
 # One line per setting: tag, method, layer, otprune_run.json fields, then the run's VAR=value switches.
 plan_settings() {
-    "$PY" - "$METHODS" "$RATIOS" "$LAYERS" "$LAYERS_GIVEN" "$FASTV_LAYERS" "$VTW_LAYERS" "$FITPRUNE_RECIPE" <<'EOF'
+    "$PY" - "$METHODS" "$RATIOS" "$LAYERS" "$LAYERS_GIVEN" "$FASTV_LAYERS" "$VTW_LAYERS" "$FITPRUNE_RECIPE" "$RATIOS_GIVEN" <<'EOF'
 import json
 import os
 import sys
@@ -335,7 +342,7 @@ try:
 except Exception as err:  # noqa: BLE001
     fail(f"cannot import otprune with {sys.executable} ({err}); install it: pip install -e '.[eval]'")
 
-methods, ratios, layers, layers_given, fastv_layers, vtw_layers, recipe = sys.argv[1:8]
+methods, ratios, layers, layers_given, fastv_layers, vtw_layers, recipe, ratios_given = sys.argv[1:9]
 
 
 def split(text):
@@ -413,8 +420,9 @@ for name in methods.split(",") or [""]:
         method = canonical_method(name)
     except ValueError:
         fail(f"BASELINE={name!r}: unknown method; valid: {describe_methods()}; adaptive rows: DIVPRUNE_STAR, OURS_STAR")
-    if method in ("prumerge", "prumerge_plus"):
-        emit(name, method, "iqr", "0")  # adaptive (Table 1); a fixed ratio: BASELINE=PRUMERGE SUBSET_RATIO=r by hand
+    if method in ("prumerge", "prumerge_plus"):  # adaptive (Table 1), or every given ratio (--ratios)
+        for ratio in split(ratios) if ratios_given == "1" else ["iqr"]:
+            emit(name, method, ratio, "0")
         continue
     for ratio in [None] if method in IN_LLM_RULES and not find(method).uses_ratio else split(ratios) or [""]:
         for layer in layers_of(method):
@@ -451,8 +459,11 @@ for index in "${!MODEL_LIST[@]}"; do
         [[ "$method" != "-" ]] || continue
         case "$method" in
             fastv | vtw | fitprune) what="${method^^} (pruning inside the LLM, at layer $layer)" ;;
-            prumerge | prumerge_plus) what="${method^^} (merging in the CLIP tower: our llava only, for now)" ;;
-            *) [[ "$layer" == "0" && "${SETTINGS[$s]}" != *_riqr_* ]] && continue; what="${method} at layer $layer (or an adaptive budget)" ;;
+            prumerge | prumerge_plus)  # transformers' Llava / LlavaNext (CLIP) merge; Qwen2.5-VL has no CLS token
+                [[ "${MODEL_BASES[$index]}" == "llava_hf" ]] && continue
+                what="${method^^} (needs a CLIP tower's CLS token)" ;;
+            *) [[ "$layer" == "0" && ( "${SETTINGS[$s]}" != *_riqr_* || "${MODEL_BASES[$index]}" == "llava_hf" ) ]] && continue
+               what="${method} at layer $layer (or an adaptive budget, which needs a CLIP tower's CLS token)" ;;
         esac
         die "--models: '${MODEL_LIST[$index]}' is a Hugging Face-format checkpoint (lmms-eval model ${MODEL_BASES[$index]}), which for now prunes only before the LLM (LAYER_INDEX=0) with the feature-selection methods; setting '${SETTINGS[$s]}' = $what is not available for it: leave it out, or run it on an original-format checkpoint (e.g. liuhaotian/llava-v1.5-7b)"
     done

@@ -167,3 +167,22 @@ def test_anyres_token_cells_follow_the_models_layout(position_coded_llava16, siz
         else:  # image_newline tokens: the model's learned vector, not a crop position
             assert torch.equal(features[token], model.get_model().image_newline.float())
     assert int((base.cells >= 0).sum()) == side * side
+
+
+@pytest.mark.parametrize("v16", [False, True], ids=["llava-1.5", "llava-1.6-anyres"])
+def test_show_draws_prumerge_beside_otprune(scene, tmp_path, capsys, tiny_llava, v16):
+    out = tmp_path / "kept.png"
+    code = main(["show", scene, "--model", tiny_llava(v16), "--methods", "otprune,prumerge,prumerge+", "--ratio", "0.25",
+                 "--panel", "96", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    geometry = show.layout(3, 2 if v16 else 1, 96, 3 if v16 else 2)
+    assert Image.open(out).size == geometry["size"]
+    _panels_are_separated(str(out), geometry)
+    printed = capsys.readouterr().out
+    assert printed.count("merged tokens, adaptive budget") == 2 and printed.count("W2 = ") == 3
+
+
+def test_show_prumerge_needs_a_model(scene, tmp_path, capsys):
+    assert main(["show", scene, "--methods", "otprune,prumerge", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "prumerge need the CLS attention" in err and "--model" in err

@@ -20,7 +20,17 @@ llava.mm_utils.process_images and the model's vision tower + projector (model.im
 exactly the set pruning sees. LLaVA-1.5: the 24 x 24 grid. LLaVA-1.6 (anyres): the base image
 and the grid crops are pruned jointly; a second row of panels shows the grid crops, with the
 cells removed by unpadding hatched (the image_newline tokens are counted, not drawn).
+
+PruMerge and PruMerge+ (--methods otprune,prumerge,prumerge_plus) are drawn with --model only:
+they need the CLS attention of the model's CLIP tower, which the pixel projection used without
+--model does not have (asking for them without --model is an error). Their panels use their
+adaptive IQR budget (--ratio is for the selection methods) and show the patches their merged
+tokens stand for (LLaVA-1.6: each crop merged on its own; patches of grid cells removed by
+unpadding are not drawn); the title counts those patches, and W2 is between all the model's
+tokens and PruMerge's merged tokens (its summary token included).
 """
+
+MERGE_METHODS = ("prumerge", "prumerge_plus")
 
 
 def _ratio(text: str) -> float:
@@ -125,16 +135,66 @@ def model_views(model, processor, image):
     return features, views
 
 
+def canonical(name: str) -> str:
+    """A selection method's or a merge method's (PruMerge) canonical name; ValueError otherwise."""
+    from otprune import METHODS
+    from otprune.config import canonical_method
+
+    try:
+        found = canonical_method(name)
+    except ValueError:
+        found = None
+    return found if found in MERGE_METHODS else METHODS.canonical(name)
+
+
+def merge_selection(model, processor, image, method: str, views) -> tuple:
+    """(indices of the tokens of `views` whose patches PruMerge's merged tokens stand for, the
+    merged tokens (M, D)) for `method` in MERGE_METHODS, adaptive budget, on the model's tower."""
+    import torch
+    from llava.mm_utils import process_images
+
+    from otprune.config import PruneConfig
+
+    pixels = process_images([image], processor, model.config)[0]
+    with torch.inference_mode():
+        tokens, sources, _, _ = model.merged_image_features(pixels[None].to(model.dtype), PruneConfig(method=method, layer=0))
+    patches = sources[0][sources[0] >= 0].tolist()  # crop c's patch p is c * N + p
+    side = int(model.get_vision_tower().num_patches_per_side)
+    n = side * side
+    if len(views) == 1:
+        return torch.tensor(sorted(patches), dtype=torch.long), tokens[0].float()
+    cells = views[1].cells
+    token_of_cell = {int(c): t for t, c in enumerate(cells.tolist()) if c >= 0}
+    grid_w = views[1].cols // side
+    kept = set()
+    for source in patches:
+        crop, p = divmod(source, n)
+        if crop == 0:
+            kept.add(p)  # the base image's tokens come first
+            continue
+        r, c = divmod(crop - 1, grid_w)
+        cell = (r * side + p // side) * views[1].cols + c * side + p % side
+        if cell in token_of_cell:  # not removed by unpadding
+            kept.add(token_of_cell[cell])
+    return torch.tensor(sorted(kept), dtype=torch.long), tokens[0].float()
+
+
 def run(args) -> int:
     from pathlib import Path
 
     from PIL import Image, UnidentifiedImageError
 
-    from otprune import METHODS, select_tokens
-    from otprune.analysis.distances import wasserstein2
+    from otprune import select_tokens
+    from otprune.analysis.distances import wasserstein2, wasserstein2_between
     from otprune.analysis.pictures import grid_view, patch_features, render
 
-    methods = [METHODS.canonical(m) for m in args.methods.split(",") if m.strip()]
+    methods = [canonical(m) for m in args.methods.split(",") if m.strip()]
+    merging = [m for m in methods if m in MERGE_METHODS]
+    if merging and not args.model:
+        raise ValueError(
+            f"--methods={args.methods!r}: {', '.join(merging)} need the CLS attention of a CLIP vision tower; draw "
+            "them with --model DIR (a LLaVA checkpoint): the pixel projection used without --model has no CLS token"
+        )
     if not methods:
         raise ValueError(f"--methods={args.methods!r}: name at least one method")
     if len(set(methods)) != len(methods):
@@ -156,7 +216,8 @@ def run(args) -> int:
     if args.model:
         if not Path(args.model).is_dir():
             raise FileNotFoundError(f"--model {args.model}: not a directory")
-        features, views = model_views(*load_model(args.model), image)
+        model, processor = load_model(args.model)
+        features, views = model_views(model, processor, image)
         source = f"model {args.model}"
     else:
         pixels, features = patch_features(image, args.grid, args.patch, args.dim, args.seed)
@@ -165,10 +226,15 @@ def run(args) -> int:
 
     params = {"otprune": {"gamma": args.gamma}, "random": {"seed": args.seed}}
     selections, distances = {}, {}
+    merged = {}
     for method in methods:
-        kept = select_tokens(features, args.ratio, method, **params.get(method, {}))
+        if method in MERGE_METHODS:  # the patches its merged tokens stand for; W2 to the merged tokens
+            kept, merged[method] = merge_selection(model, processor, image, method, views)
+            distances[method] = wasserstein2_between(features, merged[method])
+        else:
+            kept = select_tokens(features, args.ratio, method, **params.get(method, {}))
+            distances[method] = wasserstein2(features, kept)
         selections[method] = kept
-        distances[method] = wasserstein2(features, kept)
     figure, _ = render(views, selections, distances, panel=args.panel)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
@@ -177,6 +243,7 @@ def run(args) -> int:
     n = features.shape[0]
     print(f"{args.image}: {n} visual tokens from {source}; keeping ratio {args.ratio}")
     for method in methods:
-        print(f"  {method:<9} kept {selections[method].numel():>4}/{n}  W2 = {distances[method]:.6g}")
+        extra = f" ({merged[method].shape[0]} merged tokens, adaptive budget)" if method in merged else ""
+        print(f"  {method:<9} kept {selections[method].numel():>4}/{n}  W2 = {distances[method]:.6g}{extra}")
     print(f"wrote {out} ({figure.width}x{figure.height})")
     return 0

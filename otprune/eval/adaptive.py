@@ -64,3 +64,20 @@ def kept_cell(bucket_values: Iterable[dict]) -> str:
 def flops_cell(text: str) -> str:
     """The FLOPs cell of an adaptive row: "Variable: " + the per-sample mean (as in Table 1)."""
     return "Variable" if text == "–" else f"Variable: {text}"
+
+
+def starred(label: str, method: str | None, ratio: object) -> str:
+    """A selection method's label with Table 1's star on an adaptive row ("DivPrune*", "OTPrune*");
+    PruMerge's own rows (a merge method, adaptive by definition) and fixed ratios keep their label."""
+    from otprune.methods import find
+
+    if not is_adaptive(ratio) or method is None:
+        return label
+    try:
+        kind = find(method).kind
+    except ValueError:
+        return label
+    if kind != "selection":
+        return label
+    name, sep, rest = label.partition(" (")
+    return f"{name}*{sep}{rest}"

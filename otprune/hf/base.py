@@ -138,6 +138,27 @@ def compact_batch(keep: Tensor, side: str) -> CompactBatch:
     return CompactBatch(index, mask, positions, lengths, lengths, side)
 
 
+def expand_batch(repeat: Tensor, side: str) -> CompactBatch:
+    """`compact_batch` where input row (b, t) gives `repeat[b, t]` >= 0 rows of the result (0:
+    dropped, 1: kept, more: that many consecutive rows, e.g. a merge method's image with more
+    tokens than placeholder rows). `index` maps every new row to the input row it comes from (a
+    repeated row's label follows each copy)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r}: must be 'left' or 'right'")
+    batch, length = repeat.shape
+    lengths = repeat.sum(dim=1)  # (B,)
+    width = int(lengths.max()) if batch else 0
+    src = torch.repeat_interleave(torch.arange(batch * length, device=repeat.device), repeat.reshape(-1))  # new rows, in order
+    sample = src // length
+    rank = torch.arange(src.numel(), device=repeat.device) - (lengths.cumsum(0) - lengths)[sample]
+    slot = rank + (width - lengths)[sample] if side == "left" else rank
+    index = torch.full((batch, width), -1, dtype=torch.long, device=repeat.device)
+    index[sample, slot] = src
+    mask = (index >= 0).long()
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0) * mask
+    return CompactBatch(index, mask, positions, lengths, lengths, side)
+
+
 @dataclasses.dataclass
 class PrefillState:
     """What the decode steps after a pruned prefill need: the pruned cache's layout.
@@ -246,6 +267,7 @@ class HFAdapter:
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    cls_attention: ClassVar[bool] = False  # the family hands over a CLIP tower's CLS attention (PruMerge, iqr)
 
     def __init__(self, model: nn.Module, config: PruneConfig | None = None) -> None:
         if config is not None and not isinstance(config, PruneConfig):
@@ -288,6 +310,8 @@ class HFAdapter:
             tower = NO_CLS_TOWERS.get(self.family)
             if tower is not None:
                 raise no_cls_error(method, tower)
+            if self.cls_attention:
+                return
             raise ValueError(
                 f"BASELINE={method}: PruMerge's CLS attention (merge methods, SUBSET_RATIO=iqr) is not wired into {where} "
                 "yet; run it on an original-format checkpoint with our llava (e.g. liuhaotian/llava-v1.5-7b), or pick a "
@@ -361,12 +385,14 @@ class HFAdapter:
                 vars(item.owner).pop(item.name, None)
 
     # ---------------------------------------------------------------- selection and stats
-    def select(self, features: Sequence[Tensor], config: PruneConfig) -> list[Tensor]:
+    def select(self, features: Sequence[Tensor], config: PruneConfig, budgets: Sequence[int] | None = None) -> list[Tensor]:
         """Kept indices of every token set (image) of a batch, in ONE batched selection call.
 
         Args:
             features: per token set, (T_i, D) visual tokens (same D and device).
             config: an enabled PruneConfig (layer 0).
+            budgets: per token set, its count K_i (adaptive budgets, `SUBSET_RATIO=iqr`); default
+                round(ratio * T_i).
 
         Returns:
             per token set, (K_i,) long indices with K_i = round(ratio * T_i), ascending (for
@@ -375,9 +401,13 @@ class HFAdapter:
         """
         if not features:
             return []
-        ratio = float(config.ratio)  # a ratio, also when given as the int 1
         lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
-        keep = otprune.keep_counts(ratio, lengths).tolist()  # host ints
+        if budgets is not None:
+            ratio = torch.tensor(list(budgets), dtype=torch.long)  # a count per set
+            keep = [int(k) for k in budgets]
+        else:
+            ratio = float(config.ratio)  # a ratio, also when given as the int 1
+            keep = otprune.keep_counts(ratio, lengths).tolist()  # host ints
         padded = nn.utils.rnn.pad_sequence(list(features), batch_first=True)  # (N_sets, T_max, D)
         picks = otprune.select_tokens(
             padded,

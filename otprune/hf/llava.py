@@ -16,6 +16,24 @@ inner model's `forward` on the instance:
 - decode steps on that prefill's cache: the caller's mask and positions (in the unpruned
   numbering) are mapped to the pruned cache (`otprune.hf.base.remap_decode`).
 
+PruMerge / PruMerge+ and adaptive budgets (`SUBSET_RATIO=iqr`), LLaVA-1.5 and LLaVA-1.6 only
+(CLIP towers; OneVision's SigLIP has no CLS token and is refused). Only for such a configuration,
+the model's own `get_image_features` (wrapped on the instance, so that `generate`'s encoding before
+the prefill is covered too) runs with forward hooks on the q/k projections of the CLIP encoder
+layer whose input is hidden state `vision_feature_layer` (each crop's CLS query and keys) and on
+the projector's input (the selected patches, CLS row dropped: strategy "default"); the hooks are
+removed right after. PruMerge merges those patches in CLIP space and runs the model's projector
+on the merged rows (the model's projection of all patches is unused). An image's M_i tokens take
+the places of its T_i placeholder rows (the first M_i rows; when M_i > T_i, e.g. PruMerge+ with
+many outliers plus the summary token, the last row's place holds the rest); text rows stay.
+`iqr`: the hooks give each crop's IQR count K, and the selection method keeps K tokens of the
+model's own projected set. LLaVA-1.6: each anyres crop (the base image, then each grid crop) is
+one CLIP forward with its own CLS token, as in our llava package: PruMerge merges each crop on its
+own and the image's tokens are its crops' merged tokens in crop order, without unpadding or
+`image_newline` tokens; the adaptive budget of an image is the sum of its crops' counts (at most
+its T_i tokens), selected from the model's own anyres set (newline tokens included). Statistics
+count T_i (the tokens the unpruned model hands the LLM) before, M_i / K_i after.
+
 The outer model's `forward` is wrapped too, for `labels` only: the loss is computed on the pruned
 sequence with every label following its row (kept visual rows keep their placeholder's label).
 """
@@ -36,7 +54,7 @@ from otprune.hf.base import (
     HFAdapter,
     PrefillState,
     build_stats,
-    compact_batch,
+    expand_batch,
     padding_side,
     remap_decode,
 )
@@ -71,6 +89,36 @@ def _cache_of(kwargs: dict) -> Any:
     return kwargs.get("past_key_values") if cache is None else cache
 
 
+def _feature_layer(inner, kwargs: dict, config: PruneConfig) -> int:
+    """The hidden state the model selects (`vision_feature_layer`), checked for PruMerge's CLS attention."""
+    layer = kwargs.get("vision_feature_layer")
+    layer = inner.config.vision_feature_layer if layer is None else layer
+    strategy = kwargs.get("vision_feature_select_strategy")
+    strategy = inner.config.vision_feature_select_strategy if strategy is None else strategy
+    what = f"BASELINE={config.method.upper()} with SUBSET_RATIO={config.ratio}"
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(
+            f"vision_feature_layer={layer!r}: {what} scores the patches with the CLS attention of the layer reading ONE "
+            "selected hidden state; several concatenated layers are not supported"
+        )
+    if strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy={strategy!r}: {what} scores and keeps the patches without the CLS token; "
+            "only 'default' is supported"
+        )
+    return layer
+
+
+def _cls_capture(inner, layer: int):
+    """The q/k hooks on the CLIP layer that reads hidden state `layer` (a context manager)."""
+    from otprune.methods.prumerge import capture_projections, consuming_layer, encoder_layers
+
+    tower = inner.vision_tower
+    layers = encoder_layers(tower, f"the vision tower {type(tower).__name__}")
+    attn = layers[consuming_layer(layer, len(layers))].self_attn
+    return capture_projections(attn.q_proj, attn.k_proj)
+
+
 class LlavaFamilyAdapter(HFAdapter):
     """The shared adapter of the LLaVA family; a subclass says how to get the visual token sets."""
 
@@ -81,12 +129,84 @@ class LlavaFamilyAdapter(HFAdapter):
         super().__init__(model, config)
         self._call_config: PruneConfig | None = None  # resolved by the outer forward for the inner one
         self._compact: CompactBatch | None = None  # the last pruned prefill's layout (for labels)
+        self._features_config: PruneConfig | None = None  # the prefill's config, for get_image_features
+        self.last_sources: list[Tensor] | None = None  # PruMerge: per image of the last prefill, its rows' patches
 
     # ---------------------------------------------------------------- family hooks
     def visual_sets(self, inner, kwargs: dict) -> list[tuple[int, list[Tensor]]]:
         """(placeholder token id, per token set (T_i, D)) for each kind of media in `kwargs`, in
         the order the model writes them (each kind's sets fill its placeholders in row-major order)."""
         raise NotImplementedError
+
+    def crop_counts(self, inner, kwargs: dict) -> list[int]:
+        """Per image of a `get_image_features` call (its arguments), its CLIP crops."""
+        raise NotImplementedError
+
+    def image_outputs(self, inner, kwargs: dict):
+        """The image part of `mm_encoder_outputs` (generate encodes before the prefill), else the
+        model's own `get_image_features` on the call's pixels; None without images."""
+        raise NotImplementedError
+
+    def _features_with_cls(self, original: Callable, args: tuple, kwargs: dict, config: PruneConfig):
+        """`get_image_features` with the q/k hooks on the layer reading `vision_feature_layer` and a
+        hook on the projector's input (the selected patches, CLS row dropped): the output carries
+        them as `otprune_cls` = (q_cls (P, C), keys (P, 1 + N, C), patches (P, N, C), crops per image)."""
+        from otprune.methods.prumerge import capture_inputs
+
+        inner = self.inner
+        call = _as_kwargs(self._features_signature, args, kwargs)
+        layer = _feature_layer(inner, call, config)
+        with _cls_capture(inner, layer) as got, capture_inputs(inner.multi_modal_projector) as seen:
+            out = original(*args, **kwargs)
+        out.otprune_cls = (torch.cat(got["q_cls"]), torch.cat(got["keys"]), torch.cat(seen), self.crop_counts(inner, call))
+        return out
+
+    def cls_attention_sets(self, inner, kwargs: dict, config: PruneConfig):
+        """PruMerge (`config.merging`) or the adaptive budget (`SUBSET_RATIO=iqr`), see the module docstring.
+
+        Returns (image placeholder id, per image its tokens (M_i or T_i, D), per image its
+        placeholder rows T_i, per image the budget K_i (iqr) or None, the merge's clock or None).
+        """
+        from otprune.methods.prumerge import SUMMARY, cls_attention, iqr_keep_count
+
+        token_id = int(inner.config.image_token_id)
+        self._features_config = config
+        try:
+            encoded = self.image_outputs(inner, kwargs)
+        finally:
+            self._features_config = None
+        if encoded is None:
+            return token_id, [], [], None, None
+        captured = getattr(encoded, "otprune_cls", None)
+        if captured is None:
+            raise ValueError(
+                f"mm_encoder_outputs: image features encoded without PruMerge's CLS attention (BASELINE="
+                f"{config.method.upper()} with SUBSET_RATIO={config.ratio}): encode them with the adapter installed "
+                "(generate does), without num_beams / num_return_sequences > 1, or pass pixel_values"
+            )
+        q_cls, keys, patches, counts = captured
+        placeholders = [f.shape[0] for f in encoded.pooler_output]  # T_i: the model's own token sets
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        if not config.merging:  # adaptive budget: the model's own token sets, the counts from the hooks
+            per_crop = iqr_keep_count(cls_attention(q_cls, keys)).tolist()
+            budgets = [min(sum(per_crop[s:s + p]), t) for s, p, t in zip(starts, counts, placeholders, strict=True)]
+            return token_id, list(encoded.pooler_output), placeholders, budgets, None
+        clock = Clock(patches.device)
+        res = config.merger().merge(patches, q_cls, keys, ratio=config.ratio, order=config.order)
+        clock.stop()
+        projector = inner.multi_modal_projector
+        tokens = projector(res.features.to(next(projector.parameters()).dtype))  # (P, M_max, D): merged rows projected
+        sizes = res.counts.tolist()
+        per_crop = [tokens[c, :m] for c, m in enumerate(sizes)]
+        features = [torch.cat(per_crop[s:s + p]) for s, p in zip(starts, counts, strict=True)]
+        n = patches.shape[1]
+        local = res.sources + (torch.arange(len(sizes), device=res.sources.device) * n)[:, None]
+        local = torch.where(res.sources == SUMMARY, res.sources, local)
+        self.last_sources = [  # per image, its rows' patches: its crop c's patch j is c * N + j; SUMMARY: a summary
+            torch.cat([torch.where(local[c, :sizes[c]] == SUMMARY, SUMMARY, local[c, :sizes[c]] - s * n) for c in range(s, s + p)])
+            for s, p in zip(starts, counts, strict=True)
+        ]
+        return token_id, features, placeholders, None, clock
 
     @staticmethod
     def _encoded(kwargs: dict, kind: str):
@@ -118,6 +238,17 @@ class LlavaFamilyAdapter(HFAdapter):
 
         self.patch(inner, "forward", forward_inner)
         self.patch(self.model, "forward", forward_outer)
+        if self.cls_attention:  # generate encodes the images before the prefill: hooks there when asked
+            features_original = inner.get_image_features
+            self._features_signature = inspect.signature(features_original)
+
+            def get_image_features(*args, **kwargs):
+                config = self._features_config or self.resolve_config()
+                if not config.needs_cls_attention:
+                    return features_original(*args, **kwargs)
+                return self._features_with_cls(features_original, args, kwargs, config)
+
+            self.patch(inner, "get_image_features", get_image_features)
 
     # ---------------------------------------------------------------- the wrapped forwards
     def _forward_inner(self, original: Callable, kwargs: dict):
@@ -188,7 +319,12 @@ class LlavaFamilyAdapter(HFAdapter):
             )
         inner = self.inner
         prefill_clock = Clock(input_ids.device, memory=True)
-        sets = self.visual_sets(inner, kwargs)
+        budgets = merged = None
+        if config.needs_cls_attention:
+            token_id, set_features, placeholders, budgets, merged = self.cls_attention_sets(inner, kwargs, config)
+            sets = [(token_id, set_features)] if set_features else []
+        else:
+            sets, placeholders = self.visual_sets(inner, kwargs), None
 
         batch, length = input_ids.shape
         mask = kwargs.get("attention_mask")
@@ -204,7 +340,7 @@ class LlavaFamilyAdapter(HFAdapter):
         flat_ids = input_ids.reshape(-1)
         for token_id, set_features in sets:
             positions = (flat_ids == token_id).nonzero().squeeze(1)
-            counts = [f.shape[0] for f in set_features]
+            counts = list(placeholders) if placeholders is not None else [f.shape[0] for f in set_features]
             if positions.numel() != sum(counts):
                 raise ValueError(
                     f"input_ids: {positions.numel()} placeholder tokens (id {token_id}) but the media give {sum(counts)} "
@@ -216,28 +352,40 @@ class LlavaFamilyAdapter(HFAdapter):
         if any(int(r[-1]) // length != b for r, b in zip(rows, samples, strict=True)):
             raise ValueError("input_ids: an image's placeholder tokens span two samples; build the prompt with the model's processor")
 
-        select_clock = Clock(input_ids.device)
-        kept = self.select(features, config)
-        select_clock.stop()
+        if merged is not None:  # PruMerge: the merged rows take each image's first M_i placeholder rows
+            select_clock = merged
+            kept = [torch.arange(f.shape[0], device=f.device) for f in features]
+        else:
+            select_clock = Clock(input_ids.device)
+            kept = self.select(features, config, budgets)
+            select_clock.stop()
 
         embeds = inner.get_input_embeddings()(input_ids)  # (B, L, D)
         dim = embeds.shape[-1]
-        keep = valid.clone()
+        repeat = valid.long()  # new rows per input row: text 1, visual rows 1 when kept, padding 0
         visual = torch.zeros_like(valid)
-        slots, values = [], []
+        values = []
         for set_rows, set_features, set_kept in zip(rows, features, kept, strict=True):
-            rows_device = set_rows.to(keep.device)
-            keep.view(-1)[rows_device] = False
+            rows_device = set_rows.to(repeat.device)
+            repeat.view(-1)[rows_device] = 0
             visual.view(-1)[rows_device] = True
-            slots.append(rows_device[set_kept.sort().values.to(keep.device)])  # kept rows, in order
-            values.append(set_features[set_kept.to(set_features.device)])  # their tokens, in the order handed to the LLM
-        slot = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long, device=keep.device)
-        keep.view(-1)[slot] = True
-        if values:
-            flat = embeds.reshape(-1, dim).index_put((slot.to(embeds.device),), torch.cat(values).to(embeds))
-            embeds = flat.view(batch, length, dim)
+            if merged is None:
+                repeat.view(-1)[rows_device[set_kept.to(repeat.device)]] = 1  # kept rows
+            else:  # the merged tokens take the image's first rows; more tokens than rows: the last row repeats
+                m, t = set_features.shape[0], rows_device.numel()
+                repeat.view(-1)[rows_device[: min(m, t)]] = 1
+                repeat.view(-1)[rows_device[-1]] += max(0, m - t)
+            values.append(set_features[set_kept.to(set_features.device)])  # its tokens, in the order handed to the LLM
 
-        compact = compact_batch(keep, padding_side(mask))
+        compact = expand_batch(repeat, padding_side(mask))
+        index = compact.index.to(embeds.device)
+        is_visual = (index >= 0) & visual.to(embeds.device).view(-1)[index.clamp_min(0)]  # (B, L'): new visual rows
+        flat_rows = batch * length
+        source = torch.cat([embeds.reshape(-1, dim), *[v.to(embeds) for v in values], embeds.new_zeros(1, dim)])
+        # new visual rows, in order, take the images' tokens in order (images fill their rows in row-major order)
+        pick = torch.where(is_visual, flat_rows + is_visual.view(-1).long().cumsum(0).view_as(index) - 1,
+                           index.masked_fill(index < 0, source.shape[0] - 1))
+        new_embeds = source[pick]
         lengths_before = valid.sum(dim=1)
         new_mask = None
         if mask is not None or compact.padded:
@@ -245,7 +393,7 @@ class LlavaFamilyAdapter(HFAdapter):
         call = {
             **kwargs,
             "input_ids": None,
-            "inputs_embeds": compact.gather(embeds),
+            "inputs_embeds": new_embeds,
             "attention_mask": new_mask,
             "position_ids": compact.position_ids.to(embeds.device),
             **dict.fromkeys(key for key in MEDIA_KEYS if key in kwargs),
@@ -267,7 +415,7 @@ class LlavaFamilyAdapter(HFAdapter):
             build_stats(
                 config,
                 image_index,
-                [f.shape[0] for f in features],
+                [r.numel() for r in rows],
                 [k.numel() for k in kept],
                 text,
                 self.num_layers,
@@ -284,8 +432,12 @@ class LlavaAdapter(LlavaFamilyAdapter):
 
     family: ClassVar[str] = "llava"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
+    cls_attention: ClassVar[bool] = True
 
-    def visual_sets(self, inner, kwargs: dict) -> list[tuple[int, list[Tensor]]]:
+    def crop_counts(self, inner, kwargs: dict) -> list[int]:
+        return [1] * kwargs["pixel_values"].shape[0]
+
+    def image_outputs(self, inner, kwargs: dict):
         encoded = self._encoded(kwargs, "image")
         if encoded is None and kwargs.get("pixel_values") is not None:
             encoded = inner.get_image_features(
@@ -295,6 +447,10 @@ class LlavaAdapter(LlavaFamilyAdapter):
                 image_sizes=kwargs.get("image_sizes"),
                 return_dict=True,
             )
+        return encoded
+
+    def visual_sets(self, inner, kwargs: dict) -> list[tuple[int, list[Tensor]]]:
+        encoded = self.image_outputs(inner, kwargs)
         if encoded is None:
             return []
         return [(int(inner.config.image_token_id), list(encoded.pooler_output))]
@@ -306,8 +462,21 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
 
     family: ClassVar[str] = "llava_next"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration",)
+    cls_attention: ClassVar[bool] = True
 
-    def visual_sets(self, inner, kwargs: dict) -> list[tuple[int, list[Tensor]]]:
+    def crop_counts(self, inner, kwargs: dict) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        sizes = kwargs.get("image_sizes")
+        if sizes is None:
+            raise ValueError("image_sizes: required with pixel_values for LLaVA-NeXT's anyres crops; use the model's processor")
+        return [
+            int(image_size_to_num_patches(image_size=size, grid_pinpoints=inner.config.image_grid_pinpoints,
+                                          patch_size=inner.config.vision_config.image_size))
+            for size in sizes
+        ]
+
+    def image_outputs(self, inner, kwargs: dict):
         encoded = self._encoded(kwargs, "image")
         pixel_values = kwargs.get("pixel_values")
         if encoded is None and pixel_values is not None and pixel_values.size(0) > 0:
@@ -318,6 +487,10 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
                 vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
                 return_dict=True,
             )
+        return encoded
+
+    def visual_sets(self, inner, kwargs: dict) -> list[tuple[int, list[Tensor]]]:
+        encoded = self.image_outputs(inner, kwargs)
         if encoded is None:
             return []
         return [(int(inner.config.image_token_id), list(encoded.pooler_output))]

@@ -286,6 +286,17 @@ def capture_projections(q_proj: nn.Module, k_proj: nn.Module):
             handle.remove()
 
 
+@contextlib.contextmanager
+def capture_inputs(module: nn.Module):
+    """Within the block, the first positional input of each `module` forward is collected (a list)."""
+    got: list[Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach()))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
 def encoder_layers(tower: nn.Module, name: str = "vision tower"):
     """The encoder layers of a CLIP-like tower (`encoder.layers`, or `vision_model.encoder.layers`),
     each with `self_attn.q_proj` / `k_proj`; NoClsTokenError when the tower is not of that kind."""

@@ -513,3 +513,29 @@ def test_run_info_is_never_written_through_a_link(tmp_path):
     assert victim.read_text() == "keep me" and not link.is_symlink()
     assert json.loads(link.read_text()) == {"run_id": "x"}
     assert "otprune.eval.atomic" in SCRIPT.read_text()  # the script writes otprune_run.json with it
+def test_prumerge_adaptive_unless_a_ratio_is_given(tmp_path):
+    common = ("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--log-dir", str(tmp_path))
+    adaptive = run(*common, "--methods", "PRUMERGE,PRUMERGE_PLUS,DIVPRUNE_STAR,OURS_STAR")
+    assert adaptive.returncode == 0, adaptive.stderr
+    assert set(settings_of(adaptive.stdout)) == {"prumerge_riqr_l0", "prumerge_plus_riqr_l0", "divprune_star_riqr_l0",
+                                                 "ours_star_riqr_l0"}
+    fixed = run(*common, "--methods", "PRUMERGE,OURS", "--ratios", "0.1")
+    assert fixed.returncode == 0, fixed.stderr
+    assert settings_of(fixed.stdout)["prumerge_r0.1_l0"] == ["BASELINE=PRUMERGE", "LAYER_INDEX=0", "SUBSET_RATIO=0.1"]
+    table = run(*common, "--paper-table", "--ratios", "0.1")  # Table 1's PruMerge rows stay adaptive
+    assert table.returncode == 0, table.stderr
+    assert "prumerge_riqr_l0" in settings_of(table.stdout)
+
+
+def test_smoke_takes_the_given_methods(tmp_path):
+    result = run("--smoke", "--dry-run", "--methods", "none,PRUMERGE,OURS_STAR", "--log-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert set(settings_of(result.stdout)) == {"original", "prumerge_riqr_l0", "ours_star_riqr_l0"}
+
+
+def test_hf_checkpoints_run_the_adaptive_rows_but_qwen_refuses(tmp_path):
+    common = ("--dry-run", "--tasks", "gqa", "--methods", "PRUMERGE,OURS_STAR", "--log-dir", str(tmp_path))
+    llava = run(*common, "--models", "llava-hf/llava-1.5-7b-hf")
+    assert llava.returncode == 0, llava.stderr
+    qwen = run(*common, "--models", "Qwen/Qwen2.5-VL-7B-Instruct")
+    assert qwen.returncode != 0 and "CLS token" in qwen.stderr

@@ -96,3 +96,33 @@ def test_report_builds_the_table(smoke):
     rows = {row["method"]: row for row in csv.DictReader((log_dir / "otprune_report.csv").open())}
     assert float(rows["OTPrune"]["tflops"]) < float(rows["Original"]["tflops"])
     assert float(rows["OTPrune"]["select_ms"]) > 0
+
+
+@pytest.fixture(scope="module")
+def adaptive_smoke(tmp_path_factory):
+    """`run_OTPrune.sh --smoke --methods PRUMERGE,OURS_STAR`: Table 1's adaptive rows on the tiny checkpoint."""
+    log_dir = tmp_path_factory.mktemp("smoke_adaptive")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_RECORDS", "MODELS", "TASKS", "LOG_DIR",
+                          "METHODS", "RATIOS")}
+    env["HF_DATASETS_CACHE"] = str(log_dir / "hf_datasets")
+    result = subprocess.run(
+        ["bash", str(ROOT / "run_OTPrune.sh"), "--smoke", "--methods", "PRUMERGE,OURS_STAR", "--log-dir", str(log_dir),
+         "--limit", str(LIMIT), "--", "--gen_kwargs", "max_new_tokens=2"],
+        capture_output=True, text=True, env=env, cwd=log_dir,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + "\n" + result.stderr[-4000:]
+    return log_dir, result.stdout
+
+
+def test_adaptive_rows_end_to_end(adaptive_smoke):
+    log_dir, stdout = adaptive_smoke
+    for setting in ("prumerge_riqr_l0", "ours_star_riqr_l0"):
+        records = records_of(run_dir(log_dir, setting))
+        assert records and all(r["ratio"] == "iqr" for r in records)
+        kept = [r["visual_tokens_after"] for r in records]
+        assert min(kept) >= 1 and max(kept) < 16  # per-image IQR counts (+ PruMerge's summary token) of 16 patches
+    markdown = (log_dir / "otprune_report.md").read_text()
+    assert has_row(markdown, "tiny-llava", "PruMerge", "0") and has_row(markdown, "tiny-llava", "OTPrune*", "0")
+    rows = [line for line in markdown.splitlines() if line.startswith("| tiny-llava")]
+    assert len(rows) == 2 and all(" tok (" in row and "Variable: " in row for row in rows)

@@ -69,12 +69,14 @@ def table_cells(report: Report) -> list[list[str]]:
         tflops, percent = row.tflops(), row.tflops_percent()
         flops_cell = "–" if tflops is None else f"{tflops * factor:.3f}" + ("" if percent is None else f" ({format_percent(percent)}%)")
         scores = [_fmt(row.scores.get(task), places) for task, places in zip(report.tasks, digits, strict=True)]
-        kept = "100%" if row.method is None else ("–" if row.ratio is None else f"{100 * row.ratio:.4g}%")
         if adaptive.is_adaptive(row.ratio):  # per-image budgets: Table 1's "Variable", per-sample mean
             flops_cell = adaptive.flops_cell(flops_cell)
             kept = adaptive.kept_cell(row.buckets.values())
+        else:
+            kept = "100%" if row.method is None else ("–" if row.ratio is None else f"{100 * row.ratio:.4g}%")
         cells.append(
-            [labels[row.model], row_label(row), "–" if row.layer is None else str(row.layer), kept, flops_cell,
+            [labels[row.model], adaptive.starred(row_label(row), row.method, row.ratio),
+             "–" if row.layer is None else str(row.layer), kept, flops_cell,
              *scores, _fmt(row.mean("prefill_ms"), 1), _fmt(row.mean("select_ms"), 2),
              _fmt(row.peak_memory_gb(), 2), _fmt(row.rank, 2)]
         )
