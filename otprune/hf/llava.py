@@ -273,6 +273,9 @@ class LlavaFamilyAdapter(HFAdapter):
                 self.num_layers,
                 select_ms=select_clock.ms(),
                 prefill_ms=prefill_clock.ms(),
+                seen=features,
+                kept=kept,
+                exact_w2=self.exact_w2,
             )
         )
         return out if want_dict else out.to_tuple()
