@@ -40,9 +40,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from otprune.eval.report import to_markdown, write_report
-
     from otprune.config import canonical_method
+    from otprune.eval.report import to_markdown, write_report
 
     names = [name.strip() for name in args.pair.split(",") if name.strip()]
     if len(names) != 2:

@@ -42,6 +42,7 @@ from otprune.eval.report.collect import (
     parse_result_file,
     run_info,
 )
+from otprune.eval.report.figures import write_figures
 from otprune.eval.report.headlines import (
     EXTRA_COLUMNS,
     HEADLINES,
@@ -52,7 +53,6 @@ from otprune.eval.report.headlines import (
     metric_value,
     task_order,
 )
-from otprune.eval.report.figures import write_figures
 from otprune.eval.report.plots import plot
 from otprune.eval.report.provenance import DEFAULT_MMBENCH_JUDGE, provenance
 from otprune.eval.report.rows import (
