@@ -134,7 +134,12 @@ def test_fig2_table_scatter_and_pooled(fig2_logs):
     assert pooled[4] == "10" and float(pooled[5]) == pytest.approx(expected, rel=1e-3)
     assert "Fig. 2" in written["fig2_md"].read_text() and ["gqa", "5", "0.9"] == table_rows(written["fig2_md"].read_text())[1][3:6]
     assert "fig3_md" in written  # Fig. 3 needs only an unpruned row and pruned rows
-    assert "fig4_md" in written and "fig5_md" not in written and "wilcoxon_md" not in written
+    constant = report.build_report(fig2_logs)
+    for row in constant.rows:
+        row.scores["pope"] = 0.5
+    (table, _) = figures.fig2(constant)
+    assert [r[5] for r in table.rows if r[3] == "pope"] == ["n/a"]
+    assert "fig4_md" not in written and "fig5_md" not in written and "wilcoxon_md" not in written  # no OTPrune row
 
 
 @pytest.fixture
@@ -179,5 +184,4 @@ def test_no_distances_no_distance_figures(tmp_path):
         run(tmp_path, method, 0.098, {"gqa": 0.5, "pope": 0.7 - 0.01 * i}, T0 + 1000 * (i + 1))
     _, written = report.write_report(tmp_path)
     assert "fig2_md" not in written and "fig5_md" not in written
-    fig4 = list(csv.reader(io.StringIO(written["fig4_csv"].read_text())))
-    assert all(cell == "" for row in fig4[1:] for cell in row[4:])  # no OTPrune row, no distances
+    assert "fig3_md" in written and "fig4_md" not in written  # no OTPrune row, no distances: no Fig. 4

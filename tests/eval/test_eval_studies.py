@@ -79,7 +79,7 @@ def test_study_module_prints_shell_assignments(capsys):
 
 
 ARTEFACTS = {
-    "fig2": ["fig2.md", "fig2.csv", "fig2.png", "fig3.md", "fig4.md", "fig34.png"],
+    "fig2": ["fig2.md", "fig2.csv", "fig2.png", "fig3.md", "fig34.png"],
     "fig3": ["fig3.md", "fig3.csv", "fig4.md", "fig4.csv", "fig34.png", "wilcoxon.md", "wilcoxon.csv"],
     "fig5": ["fig5.md", "fig5.csv", "fig5.png"],
 }

@@ -45,6 +45,9 @@ def test_off_unpruned_and_distance_is_not_in_prefill_ms(tiny_v15, monkeypatch):
     monkeypatch.setenv("OTPRUNE_DISTANCE", "off")
     model(input_ids=ids[None], images=px)
     assert model.pruning_stats[0]["distance"] is None and model.pruning_stats[0]["distance_kind"] is None
+    monkeypatch.setenv("OTPRUNE_DISTANCE", "exact")
+    with pytest.raises(ValueError, match="OTPRUNE_DISTANCE='exact': must be one of off, trace, w2"):
+        model(input_ids=ids[None], images=px)
     monkeypatch.delenv("OTPRUNE_DISTANCE")
     # the distance runs after the prefill's clock stopped (and the selection's), on its own clock
     from llava.model import llava_arch

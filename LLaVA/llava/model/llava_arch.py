@@ -180,9 +180,11 @@ class LlavaMetaForCausalLM(ABC):
 
     def check_pruning_config(self, config: PruneConfig) -> None:
         """Refuse what this model cannot run: LAYER_INDEX >= its layer count, a FitPrune recipe
-        computed for another model (layer count or sizes)."""
+        computed for another model (layer count or sizes); a malformed `OTPRUNE_DISTANCE` (read
+        here, before the prefill, not after it)."""
         if config.enabled:
             check_in_llm(config, self.config)
+            distance_kind()
 
     # ---------------------------------------------------------------- statistics
     @property

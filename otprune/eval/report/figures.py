@@ -64,6 +64,10 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}g}"
 
 
+def _stat(value: float | None) -> str:
+    return "n/a" if value is None else _num(value)
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -112,7 +116,7 @@ def fig2(report: Report) -> tuple[Table, dict] | None:
                 continue
             dists, scores = [d for _, d, _ in have], [s for _, _, s in have]
             result = spearman(dists, scores)
-            cells.append([model_label(model), _num(ratio), str(layer), task, str(result.n), _num(result.rho), _num(result.p)])
+            cells.append([model_label(model), _num(ratio), str(layer), task, str(result.n), _stat(result.rho), _stat(result.p)])
             d_rank, s_rank = _ranks(dists), _ranks(scores, descending=True)
             pooled_d += d_rank
             pooled_s += s_rank
@@ -120,15 +124,16 @@ def fig2(report: Report) -> tuple[Table, dict] | None:
         if pooled_d:
             # ranks already point the same way (1 = closest / best): correlate them directly
             result = spearman(pooled_d, [-s for s in pooled_s])
-            cells.append([model_label(model), _num(ratio), str(layer), "pooled", str(result.n), _num(result.rho),
-                          _num(result.p)])
+            cells.append([model_label(model), _num(ratio), str(layer), "pooled", str(result.n), _stat(result.rho),
+                          _stat(result.p)])
             points[(model, ratio, layer)] = scatter
     if not cells:
         return None
     table = Table("Fig. 2: Spearman correlation of OT-distance rank and task-score rank",
                   ["model", "kept ratio", "layer", "task", "methods", "rho", "p (two-sided)"], cells,
                   "rho > 0: the strategies whose kept tokens are closer (OT distance) score better. "
-                  "Pooled: the within-task ranks of every task together.")
+                  "Pooled: the within-task ranks of every task together. n/a: a ranking is constant (e.g. every "
+                  "method has the same score), so rho is not defined.")
     return table, points
 
 
@@ -152,9 +157,10 @@ def plot_fig2(points: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- Fig. 3 / 4
 
 
-def fig34(report: Report) -> tuple[Table, Table, dict] | None:
-    """Relative performance and relative OT distance per method over ratios; None without an
-    unpruned row and pruned rows of more than one... (any) ratio with scores."""
+def fig34(report: Report) -> tuple[Table, Table | None, dict] | None:
+    """(Fig. 3 table, Fig. 4 table, curves): relative performance and relative OT distance per
+    method over the kept ratios; None without an unpruned row and pruned rows of its model; the
+    Fig. 4 table is None when no row has a distance relative to an OTPrune row."""
     originals = _originals(report)
     lines: dict[tuple, list[Row]] = defaultdict(list)
     for row in report.rows:
@@ -190,6 +196,8 @@ def fig34(report: Report) -> tuple[Table, Table, dict] | None:
     dist = Table("Fig. 4: OT distance relative to OTPrune's (method / OTPrune, same model, ratio, layer)", headers,
                  dist_cells, "Mean per-image distance of the kept tokens (records' `distance`) over OTPrune's at "
                  "its default gamma; > 1: farther from the full token set than OTPrune.")
+    if all(cell == "" for row in dist_cells for cell in row[4:]):
+        dist = None
     return perf, dist, curves
 
 
@@ -332,7 +340,8 @@ def write_figures(report: Report, folder: str | os.PathLike, stem: str = "otprun
         written["fig2_png"] = folder / f"{stem}_fig2.png"
     if (found := fig34(report)) is not None:
         tables("fig3", found[0])
-        tables("fig4", found[1])
+        if found[1] is not None:
+            tables("fig4", found[1])
         plot_fig34(found[2], folder / f"{stem}_fig34.png")
         written["fig34_png"] = folder / f"{stem}_fig34.png"
     if (found := fig5(report)) is not None:
