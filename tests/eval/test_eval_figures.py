@@ -132,6 +132,7 @@ def test_fig2_table_scatter_and_pooled(fig2_logs):
     expected = statistics.correlation(average_ranks(d_ranks), average_ranks(s_ranks))
     pooled = cells(written["fig2_csv"], "pooled")
     assert pooled[4] == "10" and float(pooled[5]) == pytest.approx(expected, rel=1e-3)
+    assert "trace = the closed-form W2 of the Gaussian fits" in written["fig2_md"].read_text()
     assert "Fig. 2" in written["fig2_md"].read_text() and ["gqa", "5", "0.9"] == table_rows(written["fig2_md"].read_text())[1][3:6]
     assert "fig3_md" in written  # Fig. 3 needs only an unpruned row and pruned rows
     constant = report.build_report(fig2_logs)

@@ -79,6 +79,18 @@ def _default_params(row: Row) -> bool:
         row.order in (None, defaults["order"]))
 
 
+KIND_TEXT = {"trace": "trace = the closed-form W2 of the Gaussian fits, from the paper's Eq. 4",
+             "w2": "w2 = the exact empirical W2 (POT)"}
+
+
+def distance_note(report: Report) -> str:
+    """Which distance the records hold (OTPRUNE_DISTANCE), and a warning when runs mix kinds."""
+    kinds = sorted({k for row in report.rows for b in row.buckets.values() for k in b.get("distance_kinds", ()) if k})
+    text = "; ".join(KIND_TEXT.get(k, k) for k in kinds) or "none"
+    mixed = " -- MIXED kinds: compare runs of one OTPRUNE_DISTANCE only" if len(kinds) > 1 else ""
+    return f"OT distance (records' `distance_kind`): {text}{mixed}."
+
+
 def _originals(report: Report) -> dict[str, Row]:
     return {row.model: row for row in report.rows if row.method is None}
 
@@ -133,7 +145,7 @@ def fig2(report: Report) -> tuple[Table, dict] | None:
                   ["model", "kept ratio", "layer", "task", "methods", "rho", "p (two-sided)"], cells,
                   "rho > 0: the strategies whose kept tokens are closer (OT distance) score better. "
                   "Pooled: the within-task ranks of every task together. n/a: a ranking is constant (e.g. every "
-                  "method has the same score), so rho is not defined.")
+                  "method has the same score), so rho is not defined. " + distance_note(report))
     return table, points
 
 
@@ -195,7 +207,7 @@ def fig34(report: Report) -> tuple[Table, Table | None, dict] | None:
                  "Per task the pruned score over the unpruned model's; average = mean over the tasks.")
     dist = Table("Fig. 4: OT distance relative to OTPrune's (method / OTPrune, same model, ratio, layer)", headers,
                  dist_cells, "Mean per-image distance of the kept tokens (records' `distance`) over OTPrune's at "
-                 "its default gamma; > 1: farther from the full token set than OTPrune.")
+                 "its default gamma; > 1: farther from the full token set than OTPrune. " + distance_note(report))
     if all(cell == "" for row in dist_cells for cell in row[4:]):
         dist = None
     return perf, dist, curves
