@@ -101,6 +101,17 @@ Options (environment variable in brackets):
                     (\`otprune tiny-llava\`), task otprune_smoke, unpruned and
                     BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098, then the report (= make demo);
                     with --methods (and --ratios) those methods instead, e.g. the adaptive rows
+  --study NAME      the runs of one of the paper's analyses [STUDY] (then \`otprune report\` writes it):
+                    fig2  Fig. 2: LLaVA-1.5-7B, none,FIRSTK,LASTK,UNIFORM,RANDOM,DIVPRUNE at 0.098
+                    fig3  Fig. 3/4: LLaVA-1.5-13B, none,OURS,DIVPRUNE,DPP,RANDOM at 0.05,0.098,0.2,0.3,0.4,0.5
+                    fig5  Fig. 5: LLaVA-1.5-7B, 1.5-13B, 1.6-7B, none,OURS at 0.098, gamma
+                          0.005,0.01,0.02,0.05,0.1
+                    on the 11 tasks, layer 0 (ratios / gammas the paper does not give are ours:
+                    otprune/eval/studies.py). Sets --methods/--ratios/--layers/--gammas; --models and
+                    --tasks still override the study's. With --smoke: the same methods on the tiny
+                    checkpoint and otprune_smoke (fig3: 0.25,0.5; fig5: gamma 0.005,0.01,0.1), in
+                    ./logs/smoke_NAME by default
+  --gammas LIST     OTPrune's gammas: one OURS run per value [GAMMAS] (default: OTPRUNE_GAMMA, else 0.01)
   -h, --help        this help
 
 Environment only: OTPRUNE_GAMMA (OTPrune's gamma), OTPRUNE_SEED (RANDOM's seed) and OTPRUNE_ORDER
@@ -121,6 +132,8 @@ TASKS="${TASKS:-}"
 METHODS="${METHODS:-${BASELINE:-}}"
 METHODS_GIVEN=0
 PAPER_TABLE=0
+STUDY="${STUDY:-}"
+GAMMAS="${GAMMAS:-}"
 RATIOS="${RATIOS:-${SUBSET_RATIO:-}}"
 LAYERS="${LAYERS:-${LAYER_INDEX:-}}"
 FASTV_LAYERS="${FASTV_LAYERS:-}"
@@ -147,6 +160,8 @@ while [[ $# -gt 0 ]]; do
         --tasks | --task) need_value "$@"; TASKS="$2"; shift 2 ;;
         --methods | --method) need_value "$@"; METHODS="$2"; METHODS_GIVEN=1; shift 2 ;;
         --paper-table) PAPER_TABLE=1; shift ;;
+        --study) need_value "$@"; STUDY="$2"; shift 2 ;;
+        --gammas | --gamma) need_value "$@"; GAMMAS="$2"; shift 2 ;;
         --ratios | --ratio) need_value "$@"; RATIOS="$2"; shift 2 ;;
         --layers | --layer) need_value "$@"; LAYERS="$2"; shift 2 ;;
         --fastv-layers | --fastv-layer) need_value "$@"; FASTV_LAYERS="$2"; shift 2 ;;
@@ -158,7 +173,7 @@ while [[ $# -gt 0 ]]; do
         --batch-size | --batch_size) need_value "$@"; BATCH_SIZE="$2"; shift 2 ;;
         --models=* | --tasks=* | --methods=* | --ratios=* | --layers=* | --gpus=* | --log-dir=* | --limit=* | --batch-size=* | \
         --model=* | --task=* | --method=* | --ratio=* | --layer=* | --fastv-layers=* | --fastv-layer=* | --vtw-layers=* | \
-        --vtw-layer=* | --fitprune-recipe=*)
+        --vtw-layer=* | --fitprune-recipe=* | --study=* | --gammas=* | --gamma=*)
             key="${1%%=*}"; value="${1#*=}"; shift; set -- "$key" "$value" "$@"; continue ;;
         --allow-unknown) ALLOW_UNKNOWN=1; shift ;;
         --force) FORCE=1; shift ;;
@@ -194,6 +209,16 @@ is_uint() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Studies (--study): the runs of one of the paper's analyses, planned by otprune.eval.studies.
+STUDY_PLAN=""
+if [[ -n "$STUDY" ]]; then
+    study_args=("$STUDY")
+    [[ $SMOKE -eq 0 ]] || study_args+=(--smoke)
+    STUDY_PLAN="$("$PY" -m otprune.eval.studies "${study_args[@]}")" || exit 2
+    [[ $SMOKE -eq 0 || -n "$LOG_DIR" ]] || LOG_DIR="logs/smoke_${STUDY,,}"
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Smoke mode: tiny checkpoint, CPU, otprune_smoke, unpruned + OTPrune.
 if [[ $SMOKE -eq 1 ]]; then
     [[ -z "$MODELS" ]] || echo "$ME: --smoke uses its own tiny checkpoint; ignoring --models/MODELS" >&2
@@ -207,6 +232,7 @@ if [[ $SMOKE -eq 1 ]]; then
     [[ $METHODS_GIVEN -eq 1 ]] || METHODS="none,OURS"   # --methods: e.g. the adaptive rows on the tiny checkpoint
     [[ $METHODS_GIVEN -eq 1 && $RATIOS_GIVEN -eq 1 ]] || { RATIOS="0.098"; RATIOS_GIVEN=0; }
     LAYERS="0"
+    [[ -z "$STUDY_PLAN" ]] || eval "$STUDY_PLAN"  # the study's methods, ratios, gammas
     NUM_GPUS=1
     MODEL_ARGS_EXTRA=",device=cpu,device_map=auto"
     export CUDA_VISIBLE_DEVICES="" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -214,6 +240,11 @@ if [[ $SMOKE -eq 1 ]]; then
     unset OTPRUNE_GAMMA OTPRUNE_SEED OTPRUNE_ORDER  # the demo runs the defaults
     FORCE=1
 else
+    if [[ -n "$STUDY_PLAN" ]]; then
+        eval "$STUDY_PLAN"  # METHODS, RATIOS, LAYERS, GAMMAS, STUDY_MODELS, STUDY_TASKS
+        MODELS="${MODELS:-$STUDY_MODELS}"
+        TASKS="${TASKS:-$STUDY_TASKS}"
+    fi
     MODELS="${MODELS:-$PAPER_MODELS}"
     TASKS="${TASKS:-$PAPER_TASKS}"
     if [[ $PAPER_TABLE -eq 1 ]]; then
@@ -323,7 +354,7 @@ is_uint "$BATCH_SIZE" && [[ "$BATCH_SIZE" -ge 1 ]] || die "--batch-size: '$BATCH
 # own parser of the switches (the same code the model runs) and named by otprune.eval.records.settings_tag.
 # One line per setting: tag, method, layer, otprune_run.json fields, then the run's VAR=value switches.
 plan_settings() {
-    "$PY" - "$METHODS" "$RATIOS" "$LAYERS" "$LAYERS_GIVEN" "$FASTV_LAYERS" "$VTW_LAYERS" "$FITPRUNE_RECIPE" "$RATIOS_GIVEN" <<'EOF'
+    "$PY" - "$METHODS" "$RATIOS" "$LAYERS" "$LAYERS_GIVEN" "$FASTV_LAYERS" "$VTW_LAYERS" "$FITPRUNE_RECIPE" "$RATIOS_GIVEN" "$GAMMAS" <<'EOF'
 import json
 import os
 import sys
@@ -342,7 +373,7 @@ try:
 except Exception as err:  # noqa: BLE001
     fail(f"cannot import otprune with {sys.executable} ({err}); install it: pip install -e '.[eval]'")
 
-methods, ratios, layers, layers_given, fastv_layers, vtw_layers, recipe, ratios_given = sys.argv[1:9]
+methods, ratios, layers, layers_given, fastv_layers, vtw_layers, recipe, ratios_given, gammas = sys.argv[1:10]
 
 
 def split(text):
@@ -380,7 +411,7 @@ STARS = {"divprune_star": "DIVPRUNE", "divprune*": "DIVPRUNE", "ours_star": "OUR
          "otprune*": "OURS", "ours*": "OURS"}
 
 
-def emit(name, method, ratio, layer, baseline=None):
+def emit(name, method, ratio, layer, baseline=None, overrides=None):
     env = {"BASELINE": baseline or name}
     if layer is not None:
         env["LAYER_INDEX"] = layer
@@ -389,6 +420,7 @@ def emit(name, method, ratio, layer, baseline=None):
     for spec in find(method).params():  # the method's own parameters (OTPRUNE_GAMMA, OTPRUNE_SEED, ...)
         if os.environ.get(spec.env, "").strip():
             env[spec.env] = os.environ[spec.env].strip()
+    env.update(overrides or {})  # --gammas
     if method not in IN_LLM_RULES and layer is not None and is_zero(layer) and os.environ.get("OTPRUNE_ORDER", "").strip():
         env["OTPRUNE_ORDER"] = os.environ["OTPRUNE_ORDER"].strip()
     if method == "fitprune" and recipe:
@@ -405,6 +437,11 @@ def emit(name, method, ratio, layer, baseline=None):
     info = json.dumps({**settings, "baseline": name})[1:-1]
     print("\t".join([tag, settings["method"], str(settings["layer"]), info, *[f"{key}={value}" for key, value in env.items()]]))
 
+
+gamma_list = split(gammas)
+if gamma_list and not any(canonical_method(n) == "otprune" for n in split(methods) if n.lower() not in
+                          ("none", "original", "off") and n.lower() not in STARS):
+    fail(f"--gammas {gammas}: only OTPrune (OURS) takes gamma; add OURS to --methods")
 
 for name in methods.split(",") or [""]:
     name = name.strip()
@@ -426,7 +463,8 @@ for name in methods.split(",") or [""]:
         continue
     for ratio in [None] if method in IN_LLM_RULES and not find(method).uses_ratio else split(ratios) or [""]:
         for layer in layers_of(method):
-            emit(name, method, ratio, layer)
+            for gamma in gamma_list if method == "otprune" and gamma_list else [None]:
+                emit(name, method, ratio, layer, overrides={"OTPRUNE_GAMMA": gamma} if gamma else None)
 EOF
 }
 

@@ -9,6 +9,7 @@
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
+| `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `trace` (default: Gaussian W2 from the paper's Eq. 4), `w2` (exact W2, POT), `off` |
 | `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset or `auto` = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
 
 The model-level (attention-based) methods prune inside the LLM and are switched on by `BASELINE`
@@ -363,6 +364,21 @@ def announce(owner: object, config: PruneConfig, model: str = "model") -> None:
     if LOGGER.level == logging.NOTSET:
         LOGGER.setLevel(logging.INFO)
     LOGGER.info("%s: %s", model, describe_config(config))
+
+
+def distance_kind(environ: Mapping[str, str] | None = None) -> str:
+    """`OTPRUNE_DISTANCE`: which per-image distance of the kept tokens the records carry
+    (`otprune.distance`): "trace" (default when unset or empty), "w2" or "off" (any case)."""
+    from otprune.distance import DEFAULT_DISTANCE, DISTANCE_KINDS
+
+    env = os.environ if environ is None else environ
+    raw = (env.get("OTPRUNE_DISTANCE") or "").strip()
+    if not raw:
+        return DEFAULT_DISTANCE
+    if raw.lower() not in DISTANCE_KINDS:
+        raise ValueError(f"OTPRUNE_DISTANCE={raw!r}: must be one of {', '.join(DISTANCE_KINDS)} "
+                         f"(default {DEFAULT_DISTANCE}: the paper's Eq. 4 as a Gaussian W2; w2: exact W2 with POT)")
+    return raw.lower()
 
 
 RECORDS_OFF = ("0", "off", "false", "no", "none")

@@ -21,9 +21,14 @@ class SampleStats(Mapping):
     (or video) of the sample, its visual tokens before and after pruning; text_tokens: the
     non-visual, non-padding tokens; batch_size: samples in the forward; select_ms / prefill_ms:
     the batch's selection time and prefill wall time; peak_memory_mb: the accelerator's peak
-    allocated memory during the batch's prefill (CUDA; None on a CPU, see
-    `otprune.timing.Clock`); visual_tokens_per_layer: the sample's
-    visual tokens at each decoder layer's input (the schedule; multi-layer for in-LLM methods).
+    allocated memory during the batch's prefill (CUDA; None on a CPU, see `otprune.timing.Clock`);
+    visual_tokens_per_layer: the sample's
+    visual tokens at each decoder layer's input (the schedule; multi-layer for in-LLM methods);
+    distance_kind / distance / objective / distance_ms: per image, the distance between its kept
+    tokens and all its tokens on the features the selection saw (`otprune.distance`,
+    `OTPRUNE_DISTANCE`: trace = Gaussian W2 from Eq. 4, w2 = exact W2), the Eq. 4 objective, and
+    the batch's time computing them (never part of select_ms / prefill_ms); None when off or not
+    defined (unpruned, merged tokens, VTW, FitPrune's multi-stage schedule).
     """
 
     method: str | None
@@ -40,6 +45,10 @@ class SampleStats(Mapping):
     select_ms: float | None = None
     prefill_ms: float | None = None
     peak_memory_mb: float | None = None
+    distance_kind: str | None = None
+    distance: list[float | None] | None = None
+    objective: list[float | None] | None = None
+    distance_ms: float | None = None
 
     @classmethod
     def of(cls, config, before: Sequence[int], schedules: Sequence[Sequence[int]], text_tokens: int,

@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     _register_selection(what)
     _register_prefill(what)
     _register_serve(what)
+    _register_distance(what)
 
 
 def _register_serve(what) -> None:
@@ -121,6 +122,34 @@ def _register_prefill(what) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs (unpruned, pruned) after one warm-up pair (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.set_defaults(run=run_prefill, needs=("transformers", "tokenizers"))
+
+
+def _register_distance(what) -> None:
+    parser = what.add_parser(
+        "distance",
+        help="time the per-image OT distance of the records (OTPRUNE_DISTANCE) at N = 576, 2880",
+        description="Time otprune.distance's Eq. 4 distance (OTPRUNE_DISTANCE=trace) per image on random "
+                    "features, and with --exact the exact W2 (POT), to compare with a prefill (`bench prefill`).",
+    )
+    parser.add_argument("--sizes", default="576,2880", help="token counts N (default: 576,2880)")
+    parser.add_argument("--dim", type=int, default=4096, help="feature width D (default: 4096)")
+    parser.add_argument("--ratio", type=float, default=0.098, help="kept fraction (default: 0.098)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per size (median; default: 5)")
+    parser.add_argument("--exact", action="store_true", help="also time the exact W2 once (POT, the analysis extra)")
+    parser.set_defaults(run=run_distance)
+
+
+def run_distance(args) -> int:
+    from otprune.bench import distance as bench_distance
+
+    try:
+        sizes = tuple(int(v) for v in args.sizes.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"otprune bench distance: --sizes {args.sizes!r}: comma-separated integers, e.g. 576,2880") from None
+    if not sizes or min(sizes) < 1 or args.dim < 1 or args.repeats < 1 or not 0 < args.ratio <= 1:
+        raise SystemExit("otprune bench distance: --sizes, --dim, --repeats must be >= 1 and --ratio in (0, 1]")
+    print(bench_distance.format_table(bench_distance.run(sizes, args.dim, args.ratio, args.repeats, args.exact)))
+    return 0
 
 
 def run(args) -> int:

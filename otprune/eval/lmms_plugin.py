@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from lmms_eval.api.model import lmms
 
-from otprune.config import PruneConfig, records_target
+from otprune.config import PruneConfig, distance_kind, records_target
 from otprune.eval import records
 
 MODEL_ID = "otprune_hf"
@@ -135,6 +135,10 @@ def attach(lm: object):
     model = loaded_model(lm)
     adapter = hf.apply(model)
     adapter.check(PruneConfig.from_env())
+    if distance_kind() == "w2":  # checks OTPRUNE_DISTANCE before any sample; w2 needs POT
+        from otprune.analysis.distances import wasserstein2
+
+        adapter.exact_w2 = wasserstein2
     config = model.config
     adapter.on_stats = lambda stats: records.record(stats, config=config)
     lm.otprune_adapter = adapter

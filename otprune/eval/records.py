@@ -9,6 +9,9 @@ The `llava` model calls `record(stats, config=self.config)` once per multimodal 
     seq_len_before/after            the sample's whole sequence length (system + text + visual)
     text_tokens                     its non-visual tokens
     select_ms, prefill_ms           selection time and prefill latency
+    distance, objective             per image, the kept tokens' distance to all its tokens and the
+    distance_kind, distance_ms      paper's Eq. 4 objective (`otprune.distance`, OTPRUNE_DISTANCE),
+                                    and the time they took (apart from select_ms / prefill_ms)
     tokens_per_layer (optional)     tokens processed by each decoder layer, for multi-layer
                                     schedules (FastV, VTW, FitPrune recipes); when absent it is
                                     seq_len_before for the layers < `layer`, seq_len_after after

@@ -28,7 +28,9 @@ import torch
 from torch import Tensor, nn
 
 import otprune
-from otprune.config import PruneConfig, announce
+from otprune.config import PruneConfig, announce, distance_kind
+from otprune.distance import attach as attach_distances
+from otprune.distance import kept_distances
 from otprune.stats import SampleStats, stats_for
 from otprune.timing import Clock
 
@@ -45,6 +47,9 @@ def build_stats(
     select_ms: float | None = None,
     prefill_ms: float | None = None,
     peak_memory_mb: float | None = None,
+    seen: Sequence[Tensor] | None = None,
+    kept: Sequence[Tensor] | None = None,
+    exact_w2: Callable | None = None,
 ) -> list[SampleStats]:
     """One `otprune.stats.SampleStats` per sample, for pruning before the LLM (layer 0).
 
@@ -56,11 +61,17 @@ def build_stats(
         num_layers: decoder layers of the LLM (for the per-layer schedule).
         select_ms / prefill_ms: the batch's selection time and prefill wall time.
         peak_memory_mb: the prefill's peak accelerator memory (None when unknown: CPU).
+        seen / kept: per token set, the features its selection saw (T_i, D) and its kept indices
+            (K_i,): each sample's `distance` / `objective` (`otprune.distance`, `OTPRUNE_DISTANCE`),
+            computed here, after the prefill's clock stopped, on their own clock.
+        exact_w2: the exact solver for `OTPRUNE_DISTANCE=w2` (the adapter's `exact_w2`).
     """
     schedules = [[int(after)] * num_layers for after in tokens_after]
     stats = stats_for(config, image_index, tokens_before, schedules, text_tokens)
     for sample in stats:
         sample.select_ms, sample.prefill_ms, sample.peak_memory_mb = select_ms, prefill_ms, peak_memory_mb
+    if config.enabled and seen is not None and kept is not None:
+        attach_distances(stats, image_index, kept_distances(distance_kind(), seen, kept, exact=exact_w2))
     return stats
 
 
@@ -276,6 +287,9 @@ class HFAdapter:
         self.config = config
         self.last_stats: list[dict] = []
         self.on_stats: Callable[[list[dict]], object] | None = None
+        # OTPRUNE_DISTANCE=w2: the exact W2 solver (features, kept) -> float; this layer cannot import
+        # otprune.analysis (POT), so the caller hands it in (the lmms-eval plugin does)
+        self.exact_w2: Callable | None = None
         self.state: PrefillState | None = None
         self._patches: list[_Patch] = []
 

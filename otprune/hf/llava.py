@@ -422,6 +422,9 @@ class LlavaFamilyAdapter(HFAdapter):
                 select_ms=select_clock.ms(),
                 prefill_ms=prefill_clock.ms(),
                 peak_memory_mb=prefill_clock.peak_memory_mb,
+                seen=None if merged is not None else features,  # merged tokens: no kept subset to measure
+                kept=None if merged is not None else kept,
+                exact_w2=self.exact_w2,
             )
         )
         return out if want_dict else out.to_tuple()

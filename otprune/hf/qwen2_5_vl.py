@@ -360,7 +360,7 @@ class Qwen2_5_VLAdapter(HFAdapter):
         out_cache = getattr(outputs, "cache", None)
         self.state = PrefillState.from_compact(out_cache, length, compact, lengths_before) if out_cache is not None else None
         clock.stop()
-        self._emit(config, sets, kept, valid, select_clock, clock)
+        self._emit(config, sets, kept, valid, select_clock, clock, features)
         return outputs if return_dict is not False else outputs.to_tuple()
 
     def _visual_sets(self, kwargs: dict[str, Any], input_ids: Tensor, merge: int) -> tuple[list[Tensor], VisualSets]:
@@ -407,7 +407,8 @@ class Qwen2_5_VLAdapter(HFAdapter):
         return features, sets
 
     def _emit(
-        self, config: PruneConfig, sets: VisualSets, kept: list[Tensor], valid: Tensor, select_clock: Clock, clock: Clock
+        self, config: PruneConfig, sets: VisualSets, kept: list[Tensor], valid: Tensor, select_clock: Clock, clock: Clock,
+        features: list[Tensor] | None = None,
     ) -> None:
         batch = valid.shape[0]
         image_index: list[list[int]] = [[] for _ in range(batch)]
@@ -427,6 +428,9 @@ class Qwen2_5_VLAdapter(HFAdapter):
             select_ms=select_clock.ms(),
             prefill_ms=clock.ms(),
             peak_memory_mb=clock.peak_memory_mb,
+            seen=features,
+            kept=kept,
+            exact_w2=self.exact_w2,
         )
         self.emit_stats(stats)
 

@@ -486,3 +486,28 @@ def test_cls_attention_methods_refuse_clearly(hf_tiny, config):
         return
     with pytest.raises(ValueError, match="SigLIP"):
         hf.apply(hf_tiny.model, config)
+
+
+@pytest.mark.parametrize("method", ["otprune", "first_k", "random"])
+def test_every_image_records_its_eq4_distance(hf_tiny, method, monkeypatch):
+    """Issue #16: each token set's distance / objective (`otprune.distance`) on the projected
+    features its selection saw; the exact W2 when the caller hands the solver in (`w2`)."""
+    from otprune.distance import eq4_distance
+
+    inputs = make_inputs(hf_tiny, SAMPLES)
+    sets = [f for _, feats in visual_sets(hf_tiny, inputs) for f in feats]
+    adapter = hf.apply(hf_tiny.model, PruneConfig(method=method, layer=0, ratio=RATIO))
+    try:
+        logits(hf_tiny, inputs)
+        got = [d for s in adapter.last_stats for d in (s["distance"] or [])]
+        expected = [eq4_distance(f, otprune.select_tokens(f, RATIO, method))[0] for f in sets]
+        assert got == pytest.approx(expected, rel=1e-4)
+        assert adapter.last_stats[2]["distance"] == [] and adapter.last_stats[0]["distance_kind"] == "trace"
+        monkeypatch.setenv("OTPRUNE_DISTANCE", "w2")
+        with pytest.raises(ValueError, match="OTPRUNE_DISTANCE='w2'"):
+            logits(hf_tiny, inputs)
+        adapter.exact_w2 = lambda f, k: float(k.numel())
+        logits(hf_tiny, inputs)
+        assert [d for s in adapter.last_stats for d in s["distance"]] == [float(round(RATIO * f.shape[0])) for f in sets]
+    finally:
+        adapter.remove()

@@ -36,7 +36,9 @@ from llava.model.in_llm.decoder import PrefillPlan, check_in_llm, stage_layers, 
 from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 from otprune import PruneConfig
-from otprune.config import announce
+from otprune.config import announce, distance_kind
+from otprune.distance import attach as attach_distances
+from otprune.distance import kept_distances
 from otprune.stats import SampleStats, stats_for
 from otprune.timing import Clock
 
@@ -115,6 +117,11 @@ class _PendingStats:
     select_clock: Clock | _ClockSum | None
     prefill_clock: Clock | None
     pruning: bool
+    # per image: the tokens its selection saw and the kept indices (None: no subset kept), for the
+    # distances computed at flush, after the prefill clock stopped (`otprune.distance`)
+    distance_inputs: tuple[list, list] | None = None
+    image_index: list[list[int]] | None = None
+    plan: PrefillPlan | None = None  # an in-LLM prefill's plan: its decoder fills plan.distance_inputs
 
 
 class LlavaMetaModel:
@@ -173,9 +180,11 @@ class LlavaMetaForCausalLM(ABC):
 
     def check_pruning_config(self, config: PruneConfig) -> None:
         """Refuse what this model cannot run: LAYER_INDEX >= its layer count, a FitPrune recipe
-        computed for another model (layer count or sizes)."""
+        computed for another model (layer count or sizes); a malformed `OTPRUNE_DISTANCE` (read
+        here, before the prefill, not after it)."""
         if config.enabled:
             check_in_llm(config, self.config)
+            distance_kind()
 
     # ---------------------------------------------------------------- statistics
     @property
@@ -233,6 +242,11 @@ class LlavaMetaForCausalLM(ABC):
             record.select_ms = select_ms
             record.prefill_ms = prefill_ms
             record.peak_memory_mb = pending.prefill_clock.peak_memory_mb if pending.prefill_clock is not None else None
+        plan = pending.plan
+        inputs = pending.distance_inputs or (plan.distance_inputs if plan is not None else None)
+        if pending.pruning and inputs is not None:
+            attach_distances(pending.stats, pending.image_index, kept_distances(
+                distance_kind(), *inputs, exact=_exact_w2))
         self._pruning_stats = pending.stats
         self.on_pruning_stats(pending.stats)
 
@@ -490,8 +504,13 @@ class LlavaMetaForCausalLM(ABC):
             else:
                 features = self.image_features(images, image_sizes) if n_images else []
             before = [f.shape[0] for f in features]
+        distance_inputs = None
         if config.enabled and n_images and not config.in_llm and not config.merging:
+            seen = features
             features, kept_indices, select_clock = self.select_visual_tokens(features, config, budgets)
+            distance_inputs = (seen, kept_indices)
+        elif config.enabled and n_images and config.merging:
+            distance_inputs = ([None] * n_images, [None] * n_images)  # merged tokens: not a subset
         after = [f.shape[0] for f in features]
 
         embed = self.get_model().embed_tokens
@@ -546,10 +565,20 @@ class LlavaMetaForCausalLM(ABC):
             select_clock=select_clock,
             prefill_clock=getattr(self, "_active_clock", None),
             pruning=config.enabled,
+            distance_inputs=distance_inputs,
+            image_index=[list(images) for images in layout.image_index],
+            plan=model._prefill_plan,
         )
         if self._pending_stats.prefill_clock is None:
             self.flush_pruning_stats()
         return None, new_positions, new_mask, past_key_values, inputs_embeds, new_labels
+
+
+def _exact_w2(features: Tensor, kept: Tensor) -> float:
+    """Exact W2 (POT) for `OTPRUNE_DISTANCE=w2` (`otprune.analysis`, the `analysis` extra)."""
+    from otprune.analysis.distances import wasserstein2
+
+    return wasserstein2(features, kept)
 
 
 def _max_length(config) -> int | None:

@@ -46,6 +46,7 @@ from otprune.eval.report.collect import (
     parse_result_file,
     run_info,
 )
+from otprune.eval.report.figures import write_figures
 from otprune.eval.report.headlines import (
     EXTRA_COLUMNS,
     HEADLINES,
@@ -116,8 +117,10 @@ def build_report(log_dir: str | os.PathLike) -> Report:
     return Report(root, rows, tasks, notes + row_notes, provenance(runs, tasks))
 
 
-def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[Report, dict[str, Path]]:
-    """Build the report and write markdown, CSV and (when useful) the PNG; returns what was written."""
+def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                 pair: tuple[str, str] = ("otprune", "divprune")) -> tuple[Report, dict[str, Path]]:
+    """Build the report and write markdown, CSV and (when useful) the PNG, and the paper's analyses
+    the runs hold (`figures`: Fig. 2-5, the Wilcoxon test of `pair`); returns what was written."""
     report = build_report(log_dir)
     markdown = Path(out) if out is not None else Path(log_dir) / "otprune_report.md"
     # Each file is written to a temporary file beside it and renamed: never through a link.
@@ -133,6 +136,7 @@ def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = Non
             temporary.unlink()  # nothing to draw: an existing picture is left as it is
     if drawn:
         written["png"] = picture
+    written.update(write_figures(report, markdown.parent, markdown.stem, pair))  # Fig. 2-5, Wilcoxon (when held)
     return report, written
 
 
@@ -148,5 +152,5 @@ __all__ = [
     "average_ranks", "build_report", "collect_rows", "columns", "find_record_runs", "find_result_files", "flops_unit",
     "headline", "markdown_table", "method_label", "metric_value", "model_label", "parse_result_file", "plot",
     "provenance", "relative_scores", "row_label", "row_order", "run_info", "table_cells", "task_headline",
-    "task_order", "to_csv", "to_markdown", "write_report",
+    "task_order", "to_csv", "to_markdown", "write_figures", "write_report",
 ]

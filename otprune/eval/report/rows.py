@@ -87,6 +87,19 @@ class Row:
         count = sum(bucket[field + "_n"] for bucket in self.buckets.values())
         return total / count if count else None
 
+    def task_distance(self, task: str) -> float | None:
+        """Mean per-image distance of the kept tokens (`otprune.distance`) over the records of the
+        results file that gave `task`'s score; None when those records hold none."""
+        source = self.sources.get(task)
+        sums = self.buckets.get(source.path) if source is not None else None
+        return sums["distance"] / sums["distance_n"] if sums and sums.get("distance_n") else None
+
+    def distance(self) -> float | None:
+        """Mean per-image distance over all the row's records."""
+        total = sum(b.get("distance", 0.0) for b in self.buckets.values())
+        count = sum(b.get("distance_n", 0) for b in self.buckets.values())
+        return total / count if count else None
+
     def samples(self) -> int:
         return sum(bucket["n"] for bucket in self.buckets.values())
 
@@ -178,6 +191,11 @@ def bucket(records: Iterable[dict]) -> dict:
         sums["kept_after"] = sums.get("kept_after", 0.0) + after
         sums["kept_before"] = sums.get("kept_before", 0.0) + before
         sums["kept_n"] = sums.get("kept_n", 0) + kept_n
+        for value in record.get("distance") or ():  # per image of the sample (otprune.distance)
+            if is_number(value):
+                sums["distance"] = sums.get("distance", 0.0) + float(value)
+                sums["distance_n"] = sums.get("distance_n", 0) + 1
+                sums.setdefault("distance_kinds", set()).add(record.get("distance_kind"))
         for field in ("prefill_ms", "select_ms"):
             if field == "select_ms" and record.get("method") is None:
                 continue  # nothing is selected when pruning is off

@@ -123,6 +123,10 @@ class PrefillPlan:
         stages: layers where tokens are dropped.
         make_clock: device -> a started timer with `.stop()` (the selection time).
         clocks: the timers of the stages, filled by the decoder.
+        distance_inputs: (per image of the plan, the hidden states its first stage's selection saw
+            (V_i, D), per image its kept indices (K_i,)), filled by the decoder for the distances
+            of `otprune.distance` (computed after the prefill); entries None where no subset is
+            defined: a schedule of several stages (FitPrune), or beams / repeated samples.
     """
 
     config: PruneConfig
@@ -131,6 +135,7 @@ class PrefillPlan:
     stages: list[int]
     make_clock: Callable | None = None
     clocks: list = dataclasses.field(default_factory=list)
+    distance_inputs: tuple[list, list] | None = None
 
     @property
     def batch(self) -> int:
@@ -316,6 +321,25 @@ class StageContext:
         return torch.tensor([lay.seq_len - 1 if lay.side == "left" else n - 1 for n in lay.seq_lens])
 
 
+def _keep_distance_inputs(plan: PrefillPlan, ctx: StageContext, kept: Tensor, planned: list[list[int]], *,
+                          first: bool, repeats: int) -> None:
+    """At the first stage, keep per plan image the hidden states its selection saw (V_i, D) and its
+    kept indices (K_i,); a later stage (or repeated samples) makes the distance undefined (None)."""
+    n_plan = len(plan.schedules)
+    if not first or repeats != 1:
+        plan.distance_inputs = ([None] * n_plan, [None] * n_plan)
+        return
+    values = ctx.image_values(ctx.hidden)  # (I, V_max, D)
+    features, indices = [None] * n_plan, [None] * n_plan
+    order = [i for imgs in planned for i in imgs]  # stage image k -> plan image order[k]
+    for k, plan_image in enumerate(order):
+        count = ctx.keep[k]
+        if count > 0:
+            features[plan_image] = values[k, : ctx.lengths[k]]
+            indices[plan_image] = kept[k, :count]
+    plan.distance_inputs = (features, indices)
+
+
 def _image_rows(layout: HostLayout, images: list[list[int]], n_images: int) -> tuple[Tensor, Tensor, list[int]]:
     """(I, V_max) rows, (I,) sample, per-image counts of the current layout (host tensors)."""
     lengths = [0] * n_images
@@ -428,6 +452,8 @@ def pruned_prefill(model, plan: PrefillPlan, inputs_embeds: Tensor, attention_ma
             kept = ctx.keep_tokens()  # (I, K_max) within-image indices, ascending, -1 padded
             if clock is not None:
                 plan.clocks.append(clock.stop())
+            _keep_distance_inputs(plan, ctx, kept, planned, first=i == plan.stages[0],
+                                  repeats=repeats)
             per_sample = [[keep[k] for k in imgs] for imgs in images]
             new_layout = layout.shrink(per_sample)
             index = _compact(ctx, kept, new_layout, device)  # (B, N')
