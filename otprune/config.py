@@ -384,6 +384,19 @@ def distance_kind(environ: Mapping[str, str] | None = None) -> str:
 RECORDS_OFF = ("0", "off", "false", "no", "none")
 
 
+def check_before_llm(config: PruneConfig, who: str, instead: str) -> PruneConfig:
+    """`config`, when it prunes before the LLM or not at all; ValueError naming the switches and the
+    allowed values when it prunes inside the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE), which
+    `who` (e.g. "otprune vLLM plugin") cannot do; `instead`: what can."""
+    if config.enabled and config.in_llm:
+        raise ValueError(
+            f"{who}: BASELINE={config.method.upper()} LAYER_INDEX={config.layer}: prunes each image's embeddings "
+            "before the LLM only (LAYER_INDEX=0 or unset, with a selection method: OURS/OTPRUNE, DIVPRUNE, DPP, "
+            f"RANDOM, UNIFORM, FIRSTK, LASTK); pruning inside the LLM needs {instead}"
+        )
+    return config
+
+
 def records_target(environ: Mapping[str, str] | None = None) -> str:
     """`OTPRUNE_RECORDS`, where `otprune.eval.records` writes per-sample records: "auto" when unset,
     empty or `auto` (beside lmms-eval's outputs when running under lmms-eval with `--output_path`,

@@ -135,3 +135,32 @@ def stats_for(config, image_index: Sequence[Sequence[int]], tokens_before: Seque
     batch = len(text_tokens)
     return [SampleStats.of(config, [tokens_before[i] for i in images], [schedules[i] for i in images], text, batch)
             for images, text in zip(image_index, text_tokens, strict=True)]
+
+
+# Listeners of per-sample stats produced where no model hook reaches the caller (the vLLM plugin's
+# processor runs in vLLM's front end): `otprune.eval` adds one that writes records. Core-level, so
+# that any layer may emit without importing the layer that listens.
+_LISTENERS: list = []
+
+
+def add_listener(listener) -> None:
+    """Call `listener(stats, **context)` on every `emit` of this process (once per listener)."""
+    if listener not in _LISTENERS:
+        _LISTENERS.append(listener)
+
+
+def remove_listener(listener) -> None:
+    """Stop calling `listener` (no error when it was not added)."""
+    if listener in _LISTENERS:
+        _LISTENERS.remove(listener)
+
+
+def listening() -> bool:
+    """True when some listener was added (emitters may skip building stats otherwise)."""
+    return bool(_LISTENERS)
+
+
+def emit(stats: Sequence[SampleStats], **context: object) -> None:
+    """Hand one request's per-sample `stats` (and e.g. `config=`, `prune=`) to every listener."""
+    for listener in list(_LISTENERS):
+        listener(stats, **context)

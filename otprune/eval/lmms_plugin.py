@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from lmms_eval.api.model import lmms
 
-from otprune.config import PruneConfig, distance_kind, records_target
+from otprune.config import PruneConfig, check_before_llm, distance_kind, records_target
 from otprune.eval import records
 
 MODEL_ID = "otprune_hf"
@@ -52,8 +52,8 @@ def manifests():
             chat_class_path=f"{__name__}.OTPruneHFChat",
         )
     ]
-    for name in BASES:
-        simple, chat = PLAIN_CLASSES[name]
+    for name in (*BASES, *VLLM_CLASSES):
+        simple, chat = {**PLAIN_CLASSES, **VLLM_CLASSES}[name]
         found.append(
             ModelManifest(
                 model_id=name,
@@ -233,3 +233,82 @@ PLAIN_CLASSES: dict[str, tuple[type[_Plain], type[_Plain]]] = {
     "llava_hf": (LlavaHfSimple, LlavaHfChat),
     "qwen2_5_vl": (Qwen2_5_VLSimple, Qwen2_5_VLChat),
 }
+
+
+def vllm_listener(environ: Mapping[str, str] | None = None):
+    """The stats listener of `--model vllm` (None when recording is off): the plugin's processor
+    emits one `SampleStats` per request in lmms-eval's process; each becomes a record."""
+    writer = records.default_writer()
+    if not writer.enabled:
+        return None
+
+    def listener(stats, *, config=None, prune=None):
+        records.record(stats, config=config, prune=prune)
+
+    return listener
+
+
+def check_vllm_switches(environ: Mapping[str, str] | None = None) -> PruneConfig:
+    """The switches for `--model vllm`: the plugin prunes before the LLM only (ValueError otherwise)."""
+    return check_before_llm(PruneConfig.from_env(environ), "--model vllm (the otprune vLLM plugin)",
+                            "--model llava_hf (otprune.hf) or --model llava")
+
+
+class _Vllm(_Factory):
+    """lmms-eval's `vllm` model, its own class and arguments. The otprune vLLM plugin (loaded by vLLM
+    through its entry point) prunes by the switches; this wrapper adds the per-sample records and
+    refuses a pruned run in which no request went through the plugin's processor (an architecture
+    the plugin does not cover would otherwise run unpruned)."""
+
+    name: ClassVar[str] = "vllm"
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from otprune import stats as sample_stats
+
+        config = check_vllm_switches()  # before the engine starts
+        lm = builtin_class(cls.name, cls.force_simple).create_from_arg_string(arg_string, additional_config)
+        # Installed after the engine started: its profiling runs on dummy inputs, not samples.
+        seen = []
+
+        def count(stats, **context):
+            seen.extend(stats)
+
+        sample_stats.add_listener(count)
+        listener = vllm_listener()
+        if listener is not None:
+            sample_stats.add_listener(listener)
+        generate = lm.generate_until
+
+        def generate_until(requests):
+            start = len(seen)
+            out = generate(requests)
+            if config.enabled and requests and len(seen) == start:
+                raise RuntimeError(
+                    f"--model vllm: pruning is on (BASELINE={config.method.upper()}, SUBSET_RATIO={config.ratio}) but "
+                    f"none of {len(requests)} requests went through the otprune vLLM plugin: the checkpoint's "
+                    "architecture is not one it prunes (LLaVA-1.5, LLaVA-NeXT), the requests carry no image, or the "
+                    "plugin is not loaded (VLLM_PLUGINS); refusing to report unpruned results as pruned"
+                )
+            return out
+
+        lm.generate_until = generate_until
+        lm.otprune_stats = seen  # this run's SampleStats, one per request through the plugin
+        lm.otprune_listeners = [count] + ([listener] if listener is not None else [])  # (for remove_listener)
+        return lm
+
+
+class VllmSimple(_Vllm):
+    """`--model vllm --force_simple`."""
+
+    force_simple, is_simple = True, True
+
+
+class VllmChat(_Vllm):
+    """`--model vllm`."""
+
+    force_simple, is_simple = False, False
+
+
+# lmms-eval's vLLM model name -> (simple class, chat class) registered over lmms-eval's own.
+VLLM_CLASSES: dict[str, tuple[type[_Vllm], type[_Vllm]]] = {"vllm": (VllmSimple, VllmChat)}

@@ -38,7 +38,7 @@ import logging
 import math
 from collections.abc import Mapping
 
-from otprune.config import PruneConfig
+from otprune.config import PruneConfig, check_before_llm
 
 LOGGER = logging.getLogger("otprune")
 
@@ -78,15 +78,7 @@ def engine_config(environ: Mapping[str, str] | None = None) -> PruneConfig:
     Pruning off (no switch set) is allowed: requests may still ask for a ratio. Pruning inside
     the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE) raises ValueError.
     """
-    config = PruneConfig.from_env(environ)
-    if config.enabled and config.in_llm:
-        raise ValueError(
-            f"otprune vLLM plugin: BASELINE={config.method.upper()} LAYER_INDEX={config.layer}: the plugin prunes "
-            "each image's embeddings before the LLM only (LAYER_INDEX=0 or unset, with a selection method: "
-            "OURS/OTPRUNE, DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK); pruning inside the LLM needs "
-            "otprune.hf or our llava package"
-        )
-    return config
+    return check_before_llm(PruneConfig.from_env(environ), "otprune vLLM plugin", "otprune.hf or our llava package")
 
 
 def parse_ratio(value: object) -> float:
@@ -109,4 +101,15 @@ def request_ratio(engine: PruneConfig, value: object = None) -> float:
     return float(engine.ratio) if engine.enabled else 1.0
 
 
-__all__ = ["ALIASES", "BUILTINS", "FIELD", "MODELS", "REQUEST_KEY", "engine_config", "parse_ratio", "register", "request_ratio"]
+def request_config(engine: PruneConfig, value: object = None) -> PruneConfig:
+    """The pruning one request runs with: the engine's, at the request's `otprune_ratio` when given
+    (a ratio of 1.0 on an engine without switches: unpruned, `engine` itself)."""
+    if value is None:
+        return engine
+    ratio = parse_ratio(value)
+    if not engine.enabled and ratio == 1.0:
+        return engine
+    return PruneConfig(method=engine.method, layer=0, ratio=ratio, order=engine.order, params=engine.params)
+
+
+__all__ = ["ALIASES", "BUILTINS", "FIELD", "MODELS", "REQUEST_KEY", "engine_config", "parse_ratio", "register", "request_config", "request_ratio"]

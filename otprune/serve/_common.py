@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 import otprune
+from otprune import stats as sample_stats
 from otprune.config import PruneConfig, announce
-from otprune.serve import FIELD, REQUEST_KEY, engine_config, request_ratio
+from otprune.serve import FIELD, REQUEST_KEY, engine_config, request_config, request_ratio
 
 
 def _without_key(kwargs: Mapping[str, object]) -> dict[str, object]:
@@ -55,6 +56,39 @@ class PruneProcessorMixin:
         keep = otprune.keep_counts(ratio, totals) if totals.numel() else totals
         processed[FIELD] = torch.stack([totals, keep], dim=1)  # (images, 2): T, K
         return processed
+
+    def apply(self, inputs, *args, **kwargs):
+        """vLLM's processing, then (when a stats listener is installed, e.g. lmms-eval's `--model vllm`
+        through `otprune.eval`) this request's `SampleStats`: T and K per image, its text tokens."""
+        result = super().apply(inputs, *args, **kwargs)
+        if sample_stats.listening():
+            self.otprune_emit(inputs, result)
+        return result
+
+    def otprune_emit(self, inputs, result) -> None:
+        from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
+
+        placeholders = list(result["mm_placeholders"].get("image", []))
+        if not placeholders:
+            return
+        engine = self.info.otprune_engine_config()
+        config = request_config(engine, inputs.hf_processor_mm_kwargs.get(REQUEST_KEY))
+        images = inputs.mm_data_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+        before, after = [], []
+        for index, placeholder in enumerate(placeholders):
+            if isinstance(images, ImageEmbeddingItems):
+                total = int(images.get_feature_size(index))
+            else:
+                size = images.get_image_size(index)
+                total = int(self.info.get_num_image_tokens(image_width=size.width, image_height=size.height))
+            before.append(total)
+            after.append(int(placeholder.length))
+        visual = sum(after)
+        text = len(result["prompt_token_ids"]) - visual
+        hf_config = self.info.get_hf_config()
+        layers = int(hf_config.get_text_config().num_hidden_layers)
+        stats = sample_stats.SampleStats.of(config, before, [[k] * layers for k in after], text, 1)
+        sample_stats.emit([stats], config=hf_config, prune=config if config.enabled else None)
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
         from vllm.multimodal.inputs import MultiModalFieldConfig
