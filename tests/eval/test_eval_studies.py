@@ -36,7 +36,9 @@ def planned(stdout: str) -> list[tuple[str, str, str, str]]:
         if "-m lmms_eval" not in line:
             continue
         argv = shlex.split(line)
-        path = Path(argv[argv.index("--output_path") + 1])
+        path = Path(argv[argv.index("--output_path") + 1])  # LOG_DIR/<model>/<setting>/<task>/run_<id>
+        if path.name.startswith("run_"):
+            path = path.parent
         gamma = next((a.split("=", 1)[1] for a in argv if a.startswith("OTPRUNE_GAMMA=")), "")
         out.append((argv[argv.index("--model_args") + 1].removeprefix("pretrained="), path.name, path.parent.name, gamma))
     return out
