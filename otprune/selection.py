@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from otprune.methods import get_method
-from otprune.methods.base import mask_beyond_k
+from otprune.methods.base import check_finite, mask_beyond_k
 
 ORDERS = ("ascending", "greedy", "official")
 
@@ -115,10 +115,8 @@ def select_tokens(
     x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if lengths is not None:
         x = x.masked_fill((torch.arange(n, device=x.device) >= lengths_t[:, None])[..., None], 0.0)
-    # One cheap pass: a NaN or Inf makes the sum non-finite (an overflowing sum of huge finite
-    # values is told apart by the exact check).
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise ValueError("features: contain NaN or Inf; selection on them would be arbitrary")
+    if not selector.checks_finite:
+        check_finite(x)
 
     # Without `lengths` every sample keeps the same K: no padding slots to mask (host ints only).
     uniform_k = lengths is None and not isinstance(keep, Tensor)

@@ -178,3 +178,15 @@ def test_official_order_is_each_methods_own(method):
     assert official[1, -1] == -1  # padding slots stay -1
     single = otprune.select_tokens(x[0], 0.3, method, order="official")
     assert single.tolist() == [i for i in official[0].tolist() if i >= 0]
+
+
+@pytest.mark.parametrize("method", list(otprune.METHODS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_every_method_refuses_nan_or_inf_features(method, bad):
+    """select_tokens' own check, or the method's (`checks_finite`: OTPrune's column-norm pass)."""
+    x = torch.randn(3, 40, 8)
+    x[2, 17, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        otprune.select_tokens(x, 0.25, method, lengths=[40, 30, 20])
+    x[2, 17, 5] = 1e30  # huge but finite: selected (rescaled), never refused
+    assert otprune.select_tokens(x, 0.25, method, lengths=[40, 30, 20]).shape == (3, 10)

@@ -75,7 +75,7 @@ def _register_selection(what) -> None:
     parser.add_argument("--dim", type=int, default=4096, help="feature dimension D (4096 = LLaVA-7B)")
     parser.add_argument("--ratio", type=float, default=0.098, help="kept ratio")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per measurement")
     parser.add_argument("--batch", type=int, default=8, help="batch size for the batched-vs-single comparison")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(

@@ -8,32 +8,36 @@ For a PSD kernel L the gain of adding item i to the picked set A is
 that item i would get in the Cholesky factor of L[A+i, A+i]. After picking j, every d2[i] drops
 by e[i]^2 with `e[i] = (L[j, i] - <c[j], c[i]>) / sqrt(d2[j])`, c[i] being i's Cholesky row.
 Picking by max d2 is picking by max gain, since log is increasing.
+
+Two loops compute the same picks:
+- `greedy_host`, on the CPU: one sample at a time, the picked index read as a Python int (there
+  is no device to synchronise with) and every step done on NumPy views of the tensors' memory.
+  A step is a handful of operations on N floats, where NumPy's per-call cost (~1 us) is a small
+  fraction of PyTorch's (~5-10 us, plus PyTorch's intra-op thread barrier on a busy CPU). It
+  reads the kernel row by row, so a kernel given by a factor (L = I + F F^T) need never be
+  formed: `greedy_logdet_gram` computes the K rows it reads as K products F F[j].
+- `greedy_batched`, elsewhere (GPU, or traced by `torch.compile`): a padded batch in k_max
+  fixed steps of masked argmax, with no host synchronisation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from otprune.methods._numerics import one_thread
 
+HOST_DTYPES = (torch.float32, torch.float64)
 
-def greedy_logdet(
-    diag: Tensor,
-    kernel_row: Callable[[Tensor], Tensor],
-    valid: Tensor,
-    k_max: int,
-    eps: float | None = None,
-) -> Tensor:
-    """Greedy MAP of log det over a batch: k_max fixed steps of masked argmax, no host sync.
+
+def greedy_logdet(kernel: Tensor, valid: Tensor, k_max: int, eps: float | None = None) -> Tensor:
+    """Greedy MAP of log det over a batch of kernels.
 
     Args:
-        diag: (B, N) diagonal of the kernel L.
-        kernel_row: (j, flat) -> the kernel rows L[b, j[b], :]: (B, N), given the picked indices
-            j: (B,) and their flat positions flat = b * N + j[b] (for an index_select on a
-            (B * N, N) view).
+        kernel: (B, N, N) the symmetric PSD kernels L (rows past a sample's tokens are ignored).
         valid: (B, N) bool, the candidates (padding is False).
         k_max: number of picks (at most the valid tokens of every sample).
         eps: None for L = I + PSD (OTPrune): every d2 is >= 1 in exact arithmetic, so a
@@ -44,19 +48,112 @@ def greedy_logdet(
 
     A picked or padding token is never picked (again), whatever the arithmetic gives: the
     candidates are tracked apart from d2, and a candidate's score is never -inf or NaN.
-    On the CPU the loop runs with one intra-op thread (`one_thread`): its ops are tiny.
 
     Returns:
         (B, k_max) long, the picks in selection order (ties go to the lowest index).
     """
-    with one_thread(diag.device):
-        return _greedy_logdet(diag, kernel_row, valid, k_max, eps)
+    if on_host(kernel):
+        picks = []
+        for b in range(kernel.shape[0]):
+            rows = kernel[b].numpy()
+            picks.append(greedy_host(np.diagonal(rows), rows.__getitem__, valid[b].numpy(), k_max, eps))
+        return torch.from_numpy(np.stack(picks))
+    with one_thread(kernel.device):  # traced, or a CPU kernel of another dtype: tiny ops, one thread
+        return greedy_batched(kernel, valid, k_max, eps)
 
 
-def _greedy_logdet(diag: Tensor, kernel_row, valid: Tensor, k_max: int, eps: float | None) -> Tensor:
-    bsz, n = diag.shape
+def on_host(tensor: Tensor) -> bool:
+    """Whether `greedy_host` runs on this tensor's memory (a CPU tensor of fp32/fp64, not traced)."""
+    return tensor.device.type == "cpu" and tensor.dtype in HOST_DTYPES and not torch.compiler.is_compiling()
+
+
+def greedy_logdet_gram(factor: Tensor, valid: Tensor, k_max: int) -> Tensor:
+    """`greedy_logdet` of L = I + F F^T for factor F: (B, N, M) on the host (`on_host`), never
+    forming L: its diagonal is 1 + ||F[i]||^2 and the row of a pick j is e_j + F F[j] (one
+    matrix-vector product per pick: K N M work instead of the N^2 M of F F^T).
+
+    Rows of F that are bit-identical give bit-identical kernel rows and diagonal values (each
+    product reads F[j] from one fixed buffer), so an exact tie between copies is exact.
+    """
+    picks = []
+    for b in range(factor.shape[0]):
+        f = factor[b].numpy()  # (N, M)
+        diag = np.einsum("ij,ij->i", f, f)
+        diag += 1.0
+        vec = np.empty(f.shape[1], dtype=f.dtype)
+        row = np.empty(f.shape[0], dtype=f.dtype)
+
+        def kernel_row(j: int, f=f, vec=vec, row=row) -> np.ndarray:
+            np.copyto(vec, f[j])
+            np.matmul(f, vec, out=row)
+            row[j] += 1.0
+            return row
+
+        picks.append(greedy_host(diag, kernel_row, valid[b].numpy(), k_max))
+    return torch.from_numpy(np.stack(picks))
+
+
+def greedy_host(
+    diag: np.ndarray, kernel_row: Callable[[int], np.ndarray], valid: np.ndarray, k: int, eps: float | None = None
+) -> np.ndarray:
+    """One sample's greedy on the host -> (k,) int64 picks.
+
+    Args:
+        diag: (N,) the kernel's diagonal.
+        kernel_row: j -> the kernel's row j, (N,) (read before the next call).
+        valid: (N,) bool, the candidates.
+
+    The same rule, tie-break and guards as `greedy_batched` (see `greedy_logdet`); floating-point
+    warnings of a broken kernel (NaN, inf) are silenced, the guards handle them.
+    """
+    n = diag.shape[0]
+    dtype = diag.dtype.type
+    d2 = diag.copy()  # (N,)
+    d2[~valid] = -np.inf  # -inf marks padding and picked tokens
+    floor = np.where(valid, dtype(1.0), dtype(-np.inf))  # (N,): 1, or -inf once taken (eps None)
+    score = np.empty_like(d2)
+    chol = np.zeros((max(k - 1, 1), n), dtype=diag.dtype)  # chol[t, i]: entry t of token i's Cholesky row
+    dot = np.empty_like(d2)
+    picks = np.empty(k, dtype=np.int64)
+    with np.errstate(all="ignore"):
+        for t in range(k):
+            if eps is None:
+                np.fmax(d2, floor, out=score)  # a NaN d2 reads as the floor; a taken token stays -inf
+                j = int(score.argmax())
+                dj = score[j]  # >= 1
+            else:
+                np.copyto(score, d2)
+                score[~(d2 > eps)] = -np.inf  # also NaN
+                j = int(score.argmax())
+                dj = score[j]
+                if not dj > eps:  # rank used up: the unpicked candidates, ascending
+                    untaken = valid.copy()
+                    untaken[picks[:t]] = False
+                    picks[t:] = np.flatnonzero(untaken)[: k - t]
+                    return picks
+            picks[t] = j
+            if t == k - 1:
+                break
+            e = chol[t]
+            if t == 0:
+                np.copyto(e, kernel_row(j))
+            else:
+                np.matmul(chol[:t, j], chol[:t], out=dot)  # <c[j], c[i]> for every i
+                np.subtract(kernel_row(j), dot, out=e)
+            e *= dtype(1.0) / np.sqrt(dj)
+            np.multiply(e, e, out=dot)
+            d2 -= dot
+            d2[j] = -np.inf
+            floor[j] = -np.inf
+    return picks
+
+
+def greedy_batched(kernel: Tensor, valid: Tensor, k_max: int, eps: float | None = None) -> Tensor:
+    """`greedy_logdet` over a padded batch: k_max fixed steps of masked argmax, no host sync."""
+    bsz, n, _ = kernel.shape
+    rows = kernel.reshape(bsz * n, n)  # (B * N, N)
     neg_inf = float("-inf")
-    d2 = diag.masked_fill(~valid, neg_inf)  # (B, N); -inf marks padding and picked tokens
+    d2 = kernel.diagonal(dim1=1, dim2=2).masked_fill(~valid, neg_inf)  # (B, N); -inf marks padding and picked tokens
     d2_flat = d2.view(-1)
     if eps is None:
         floor = torch.zeros_like(d2).masked_fill_(~valid, neg_inf).add_(1.0)  # (B, N): 1, or -inf once taken
@@ -64,10 +161,10 @@ def _greedy_logdet(diag: Tensor, kernel_row, valid: Tensor, k_max: int, eps: flo
     else:
         taken = (~valid).view(-1)  # (B * N,) padding and picked tokens
         # Score once the rank is used up: negative and decreasing with the index.
-        fallback = -1.0 - torch.arange(n, device=diag.device, dtype=diag.dtype) / n
+        fallback = -1.0 - torch.arange(n, device=kernel.device, dtype=kernel.dtype) / n
     # chol[b, t, i]: entry t of token i's Cholesky row (step-major: each step writes one row).
-    chol = diag.new_zeros(bsz, max(k_max - 1, 1), n)
-    offsets = torch.arange(bsz, device=diag.device) * n  # (B,): flat index of each sample's row 0
+    chol = kernel.new_zeros(bsz, max(k_max - 1, 1), n)
+    offsets = torch.arange(bsz, device=kernel.device) * n  # (B,): flat index of each sample's row 0
     picks = []
     for t in range(k_max):
         if eps is None:
@@ -80,14 +177,13 @@ def _greedy_logdet(diag: Tensor, kernel_row, valid: Tensor, k_max: int, eps: flo
         picks.append(j)
         if t == k_max - 1:
             break
-        flat = j if bsz == 1 else j + offsets  # (B,)
+        flat = j + offsets  # (B,)
         if eps is None:
             floor_flat.index_fill_(0, flat, neg_inf)
-            d2_flat.index_fill_(0, flat, neg_inf)
         else:
             dj = d2_flat.take(flat)[:, None]  # (B, 1)
             taken.index_fill_(0, flat, True)
-        row = kernel_row(j, flat)  # (B, N) = L[b, j[b], :]
+        row = rows.index_select(0, flat)  # (B, N) = L[b, j[b], :]
         if t > 0:
             c_j = chol[:, :t].gather(2, j.view(bsz, 1, 1).expand(bsz, t, 1))  # (B, t, 1): picked token's row
             row = torch.baddbmm(row[:, None, :], c_j.transpose(1, 2), chol[:, :t], alpha=-1.0).view(bsz, n)
@@ -99,4 +195,5 @@ def _greedy_logdet(diag: Tensor, kernel_row, valid: Tensor, k_max: int, eps: flo
         e = row * scale  # (B, N)
         chol[:, t] = e  # entry t of every token's row
         d2.addcmul_(e, e, value=-1.0)
+        d2_flat.index_fill_(0, flat, neg_inf)
     return torch.stack(picks, dim=1)

@@ -1,5 +1,5 @@
 """Numerical guards shared by the selection methods: exact power-of-two rescaling and a
-single-threaded scope for the greedy loops.
+single-threaded scope for loops of small ops.
 
 Rescaling. OTPrune's column normalisation and the cosine kernels of DivPrune / DPP are
 invariant to the scale of the features in exact arithmetic, but squaring fp32 values of 1e20
@@ -7,12 +7,14 @@ overflows and squaring 1e-30 underflows. Multiplying by a power of two is exact 
 kept), so scaling every column (or token) by 2^-e, with e the exponent of its largest magnitude,
 brings it to [0.5, 1) without changing a single rounding of what follows: features `x` and
 `2^k * x` give bit-identical kernels, and `c * x` for any c differs only by the rounding of the
-input itself.
+input itself. (OTPrune skips the rescaled copy when no column is anywhere near the limits:
+`otprune.methods.otprune.column_weights`.)
 
-Threads. The greedy loops run hundreds of tiny ops (a few thousand elements). With PyTorch's
-intra-op threads, every op that fans out waits at a barrier for all threads; on a busy CPU a
-descheduled thread turns a 10 us op into milliseconds. The loops therefore run with one intra-op
-thread on the CPU (`one_thread`); the large products before them keep every thread.
+Threads. Greedy loops run hundreds of tiny ops (a few thousand elements), and a pass over the
+features chunk by chunk runs dozens of small memory-bound ones. With PyTorch's intra-op threads,
+every op that fans out waits at a barrier for all threads; on a busy CPU a descheduled thread
+turns a 10 us op into milliseconds. Such loops therefore run with one intra-op thread on the CPU
+(`one_thread`); the large products keep every thread.
 """
 
 from __future__ import annotations

@@ -95,12 +95,17 @@ class TokenSelector(Method):
     """Base class of the selection methods.
 
     Subclasses are dataclasses whose fields are the method's parameters, and implement
-    `select`. They must not synchronise with the host inside their loops (no `.item()`, no
+    `select`. They must not synchronise with a device inside their loops (no `.item()`, no
     `.tolist()`, no Python branching on tensor values), so that a whole selection can be
-    captured by `torch.compile(fullgraph=True)` and queued on a GPU without stalls.
+    captured by `torch.compile(fullgraph=True)` and queued on a GPU without stalls. (A CPU
+    tensor has no device to wait for: `otprune.methods._greedy.greedy_host` reads its picks
+    on the host.)
     """
 
     kind: ClassVar[str] = "selection"
+    checks_finite: ClassVar[bool] = False
+    """True if `select` raises `check_finite`'s error itself, from a pass over the features it
+    makes anyway; `select_tokens` then skips its own pass."""
 
     def official_order(self, picks: list[int]) -> list[int]:
         """The kept tokens, given in pick order, in the order the method's official code hands them
@@ -147,6 +152,17 @@ class TokenMerger(Method):
 def valid_mask(lengths: Tensor, n: int) -> Tensor:
     """(B,) lengths -> (B, N) bool, True at real (non-padding) positions."""
     return torch.arange(n, device=lengths.device) < lengths[:, None]
+
+
+NOT_FINITE = "features: contain NaN or Inf; selection on them would be arbitrary"
+
+
+def check_finite(features: Tensor) -> None:
+    """ValueError if features hold a NaN or an Inf (one host read)."""
+    # One cheap pass: a NaN or Inf makes the sum non-finite (an overflowing sum of huge finite
+    # values is told apart by the exact check).
+    if not bool(torch.isfinite(features.sum())) and not bool(torch.isfinite(features).all()):
+        raise ValueError(NOT_FINITE)
 
 
 def mask_beyond_k(picks: Tensor, k: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import dataclasses
 from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet
-from otprune.methods.base import TokenSelector, flat_rows, valid_mask
+from otprune.methods.base import TokenSelector, valid_mask
 from otprune.methods.divprune import cosine_similarity
 
 
@@ -36,6 +36,5 @@ class DPP(TokenSelector):
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         kernel = cosine_similarity(features)  # (B, N, N)
-        diag = kernel.diagonal(dim1=1, dim2=2)
         valid = valid_mask(lengths, kernel.shape[-1])
-        return greedy_logdet(diag, flat_rows(kernel), valid, k_max, eps=self.eps)
+        return greedy_logdet(kernel, valid, k_max, eps=self.eps)

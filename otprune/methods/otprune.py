@@ -10,13 +10,14 @@ column-normalised features, and maximised greedily (1 - 1/e guarantee).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
 
-from otprune.methods._greedy import greedy_logdet
-from otprune.methods._numerics import max_abs, pow2_scale
-from otprune.methods.base import TokenSelector, flat_rows, param, valid_mask
+from otprune.methods._greedy import greedy_logdet, greedy_logdet_gram, on_host
+from otprune.methods._numerics import max_abs, one_thread, pow2_scale
+from otprune.methods.base import TokenSelector, check_finite, param, valid_mask
 
 
 def column_prescaled(features: Tensor) -> Tensor:
@@ -37,35 +38,85 @@ def column_sq_norms(features: Tensor, chunk: int = 64) -> Tensor:
     Summed chunk by chunk of tokens as small GEMVs through one reused buffer, so no
     (B, N, D) temporary is allocated.
     """
+    return column_stats(features, chunk, keys=False)[0]
+
+
+def column_stats(features: Tensor, chunk: int = 64, keys: bool = True) -> tuple[Tensor, Tensor | None]:
+    """One pass over features: (B, N, D) -> (the squared L2 norm of every dimension over the
+    tokens: (B, 1, D), every token's `row_keys`: (B, N) or None when not asked for).
+
+    Chunk by chunk of tokens: each chunk is read from memory once and then from cache (the
+    squares go through one reused buffer into small GEMVs; no (B, N, D) temporary). The pass is
+    bound by memory, not arithmetic: its small ops run on one intra-op thread (`one_thread`), so
+    a busy CPU does not make each of them wait for a descheduled thread.
+    """
+    with one_thread(features.device):
+        return _column_stats(features, chunk, keys)
+
+
+def _column_stats(features: Tensor, chunk: int, keys: bool) -> tuple[Tensor, Tensor | None]:
     bsz, n, dim = features.shape
     chunk = min(chunk, n)
     acc = features.new_zeros(bsz, 1, dim)
     ones = features.new_ones(bsz, 1, chunk)
     buf = features.new_empty(bsz, chunk, dim)
+    key_parts = []
     for lo in range(0, n, chunk):
         part = features[:, lo : lo + chunk]
         rows = part.shape[1]
         acc.baddbmm_(ones[:, :, :rows], torch.mul(part, part, out=buf[:, :rows]))
-    return acc
+        if keys:
+            key_parts.append(_halves_bit_sums(part))
+    if not keys:
+        return acc, None
+    high, low = (torch.cat(halves, dim=1) for halves in zip(*key_parts, strict=True))
+    return acc, _join_keys(high, low)
 
 
 def column_scales(features: Tensor) -> Tensor:
     """(B, 1, D): 1 / ||X[:, c]||^2 per dimension c; 0 for an all-zero dimension (no NaN)."""
-    sq = column_sq_norms(features)
+    return _reciprocal(column_sq_norms(features))
+
+
+def _reciprocal(sq: Tensor) -> Tensor:
     return torch.where(sq > 0, sq.reciprocal(), torch.zeros_like(sq))
+
+
+def column_weights(features: Tensor, sq: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(X, w) with S = Xn Xn^T = X diag(w) X^T, for features: (B, N, D) (padding rows zero).
+
+    w: (B, 1, D) = 1 / ||X[:, c]||^2 (0 for an all-zero dimension). X is `features` itself when
+    every dimension's squared norm lies in [2^-59, 2^59] (fp32; fp64 [2^-507, 2^507]): its squares
+    and products then stay far from overflow and underflow, and no copy is made. Otherwise (also
+    for an all-zero dimension, which cannot be told from one whose squares underflowed) X is
+    `column_prescaled(features)`. The two give the same S bit for bit: a power of two p on a column
+    scales its w by exactly 1 / p^2, so every product X[i, c] w[c] X[j, c] is the same number, as
+    long as no value of a column is some 2^90 times smaller than its largest (subnormal).
+    One host read decides (none under `torch.compile`, which always rescales). `sq`: the
+    features' `column_sq_norms` if already computed.
+    """
+    sq = column_sq_norms(features) if sq is None else sq
+    if not torch.compiler.is_compiling():
+        bound = 2.0 ** (math.floor(math.log2(torch.finfo(sq.dtype).max)) // 2 - 4)
+        if bool(((sq >= 1.0 / bound) & (sq <= bound)).all()):
+            if features.data_ptr() % 64:  # read from where a fresh tensor starts, as a sample alone would be
+                features = features.clone()
+            return features, _reciprocal(sq)
+    features = column_prescaled(features)
+    return features, column_scales(features)
 
 
 def normalise_columns(features: Tensor) -> Tensor:
     """features: (B, N, D) -> every dimension scaled to unit L2 norm over the N tokens.
 
     Padding rows must be zero: they then add nothing to the norms. An all-zero dimension
-    stays zero instead of turning into NaN. Any magnitude works (`column_prescaled`).
+    stays zero instead of turning into NaN. Any magnitude works (`column_weights`).
     """
-    features = column_prescaled(features)
-    return features * column_scales(features).sqrt()
+    features, weights = column_weights(features)
+    return features * weights.sqrt()
 
 
-def symmetric_gram(x: Tensor, blocks: int = 4, scale: Tensor | None = None) -> Tensor:
+def symmetric_gram(x: Tensor, blocks: int | None = None, scale: Tensor | None = None) -> Tensor:
     """x: (B, N, D) -> x diag(scale) x^T: (B, N, N), computing only the block lower triangle.
 
     Row block [lo:hi] gets columns [0:hi] from one GEMM written straight into the result;
@@ -73,35 +124,52 @@ def symmetric_gram(x: Tensor, blocks: int = 4, scale: Tensor | None = None) -> T
     diagonal, including those inside the diagonal blocks, is then overwritten by its mirror
     below the diagonal, so the result is exactly symmetric whatever the BLAS's summation order.
     `scale`: (B, 1, D) weights, applied to each row block through one reused buffer (no scaled
-    copy of the whole x).
+    copy of the whole x). `blocks`: default one per ~144 rows, at most 8 (thinner GEMMs lose
+    more to packing than the triangle saves).
     """
     bsz, n, dim = x.shape
-    blocks = max(1, min(blocks, n // 128))
+    blocks = max(1, min(blocks or 8, n // 144 if blocks is None else n // 128))
     edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    spans = list(zip(edges[:-1], edges[1:], strict=True))
     gram = x.new_empty(bsz, n, n)
-    widest = max(b - a for a, b in zip(edges[:-1], edges[1:], strict=True))
+    widest = max(hi - lo for lo, hi in spans)
     buf = None if scale is None else x.new_empty(bsz, widest, dim)
-    upper = torch.ones(widest, widest, dtype=torch.bool, device=x.device).triu_(1)  # strict upper triangle
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in spans:
         left = x[:, lo:hi] if buf is None else torch.mul(x[:, lo:hi], scale, out=buf[:, : hi - lo])
         torch.bmm(left, x[:, :hi].transpose(1, 2), out=gram[:, lo:hi, :hi])  # (B, hi - lo, hi)
-        if lo > 0:
-            gram[:, :lo, lo:hi] = gram[:, lo:hi, :lo].transpose(1, 2)
-        block = gram[:, lo:hi, lo:hi]  # a GEMM result: symmetric only up to rounding
-        mask = upper[: hi - lo, : hi - lo]
-        block.copy_(torch.where(mask, block.transpose(1, 2), block))
+    upper = torch.ones(widest, widest, dtype=torch.bool, device=x.device).triu_(1)  # strict upper triangle
+    with one_thread(x.device):  # many small copies: one thread (see `column_stats`)
+        for lo, hi in spans:
+            if lo > 0:
+                gram[:, :lo, lo:hi] = gram[:, lo:hi, :lo].transpose(1, 2)
+            block = gram[:, lo:hi, lo:hi]  # a GEMM result: symmetric only up to rounding
+            mask = upper[: hi - lo, : hi - lo]
+            block.copy_(torch.where(mask, block.transpose(1, 2), block))
     return gram
 
 
-def interaction(features: Tensor) -> Tensor:
-    """S = Xn Xn^T: (B, N, N), Xn the column-normalised features: (B, N, D) (padding rows zero).
+def interaction(features: Tensor, gamma: float = 1.0) -> Tensor:
+    """sqrt(gamma) * S, S = Xn Xn^T: (B, N, N), Xn the column-normalised features: (B, N, D)
+    (padding rows zero), exactly symmetric.
 
-    Xn is never formed: S = X diag(1 / ||X[:, c]||^2) X^T, with X first rescaled exactly per
-    dimension (`column_prescaled`). This product is the method's cost floor; exploiting the
-    symmetry of S costs about 0.6-0.7 of one full product.
+    Xn is never formed: S = X diag(w) X^T (`column_weights`), with sqrt(gamma) folded into w.
+    This product is the method's cost floor; exploiting the symmetry of S costs about 0.6-0.85
+    of one full product.
     """
-    features = column_prescaled(features)
-    return symmetric_gram(features, scale=column_scales(features))
+    return _interaction(features, gamma)[0]
+
+
+def _interaction(features: Tensor, gamma: float, keys: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(`interaction`, the features' `row_keys` from the same pass over them, or None)."""
+    sq, row_key = column_stats(features, keys=keys)
+    scaled, weights = column_weights(features, sq)
+    if scaled is not features and not torch.compiler.is_compiling():  # sq out of range: maybe a NaN or Inf
+        if not bool(torch.isfinite(sq).all()):
+            check_finite(features)
+    features = scaled
+    if gamma != 1.0:
+        weights = weights * math.sqrt(gamma)
+    return symmetric_gram(features, scale=weights), row_key
 
 
 def row_keys(features: Tensor) -> Tensor:
@@ -112,11 +180,18 @@ def row_keys(features: Tensor) -> Tensor:
     Different rows collide with probability about 2^-64 per pair (or when they differ by a
     permutation within a half; `duplicate_representatives` checks candidates element-wise).
     """
+    return _join_keys(*_halves_bit_sums(features))
+
+
+def _halves_bit_sums(features: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, N) int32 each: the wrapping sums of the raw bits of each row's first and second half."""
     bits = features.contiguous().view(torch.int32)  # (B, N, D) for fp32, (B, N, 2D) for fp64
     half = bits.shape[-1] // 2
-    low = bits[..., half:].sum(-1, dtype=torch.int32).to(torch.int64) & 0xFFFFFFFF
-    high = bits[..., :half].sum(-1, dtype=torch.int32).to(torch.int64)
-    return (high << 32) | low
+    return bits[..., :half].sum(-1, dtype=torch.int32), bits[..., half:].sum(-1, dtype=torch.int32)
+
+
+def _join_keys(high: Tensor, low: Tensor) -> Tensor:
+    return (high.to(torch.int64) << 32) | (low.to(torch.int64) & 0xFFFFFFFF)
 
 
 def duplicate_representatives(features: Tensor) -> Tensor:
@@ -141,12 +216,15 @@ def duplicate_representatives(features: Tensor) -> Tensor:
     return representatives(features)[0]
 
 
-def representatives(features: Tensor, valid: Tensor | None = None) -> tuple[Tensor, bool | None]:
+def representatives(
+    features: Tensor, valid: Tensor | None = None, keys: Tensor | None = None
+) -> tuple[Tensor, bool | None]:
     """`duplicate_representatives`, and whether some token has a candidate copy (None under
     `torch.compile`, where that is not read on the host). `valid`: (B, N) bool; padding rows
-    (False) keep their own index and are no one's copy."""
+    (False) keep their own index and are no one's copy. `keys`: the features' `row_keys` if
+    already computed."""
     bsz, n, dim = features.shape
-    keys, order = torch.sort(row_keys(features), dim=-1, stable=True)  # (B, N) each, ascending index within a key
+    keys, order = torch.sort(row_keys(features) if keys is None else keys, dim=-1, stable=True)  # (B, N) each, ascending index within a key
     starts = torch.ones_like(keys, dtype=torch.bool)
     starts[:, 1:] = keys[:, 1:] != keys[:, :-1]
     group = starts.cumsum(-1) - 1  # (B, N): group of each sorted position
@@ -187,6 +265,7 @@ class OTPrune(TokenSelector):
     gamma: float = param(0.01, env="OTPRUNE_GAMMA", tag="g", label="γ", doc="a number > 0, e.g. 0.01")
     name = "otprune"
     display_name = "OTPrune"
+    checks_finite = True  # `interaction`: the column norms' pass sees every NaN or Inf
     table_rank = 100
     aliases = ("ours",)
 
@@ -208,46 +287,63 @@ class OTPrune(TokenSelector):
         """gamma * S S^T: (B, N, N), exactly symmetric; the duplicate map rep: (B, N); and whether
         any token has a candidate copy (`representatives`; False: rep is the identity).
 
+        S S^T = S^2 is formed from sqrt(gamma) * S (`interaction`), so no pass scales it by gamma.
         The kernel is L[i, j] = [i == j] + G[rep[i], rep[j]] with G the first output.
         """
-        self.check_features(features)
-        features = column_prescaled(features)  # exact: equal tokens stay equal, S is unchanged
-        s = symmetric_gram(features, scale=column_scales(features))  # (B, N, N)
-        rep, copies = representatives(features, valid)
-        gram = symmetric_gram(s)
-        gram.mul_(self.gamma)
-        return gram, rep, copies
+        s, rep, copies = self._interaction(features, valid)
+        return symmetric_gram(s), rep, copies
 
-    def kernel(self, features: Tensor) -> Tensor:
+    def _interaction(self, features: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, bool | None]:
+        """sqrt(gamma) * S: (B, N, N), and `representatives` (row keys from the same pass)."""
+        self.check_features(features)
+        s, keys = _interaction(features, self.gamma, keys=True)
+        return s, *representatives(features, valid, keys)
+
+    def kernel(self, features: Tensor, valid: Tensor | None = None) -> Tensor:
         """L = I + gamma * S S^T: (B, N, N) from features: (B, N, D) (padding rows zero).
 
         Exactly symmetric; exact duplicate tokens have bit-identical rows (off the identity)
-        and diagonal values. `select` never forms this matrix: it reads its diagonal and K rows.
+        and diagonal values: the rows and columns of every copy are overwritten by its
+        representative's (`duplicate_representatives`).
         """
-        gram, rep, _ = self.gram(features)
-        rows = torch.gather(gram, 1, rep[:, :, None].expand_as(gram))  # G[rep[i], :]
-        kernel = torch.gather(rows, 2, rep[:, None, :].expand_as(gram))  # G[rep[i], rep[j]]
-        kernel.diagonal(dim1=1, dim2=2).add_(1.0)
-        return kernel
+        gram, rep, copies = self.gram(features, valid)
+        if copies is None:  # traced: every entry through the map, without reading it on the host
+            gram = torch.gather(gram, 1, rep[:, :, None].expand_as(gram))  # G[rep[i], :]
+            gram = torch.gather(gram, 2, rep[:, None, :].expand_as(gram))  # G[rep[i], rep[j]]
+        elif copies:
+            read_through(gram, rep)
+        gram.diagonal(dim1=1, dim2=2).add_(1.0)
+        return gram
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         valid = valid_mask(lengths, features.shape[1])  # (B, N)
-        gram, rep, copies = self.gram(features, valid)  # (B, N, N), (B, N)
-        bsz, n, _ = gram.shape
-        if copies is False:  # no two tokens alike: L = I + G as it is, read in place
-            gram.diagonal(dim1=1, dim2=2).add_(1.0)
-            return greedy_logdet(gram.diagonal(dim1=1, dim2=2), flat_rows(gram), valid, k_max)
-        diag = torch.gather(gram.diagonal(dim1=1, dim2=2), 1, rep) + 1.0  # (B, N): L[i, i]
-        gram_rows = gram.view(bsz * n, n)
-        offsets = torch.arange(bsz, device=gram.device)[:, None] * n  # (B, 1)
-        rep_flat = (rep + offsets).view(-1)  # (B * N,)
-        batch = torch.arange(bsz, device=gram.device)
+        if not (on_host(features) and features.shape[1] <= ROWS_FROM_S):
+            return greedy_logdet(self.kernel(features, valid), valid, k_max)
+        # The host greedy reads L = I + S' S'^T (S' = sqrt(gamma) S) one row per pick: K
+        # products S' S'[j] from a cache-resident S' instead of the N^3 product S' S'^T.
+        s, rep, copies = self._interaction(features, valid)  # (B, N, N), (B, N)
+        if copies:
+            read_through(s, rep)  # copies get bit-identical rows and columns of S', hence of L
+        return greedy_logdet_gram(s, valid, k_max)
 
-        def kernel_row(j: Tensor, flat: Tensor) -> Tensor:  # L[b, j[b], :] read through rep
-            row = torch.gather(gram_rows.index_select(0, rep_flat.index_select(0, flat)), 1, rep)  # (B, N)
-            return row.index_put_((batch, j), row.new_ones(()), accumulate=True)  # + identity
 
-        return greedy_logdet(diag, kernel_row, valid, k_max)
+ROWS_FROM_S = 2048
+"""Up to this many tokens (S: 16 MB in fp32, within a CPU's cache) the CPU greedy computes the K
+kernel rows it reads from S; beyond it, from S S^T formed by one GEMM (S no longer stays in
+cache, and K memory-bound products cost more than the GEMM)."""
+
+
+def read_through(gram: Tensor, rep: Tensor) -> None:
+    """gram[b, i, j] := gram[b, rep[b, i], rep[b, j]] in place, for gram: (B, N, N), rep: (B, N).
+
+    Only the rows and columns of tokens with rep[i] != i are written (a representative is its own
+    representative): rows first, then columns, which also sets gram[i, i] = gram[rep[i], rep[i]].
+    """
+    own = torch.arange(rep.shape[1], device=rep.device)
+    batch, index = (rep != own).nonzero(as_tuple=True)  # (M,) each: the copies
+    source = rep[batch, index]
+    gram[batch, index] = gram[batch, source]  # (M, N) rows
+    gram[batch, :, index] = gram[batch, :, source]  # (M, N) columns
 
 
 def gamma_limit(dim: int, dtype: torch.dtype = torch.float32) -> float:

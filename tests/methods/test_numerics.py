@@ -1,6 +1,7 @@
 """Numerics of the selection core (issue #16, points 5-6): scale invariance, the gamma bound, no
 repeated index whatever the input, and batch == alone in fp32."""
 
+import itertools
 import math
 
 import pytest
@@ -9,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import otprune
-from otprune.methods._greedy import greedy_logdet
+from otprune.methods._greedy import greedy_batched, greedy_logdet
 from otprune.methods._numerics import max_abs, one_thread, pow2_scale
-from otprune.methods.base import flat_rows
 from otprune.methods.otprune import OTPrune, gamma_limit
 
 FEATURE_METHODS = ["otprune", "divprune", "dpp"]  # the methods that compute with the features
@@ -160,8 +160,8 @@ def test_greedy_never_repicks_even_on_a_broken_kernel():
         kernel[:, :, 5] = bad
         valid = torch.ones(2, n, dtype=torch.bool)
         valid[1, 6:] = False
-        for eps in (None, 1e-6, 0.0):
-            picks = greedy_logdet(kernel.diagonal(dim1=1, dim2=2), flat_rows(kernel), valid, 6, eps=eps)
+        for eps, greedy in itertools.product((None, 1e-6, 0.0), (greedy_logdet, greedy_batched)):
+            picks = greedy(kernel, valid, 6, eps=eps)
             for b in range(2):
                 assert len(set(picks[b].tolist())) == 6 and int(picks[b].max()) < (n if b == 0 else 6)
 

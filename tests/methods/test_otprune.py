@@ -5,11 +5,16 @@ from oracles import greedy_by_logdet, logdet, otprune_kernel
 
 import otprune
 from otprune.methods._greedy import greedy_logdet
-from otprune.methods.base import flat_rows
 from otprune.methods.otprune import (
     OTPrune,
+    column_prescaled,
+    column_scales,
+    column_sq_norms,
+    column_stats,
+    column_weights,
     duplicate_representatives,
     official_order,
+    read_through,
     row_keys,
     symmetric_gram,
 )
@@ -104,7 +109,7 @@ def test_exact_tie_goes_to_the_lowest_index():
     assert otprune.select_tokens(y, 5, order="greedy")[0] == 3
     # The greedy itself: on equal gains at any step, the lowest index.
     kernel = torch.eye(6, dtype=torch.float64)[None] * torch.tensor([1.0, 2.0, 3.0, 3.0, 2.0, 3.0], dtype=torch.float64)
-    picks = greedy_logdet(kernel.diagonal(dim1=1, dim2=2), flat_rows(kernel), torch.ones(1, 6, dtype=torch.bool), 6)
+    picks = greedy_logdet(kernel, torch.ones(1, 6, dtype=torch.bool), 6)
     assert picks[0].tolist() == [2, 3, 5, 1, 4, 0]
 
 
@@ -152,3 +157,47 @@ def test_padding_is_nobodys_copy_and_copies_in_a_ragged_batch_tie_low():
     assert rep[1, 20] == 3 and rep[1].tolist().count(3) == 2
     rep0, copies0 = representatives(x[:1], valid[:1])
     assert copies0 is False and rep0[0].tolist() == list(range(40))  # padding alone is not a copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("power", [0, -20, 20])
+def test_features_read_in_place_give_the_same_s_as_the_rescaled_copy(dtype, power):
+    """Ordinary magnitudes skip the rescaled copy (`column_weights`); S is bit-identical to the
+    copy's, whose columns' largest |value| lies in [0.5, 1)."""
+    x = torch.randn(1, 300, 70, dtype=dtype) * 3.0 * 2.0**power
+    features, weights = column_weights(x)
+    assert features is x  # no copy
+    scaled = column_prescaled(x)
+    assert not torch.equal(scaled, x)
+    assert torch.equal(symmetric_gram(features, scale=weights), symmetric_gram(scaled, scale=column_scales(scaled)))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_extreme_or_zero_columns_take_the_rescaled_copy(scale):
+    x = torch.randn(1, 40, 8) * scale
+    features, _ = column_weights(x)
+    assert torch.equal(features, column_prescaled(x))
+    x = torch.randn(1, 40, 8)
+    x[..., 3] = 0.0  # an all-zero dimension: told apart from underflow only by the rescaling
+    features, weights = column_weights(x)
+    assert torch.equal(features, column_prescaled(x)) and weights[0, 0, 3] == 0
+
+
+def test_read_through_sets_every_entry_from_the_representatives():
+    gram = torch.randn(2, 7, 7)
+    gram = gram + gram.transpose(1, 2)
+    rep = torch.tensor([[0, 1, 1, 3, 0, 5, 3], list(range(7))])
+    expected = torch.stack([gram[b][rep[b]][:, rep[b]] for b in range(2)])
+    read_through(gram, rep)
+    assert torch.equal(gram, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_pass_stats_equal_the_separate_ones(dtype):
+    x = torch.randn(2, 150, 33, dtype=dtype)  # 150 tokens: chunks of 64, 64, 22
+    x[1, 140] = x[1, 7]
+    sq, keys = column_stats(x)
+    assert torch.equal(keys, row_keys(x))
+    assert torch.equal(sq, column_sq_norms(x))
+    torch.testing.assert_close(sq, (x * x).sum(1, keepdim=True))
+    assert keys[1, 140] == keys[1, 7]
