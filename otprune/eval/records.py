@@ -467,26 +467,15 @@ def default_writer() -> RecordWriter:
     return _default_writer
 
 
-def record(
-    stats: Mapping | Sequence[Mapping],
-    *,
-    config: object = None,
-    hidden: int | None = None,
-    intermediate: int | None = None,
-    layers: int | None = None,
-    model: str | None = None,
-    prune: object = None,
-) -> list[dict]:
-    """Record one prefill's per-sample stats with this process's writer (no-op when recording is off).
+def record(stats: Mapping | Sequence[Mapping], **fields: object) -> list[dict]:
+    """Record one prefill's per-sample stats with this process's writer (no-op when recording is off);
+    `fields`: the keywords of `RecordWriter.write` (config, hidden, intermediate, layers, model, prune).
 
     Call it from the model's `on_pruning_stats` hook:
     `otprune.eval.records.record(stats, config=self.config, prune=self.pruning_config())`.
     """
     writer = default_writer()
-    if not writer.enabled:
-        return []
-    return writer.write(stats, config=config, hidden=hidden, intermediate=intermediate, layers=layers, model=model,
-                        prune=prune)
+    return writer.write(stats, **fields) if writer.enabled else []
 
 
 def reset() -> None:
@@ -499,13 +488,10 @@ def is_record(line: Mapping) -> bool:
     return isinstance(line, Mapping) and line.get(RECORD_MARKER) is not None
 
 
-def iter_records(path: str | os.PathLike, *, tolerant: bool = False) -> Iterator[dict]:
-    """The records of one JSONL file, in order.
-
-    Strict (default): a line that is not JSON is an error; lines without the record marker are
-    skipped. Tolerant (for scanning a log folder): a file whose first line is not JSON, or any
-    non-record line, ends the file (it is not a records file); a later line that is not JSON
-    (cut short by an interrupted run) is skipped.
+def iter_records(path: str | os.PathLike) -> Iterator[dict]:
+    """The records of one JSONL file, in order: a line that is not JSON is an error; lines without
+    the record marker are skipped. (Scanning a whole log folder, where a foreign or cut-short file
+    is skipped with a warning instead, is `otprune.eval.report.collect.find_record_runs`.)
     """
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -515,15 +501,9 @@ def iter_records(path: str | os.PathLike, *, tolerant: bool = False) -> Iterator
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
-                if not tolerant:
-                    raise ValueError(f"{path}:{number}: not JSON ({err.msg}); is the file truncated?") from None
-                if number == 1:
-                    return
-                continue
+                raise ValueError(f"{path}:{number}: not JSON ({err.msg}); is the file truncated?") from None
             if is_record(value):
                 yield value
-            elif tolerant:
-                return
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:

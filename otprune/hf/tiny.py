@@ -91,7 +91,9 @@ def _tower_config(kind: str):
     return SiglipVisionConfig(**TOWER, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False)
 
 
-def _save(model_cls, config, processor, path: str | Path, seed: int) -> Path:
+def save_random_model(model_cls, config, processor, path: str | Path, seed: int) -> Path:
+    """Build `model_cls(config)` with seeded random weights (image newline drawn too) and save it with
+    `processor` (and the tokenizer's special-token ids as generation ids) into `path`."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
@@ -156,7 +158,7 @@ def _write_llama_llava(path: str | Path, seed: int, model_cls, config_cls, proce
         tie_word_embeddings=False,
         **extra,
     )
-    return _save(model_cls, config, processor, path, seed)
+    return save_random_model(model_cls, config, processor, path, seed)
 
 
 def write_tiny_llava(path: str | Path, seed: int = 0) -> Path:
@@ -226,7 +228,7 @@ def write_tiny_onevision(path: str | Path, seed: int = 0) -> Path:
         vision_aspect_ratio="anyres_max_9",
         tie_word_embeddings=False,
     )
-    return _save(LlavaOnevisionForConditionalGeneration, config, processor, path, seed)
+    return save_random_model(LlavaOnevisionForConditionalGeneration, config, processor, path, seed)
 
 
 WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next, "onevision": write_tiny_onevision}

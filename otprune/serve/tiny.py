@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 PATCH_SIZE = 14
 INIT_RANGE = 0.1  # larger than usual, so that pruning visibly changes the logits
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -90,21 +88,10 @@ def _rewrite_vision_keys(folder: Path) -> None:
 
 
 def _save(model_cls, config, processor, path: str | Path, seed: int) -> Path:
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config).eval()
-        for name, param in model.named_parameters():
-            if "image_newline" in name:
-                with torch.no_grad():
-                    param.normal_(0.0, 1.0)
-    tokenizer = processor.tokenizer
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    """`otprune.hf.tiny.save_random_model`, then the vision keys in the layout vLLM loads."""
+    from otprune.hf.tiny import save_random_model
+
+    folder = save_random_model(model_cls, config, processor, path, seed)
     _rewrite_vision_keys(folder)
     return folder
 
