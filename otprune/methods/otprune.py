@@ -322,9 +322,7 @@ class OTPrune(TokenSelector):
         # The host greedy reads L = I + S' S'^T (S' = sqrt(gamma) S) one row per pick: K
         # products S' S'[j] from a cache-resident S' instead of the N^3 product S' S'^T.
         s, rep, copies = self._interaction(features, valid)  # (B, N, N), (B, N)
-        if copies:
-            read_through(s, rep)  # copies get bit-identical rows and columns of S', hence of L
-        return greedy_logdet_gram(s, valid, k_max)
+        return greedy_logdet_gram(s, valid, k_max, rep if copies else None)  # copies: L read through rep
 
 
 ROWS_FROM_S = 2048

@@ -201,3 +201,25 @@ def test_one_pass_stats_equal_the_separate_ones(dtype):
     assert torch.equal(sq, column_sq_norms(x))
     torch.testing.assert_close(sq, (x * x).sum(1, keepdim=True))
     assert keys[1, 140] == keys[1, 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("copies", [{}, {3: 500, 10: 590, 200: 201, 7: 8}])
+def test_rows_from_s_pick_as_the_formed_kernel(monkeypatch, dtype, copies):
+    """Up to ROWS_FROM_S tokens the CPU greedy computes its kernel rows from S; beyond, it reads the
+    formed kernel. Copies tie exactly in both and go to the lowest index; in fp64 (no near-tie that
+    the two summation orders could split) the picks are the same."""
+    import otprune.methods.otprune as module
+
+    x = _with_copies(600, 48, copies, seed=3).to(dtype)
+    x[[3, 10, 200, 7]] *= 4.0  # the originals (and so their copies) are picked early
+    for src, dst in copies.items():
+        x[dst] = x[src]
+    picks = {}
+    for path, limit in (("rows", module.ROWS_FROM_S), ("formed", 0)):
+        monkeypatch.setattr(module, "ROWS_FROM_S", limit)
+        picks[path] = otprune.select_tokens(x, 60, order="greedy").tolist()
+        for src, dst in copies.items():
+            assert src in picks[path] and (dst not in picks[path] or picks[path].index(src) < picks[path].index(dst))
+    if dtype == torch.float64:
+        assert picks["rows"] == picks["formed"]
