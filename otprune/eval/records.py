@@ -54,7 +54,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from otprune import flops
@@ -494,16 +494,24 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict]:
     is skipped with a warning instead, is `otprune.eval.report.collect.find_record_runs`.)
     """
     with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg}); is the file truncated?") from None
+        for number, value in json_lines(lines):
+            if isinstance(value, json.JSONDecodeError):
+                raise ValueError(f"{path}:{number}: not JSON ({value.msg}); is the file truncated?")
             if is_record(value):
                 yield value
+
+
+def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, object]]:
+    """(line number from 1, the line's JSON value, or the `json.JSONDecodeError` it raised) for every
+    non-blank line."""
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield number, err
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:

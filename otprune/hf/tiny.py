@@ -136,6 +136,22 @@ def _vocab_size(tokenizer) -> int:
 _LLAMA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 
+def llava_config(config_cls, vision_config, text_config, tokenizer, image_size: int, **extra):
+    """A LLaVA-1.5 / 1.6 `config_cls` (Llava / LlavaNext config): CLIP features of the second-to-last layer
+    without the CLS token, a GELU projector, `<image>` as the image token; `extra` goes to the config."""
+    return config_cls(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // PATCH_SIZE) ** 2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
 def _write_llama_llava(path: str | Path, seed: int, model_cls, config_cls, processor_cls, image_processor, **extra) -> Path:
     """LLaVA-1.5 / 1.6 layout: a CLIP tower, a Llama LLM, the Vicuna chat template; `extra` goes to the config."""
     tokenizer = build_tokenizer(_LLAMA_SPECIALS, bos=True)
@@ -147,17 +163,8 @@ def _write_llama_llava(path: str | Path, seed: int, model_cls, config_cls, proce
         num_additional_image_tokens=1,
         chat_template=VICUNA_TEMPLATE,
     )
-    config = config_cls(
-        vision_config=_tower_config("clip"),
-        text_config=_text_config("llama", _vocab_size(tokenizer), tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-        **extra,
-    )
+    text = _text_config("llama", _vocab_size(tokenizer), tokenizer)
+    config = llava_config(config_cls, _tower_config("clip"), text, tokenizer, IMAGE_SIZE, **extra)
     return save_random_model(model_cls, config, processor, path, seed)
 
 

@@ -290,10 +290,10 @@ class OTPrune(TokenSelector):
         S S^T = S^2 is formed from sqrt(gamma) * S (`interaction`), so no pass scales it by gamma.
         The kernel is L[i, j] = [i == j] + G[rep[i], rep[j]] with G the first output.
         """
-        s, rep, copies = self._interaction(features, valid)
+        s, rep, copies = self._interaction_and_copies(features, valid)
         return symmetric_gram(s), rep, copies
 
-    def _interaction(self, features: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, bool | None]:
+    def _interaction_and_copies(self, features: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, bool | None]:
         """sqrt(gamma) * S: (B, N, N), and `representatives` (row keys from the same pass)."""
         self.check_features(features)
         s, keys = _interaction(features, self.gamma, keys=True)
@@ -321,7 +321,7 @@ class OTPrune(TokenSelector):
             return greedy_logdet(self.kernel(features, valid), valid, k_max)
         # The host greedy reads L = I + S' S'^T (S' = sqrt(gamma) S) one row per pick: K
         # products S' S'[j] from a cache-resident S' instead of the N^3 product S' S'^T.
-        s, rep, copies = self._interaction(features, valid)  # (B, N, N), (B, N)
+        s, rep, copies = self._interaction_and_copies(features, valid)  # (B, N, N), (B, N)
         return greedy_logdet_gram(s, valid, k_max, rep if copies else None)  # copies: L read through rep
 
 

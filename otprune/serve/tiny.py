@@ -50,17 +50,9 @@ def _configs(config_cls, tokenizer, image_size: int, hidden_size: int, layers: i
     )  # fmt: skip
     if hidden_size // heads < 32:
         raise ValueError(f"hidden_size={hidden_size}, heads={heads}: head size {hidden_size // heads} < 32 (vLLM CPU)")
-    return config_cls(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=(image_size // PATCH_SIZE) ** 2,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-        **extra,
-    )
+    from otprune.hf.tiny import llava_config
+
+    return llava_config(config_cls, vision, text, tokenizer, image_size, **extra)
 
 
 def _rewrite_vision_keys(folder: Path) -> None:

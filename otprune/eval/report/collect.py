@@ -26,6 +26,7 @@ from pathlib import Path
 from otprune.eval.records import (
     RECORD_MARKER,
     is_record,
+    json_lines,
     model_name_from_args,
     normalized_settings,
     setting_keys,
@@ -186,17 +187,12 @@ def _scan_records(path: Path, where: Path, warnings: list[str]):
         warnings.append(f"{where}: skipped, cannot read it ({err.strerror})")
         return
     first = True
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
+    for number, value in json_lines(text.splitlines()):
+        if isinstance(value, json.JSONDecodeError):
             if first:
-                warnings.append(f"{where}: skipped, line {number} is not JSON ({err.msg}); not a records file")
+                warnings.append(f"{where}: skipped, line {number} is not JSON ({value.msg}); not a records file")
                 return
-            warnings.append(f"{where}:{number}: line skipped, not JSON ({err.msg}; cut short?)")
+            warnings.append(f"{where}:{number}: line skipped, not JSON ({value.msg}; cut short?)")
             continue
         if not is_record(value):
             if first:
