@@ -57,10 +57,8 @@ def eq4_distance(features: Tensor, kept: Tensor) -> tuple[float, float]:
         raise ValueError(f"features: must have shape (N, D) with N, D >= 1, got {tuple(features.shape)}")
     if kept.dim() != 1 or kept.numel() == 0:
         raise ValueError(f"kept: must have shape (K,) with K >= 1, got {tuple(kept.shape)}")
-    x = features.detach().to(torch.float64)
-    n = x.shape[0]
-    rms = x.square().mean(0).sqrt()
-    z = x / rms.clamp_min(torch.finfo(torch.float64).tiny)  # (N, D); a constant-zero dimension stays 0
+    z = rms_normalised(features.detach().to(torch.float64))  # (N, D)
+    n = z.shape[0]
     za = z[kept.to(device=z.device, dtype=torch.long)]  # (K, D)
     k = za.shape[0]
     p = za @ z.mT  # (K, N)
@@ -71,6 +69,12 @@ def eq4_distance(features: Tensor, kept: Tensor) -> tuple[float, float]:
     objective = evals.masked_fill(evals <= noise, 0.0).sqrt().sum()
     value = z.square().sum() / n + za.square().sum() / k - 2.0 * objective
     return math.sqrt(max(float(value), 0.0)), float(objective)
+
+
+def rms_normalised(x: Tensor) -> Tensor:
+    """x: (N, D) with every dimension divided by its root mean square over the N tokens (Z of the
+    module docstring); a constant-zero dimension stays 0."""
+    return x / x.square().mean(0).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from otprune.distance import rms_normalised
 from otprune.methods.otprune import interaction, normalise_columns
 
 __all__ = [
@@ -223,10 +224,7 @@ class GaussianMoments:
 
 def _normalised(x: Tensor, centred: bool) -> Tensor:
     """Z of the module docstring: per-dimension unit second moment (or unit variance if centred)."""
-    if centred:
-        x = x - x.mean(0)
-    scale = x.square().mean(0).sqrt()
-    return x / scale.clamp_min(torch.finfo(x.dtype).tiny)  # a constant-zero dimension stays 0
+    return rms_normalised(x - x.mean(0) if centred else x)
 
 
 def gaussian_moments(
