@@ -14,6 +14,7 @@ COMMANDS = [
     ("tiny-llava", "otprune.commands.tiny_llava_cmd"),
     ("tiny-hf", "otprune.commands.tiny_hf_cmd"),
     ("flops", "otprune.commands.flops_cmd"),
+    ("run", "otprune.commands.run_cmd"),
     ("report", "otprune.commands.report_cmd"),
     ("fitprune-calibrate", "otprune.commands.fitprune_calibrate_cmd"),
     ("synth", "otprune.commands.synth_cmd"),

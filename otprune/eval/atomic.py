@@ -1,7 +1,8 @@
-"""Writing files without ever writing through a symbolic link.
+"""Writing files without ever writing through a symbolic link: every file otprune writes goes through here.
 
-`write_text` / `replacing`: the content goes to a temporary file in the target's folder, is
-flushed to disk (fsync) and renamed over the target with `os.replace`. A rename replaces the
+`write_text` / `replacing`: the content goes to a temporary file with a random name in the target's
+folder, is flushed to disk (fsync), given the mode the umask asks for (0666 & ~umask, as `open`
+would) and renamed over the target with `os.replace`. A rename replaces the
 directory entry itself: when the target is a symbolic link, the link is replaced by the new file
 and whatever it pointed to is left untouched; readers never see a half-written file.
 
@@ -9,8 +10,10 @@ and whatever it pointed to is left untouched; readers never see a half-written f
 (a link at the path is an error, never followed), and created with O_EXCL when the caller asks
 for a file of its own (the writer then checks at each append that the path is still that file).
 
-`python -m otprune.eval.atomic FILE` writes its standard input to FILE this way (run_OTPrune.sh
-writes otprune_run.json with it).
+A folder that cannot be written (read-only, disk full, no permission) raises `WriteError`, whose
+message is one line naming the folder.
+
+`python -m otprune.eval.atomic FILE` writes its standard input to FILE this way.
 """
 
 from __future__ import annotations
@@ -23,14 +26,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+class WriteError(OSError):
+    """A file could not be written; the message names the folder and the reason."""
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the umask (0666 & ~umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def replacing(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary path beside `target` (same suffix); on success it replaces `target` (never
     followed when it is a link), on error it is removed and `target` is left as it was. A caller that
     removes the temporary file leaves `target` alone."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+    except OSError as err:
+        raise _write_error(target, err) from None
     os.close(handle)
     temporary = Path(name)
     try:
@@ -39,11 +56,19 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
             return
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
+        os.chmod(temporary, file_mode())
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             temporary.unlink()
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise _write_error(target, err) from None
         raise
+
+
+def _write_error(target: Path, err: OSError) -> WriteError:
+    reason = err.strerror or str(err)
+    return WriteError(err.errno, f"cannot write {target.name} in {target.parent.resolve()}: {reason}")
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> Path:

@@ -52,13 +52,13 @@ def manifests():
             chat_class_path=f"{__name__}.OTPruneHFChat",
         )
     ]
-    for name in (*BASES, *VLLM_CLASSES):
-        simple, chat = {**PLAIN_CLASSES, **VLLM_CLASSES}[name]
+    for name in (*BASES, *OURS_CLASSES, *VLLM_CLASSES):
+        simple, chat = {**PLAIN_CLASSES, **OURS_CLASSES, **VLLM_CLASSES}[name]
         found.append(
             ModelManifest(
                 model_id=name,
                 simple_class_path=f"{__name__}.{simple.__name__}",
-                chat_class_path=f"{__name__}.{chat.__name__}",
+                chat_class_path=None if chat is None else f"{__name__}.{chat.__name__}",
             )
         )
     return found
@@ -123,6 +123,31 @@ def loaded_model(lm: object):
     return getattr(model, "module", model)
 
 
+REQUEST_METHODS = ("loglikelihood", "generate_until", "generate_until_multi_round")
+
+
+def instrument(lm: object) -> object:
+    """Make the lmms-eval model `lm` leave the evidence of its run: start this process's records with
+    its `RunSpec` (`otprune.eval.records.start`) and count every request lmms-eval hands it (task,
+    document) before it runs, so that the report can check one pruning record per request and the
+    number of documents against lmms-eval's. Nothing is done when recording is off."""
+    writer = records.start()
+    if not writer.enabled:
+        return lm
+    for name in REQUEST_METHODS:
+        method = getattr(lm, name, None)
+        if method is None:
+            continue
+
+        def counted(requests, *args, _method=method, **kwargs):
+            requests = list(requests)
+            writer.account(requests)
+            return _method(requests, *args, **kwargs)
+
+        setattr(lm, name, counted)
+    return lm
+
+
 def attach(lm: object):
     """Apply the `otprune.hf` adapter to the model of lmms-eval wrapper `lm`; returns the adapter.
 
@@ -173,7 +198,7 @@ class _OTPruneHF(_Factory):
         base, rest = split_base(utils.simple_parse_args_string(arg_string))
         lm = builtin_class(base, cls.force_simple).create_from_arg_string(join_args(rest), additional_config)
         attach(lm)
-        return lm
+        return instrument(lm)
 
 
 class OTPruneHFSimple(_OTPruneHF):
@@ -201,6 +226,7 @@ class _Plain(_Factory):
         lm = builtin_class(cls.name, cls.force_simple).create_from_arg_string(arg_string, additional_config)
         if wanted:
             attach(lm)
+            instrument(lm)
         return lm
 
 
@@ -227,6 +253,29 @@ class Qwen2_5_VLChat(_Plain):
 
     name, force_simple, is_simple = "qwen2_5_vl", False, False
 
+
+class _Ours(_Factory):
+    """lmms-eval's `llava` (which runs our `llava` package: it prunes and records by the switches
+    itself), its own class and arguments, instrumented (`instrument`) so that its records prove
+    what it evaluated."""
+
+    name: ClassVar[str] = "llava"
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        PruneConfig.from_env()  # a malformed switch stops here, before the model loads
+        lm = builtin_class(cls.name, cls.force_simple).create_from_arg_string(arg_string, additional_config)
+        return instrument(lm)
+
+
+class LlavaSimple(_Ours):
+    """`--model llava` (lmms-eval's llava is a simple model only)."""
+
+    force_simple, is_simple = True, True
+
+
+# lmms-eval's `llava` name -> (simple class, no chat class) registered over lmms-eval's own.
+OURS_CLASSES: dict[str, tuple[type[_Ours], None]] = {"llava": (LlavaSimple, None)}
 
 # lmms-eval model name -> (simple class, chat class) registered over lmms-eval's own.
 PLAIN_CLASSES: dict[str, tuple[type[_Plain], type[_Plain]]] = {
@@ -268,6 +317,7 @@ class _Vllm(_Factory):
 
         config = check_vllm_switches()  # before the engine starts
         lm = builtin_class(cls.name, cls.force_simple).create_from_arg_string(arg_string, additional_config)
+        instrument(lm)
         # Installed after the engine started: its profiling runs on dummy inputs, not samples.
         seen = []
 

@@ -61,7 +61,9 @@ from otprune import flops
 from otprune.eval import atomic
 
 RECORD_VERSION = 1
-RECORD_MARKER = "otprune_record"  # key present (= RECORD_VERSION) in every line
+RECORD_MARKER = "otprune_record"  # key present (= RECORD_VERSION) in every per-sample line
+SPEC_MARKER = "otprune_spec"  # the first line of a process's file: its RunSpec (`RecordWriter.start`)
+END_MARKER = "otprune_end"  # the last line: what the process evaluated (`RecordWriter.close`)
 FILE_PREFIX = "otprune_records"
 REQUIRED_STATS = ("seq_len_before",)
 
@@ -368,6 +370,11 @@ class RecordWriter:
         self.exclusive = exclusive
         self.count = 0
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file this writer opened first
+        self.spec = None  # the RunSpec of `start`, None before
+        self.started_at: float | None = None
+        self.closed = False
+        self.requests: dict[str, int] | None = None  # request type -> count (None: not accounted)
+        self.documents: dict[str, set] = {}  # task -> doc ids of the requests
 
     @property
     def enabled(self) -> bool:
@@ -391,6 +398,68 @@ class RecordWriter:
             fields["mmbench_judge"] = (env.get("MODEL_VERSION") or "").strip() or None
         return cls(path, context=fields, rank=rank, run_id=run_id(environ) if path is not None else None,
                    exclusive=exclusive)
+
+    def start(self, spec) -> None:
+        """Write this process's first line: its `RunSpec` (what it evaluates), run id, rank and world
+        size; the last line (`close`) follows when the process exits. No-op when recording is off or
+        when already started."""
+        if self.path is None or self.spec is not None:
+            return
+        import atexit
+
+        self.spec = spec
+        self.started_at = time.time()
+        line = {SPEC_MARKER: RECORD_VERSION, "run_id": self.run_id, "run": self.run, "rank": self.rank,
+                "world_size": _world_size(), "time": self.started_at, "spec": spec.to_dict(),
+                "spec_digest": spec.digest, **self.context}  # fmt: skip
+        self._append((json.dumps(line) + "\n").encode("utf-8"))
+        atexit.register(self.close)
+
+    def account(self, requests: Iterable) -> None:
+        """Count the lmms-eval requests (`Instance`s: request type, task, doc id) this process is
+        about to evaluate; the closing line holds the counts, which the report compares with the
+        records (one pruning record per request) and with lmms-eval's number of documents."""
+        if self.path is None:
+            return
+        if self.requests is None:
+            self.requests = {}
+        for request in requests:
+            kind = str(getattr(request, "request_type", "?"))
+            self.requests[kind] = self.requests.get(kind, 0) + 1
+            task = str(getattr(request, "task_name", "?"))
+            self.documents.setdefault(task, set()).add(str(getattr(request, "doc_id", "?")))
+
+    def close(self) -> None:
+        """Write the closing line (once): request and document counts, the number of records and, on
+        rank 0, the sha256 of each lmms-eval results file this process wrote (how the report joins
+        results to this process's spec)."""
+        if self.path is None or self.spec is None or self.closed:
+            return
+        self.closed = True
+        line = {END_MARKER: RECORD_VERSION, "run_id": self.run_id, "run": self.run, "rank": self.rank,
+                "world_size": _world_size(), "time": time.time(), "records": self.count,
+                "requests": None if self.requests is None else sum(self.requests.values()),
+                "request_types": self.requests,
+                "documents": {task: len(ids) for task, ids in sorted(self.documents.items())},
+                "results": self._results() if self.rank == 0 else []}  # fmt: skip
+        try:
+            self._append((json.dumps(line) + "\n").encode("utf-8"))
+        except OSError as err:  # at exit: say so, the report then lists the run as unverified
+            print(f"otprune: cannot close the records of this run ({err})", file=sys.stderr)
+
+    def _results(self) -> list[dict]:
+        """The lmms-eval results files written in this process's results folder since `start`."""
+        folder = self.path.parent
+        found = []
+        for path in sorted(folder.glob("*_results.json")):
+            try:
+                if path.stat().st_mtime < (self.started_at or 0.0) - 1.0:
+                    continue
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                continue
+            found.append({"name": path.name, "sha256": digest})
+        return found
 
     def write(
         self,
@@ -479,13 +548,40 @@ def record(stats: Mapping | Sequence[Mapping], **fields: object) -> list[dict]:
 
 
 def reset() -> None:
-    """Forget this process's writer (the next `record` reads the environment again)."""
+    """Close and forget this process's writer (the next `record` reads the environment again)."""
     global _default_writer
+    if _default_writer is not None:
+        _default_writer.close()
     _default_writer = None
+
+
+def start(spec=None) -> RecordWriter:
+    """Start this process's records with its `RunSpec` (by default `RunSpec.from_process()`): the
+    evidence of what it evaluates. Returns the writer (disabled when recording is off)."""
+    writer = default_writer()
+    if writer.enabled and writer.spec is None:
+        if spec is None:
+            from otprune.eval.runspec import RunSpec
+
+            spec = RunSpec.from_process()
+        writer.start(spec)
+    return writer
+
+
+def _world_size() -> int:
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE") or 1))
+    except ValueError:
+        return 1
 
 
 def is_record(line: Mapping) -> bool:
     return isinstance(line, Mapping) and line.get(RECORD_MARKER) is not None
+
+
+def is_evidence(line: Mapping) -> bool:
+    """A line of a records file: a per-sample record, the spec line or the closing line."""
+    return isinstance(line, Mapping) and any(line.get(key) is not None for key in (RECORD_MARKER, SPEC_MARKER, END_MARKER))
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[dict]:

@@ -101,9 +101,10 @@ def plan_settings(
             raise PlanError(str(err)) from None
         settings = result_settings(config)
         tag = settings_tag(settings, name)
-        if tag in seen:
+        key = json.dumps(settings, sort_keys=True)  # one run per setting, whatever it is called (OURS, OTPRUNE)
+        if key in seen:
             return
-        seen.add(tag)
+        seen.add(key)
         info = json.dumps({**settings, "baseline": name})[1:-1]
         yield "\t".join([tag, settings["method"], str(settings["layer"]), info, *[f"{k}={v}" for k, v in env.items()]])
 

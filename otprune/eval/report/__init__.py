@@ -1,21 +1,18 @@
 """The paper-style results table (Table 1) from lmms-eval logs and our per-sample records.
 
-Input, found recursively under a log folder (`collect`):
+Input, found recursively under a log folder (`collect`, `otprune.eval.evidence`):
 
 - lmms-eval 0.7 results, `<output_path>/<model>/<date>_results.json`: per task a dict of
-  `"<metric>,<filter>": value` under "results", the model name, the command line under
-  "config" / "resolved_cli_args" and the start `date` (in `--timezone`, default Asia/Singapore);
-- our records (`otprune.eval.records`): JSONL files whose lines carry the "otprune_record" marker, one
-  line per sample with method, layer, ratio, TFLOPs and latencies.
+  `"<metric>,<filter>": value` under "results", the number of documents under "n-samples";
+- the evidence of the processes that wrote them: our records files (`otprune.eval.records`), each
+  with the process's `RunSpec`, one record per request with the pruning it applied, and a closing
+  line naming (by sha256) the results file the process wrote.
 
-Each group of records (one `run` = one process) is matched to the results file it belongs to by
-the run's identity, never by time (`collect`): the `run_id` of run_OTPrune.sh's lmms-eval call,
-in every record and in the otprune_run.json of the call's own folder; records without an id only
-when their folder holds a single results file for their tasks and no records of another setting.
-Unreadable or foreign files and invalid record lines are skipped with a warning naming them (in
-the notes and on stderr). The records give the row's settings (method, layer, ratio, the method parameters, order,
-recipe: `otprune.eval.records.setting_keys()`) and its FLOPs and latency; results without records
-take them from run_OTPrune.sh's `otprune_run.json`.
+A results file enters the tables only through a verified run (`otprune.eval.evidence.verify`):
+the row is the run's spec, its settings are the records', and the row is shown only when the
+records prove that the spec's pruning ran on every request. Everything else is listed under
+"Unverified runs" with the reason, and kept out of every table, figure and test. Unreadable or
+foreign files and invalid record lines are skipped with a warning naming them.
 
 Output (`rows`, `scores`, `tables`, `plots`): one row per model x setting (method, kept ratio, layer,
 and the method parameters / order / recipe, which the method label shows when they are not the
@@ -34,18 +31,8 @@ import os
 import sys
 from pathlib import Path
 
-from otprune.eval import atomic
-from otprune.eval.report.collect import (
-    DEFAULT_TIMEZONE,
-    RUN_INFO,
-    RecordRun,
-    ResultFile,
-    associate,
-    find_record_runs,
-    find_result_files,
-    parse_result_file,
-    run_info,
-)
+from otprune.eval import atomic, evidence
+from otprune.eval.report.collect import DEFAULT_TIMEZONE, ResultFile, find_result_files, parse_result_file
 from otprune.eval.report.figures import write_figures
 from otprune.eval.report.headlines import (
     EXTRA_COLUMNS,
@@ -95,35 +82,51 @@ def build_report(log_dir: str | os.PathLike) -> Report:
         _warn(warnings)
         raise ValueError(
             f"LOG_DIR={str(log_dir)!r}: no lmms-eval results (*_results.json) found under it; run lmms-eval with "
-            f"--output_path {log_dir} (or `bash run_OTPrune.sh --log-dir {log_dir}`, `bash run_OTPrune.sh --smoke`) first"
+            f"--output_path {log_dir} (or `otprune run --log-dir {log_dir}`, `bash run_OTPrune.sh --smoke`) first"
         )
-    runs = find_record_runs(root, warnings)
+    runs = evidence.scan(root, warnings)
     _warn(warnings)
-    matched, unmatched = associate(results, runs)
-    notes = [f"warning: {warning}" for warning in warnings]
-    for run in unmatched:
-        files = ", ".join(sorted(str(path.relative_to(root)) for path in run.files))
-        if run.run_id is not None:
-            notes.append(f"records of run id {run.run_id} ({files}) match no results file of that run (interrupted or "
-                         "failed run?); left out")
+    by_digest = {result.digest: result for result in results if result.digest}
+    verified, unverified, claimed = [], [], set()
+    for run in runs:
+        problems = evidence.verify(run, by_digest, root)
+        result = next((by_digest[d] for d in run.results_digests if d in by_digest), None)
+        if result is not None:
+            claimed.add(result.path)
+        if problems:
+            spec = run.spec
+            what = f"{spec.task} / {spec.tag()} ({spec.model})" if spec is not None else "?"
+            where = ", ".join(str(path.relative_to(root)) for path in run.files)
+            unverified.append(f"run {run.name}: {what}: {'; '.join(problems)} [{where}]")
         else:
-            notes.append(f"records of run {run.run} ({files}) have no run id and match no results file unambiguously "
-                         "(none, or several in their folder, or records of another setting beside them); left out: give "
-                         "each lmms-eval call its own --output_path, or use run_OTPrune.sh")
-    runs = [run for run in runs if run not in unmatched]
-    rows, tasks, row_notes = collect_rows(results, matched, root)
+            verified.append((run, result))
+    for result in results:
+        if result.path not in claimed:
+            unverified.append(f"{result.path.relative_to(root)}: no otprune records name this results file (lmms-eval "
+                              "ran without otprune's lmms_eval.models entry point, or with OTPRUNE_RECORDS=off); "
+                              "its model and pruning are unproven")
+    notes = [f"warning: {warning}" for warning in warnings]
+    rows, tasks, row_notes = collect_rows(verified, root)
     average_ranks(rows, tasks)
-    relative_scores(rows, tasks)
-    return Report(root, rows, tasks, notes + row_notes, provenance(runs, tasks))
+    notes += relative_scores(rows, tasks)
+    if not rows:
+        notes.append("no verified run: every results file is listed under \"Unverified runs\"")
+    report = Report(root, rows, tasks, notes + row_notes, provenance([run for run, _ in verified], tasks))
+    report.unverified = unverified
+    return report
 
 
 def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                  pair: tuple[str, str] = ("otprune", "divprune")) -> tuple[Report, dict[str, Path]]:
     """Build the report and write markdown, CSV and (when useful) the PNG, and the paper's analyses
-    the runs hold (`figures`: Fig. 2-5, the Wilcoxon test of `pair`); returns what was written."""
+    the runs hold (`figures`: Fig. 2-5, the Wilcoxon test of `pair`); returns what was written.
+
+    Every file goes through `otprune.eval.atomic` (random temporary name, renamed into place, never
+    through a link). The artefacts of an earlier report of the same name that this one does not
+    rewrite are removed (listed under "stale" in the result), so no old figure stands beside a new
+    table. A folder that cannot be written raises `atomic.WriteError` naming it."""
     report = build_report(log_dir)
     markdown = Path(out) if out is not None else Path(log_dir) / "otprune_report.md"
-    # Each file is written to a temporary file beside it and renamed: never through a link.
     atomic.write_text(markdown, to_markdown(report))
     written = {"markdown": markdown}
     table = markdown.with_suffix(".csv")
@@ -133,11 +136,32 @@ def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     with atomic.replacing(picture) as temporary:
         drawn = plot(report, temporary)
         if not drawn:
-            temporary.unlink()  # nothing to draw: an existing picture is left as it is
+            temporary.unlink()
     if drawn:
         written["png"] = picture
     written.update(write_figures(report, markdown.parent, markdown.stem, pair))  # Fig. 2-5, Wilcoxon (when held)
+    for index, path in enumerate(remove_stale(markdown, set(written.values()))):
+        written[f"stale_{index}"] = path
     return report, written
+
+
+def artefacts(markdown: Path) -> list[Path]:
+    """The files a report named `markdown` may write beside it: its .csv / .png and `<stem>_<name>.{md,csv,png}`."""
+    folder, stem = markdown.parent, markdown.stem
+    found = [folder / f"{stem}.png"]
+    for path in folder.glob(f"{stem}_*"):
+        name = path.name[len(stem) + 1:]
+        if path.suffix in (".md", ".csv", ".png") and name[: -len(path.suffix)].replace("_", "").isalnum():
+            found.append(path)
+    return [path for path in found if path.is_file() or path.is_symlink()]
+
+
+def remove_stale(markdown: Path, written: set[Path]) -> list[Path]:
+    """Remove the artefacts of an earlier report (`artefacts`) that this report did not write; returns them."""
+    stale = [path for path in artefacts(markdown) if path not in written]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def _warn(warnings: list[str]) -> None:
@@ -147,10 +171,10 @@ def _warn(warnings: list[str]) -> None:
 
 
 __all__ = [
-    "DEFAULT_MMBENCH_JUDGE", "DEFAULT_TIMEZONE", "EXTRA_COLUMNS", "HEADLINES", "MODEL_ORDER", "PAPER_TASKS", "RUN_INFO",
-    "SMOKE_TASKS", "UNKNOWN_METHOD", "Headline", "RecordRun", "Report", "ResultFile", "Row", "associate",
-    "average_ranks", "build_report", "collect_rows", "columns", "find_record_runs", "find_result_files", "flops_unit",
+    "DEFAULT_MMBENCH_JUDGE", "DEFAULT_TIMEZONE", "EXTRA_COLUMNS", "HEADLINES", "MODEL_ORDER", "PAPER_TASKS",
+    "SMOKE_TASKS", "UNKNOWN_METHOD", "Headline", "Report", "ResultFile", "Row",
+    "average_ranks", "build_report", "collect_rows", "columns", "find_result_files", "flops_unit",
     "headline", "markdown_table", "method_label", "metric_value", "model_label", "parse_result_file", "plot",
-    "provenance", "relative_scores", "row_label", "row_order", "run_info", "table_cells", "task_headline",
+    "provenance", "relative_scores", "row_label", "row_order", "table_cells", "task_headline",
     "task_order", "to_csv", "to_markdown", "write_figures", "write_report",
 ]

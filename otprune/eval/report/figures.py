@@ -29,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from otprune.eval import atomic
 from otprune.eval.records import setting_defaults
 from otprune.eval.report.rows import Report, Row, model_label, row_label
 from otprune.eval.report.stats_tests import relative_improvement, spearman, wilcoxon_greater
@@ -321,17 +322,17 @@ def _pyplot():
 
 
 def _save(figure, path: Path) -> None:
+    """Through the one writer (`otprune.eval.atomic`): random temporary name, never through a link."""
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    _pyplot().close(figure)
-    os.replace(tmp, path)
+    try:
+        with atomic.replacing(path) as temporary:
+            figure.savefig(temporary, format="png")
+    finally:
+        _pyplot().close(figure)
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def write_figures(report: Report, folder: str | os.PathLike, stem: str = "otprune_report",

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from otprune.eval.evidence import RunEvidence
 from otprune.eval.records import installed_version
-from otprune.eval.report.collect import RecordRun
 
 # MMBench's GPT judge when MODEL_VERSION is not set (lmms-eval 0.7's mmbench en_utils default); the
 # paper's lmms-eval judged with gpt-3.5-turbo-0613.
 DEFAULT_MMBENCH_JUDGE = "gpt-4o-2024-11-20"
 
 
-def provenance(runs: Sequence[RecordRun], tasks: Sequence[str]) -> list[str]:
+def provenance(runs: Sequence[RunEvidence], tasks: Sequence[str]) -> list[str]:
     """Footer lines: the lmms-eval version(s) the records were written under, and MMBench's judge."""
     records = [record for run in runs for record in run.records]
     versions = sorted({str(r["lmms_eval_version"]) for r in records if r.get("lmms_eval_version")})

@@ -8,12 +8,14 @@ A row carries the method parameters generically (`Row.params`, one entry per
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from otprune.eval import adaptive
-from otprune.eval.records import param_keys, setting_defaults, setting_keys
-from otprune.eval.report.collect import RecordRun, ResultFile, run_info
+from otprune.eval.evidence import RunEvidence
+from otprune.eval.records import normalized_settings, param_keys, setting_defaults, setting_keys
+from otprune.eval.report.collect import ResultFile
 from otprune.eval.report.headlines import (
     EXTRA_COLUMNS,
     HEADLINES,
@@ -22,6 +24,7 @@ from otprune.eval.report.headlines import (
     metric_value,
     task_order,
 )
+from otprune.eval.runspec import RunSpec, model_folder, model_label_of
 from otprune.methods import all_params, display_name, table_rank
 
 UNKNOWN_METHOD = "?"
@@ -45,6 +48,8 @@ class Row:
     buckets: dict[Path, dict] = dataclasses.field(default_factory=dict)  # results file -> flops / latency sums
     rank: float | None = None
     relative: float | None = None
+    spec: RunSpec | None = None  # the run spec of the row (any of its tasks'); None for hand-made rows
+    relative_note: str | None = None  # why a pruned row has no relative score
 
     @classmethod
     def from_settings(cls, model: str, settings: Mapping) -> Row:
@@ -55,6 +60,14 @@ class Row:
             order=settings.get("order"), recipe=settings.get("recipe"),
         )  # fmt: skip
 
+    @classmethod
+    def from_spec(cls, spec: RunSpec) -> Row:
+        """The row of a verified run's spec (its model label is set by `label_models`)."""
+        settings = normalized_settings({**spec.settings_dict, "method": spec.method})
+        row = cls.from_settings(spec.model, settings)
+        row.spec = spec
+        return row
+
     @property
     def settings(self) -> dict:
         """{key: value} for `setting_keys()`."""
@@ -64,6 +77,8 @@ class Row:
 
     @property
     def key(self) -> tuple:
+        if self.spec is not None:
+            return (self.spec.row_key,)
         return (self.model, *self.settings.values())
 
     @property
@@ -116,43 +131,63 @@ class Report:
     tasks: list[str]
     notes: list[str]
     provenance: list[str] = dataclasses.field(default_factory=list)  # lmms-eval version, MMBench judge
+    unverified: list[str] = dataclasses.field(default_factory=list)  # runs kept out of every table, and why
 
     @property
     def ratios(self) -> list[float]:
         return sorted({row.ratio for row in self.rows if row.pruned and isinstance(row.ratio, (int, float))})
 
 
-def collect_rows(
-    results: Sequence[ResultFile], matched: Mapping[Path, list[RecordRun]], root: Path
-) -> tuple[list[Row], list[str], list[str]]:
-    """(rows in table order, task columns, notes) from the results files and their record runs."""
+def collect_rows(verified: Sequence[tuple[RunEvidence, ResultFile]], root: Path) -> tuple[list[Row], list[str], list[str]]:
+    """(rows in table order, task columns, notes) from the verified runs and their results files: one
+    row per spec without its task (`RunSpec.row_key`), labelled by `label_models`."""
     notes: list[str] = []
     rows: dict[tuple, Row] = {}
-    for result in sorted(results, key=lambda result: (result.start or 0.0, result.date, str(result.path))):
-        result_runs = matched.get(result.path, [])
-        row = Row.from_settings(result.model, _settings(result, result_runs, root, notes))
+    for run, result in sorted(verified, key=lambda item: (item[1].start or 0.0, item[1].date, str(item[1].path))):
+        row = Row.from_spec(run.spec)
         row = rows.setdefault(row.key, row)
         _add_scores(row, result, root, notes)
-        if result_runs and any(source.path == result.path for source in row.sources.values()):
-            row.buckets[result.path] = bucket(record for run in result_runs for record in run.records)
+        if any(source.path == result.path for source in row.sources.values()):
+            row.buckets[result.path] = bucket(run.records)
+    label_models(list(rows.values()))
     ordered = sorted(rows.values(), key=row_order)
     return ordered, task_order({task for row in ordered for task in row.scores}), notes
 
 
-def _settings(result: ResultFile, runs: Sequence[RecordRun], root: Path, notes: list[str]) -> dict:
-    """The setting of `result`: its records', else otprune_run.json's, else an unknown method."""
-    where = result.path.relative_to(root)
-    if runs:
-        seen = {tuple(run.settings().values()) for run in runs}
-        if len(seen) > 1:
-            notes.append(f"{where}: its records disagree on the setting {sorted(map(str, seen))}")
-        return runs[0].settings()
-    info = run_info(result.folder, root)
-    if info is not None:
-        notes.append(f"{where}: no per-sample records (FLOPs and latency unknown); setting from run_OTPrune.sh's otprune_run.json")
-        return info
-    notes.append(f"{where}: no per-sample records; method, FLOPs and latency unknown")
-    return dict(dict.fromkeys(setting_keys()), method=UNKNOWN_METHOD)
+# Spec fields that tell apart rows of one model and setting (shown after the model's label).
+VARIANT_FIELDS = ("engine", "lmms_model", "model_args", "batch_size", "limit", "extra_args", "versions")
+
+
+def label_models(rows: Sequence[Row]) -> None:
+    """Set each row's `model` to its label, the same in every table, figure and CSV: the model's short
+    name, or `<name>-<8 hex of its identity>` when two models share it; then, when rows of that label
+    differ in anything but the pruning (engine, model args, limit, versions, ...), those fields,
+    e.g. "tiny-llava [limit=4]": rows are compared only under one label."""
+    specs = [row for row in rows if row.spec is not None]
+    identities: dict[str, set[str]] = {}
+    for row in specs:
+        identities.setdefault(model_label_of(row.spec.model), set()).add(row.spec.model)
+    base = {}
+    for row in specs:
+        short = model_label_of(row.spec.model)
+        base[id(row)] = short if len(identities[short]) == 1 else model_folder(row.spec.model)
+    groups: dict[str, list[Row]] = {}
+    for row in specs:
+        groups.setdefault(base[id(row)], []).append(row)
+    for label, members in groups.items():
+        varying = [name for name in VARIANT_FIELDS
+                   if len({json.dumps(row.spec.to_dict()[name], sort_keys=True) for row in members}) > 1]  # fmt: skip
+        for row in members:
+            extras = [f"{name}={_field_text(row.spec.to_dict()[name])}" for name in varying]
+            row.model = label + (f" [{', '.join(extras)}]" if extras else "")
+
+
+def _field_text(value: object) -> str:
+    if value is None:
+        return "all"
+    if isinstance(value, list):
+        return " ".join("=".join(map(str, item)) if isinstance(item, list) else str(item) for item in value) or "-"
+    return str(value)
 
 
 def _add_scores(row: Row, result: ResultFile, root: Path, notes: list[str]) -> None:
@@ -244,7 +279,10 @@ def row_label(row: Row) -> str:
 
 
 def model_label(model: str) -> str:
-    """The model's short name: the last part of its path or hub id."""
+    """The model's label: rows carry their unique label (`label_models`); for a bare path or hub id,
+    its last part."""
+    if " [" in model:
+        return model
     return model.rstrip("/").split("/")[-1] or model
 
 

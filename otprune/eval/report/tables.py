@@ -52,11 +52,8 @@ def columns(report: Report) -> list[str]:
 
 
 def model_labels(report: Report) -> dict[str, str]:
-    """Each model's label: its short name, or the full path / hub id when two models share the short name."""
-    short: dict[str, set[str]] = {}
-    for row in report.rows:
-        short.setdefault(model_label(row.model), set()).add(row.model)
-    return {model: (label if len(models) == 1 else model) for label, models in short.items() for model in models}
+    """Each row's model label (unique per model identity and scope: `rows.label_models`)."""
+    return {row.model: model_label(row.model) for row in report.rows}
 
 
 def table_cells(report: Report) -> list[list[str]]:
@@ -96,6 +93,9 @@ def to_markdown(report: Report) -> str:
         lines += ["", " ".join(report.provenance)]
     if report.notes:
         lines += ["", "Notes:", *[f"- {note}" for note in report.notes]]
+    if report.unverified:
+        lines += ["", "Unverified runs (in no table, figure or test: their records do not prove their setting):",
+                  *[f"- {line}" for line in report.unverified]]
     return "\n".join(lines) + "\n"
 
 
@@ -105,14 +105,14 @@ def to_csv(report: Report) -> str:
     names = param_keys()
     task_columns = [f"{task}:{task_headline(task, report).metric}" for task in report.tasks]
     writer.writerow(
-        ["model", "method", "layer", "ratio", *names, "order", "recipe", "tflops", "tflops_percent", *task_columns,
+        ["model", "model_id", "method", "layer", "ratio", *names, "order", "recipe", "tflops", "tflops_percent", *task_columns,
          "prefill_ms", "select_ms", "peak_memory_gb", "avg_rank", "relative_score", "samples"]
     )
     for row in report.rows:
         values = [row.layer, row.ratio, *(row.params.get(name) for name in names), row.order, row.recipe, row.tflops(),
                   row.tflops_percent(), *(row.scores.get(task) for task in report.tasks), row.mean("prefill_ms"),
                   row.mean("select_ms"), row.peak_memory_gb(), row.rank, row.relative]
-        writer.writerow([row.model, method_label(row.method), *("" if value is None else value for value in values),
+        writer.writerow([model_label(row.model), "" if row.spec is None else row.spec.model, method_label(row.method), *("" if value is None else value for value in values),
                          row.samples()])
     return out.getvalue()
 
