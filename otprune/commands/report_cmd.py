@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 EPILOG = """\
 Reads, recursively under LOG_DIR, lmms-eval's <date>_results.json files and the per-sample records
@@ -42,7 +41,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from otprune.config import canonical_method
-    from otprune.eval.report import to_markdown, write_report
+    from otprune.eval.report import report_main
 
     names = [name.strip() for name in args.pair.split(",") if name.strip()]
     if len(names) != 2:
@@ -51,20 +50,4 @@ def run(args) -> int:
         pair = (canonical_method(names[0]), canonical_method(names[1]))
     except ValueError as err:
         raise SystemExit(f"otprune report: --pair {args.pair!r}: {err}") from None
-    from otprune.eval.atomic import WriteError
-
-    try:
-        report, written = write_report(args.log_dir, args.out, pair=pair)
-    except WriteError as err:
-        print(f"otprune report: error: {err.strerror}; write the report elsewhere with --out DIR/table.md",
-              file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(to_markdown(report), end="")
-        print()
-    for kind, path in written.items():
-        print(f"removed stale {path}" if kind.startswith("stale_") else f"wrote {kind}: {path}")
-    if report.unverified:
-        print(f"otprune report: {len(report.unverified)} unverified runs left out (listed in {written['markdown']})",
-              file=sys.stderr)
-    return 0
+    return report_main(args.log_dir, args.out, pair=pair, quiet=args.quiet)

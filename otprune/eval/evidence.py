@@ -27,13 +27,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from otprune.eval.records import END_MARKER, RECORD_MARKER, SPEC_MARKER, json_lines, normalized_settings
+from otprune.eval.records import (
+    END_MARKER,
+    RECORD_MARKER,
+    SPEC_MARKER,
+    json_lines,
+    normalized_settings,
+    setting_keys,
+)
 from otprune.eval.runspec import RunSpec
 
-RECORDS_GLOB = "otprune_records*.jsonl"
 
 
 @dataclasses.dataclass
@@ -109,8 +116,6 @@ def read_processes(path: Path, warnings: list[str], where: object = None) -> lis
             continue
         first = False
         if kind == RECORD_MARKER:
-            from otprune.eval.report.collect import record_problem
-
             problem = record_problem(value)
             if problem is not None:
                 warnings.append(f"{where}:{number}: record skipped, {problem}")
@@ -129,7 +134,9 @@ def read_processes(path: Path, warnings: list[str], where: object = None) -> lis
 def scan(root: Path, warnings: list[str]) -> list[RunEvidence]:
     """Every run whose records lie under `root`, grouped by run id."""
     runs: dict[str, list[Process]] = {}
-    for path in sorted(root.rglob(RECORDS_GLOB)):
+    for path in sorted(root.rglob("*.jsonl")):
+        if "_samples_" in path.name and not path.name.startswith("otprune_records"):
+            continue  # lmms-eval's --log_samples files
         where = _relative(path, root)
         for process in read_processes(path, warnings, where):
             run_id = _run_id(process)
@@ -228,6 +235,42 @@ def _document_problems(run: RunEvidence, result) -> list[str]:
             problems.append(f"lmms-eval evaluated {effective} documents of {task}, the records account for "
                             f"{counted.get(task, 0)}")
     return problems
+
+
+_NUMBER_FIELDS = ("time", "tflops", "tflops_unpruned")  # must be finite numbers
+_OPTIONAL_NUMBER_FIELDS = ("prefill_ms", "select_ms", "peak_memory_mb")  # finite numbers or null
+
+
+def record_problem(record: dict) -> str | None:
+    """Why `record` cannot be used (a field the report reads is missing or invalid), else None."""
+    for name in _NUMBER_FIELDS:
+        value = record.get(name)
+        if not _is_number(value) or not math.isfinite(float(value)):
+            return f"field {name!r} is {value!r}; must be a finite number"
+    for name in _OPTIONAL_NUMBER_FIELDS:
+        value = record.get(name)
+        if value is not None and (not _is_number(value) or not math.isfinite(float(value))):
+            return f"field {name!r} is {value!r}; must be a finite number or null"
+    for name in ("run", "run_id", "tasks", "method"):
+        value = record.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"field {name!r} is {value!r}; must be a string or null"
+    settings = {key: record.get(key) for key in setting_keys()}
+    try:
+        normalized_settings(settings)
+    except (TypeError, ValueError) as err:
+        for key in [key for key in setting_keys() if key != "method"]:  # the field without which the setting reads
+            try:
+                normalized_settings({**settings, key: None})
+            except (TypeError, ValueError):
+                continue
+            return f"field {key!r} is {settings[key]!r}; not a valid {key} ({err})"
+        return f"invalid setting ({err})"
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _kind(value: object) -> str | None:

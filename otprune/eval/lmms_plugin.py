@@ -131,7 +131,12 @@ def instrument(lm: object) -> object:
     its `RunSpec` (`otprune.eval.records.start`) and count every request lmms-eval hands it (task,
     document) before it runs, so that the report can check one pruning record per request and the
     number of documents against lmms-eval's. Nothing is done when recording is off."""
-    writer = records.start()
+    from otprune.eval.runspec import RunSpec
+
+    writer = records.default_writer()
+    if not writer.enabled:
+        return lm
+    writer = records.start(RunSpec.from_process())
     if not writer.enabled:
         return lm
     for name in REQUEST_METHODS:

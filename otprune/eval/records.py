@@ -555,15 +555,11 @@ def reset() -> None:
     _default_writer = None
 
 
-def start(spec=None) -> RecordWriter:
-    """Start this process's records with its `RunSpec` (by default `RunSpec.from_process()`): the
-    evidence of what it evaluates. Returns the writer (disabled when recording is off)."""
+def start(spec) -> RecordWriter:
+    """Start this process's records with its `RunSpec` (`otprune.eval.runspec.RunSpec.from_process()`):
+    the evidence of what it evaluates. Returns the writer (disabled when recording is off)."""
     writer = default_writer()
     if writer.enabled and writer.spec is None:
-        if spec is None:
-            from otprune.eval.runspec import RunSpec
-
-            spec = RunSpec.from_process()
         writer.start(spec)
     return writer
 

@@ -613,9 +613,13 @@ def execute(plan: Plan, *, force: bool, dry_run: bool, report: bool) -> int:
     code = 0
     if report:
         print("== report")
-        from otprune import cli
+        from otprune.eval.report import report_main
 
-        code = cli.main(["report", str(plan.log_dir)])
+        try:
+            code = report_main(plan.log_dir)
+        except ValueError as err:
+            print(f"otprune report: error: {err}", file=sys.stderr)
+            code = 2
     if failed:
         print(f"{ME}: {len(failed)} of {total} runs failed (no verified run; they run again next time):",
               file=sys.stderr)

@@ -88,7 +88,8 @@ def test_markdown_and_csv(paper_logs):
     assert has_row(markdown, "llava-v1.5-7b", "Original", "–", "100%")
     text = report.to_csv(rep)
     params = ",".join(records.param_keys())  # every registered method parameter (gamma, seed, ...)
-    assert text.startswith(f"model,method,layer,ratio,{params},order,recipe,tflops,tflops_percent,gqa:exact_match,")
+    assert text.startswith(f"model,model_id,method,layer,ratio,{params},order,recipe,tflops,tflops_percent,gqa:exact_match,")
+    assert all(row["model_id"] == f"hub:{MODEL}" for row in csv.DictReader(io.StringIO(text)))
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [row["method"] for row in rows] == ["Original", "DivPrune", "OTPrune"]
     assert float(rows[2]["gqa:exact_match"]) == pytest.approx(56.62)
@@ -116,42 +117,48 @@ def test_cli_writes_files_and_plot_only_with_several_ratios(paper_logs, capsys, 
 
 
 def test_two_settings_in_one_output_path_are_never_mislabelled(tmp_path):
-    """Issue #16: two lmms-eval calls of different settings into one --output_path, close in time. Without a
-    run id nothing tells which records belong to which results: no row gets the other setting's label."""
+    """Two lmms-eval calls of different settings into one --output_path, close in time: each results file
+    belongs to the process whose closing line names its sha256, so each row has its own score and label."""
     out = tmp_path / "shared"
     write_results(out, MODEL, {"gqa": {"exact_match": 0.6}}, start=T0)
     write_records(out, MODEL, [stats(23, 576, method="divprune", ratio=0.098)], time=T0 + 20, tasks="gqa", run="a")
     write_results(out, MODEL, {"gqa": {"exact_match": 0.5}}, start=T0 + 1)
     write_records(out, MODEL, [stats(23, 576, method="otprune", ratio=0.098)], time=T0 + 21, tasks="gqa", run="b")
     rep = report.build_report(tmp_path)
-    assert [row.method for row in rep.rows] == [report.UNKNOWN_METHOD]  # one "?" row, scores of both files
-    assert sum("have no run id" in note for note in rep.notes) == 2
-    assert "DivPrune" not in report.markdown_table(rep) and "OTPrune" not in report.markdown_table(rep)
+    assert {row.method: row.scores["gqa"] for row in rep.rows} == pytest.approx({"divprune": 60.0, "otprune": 50.0})
+    assert not rep.unverified
 
 
-def test_records_and_results_are_joined_by_run_id_not_by_time(tmp_path):
-    """run_OTPrune.sh's layout: each call in its own run folder with its id; record times are irrelevant."""
+def test_records_and_results_are_joined_by_what_the_process_wrote_not_by_time_or_folder(tmp_path):
+    """Record times and folder names are irrelevant: a results file is joined by the sha256 its run names."""
     base = tmp_path / "llava" / "gqa"
+    made = {}
     for run_id, method, value, start, time in (("idA", "divprune", 0.6, T0, T0 + 500), ("idB", "otprune", 0.5, T0 + 1, T0 - 900)):
         out = base / f"run_{run_id}"
-        write_results(out, MODEL, {"gqa": {"exact_match": value}}, start=start, run_id=run_id)
-        write_records(out, MODEL, [stats(23, 576, method=method, ratio=0.098)], time=time, tasks="gqa", run=run_id,
-                      run_id=run_id)
+        made[run_id] = (out, write_results(out, MODEL, {"gqa": {"exact_match": value}}, start=start), method, time)
+    # Each run's records lie in the OTHER run's folder, and carry the other's time: only the digest joins them.
+    for run_id, other in (("idA", "idB"), ("idB", "idA")):
+        out, results, method, time = made[run_id]
+        write_records(made[other][0], MODEL, [stats(23, 576, method=method, ratio=0.098)], time=made[other][3],
+                      tasks="gqa", run=run_id, run_id=run_id, results=results)
     rep = report.build_report(tmp_path)
     assert {row.method: row.scores["gqa"] for row in rep.rows} == pytest.approx({"divprune": 60.0, "otprune": 50.0})
-    assert not any("records" in note and "left out" in note for note in rep.notes)
+    assert not rep.unverified
 
 
-def test_records_without_results_and_results_without_records_are_noted(tmp_path):
+def test_records_without_results_and_results_without_records_are_unverified(tmp_path):
     out = tmp_path / "a"
-    write_results(out, MODEL, {"gqa": {"exact_match": 0.6}}, start=T0, run_id="new")
-    # Records of an earlier call (another run id) that wrote no results: an interrupted run.
-    write_records(out, MODEL, [stats(23, 576, method="otprune", ratio=0.098)], time=T0 + 500, tasks="gqa", run="old",
-                  run_id="old")
+    write_results(out, MODEL, {"gqa": {"exact_match": 0.6}}, start=T0)
+    other = tmp_path / "b"
+    # Records of a call that wrote no results (interrupted before its closing line).
+    write_records(other, MODEL, [stats(23, 576, method="otprune", ratio=0.098)], time=T0 + 500, tasks="gqa", run="old",
+                  run_id="old", closed=False)
     rep = report.build_report(tmp_path)
-    assert [row.method for row in rep.rows] != ["otprune"]  # not the records' setting
-    assert any("run id old" in note and "match no results file" in note for note in rep.notes)
-    assert any("no per-sample records" in note for note in rep.notes)
+    assert rep.rows == []
+    assert any(line.startswith("run old") and "no closing line" in line for line in rep.unverified)
+    assert any("a/" in line and "no otprune records name this results file" in line for line in rep.unverified)
+    markdown = report.to_markdown(rep)
+    assert "Unverified runs" in markdown and "OTPrune" not in report.markdown_table(rep)
 
 
 def test_newest_result_wins_for_a_repeated_task(tmp_path):
@@ -170,6 +177,7 @@ def test_unknown_task_falls_back_to_its_first_metric(tmp_path):
     out = tmp_path / "x"
     write_results(out, MODEL, {"my_task": {"my_score": 0.25, "other": 3.0}}, start=T0,
                   higher_is_better={"my_task": {"my_score": True, "other": True}})
+    write_records(out, MODEL, [stats(23, 576, method=None, ratio=None)], time=T0 + 5, tasks="my_task")
     rep = report.build_report(tmp_path)
     assert rep.rows[0].scores == {"my_task": 0.25}
     assert "my_task my_score" in report.to_markdown(rep)
@@ -183,7 +191,7 @@ def test_group_results_use_the_subtasks(tmp_path):
                   tasks="otprune_smoke", size=flops.DecoderSize(64, 128, 2))
     rep = report.build_report(tmp_path)
     (row,) = rep.rows
-    assert row.model == "/tmp/ckpt/tiny-llava" and row.method == "otprune"
+    assert row.model == "tiny-llava" and row.spec.model == "local:/tmp/ckpt/tiny-llava" and row.method == "otprune"
     assert row.scores == pytest.approx({"otprune_smoke_gen": 10.0, "otprune_smoke_mc": 30.0})
     assert has_row(report.to_markdown(rep), "tiny-llava", "OTPrune", "0", "9.8%")
 
@@ -247,14 +255,16 @@ def test_fitprune_recipes_are_rows_of_their_own(tmp_path):
     assert sorted(row[1] for row in table_rows(markdown)[1:]) == ["FitPrune (heavy.json)", "FitPrune (light.json)"]
 
 
-def test_run_info_settings_without_records(tmp_path):
+def test_a_run_script_label_file_is_no_evidence(tmp_path):
+    """Issue #21 case 1: a label written by the runner (not by the evaluating process) proves nothing: results
+    whose process wrote no records are unverified, whatever a file beside them says."""
     out = tmp_path / "llava-v1.5-7b" / "ours_r0.098_l0_g0.05" / "gqa"
     write_results(out, MODEL, {"gqa": {"exact_match": 0.5}}, start=T0)
     (out / "otprune_run.json").write_text(json.dumps(
         {"otprune_run": 1, "model": MODEL, "task": "gqa", "lmms_model": "llava", "method": "otprune", "baseline": "OURS",
          "layer": 0, "ratio": 0.098, "gamma": 0.05, "seed": None, "order": "ascending", "recipe": None}))
-    (row,) = report.build_report(tmp_path).rows
-    assert (row.method, row.layer, row.ratio, row.params["gamma"], row.order) == ("otprune", 0, 0.098, 0.05, "ascending")
+    rep = report.build_report(tmp_path)
+    assert rep.rows == [] and len(rep.unverified) == 1
 
 
 def test_mme_cognition_beside_perception_and_the_provenance_footer(tmp_path):
@@ -313,13 +323,14 @@ def test_record_with_an_invalid_field_is_skipped_with_file_and_line(tmp_path, ca
     run_setting(tmp_path, "otprune", 0.098, {"gqa": 0.5}, T0)
     (path,) = tmp_path.rglob("otprune_records_*.jsonl")
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    lines[1][field] = value
+    lines[2][field] = value
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     rep = report.build_report(tmp_path)
-    (row,) = rep.rows
-    assert row.method == "otprune" and row.samples() == 2
-    where = f"{path.relative_to(tmp_path)}:2"
+    where = f"{path.relative_to(tmp_path)}:3"  # line 1 is the spec line
     assert where in capsys.readouterr().err and any(where in note and repr(field) in note for note in rep.notes)
+    # A run missing a record proves no longer that every request was pruned: unverified, in no table.
+    assert rep.rows == []
+    assert any("3 requests but 2 records" in line for line in rep.unverified)
 
 
 def test_report_files_are_never_written_through_a_link(tmp_path):
@@ -346,9 +357,11 @@ def test_models_sharing_a_basename_get_rows_and_labels_of_their_own(tmp_path):
         write_results(out, model, {"gqa": {"exact_match": 0.5 + index / 10}}, start=T0 + index)
         write_records(out, model, [stats(23, 576, method=None, ratio=None)], time=T0 + index, tasks="gqa")
     rep = report.build_report(tmp_path)
-    assert sorted(row.model for row in rep.rows) == ["/exp1/checkpoint-1000", "/exp2/checkpoint-1000"]
+    assert sorted(row.spec.model for row in rep.rows) == ["local:/exp1/checkpoint-1000", "local:/exp2/checkpoint-1000"]
     labels = [row[0] for row in table_rows(report.markdown_table(rep))[1:]]
-    assert sorted(labels) == ["/exp1/checkpoint-1000", "/exp2/checkpoint-1000"]
+    assert len(set(labels)) == 2 and all(label.startswith("checkpoint-1000-") for label in labels)
+    csv_labels = [row["model"] for row in csv.DictReader(io.StringIO(report.to_csv(rep)))]
+    assert sorted(csv_labels) == sorted(labels)  # the same labels in the table and the CSV
 
 
 def test_peak_memory_column_is_the_largest_measured_prefill_peak(tmp_path):

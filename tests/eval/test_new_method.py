@@ -146,7 +146,7 @@ def test_record_run_folder_and_report_row(toy, tmp_path):
     out = tmp_path / "logs" / "llava-v1.5-7b" / "every_other_r0.25_l0_t3" / "gqa"
     write_results(out, model, {"gqa": {"exact_match": 0.5}}, start=1_760_000_000.0)
     path = write_records(out, model, [sample] * 2, time=1_760_000_030.0, tasks="gqa")
-    line = json.loads(path.read_text().splitlines()[0])
+    line = json.loads(path.read_text().splitlines()[1])  # after the spec line
     assert (line["method"], line["stride"], line["ratio"]) == ("every_other", 3, 0.25)
     built = report.build_report(tmp_path / "logs")
     (row,) = built.rows

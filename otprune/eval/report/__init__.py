@@ -145,6 +145,27 @@ def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     return report, written
 
 
+def report_main(log_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                pair: tuple[str, str] = ("otprune", "divprune"), quiet: bool = False) -> int:
+    """`otprune report`: write the report, print the table and what was written; exit status (1 when the
+    folder cannot be written, with one line naming it)."""
+    try:
+        report, written = write_report(log_dir, out, pair=pair)
+    except atomic.WriteError as err:
+        print(f"otprune report: error: {err.strerror}; write the report elsewhere with --out DIR/table.md",
+              file=sys.stderr)
+        return 1
+    if not quiet:
+        print(to_markdown(report), end="")
+        print()
+    for kind, path in written.items():
+        print(f"removed stale {path}" if kind.startswith("stale_") else f"wrote {kind}: {path}")
+    if report.unverified:
+        print(f"otprune report: {len(report.unverified)} unverified runs left out (listed in {written['markdown']})",
+              file=sys.stderr)
+    return 0
+
+
 def artefacts(markdown: Path) -> list[Path]:
     """The files a report named `markdown` may write beside it: its .csv / .png and `<stem>_<name>.{md,csv,png}`."""
     folder, stem = markdown.parent, markdown.stem
@@ -175,6 +196,6 @@ __all__ = [
     "SMOKE_TASKS", "UNKNOWN_METHOD", "Headline", "Report", "ResultFile", "Row",
     "average_ranks", "build_report", "collect_rows", "columns", "find_result_files", "flops_unit",
     "headline", "markdown_table", "method_label", "metric_value", "model_label", "parse_result_file", "plot",
-    "provenance", "relative_scores", "row_label", "row_order", "table_cells", "task_headline",
+    "provenance", "relative_scores", "report_main", "row_label", "row_order", "table_cells", "task_headline",
     "task_order", "to_csv", "to_markdown", "write_figures", "write_report",
 ]

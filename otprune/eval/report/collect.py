@@ -15,10 +15,9 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 from pathlib import Path
 
-from otprune.eval.records import model_name_from_args, normalized_settings, setting_keys
+from otprune.eval.records import model_name_from_args
 from otprune.eval.report.headlines import is_number
 
 DEFAULT_TIMEZONE = "Asia/Singapore"  # lmms-eval 0.7's default --timezone
@@ -114,38 +113,6 @@ def parse_result_file(path: Path, data: dict) -> ResultFile:
         start=_epoch(date, cli.get("timezone") or DEFAULT_TIMEZONE),
         n_samples=n_samples,
     )
-
-
-_NUMBER_FIELDS = ("time", "tflops", "tflops_unpruned")  # must be finite numbers
-_OPTIONAL_NUMBER_FIELDS = ("prefill_ms", "select_ms", "peak_memory_mb")  # finite numbers or null
-
-
-def record_problem(record: dict) -> str | None:
-    """Why `record` cannot be used (a field the report reads is missing or invalid), else None."""
-    for name in _NUMBER_FIELDS:
-        value = record.get(name)
-        if not is_number(value) or not math.isfinite(float(value)):
-            return f"field {name!r} is {value!r}; must be a finite number"
-    for name in _OPTIONAL_NUMBER_FIELDS:
-        value = record.get(name)
-        if value is not None and (not is_number(value) or not math.isfinite(float(value))):
-            return f"field {name!r} is {value!r}; must be a finite number or null"
-    for name in ("run", "run_id", "tasks", "method"):
-        value = record.get(name)
-        if value is not None and not isinstance(value, str):
-            return f"field {name!r} is {value!r}; must be a string or null"
-    settings = {key: record.get(key) for key in setting_keys()}
-    try:
-        normalized_settings(settings)
-    except (TypeError, ValueError) as err:
-        for key in [key for key in setting_keys() if key != "method"]:  # the field without which the setting reads
-            try:
-                normalized_settings({**settings, key: None})
-            except (TypeError, ValueError):
-                continue
-            return f"field {key!r} is {settings[key]!r}; not a valid {key} ({err})"
-        return f"invalid setting ({err})"
-    return None
 
 
 def _relative(path: Path, root: Path) -> Path:
