@@ -1,3 +1,10 @@
+"""`otprune run` (run_OTPrune.sh is a thin wrapper over it): planning, names, resume, failures, through the
+real command. Runs that launch use a fake lmms-eval that writes its evidence with the real records writer
+(`FAKE_LMMS`), so the runner's verification is the real one; the real lmms-eval runs are in
+test_runner_e2e.py."""
+
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -6,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,13 +24,37 @@ TASKS = ["coco2017_cap_val", "flickr30k_test", "gqa", "mmbench_en_dev", "mme", "
          "ok_vqa_val2014", "pope", "scienceqa_img", "seedbench"]
 SWITCHES = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "MODELS", "TASKS", "METHODS", "RATIOS", "LAYERS", "LOG_DIR", "LIMIT",
             "NUM_GPUS", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE", "FASTV_LAYERS", "VTW_LAYERS",
-            "PYTHON", "OTPRUNE_RECORDS")
+            "PYTHON", "OTPRUNE_RECORDS", "OTPRUNE_DISTANCE", "ENGINE", "DEVICE", "MODEL_ARGS", "BATCH_SIZE", "STUDY",
+            "GAMMAS", "OTPRUNE_SERVE_PYTHON")
+ME = "otprune run"
 
 
-def run(*args, env=None, cwd=None):
+def run(*args, env=None, cwd=None, script=False):
+    """`bash run_OTPrune.sh ARGS` (script=True), else the same `otprune run ARGS` in this process (the script
+    only execs it; the in-process call saves the interpreter's start-up per test)."""
     environ = {key: value for key, value in os.environ.items() if key not in SWITCHES}
     environ.update(env or {})
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=environ, cwd=cwd)
+    if script:
+        return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=environ, cwd=cwd)
+    from otprune import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved, here = dict(os.environ), os.getcwd()
+    os.environ.clear()
+    os.environ.update(environ)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(["run", *args])
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 2
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(saved)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def commands(stdout):
@@ -42,14 +74,27 @@ def hub_folder(model):
 
 
 def task_dir(output_path):
-    """The task folder of a call's --output_path (LOG_DIR/<model>/<setting>/<task>/run_<id>)."""
+    """The task folder of a call's --output_path (LOG_DIR/<model>/<setting>/<task>-<spec hash>/run_<id>)."""
     path = Path(output_path)
     assert re.fullmatch(r"run_\d{8}_\d{6}_[0-9a-f]{8}", path.name), path
+    assert re.fullmatch(r".+-[0-9a-f]{12}", path.parent.name), path
     return path.parent
 
 
+def task_of(folder):
+    """The task part of a task folder's name (without the spec hash)."""
+    return Path(folder).name.rsplit("-", 1)[0]
+
+
+def switches(line):
+    """The VAR=value assignments of a dry-run line (after `env -u ...`), without the run id and records."""
+    argv = shlex.split(line) if isinstance(line, str) else line
+    return [arg for arg in argv[: argv.index("-m") - 1] if "=" in arg and arg.split("=")[0].isupper()
+            and arg.split("=")[0] not in ("OTPRUNE_RUN_ID", "OTPRUNE_RECORDS", "CUDA_VISIBLE_DEVICES")]
+
+
 def test_dry_run_covers_3_models_x_11_tasks(tmp_path):
-    result = run("--dry-run", "--log-dir", str(tmp_path))
+    result = run("--dry-run", "--log-dir", str(tmp_path), script=True)
     assert result.returncode == 0, result.stderr
     lines = commands(result.stdout)
     pairs = [(option(argv, "--model_args").removeprefix("pretrained="), option(argv, "--tasks")) for argv in lines]
@@ -57,8 +102,10 @@ def test_dry_run_covers_3_models_x_11_tasks(tmp_path):
     for line in result.stdout.splitlines():
         if "-m lmms_eval" not in line:
             continue
-        # The README's command form, with the pruning switches in front.
-        assert line.startswith("BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098 ")
+        # Self-contained: every switch unset, then this setting's, the run id, and the README's command form.
+        assert line.startswith("env -u BASELINE -u LAYER_INDEX -u SUBSET_RATIO ")
+        assert switches(line) == ["BASELINE=OURS", "LAYER_INDEX=0", "SUBSET_RATIO=0.098"]
+        assert re.search(r" OTPRUNE_RUN_ID=\d{8}_\d{6}_[0-9a-f]{8} ", line)
         assert re.search(r"python3? -m accelerate\.commands\.launch --num_processes=\d+ -m lmms_eval --model llava "
                          r"--model_args pretrained=\S+ --tasks \S+ --batch_size 1 --log_samples --output_path \S+", line)
     assert "otprune.cli report" in result.stdout
@@ -73,13 +120,13 @@ def test_settings_by_flags_and_environment(tmp_path):
     assert len(lines) == 2 * (1 + 2)  # tasks x (unpruned + 2 ratios)
     assert all("--num_processes=4" in line and "--limit 8" in line for line in lines)
     assert all("pretrained=liuhaotian/llava-v1.5-13b" in line for line in lines)
-    unpruned = [line for line in lines if line.startswith("env -u BASELINE -u LAYER_INDEX -u SUBSET_RATIO ")]
+    unpruned = [line for line in lines if not switches(line)]
     assert len(unpruned) == 2
-    assert sum("BASELINE=DIVPRUNE LAYER_INDEX=0 SUBSET_RATIO=0.25 " in line for line in lines) == 2
+    assert sum(switches(line) == ["BASELINE=DIVPRUNE", "LAYER_INDEX=0", "SUBSET_RATIO=0.25"] for line in lines) == 2
     outputs = {option(shlex.split(line), "--output_path") for line in lines}
     assert len(outputs) == 6  # one folder per run
     assert str(tmp_path / hub_folder("liuhaotian/llava-v1.5-13b") / "divprune_r0.25_l0" / "gqa_limit8") in {
-        str(task_dir(out)) for out in outputs}
+        str(task_dir(out)).rsplit("-", 1)[0] for out in outputs}
 
 
 def test_paper_group_name_expands_to_the_11_tasks():
@@ -87,75 +134,63 @@ def test_paper_group_name_expands_to_the_11_tasks():
     assert sorted(option(argv, "--tasks") for argv in commands(result.stdout)) == sorted(TASKS)
 
 
-def write_lmms_results(output_path, model, task, results=None):
-    """lmms-eval 0.7's results file of one run (only the keys the script reads)."""
-    from otprune.eval.records import sanitize_model_name
-
-    folder = Path(output_path) / sanitize_model_name(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {"results": {task: {"alias": task, "exact_match,none": 0.5}} if results is None else results}
-    (folder / "20250101_000000_results.json").write_text(json.dumps(data))
-
-
-def test_resume_skips_runs_with_results(tmp_path):
-    write_lmms_results(tmp_path / hub_folder(MODELS[0]) / "ours_r0.098_l0" / "gqa" / "run_x", MODELS[0], "gqa")
-    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa,pope", "--log-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "skip (results exist)" in result.stdout
-    assert [option(argv, "--tasks") for argv in commands(result.stdout)] == ["pope"]
-    forced = run("--dry-run", "--force", "--models", MODELS[0], "--tasks", "gqa,pope", "--log-dir", str(tmp_path))
-    assert len(commands(forced.stdout)) == 2
-
-
-@pytest.mark.parametrize("results", [None, {}, {"results": {}}, {"results": {"pope": {"acc,none": 1.0}}},
-                                     {"results": {"gqa": {"alias": "gqa"}}}, "not json"])
-def test_resume_retries_runs_without_complete_results(tmp_path, results):
-    """A results file without numbers for the task (or none at all) is a failed run: run it again."""
-    out = tmp_path / hub_folder(MODELS[0]) / "ours_r0.098_l0" / "gqa"
-    folder = out / "run_x" / "liuhaotian__llava-v1.5-7b"
-    folder.mkdir(parents=True)
-    (folder / "otprune_records_x.jsonl").write_text("{}\n")
-    if results is not None:
-        text = results if isinstance(results, str) else json.dumps(results)
-        (folder / "20250101_000000_results.json").write_text(text)
-    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--log-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert "skip" not in result.stdout and "retry (no complete results" in result.stdout
-    assert [option(argv, "--tasks") for argv in commands(result.stdout)] == ["gqa"]
-
-
 # ---------------------------------------------------------------- real runs with a fake lmms-eval
 
 FAKE_LMMS = """
 import json, os, sys, time
-from otprune.eval.records import model_name_from_args, sanitize_model_name
+from types import SimpleNamespace
 
-args = sys.argv[1:]
+from otprune.config import PruneConfig
+from otprune.eval.records import RecordWriter, result_settings
+from otprune.eval.runspec import RunSpec
+
+args = sys.argv[sys.argv.index("lmms_eval") + 1:] if "lmms_eval" in sys.argv else sys.argv[1:]
+argv = ["lmms_eval", *args]
 def value(name):
     return args[args.index(name) + 1]
-out, task, model_args = value("--output_path"), value("--tasks"), value("--model_args")
+out, task = value("--output_path"), value("--tasks")
 env = {k: os.environ.get(k) for k in ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED",
-                                       "OTPRUNE_ORDER", "FITPRUNE_RECIPE", "OTPRUNE_RUN_ID")}
+                                       "OTPRUNE_ORDER", "FITPRUNE_RECIPE", "OTPRUNE_RUN_ID", "OTPRUNE_RECORDS")}
 with open(os.environ["FAKE_LMMS_LOG"], "a") as log:
     log.write(json.dumps({"task": task, "output_path": out, "argv": args, "env": env}) + "\\n")
 behaviour = dict(item.split("=") for item in os.environ.get("FAKE_LMMS", "").split(",") if item).get(task, "ok")
 print("fake lmms-eval", task, behaviour)
 if behaviour == "fail":
     sys.exit(3)
+writer = RecordWriter.from_env(argv=argv)
+if behaviour != "norecords":  # "norecords": as lmms-eval's own class runs when our entry point did not load
+    writer.start(RunSpec.from_process(argv))
+config = PruneConfig.from_env()
+settings = result_settings(config)
+documents = 2
+for doc in range(documents):
+    if behaviour == "norecords":
+        break
+    writer.account([SimpleNamespace(request_type="generate_until", task_name=task, doc_id=doc)])
+    pruned = config.enabled and behaviour != "unpruned"
+    kept = 16 if not pruned or settings["ratio"] in (None, "iqr") else max(1, round(16 * settings["ratio"]))
+    stats = {"method": settings["method"] if pruned else None, "layer": settings["layer"] if pruned else None,
+             "ratio": settings["ratio"] if pruned else None, "visual_tokens_before": 16, "visual_tokens_after": kept,
+             "seq_len_before": 26, "seq_len_after": 10 + kept, "text_tokens": 10, "select_ms": 1.0, "prefill_ms": 5.0}
+    writer.write(stats, hidden=64, intermediate=128, layers=32, prune=config if pruned else None)
 if behaviour == "silent":  # lmms-eval logs the model's exception and exits 0 without results
     print("Error during evaluation: The size of tensor a (4) must match the size of tensor b (5)", file=sys.stderr)
+    writer.close()
     sys.exit(0)
-folder = os.path.join(out, sanitize_model_name(model_name_from_args(model_args)))
+folder = os.path.join(out, os.path.basename(os.path.dirname(str(writer.path)))) if writer.path else out
 os.makedirs(folder, exist_ok=True)
-results = {task: {"alias": task, "exact_match,none": 0.25}} if behaviour == "ok" else {}
+results = {task: {"alias": task, "exact_match,none": 0.25}}
 with open(os.path.join(folder, time.strftime("%Y%m%d_%H%M%S") + "_results.json"), "w") as file:
-    json.dump({"results": results, "config": {"model_args": model_args}}, file)
+    json.dump({"results": results, "n-samples": {task: {"original": documents, "effective": documents}},
+               "config": {"model_args": value("--model_args")}}, file)
+writer.close()
 """
 
 
 @pytest.fixture
 def fake_gpu_env(tmp_path):
-    """PATH with a fake nvidia-smi, PYTHON = a wrapper that runs FAKE_LMMS for `-m accelerate.commands.launch`."""
+    """PATH with a fake nvidia-smi, PYTHON = a wrapper that runs FAKE_LMMS for `-m accelerate.commands.launch` and
+    `-m lmms_eval`."""
     import sys
 
     bin_dir = tmp_path / "fakebin"
@@ -164,10 +199,9 @@ def fake_gpu_env(tmp_path):
     (bin_dir / "fake_lmms.py").write_text(FAKE_LMMS)
     (bin_dir / "python").write_text(
         "#!/usr/bin/env bash\n"
-        'if [[ "${1:-}" == -m && "${2:-}" == accelerate.commands.launch ]]; then\n'
+        'if [[ "${1:-}" == -m && ( "${2:-}" == accelerate.commands.launch || "${2:-}" == lmms_eval ) ]]; then\n'
         f'    exec {shlex.quote(sys.executable)} {shlex.quote(str(bin_dir / "fake_lmms.py"))} "$@"\n'
         "fi\n"
-        'if [[ "${1:-}" == -c && "${2:-}" == *torch.cuda* ]]; then exit 0; fi\n'
         f'exec {shlex.quote(sys.executable)} "$@"\n'
     )
     for name in ("nvidia-smi", "python"):
@@ -182,35 +216,55 @@ def calls(log):
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def test_runs_without_results_fail_the_script_and_are_retried(tmp_path, fake_gpu_env):
+def failed_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith(f"{ME}: FAILED:")]
+
+
+def test_resume_skips_verified_runs_only(tmp_path, fake_gpu_env):
+    env, log = fake_gpu_env
+    args = ("--models", MODELS[0], "--tasks", "gqa,pope", "--log-dir", str(tmp_path), "--no-report")
+    first = run(*args, env={**env, "FAKE_LMMS": "pope=unpruned"})
+    assert first.returncode == 1, first.stdout + first.stderr
+    (failed,) = failed_lines(first.stderr)
+    assert "do not show the spec's pruning" in failed and "pope" in failed
+    dry = run("--dry-run", *args, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "skip (verified run exists)" in dry.stdout
+    assert "again (no verified run:" in dry.stdout
+    assert [option(argv, "--tasks") for argv in commands(dry.stdout)] == ["pope"]
+    forced = run("--dry-run", "--force", *args, env=env)
+    assert len(commands(forced.stdout)) == 2
+
+
+def test_runs_without_proof_fail_the_script_and_are_retried(tmp_path, fake_gpu_env):
     env, log = fake_gpu_env
     logs = tmp_path / "logs"
-    args = ("--models", MODELS[0], "--tasks", "gqa,pope,mme,seedbench", "--methods", "VTW", "--vtw-layers", "2",
-            "--log-dir", str(logs), "--no-report")
-    first = run(*args, env={**env, "FAKE_LMMS": "pope=silent,mme=fail,seedbench=empty"})
+    args = ("--models", MODELS[0], "--tasks", "gqa,pope,mme,seedbench,ok_vqa_val2014", "--methods", "VTW",
+            "--vtw-layers", "2", "--log-dir", str(logs), "--no-report")
+    first = run(*args, env={**env, "FAKE_LMMS": "pope=silent,mme=fail,seedbench=norecords,ok_vqa_val2014=unpruned"})
     assert first.returncode == 1, first.stdout + first.stderr
-    assert [call["task"] for call in calls(log)] == ["gqa", "pope", "mme", "seedbench"]
-    summary = [line for line in first.stderr.splitlines() if line.startswith("run_OTPrune.sh: FAILED:")]
-    assert len(summary) == 3
+    assert [call["task"] for call in calls(log)] == ["gqa", "pope", "mme", "seedbench", "ok_vqa_val2014"]
+    summary = failed_lines(first.stderr)
+    assert len(summary) == 4, "\n".join(summary)
     base = logs / hub_folder(MODELS[0]) / "vtw_l2"
     runs = {call["task"]: Path(call["output_path"]) for call in calls(log)}
-    whys = ("lmms-eval exited 0 without results for pope", "lmms-eval exited 3", "lmms-eval exited 0 without results for seedbench")
-    for line, task, why in zip(summary, ("pope", "mme", "seedbench"), whys, strict=True):
+    whys = ("no lmms-eval results file written by this run", "lmms-eval exited 3", "no pruning records",
+            "records do not show the spec's pruning (vtw)")
+    for line, task, why in zip(summary, ("pope", "mme", "seedbench", "ok_vqa_val2014"), whys, strict=True):
         assert str(runs[task]) in line and why in line and str(runs[task] / "lmms_eval.log") in line
-        assert task_dir(runs[task]) == base / task
-    assert "3 of 4 runs failed" in first.stderr
-    assert not any(str(base / "gqa") in line for line in summary)
-    info = json.loads((runs["gqa"] / "otprune_run.json").read_text())
-    assert (info["method"], info["layer"], info["ratio"], info["lmms_model"]) == ("vtw", 2, None, "llava")
-    assert info["run_id"] == calls(log)[0]["env"]["OTPRUNE_RUN_ID"] == runs["gqa"].name.removeprefix("run_")
-    assert len({call["env"]["OTPRUNE_RUN_ID"] for call in calls(log)}) == 4  # one id per call
+        assert task_dir(runs[task]).parent == base and task_of(task_dir(runs[task])) == task
+    assert "4 of 5 runs failed" in first.stderr
+    assert not any(str(base) + "/gqa" in line for line in summary)
+    assert calls(log)[0]["env"]["OTPRUNE_RUN_ID"] == runs["gqa"].name.removeprefix("run_")
+    assert len({call["env"]["OTPRUNE_RUN_ID"] for call in calls(log)}) == 5  # one id per call
     assert calls(log)[0]["env"]["BASELINE"] == "VTW" and calls(log)[0]["env"]["SUBSET_RATIO"] is None
+    assert not (runs["gqa"] / "otprune_run.json").exists()  # the runner writes no label: the process proves it
 
     log.write_text("")
     second = run(*args, env=env)  # resume: only the failed runs run again
     assert second.returncode == 0, second.stdout + second.stderr
-    assert [call["task"] for call in calls(log)] == ["pope", "mme", "seedbench"]
-    assert "skip (results exist)" in second.stdout and "FAILED" not in second.stderr
+    assert [call["task"] for call in calls(log)] == ["pope", "mme", "seedbench", "ok_vqa_val2014"]
+    assert "skip (verified run exists)" in second.stdout and "FAILED" not in second.stderr
 
 
 def test_gamma_sweep_runs_are_not_skipped(tmp_path, fake_gpu_env):
@@ -222,11 +276,7 @@ def test_gamma_sweep_runs_are_not_skipped(tmp_path, fake_gpu_env):
     assert second.returncode == 0, second.stderr
     assert "skip" not in second.stdout
     assert [(call["env"]["OTPRUNE_GAMMA"], task_dir(call["output_path"]).parent.name) for call in calls(log)] == [
-        ("0.01", "ours_r0.098_l0"), ("0.05", "ours_r0.098_l0_g0.05")]
-    (path,) = (logs / hub_folder(MODELS[0]) / "ours_r0.098_l0_g0.05" / "gqa").glob("run_*/otprune_run.json")
-    info = json.loads(path.read_text())
-    assert (info["method"], info["gamma"], info["seed"], info["order"], info["recipe"]) == ("otprune", 0.05, None,
-                                                                                           "ascending", None)
+        ("0.01", "otprune_r0.098_l0"), ("0.05", "otprune_r0.098_l0_g0.05")]
 
 
 # ---------------------------------------------------------------- methods and their layers
@@ -237,8 +287,7 @@ def settings_of(stdout):
     found = {}
     for argv in commands(stdout):
         out = task_dir(option(argv, "--output_path"))
-        found[out.parent.name] = [arg for arg in argv[: argv.index("-m") - 1]
-                                  if "=" in arg and arg.split("=")[0].isupper() and not arg.startswith("OTPRUNE_RUN_ID=")]
+        found[out.parent.name] = switches(argv)
     return found
 
 
@@ -248,7 +297,7 @@ def test_every_method_with_its_default_layer_in_one_call(tmp_path):
     assert result.returncode == 0, result.stderr
     assert settings_of(result.stdout) == {
         "original": [],
-        "ours_r0.098_l0": ["BASELINE=OURS", "LAYER_INDEX=0", "SUBSET_RATIO=0.098"],
+        "otprune_r0.098_l0": ["BASELINE=OURS", "LAYER_INDEX=0", "SUBSET_RATIO=0.098"],
         "fastv_r0.098_l2": ["BASELINE=FASTV", "LAYER_INDEX=2", "SUBSET_RATIO=0.098"],
         "vtw_l16": ["BASELINE=VTW", "LAYER_INDEX=16"],
     }
@@ -259,7 +308,7 @@ def test_layers_apply_to_the_methods_that_can_use_them(tmp_path):
                  "--layers", "0,3", "--ratios", "0.25,0.5", "--log-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert sorted(settings_of(result.stdout)) == sorted([
-        "ours_r0.25_l0", "ours_r0.25_l3", "ours_r0.5_l0", "ours_r0.5_l3",
+        "otprune_r0.25_l0", "otprune_r0.25_l3", "otprune_r0.5_l0", "otprune_r0.5_l3",
         "fastv_r0.25_l3", "fastv_r0.5_l3",  # FastV and VTW act at layers >= 1: the given ones
         "vtw_l3",  # VTW keeps no visual token: no ratio, one run
     ])
@@ -288,7 +337,7 @@ def test_fitprune_takes_its_recipe(tmp_path):
         assert result.returncode == 0, result.stderr
         found = settings_of(result.stdout)
         (tag,) = [name for name in found if name.startswith("fitprune")]
-        assert tag.startswith("fitprune_r7b-") and found[tag] == ["BASELINE=FITPRUNE", f"FITPRUNE_RECIPE={recipe}"]
+        assert tag.startswith("fitprune_recipe-") and found[tag] == ["BASELINE=FITPRUNE", f"FITPRUNE_RECIPE={recipe}"]
         assert len(found) == 3  # OURS x 2 ratios + one FitPrune run (its counts come from the recipe)
 
 
@@ -298,7 +347,7 @@ def test_settings_from_the_environment_name_the_run(tmp_path):
                  "--layers", "0", "--log-dir", str(tmp_path), env=env)
     assert result.returncode == 0, result.stderr
     assert settings_of(result.stdout) == {
-        "ours_r0.098_l0_g0.05_official": ["BASELINE=OURS", "LAYER_INDEX=0", "SUBSET_RATIO=0.098", "OTPRUNE_GAMMA=0.05",
+        "otprune_r0.098_l0_g0.05_official": ["BASELINE=OURS", "LAYER_INDEX=0", "SUBSET_RATIO=0.098", "OTPRUNE_GAMMA=0.05",
                                           "OTPRUNE_ORDER=official"],
         "random_r0.098_l0_s3_official": ["BASELINE=RANDOM", "LAYER_INDEX=0", "SUBSET_RATIO=0.098", "OTPRUNE_SEED=3",
                                          "OTPRUNE_ORDER=official"],
@@ -339,15 +388,14 @@ def test_hf_checkpoints_run_through_lmms_evals_own_names(tmp_path):
     assert len(commands(result.stdout)) == 10
     assert "--model qwen2_5_vl --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct --tasks gqa" in result.stdout
     lines = [line for line in result.stdout.splitlines() if "-m lmms_eval" in line]
-    # unpruned runs of the HF names ask for records (the report's FLOPs); the llava package always writes them
+    # every run writes records: they are its evidence (the HF names write them only when asked)
     unpruned = [line for line in lines if "BASELINE=" not in line]
     assert len(unpruned) == 5
-    for line in unpruned:
-        assert line.startswith("OTPRUNE_RECORDS=auto ") == ("--model llava " not in line), line
+    assert all(" OTPRUNE_RECORDS=auto " in line for line in unpruned)
     explicit = run("--dry-run", "--models", models[0], "--tasks", "gqa", "--methods", "none", "--log-dir", str(tmp_path),
                    env={"OTPRUNE_RECORDS": "off"})
     assert explicit.returncode == 0, explicit.stderr
-    assert "OTPRUNE_RECORDS=auto" not in explicit.stdout  # the user's choice stands
+    assert " OTPRUNE_RECORDS=auto " in explicit.stdout and "-u OTPRUNE_RECORDS" in explicit.stdout
 
 
 @pytest.mark.parametrize(
@@ -406,7 +454,7 @@ def test_hf_checkpoints_refuse_pruning_inside_the_llm(args, message):
         (["--method", "NOPE"], "BASELINE='NOPE': unknown method"),
         (["--gpus", "0"], "--gpus"),
         (["--limit", "-3"], "--limit"),
-        (["--frobnicate"], "unknown option '--frobnicate'"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
 )
 def test_bad_names_and_values_are_clear_errors(args, message):
@@ -431,13 +479,14 @@ def test_allow_unknown_and_local_checkpoint_folders(tmp_path):
 def test_smoke_dry_run(tmp_path):
     result = run("--smoke", "--dry-run", "--log-dir", str(tmp_path / "s"))
     assert result.returncode == 0, result.stderr
-    assert "otprune.cli tiny-llava" in result.stdout
+    assert "otprune.cli tiny-llava" in result.stdout and "otprune-smoke-model/tiny-llava" in result.stdout
     lines = commands(result.stdout)
     assert len(lines) == 2
     for argv in lines:
         assert option(argv, "--tasks") == "otprune_smoke"
         assert option(argv, "--model_args").endswith(",device=cpu,device_map=auto")
         assert option(argv, "--include_path") == str(ROOT / "lmms_eval" / "tasks")
+        assert "CUDA_VISIBLE_DEVICES=" in argv and "accelerate.commands.launch" not in argv  # one CPU process
     assert "BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098" in result.stdout
     assert not (tmp_path / "s").exists()
 
@@ -447,15 +496,16 @@ def test_without_gpu_it_points_to_the_smoke_test(tmp_path):
     result = run("--log-dir", str(tmp_path), "--tasks", "gqa", "--models", MODELS[0])
     assert result.returncode == 2
     assert "no GPU found" in result.stderr and "bash run_OTPrune.sh --smoke" in result.stderr
+    assert "--device cpu" in result.stderr
     assert not any(tmp_path.iterdir())
 
 
 def test_help():
-    result = run("--help")
+    result = run("--help", script=True)
     assert result.returncode == 0
     for flag in ("--models", "--tasks", "--methods", "--ratios", "--layers", "--gpus", "--log-dir", "--limit", "--dry-run", "--smoke",
                  "--fastv-layers", "--vtw-layers", "--fitprune-recipe", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER",
-                 "llava_hf", "qwen2_5_vl", "FAILED"):
+                 "llava_hf", "qwen2_5_vl", "FAILED", "--device", "RunSpec", "--engine", "--model-args"):
         assert flag in result.stdout, flag
 
 
@@ -481,7 +531,7 @@ def test_models_sharing_a_basename_get_folders_of_their_own(tmp_path, fake_gpu_e
     result = run("--models", ",".join(models), "--tasks", "gqa", "--log-dir", str(logs), "--no-report", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "skip" not in result.stdout
-    folders = [task_dir(call["output_path"]).parents[1].name for call in calls(log)]
+    folders = [task_dir(call["output_path"]).parents[1].name for call in calls(log)]  # <model>/<setting>/<task>-<hash>
     expected = [Path(model).name + "-" + hashlib.sha256(f"local:{model}".encode()).hexdigest()[:8] for model in local]
     assert folders == [*expected, hub_folder("llava-hf/llava-1.5-7b-hf")]
     assert len(set(folders)) == 4
@@ -494,31 +544,25 @@ def test_forced_run_that_fails_is_failed_even_beside_older_results(tmp_path, fak
     for behaviour in ("silent", "fail"):
         again = run("--force", *args, env={**env, "FAKE_LMMS": f"gqa={behaviour}"})
         assert again.returncode == 1, again.stdout + again.stderr
-        (failed,) = [line for line in again.stderr.splitlines() if line.startswith("run_OTPrune.sh: FAILED:")]
+        (failed,) = failed_lines(again.stderr)
         assert calls(log)[-1]["output_path"] in failed
     first, *forced = [call["output_path"] for call in calls(log)]
     assert len({first, *forced}) == 3  # a fresh folder per call
 
 
-def test_run_info_is_never_written_through_a_link(tmp_path):
-    victim = tmp_path / "victim.json"
-    victim.write_text("keep me")
-    link = tmp_path / "otprune_run.json"
-    link.symlink_to(victim)
-    import sys
+def test_the_script_is_a_thin_wrapper():
+    text = SCRIPT.read_text()
+    assert len(text.splitlines()) < 100 and "otprune.cli run" in text
+    assert "<<" not in text  # no here-document
+    assert "python - " not in text and "python3 -" not in text and ".json" not in text  # no embedded Python, no JSON
 
-    done = subprocess.run([sys.executable, "-m", "otprune.eval.atomic", str(link)], input='{"run_id": "x"}\n',
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert victim.read_text() == "keep me" and not link.is_symlink()
-    assert json.loads(link.read_text()) == {"run_id": "x"}
-    assert "otprune.eval.atomic" in SCRIPT.read_text()  # the script writes otprune_run.json with it
+
 def test_prumerge_adaptive_unless_a_ratio_is_given(tmp_path):
     common = ("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--log-dir", str(tmp_path))
     adaptive = run(*common, "--methods", "PRUMERGE,PRUMERGE_PLUS,DIVPRUNE_STAR,OURS_STAR")
     assert adaptive.returncode == 0, adaptive.stderr
-    assert set(settings_of(adaptive.stdout)) == {"prumerge_riqr_l0", "prumerge_plus_riqr_l0", "divprune_star_riqr_l0",
-                                                 "ours_star_riqr_l0"}
+    assert set(settings_of(adaptive.stdout)) == {"prumerge_riqr_l0", "prumerge_plus_riqr_l0", "divprune_riqr_l0",
+                                                 "otprune_riqr_l0"}
     fixed = run(*common, "--methods", "PRUMERGE,OURS", "--ratios", "0.1")
     assert fixed.returncode == 0, fixed.stderr
     assert settings_of(fixed.stdout)["prumerge_r0.1_l0"] == ["BASELINE=PRUMERGE", "LAYER_INDEX=0", "SUBSET_RATIO=0.1"]
@@ -530,7 +574,7 @@ def test_prumerge_adaptive_unless_a_ratio_is_given(tmp_path):
 def test_smoke_takes_the_given_methods(tmp_path):
     result = run("--smoke", "--dry-run", "--methods", "none,PRUMERGE,OURS_STAR", "--log-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert set(settings_of(result.stdout)) == {"original", "prumerge_riqr_l0", "ours_star_riqr_l0"}
+    assert set(settings_of(result.stdout)) == {"original", "prumerge_riqr_l0", "otprune_riqr_l0"}
 
 
 def test_hf_checkpoints_run_the_adaptive_rows_but_qwen_refuses(tmp_path):
