@@ -42,7 +42,6 @@ from otprune.eval.records import (
 from otprune.eval.runspec import RunSpec
 
 
-
 @dataclasses.dataclass
 class Process:
     """The lines one process wrote (one file, one `run`)."""

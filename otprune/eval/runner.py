@@ -286,8 +286,9 @@ def count_gpus() -> int:
 _VERSIONS: dict[tuple[str, str], dict] = {}
 
 
-def versions_of(python: str, lmms_model: str) -> dict[str, str | None]:
-    """The versions `RunSpec` records, as the lmms-eval process's python will see them."""
+def versions_of(python: str, lmms_model: str, dry_run: bool = False) -> dict[str, str | None]:
+    """The versions `RunSpec` records, as the lmms-eval process's python will see them (a dry run with a
+    python that cannot tell: unknown, with a warning; the real run's folders then differ)."""
     key = (python, lmms_model)
     if key not in _VERSIONS:
         if os.path.realpath(python) == os.path.realpath(sys.executable):
@@ -300,6 +301,11 @@ def versions_of(python: str, lmms_model: str) -> dict[str, str | None]:
                 _VERSIONS[key] = json.loads(out.stdout) if out.returncode == 0 else {}
             except (OSError, ValueError, subprocess.SubprocessError):
                 _VERSIONS[key] = {}
+            if not _VERSIONS[key] and dry_run:
+                print(f"{ME}: warning: '{python}' cannot tell the versions of lmms-eval, transformers, otprune "
+                      "(part of every run's identity): the folders of this dry run differ from the real run's",
+                      file=sys.stderr)
+                _VERSIONS[key] = {name: None for name in installed_versions(lmms_model)}
             if not _VERSIONS[key]:
                 raise RunError(f"--python: '{python}' cannot import otprune (its versions are part of every run's "
                                "identity); build the serve venv (make serve-venv) or give its python with --python")
@@ -415,7 +421,8 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> Plan:
         for tag, _method, _layer, switches in settings:
             for task in task_list:
                 runs.append(_planned(model, lmms_model, tag, switches, task, user_args, batch_size, args.limit, extra,
-                                     cpu, gpus, engine, python, serve_python, Path(log_dir), environ))  # fmt: skip
+                                     cpu, gpus, engine, python, serve_python, Path(log_dir), environ,
+                                     args.dry_run))  # fmt: skip
     unique: dict[str, Planned] = {}
     for run in runs:  # one run per spec (OURS and OTPRUNE are one setting)
         unique.setdefault(run.spec.digest, run)
@@ -423,7 +430,7 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> Plan:
 
 
 def _planned(model, lmms_model, tag, switches, task, user_args, batch_size, limit, extra, cpu, gpus, engine, python,
-             serve_python, log_dir: Path, environ) -> Planned:  # fmt: skip
+             serve_python, log_dir: Path, environ, dry_run) -> Planned:  # fmt: skip
     env = dict(switches)
     if not switches or lmms_model != "llava":
         env.setdefault("OTPRUNE_RECORDS", "auto")  # records of every run: they are its evidence
@@ -452,7 +459,7 @@ def _planned(model, lmms_model, tag, switches, task, user_args, batch_size, limi
     spec_env.update(env)
     try:
         spec = RunSpec.from_command(lmms_args, spec_env, versions_of(serve_python if lmms_model == "vllm" else python,
-                                                                     lmms_model))  # fmt: skip
+                                                                     lmms_model, dry_run))  # fmt: skip
     except ValueError as err:
         raise RunError(str(err)) from None
     return Planned(model, tag, task, launch + lmms_args, env, spec, log_dir / spec.folder())
@@ -596,10 +603,8 @@ def execute(plan: Plan, *, force: bool, dry_run: bool, report: bool) -> int:
         problems = check_run(output, run.spec)
         if code != 0:
             problems.insert(0, f"lmms-eval exited {code}")
-        if problems and problems[0] in ("no pruning records", "no records"):
-            cause = diagnose(plan.python)
-            if cause:
-                problems.append(cause)
+        if problems and (cause := diagnose(plan.python)):
+            problems.append(cause)
         if problems:
             failed.append(f"{output}: {'; '.join(problems)} (log: {output / 'lmms_eval.log'})")
             print(f"{ME}: run failed: {failed[-1]}", file=sys.stderr)
@@ -633,15 +638,19 @@ def main(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     environ = os.environ if environ is None else environ
     _env_defaults(args, environ)
     try:
+        if (args.engine or "hf").strip().lower() == "vllm" and not args.dry_run:
+            serve = args.python or str(ROOT / ".venv-serve" / "bin" / "python")
+            try:
+                check = subprocess.run([serve, "-c", "import vllm, lmms_eval, otprune"], capture_output=True)
+            except OSError:
+                check = None
+            if check is None or check.returncode != 0:
+                raise RunError(f"--engine vllm: '{serve}' cannot import vllm, lmms_eval and otprune; build the "
+                               "serve venv (make serve-venv) or give its python with --python / OTPRUNE_SERVE_PYTHON")
         plan = make_plan(args, environ)
         if not plan.cpu and not args.dry_run and (args.engine or "hf") == "hf" and count_gpus() < 1:
             print(GPU_MESSAGE, file=sys.stderr)
             return 2
-        if (args.engine or "hf") == "vllm" and not args.dry_run:
-            check = subprocess.run([plan.python, "-c", "import vllm, lmms_eval, otprune"], capture_output=True)
-            if check.returncode != 0:
-                raise RunError(f"--engine vllm: '{plan.python}' cannot import vllm, lmms_eval and otprune; build the "
-                               "serve venv (make serve-venv) or give its python with --python / OTPRUNE_SERVE_PYTHON")
         return execute(plan, force=args.force, dry_run=args.dry_run, report=not args.no_report)
     except RunError as err:
         print(f"{ME}: error: {err}", file=sys.stderr)

@@ -377,3 +377,148 @@ def test_peak_memory_column_is_the_largest_measured_prefill_peak(tmp_path):
     assert cells[report.columns(rep).index("Peak mem (GB)")] == "3.50"
     header, line = list(csv.reader(io.StringIO(report.to_csv(rep))))[:2]
     assert float(line[header.index("peak_memory_gb")]) == 3.5
+
+
+# ---------------------------------------------------------------- issue #21: the report's outputs
+
+
+def run_gammas(log_dir, ratio, gammas, start=T0):
+    for index, gamma in enumerate(gammas):
+        out = log_dir / f"g{index}"
+        write_results(out, MODEL, {"gqa": {"exact_match": 0.5 + index / 10}}, start=start + index)
+        sample = dict(stats(23, 576, method="otprune", ratio=0.098), ratio=ratio, gamma=gamma)
+        write_records(out, MODEL, [sample], time=start + index + 10, tasks="gqa")
+
+
+def test_adaptive_ratio_at_two_gammas_reports_every_figure(tmp_path, capsys):
+    """Case 9: OTPrune* (SUBSET_RATIO=iqr) at two gammas crashed the report (`:g` on "iqr")."""
+    run(tmp_path, None, None)
+    run_gammas(tmp_path, "iqr", [0.01, 0.05])
+    assert main(["report", str(tmp_path), "--quiet"]) == 0
+    rep = report.build_report(tmp_path)
+    assert sorted(str(row.ratio) for row in rep.rows if row.pruned) == ["iqr", "iqr"]
+
+
+def run(log_dir, method, ratio):
+    """An unpruned (or `method`) run of gqa (a verified fake)."""
+    out = log_dir / f"base_{method}"
+    write_results(out, MODEL, {"gqa": {"exact_match": 0.6}}, start=T0 - 100)
+    write_records(out, MODEL, [stats(23, 576, method=method, ratio=ratio)], time=T0 - 90, tasks="gqa")
+
+
+def test_stale_artefacts_of_an_earlier_report_are_removed(tmp_path, capsys):
+    """Case 6: a figure of an earlier report must not stand beside a new table."""
+    logs = tmp_path / "logs"
+    run(logs, None, None)
+    run_gammas(logs, 0.098, [0.005, 0.01, 0.1])
+    assert main(["report", str(logs), "--quiet"]) == 0
+    assert (logs / "otprune_report_fig5.png").exists()
+    mine = logs / "otprune_report_notes.txt"  # not an artefact name: kept
+    mine.write_text("mine")
+    for folder in logs.glob("g*"):  # the gamma runs are gone: no Fig. 5 any more
+        import shutil
+
+        shutil.rmtree(folder)
+    capsys.readouterr()
+    assert main(["report", str(logs), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert not list(logs.glob("otprune_report_fig5*")) and "removed stale" in printed
+    assert mine.read_text() == "mine"
+
+
+def test_figure_writers_use_random_temporary_names_and_never_follow_links(tmp_path):
+    """Case 8: the old fixed temporary names (.NAME.tmp) with a link planted there; two reports at once."""
+    import threading
+
+    logs = tmp_path / "logs"
+    run(logs, None, None)
+    run_gammas(logs, 0.098, [0.005, 0.01, 0.1])
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    for name in ("otprune_report_fig5.png", "otprune_report_fig5.md", "otprune_report_fig5.csv"):
+        (logs / f".{name}.tmp").symlink_to(victim)
+    errors = []
+
+    def one():
+        try:
+            report.write_report(logs)
+        except Exception as err:  # noqa: BLE001 - any failure of a concurrent report is the bug
+            errors.append(err)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and victim.read_text() == "keep me"
+    assert (logs / "otprune_report_fig5.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_outputs_get_the_mode_the_umask_asks_for(tmp_path):
+    import os
+
+    from otprune.eval import atomic
+
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(mask)
+        try:
+            path = atomic.write_text(tmp_path / f"f{mask}", "x")
+        finally:
+            os.umask(old)
+        assert path.stat().st_mode & 0o777 == mode
+
+
+def test_unwritable_folder_is_one_line_naming_it(tmp_path, capsys):
+    run(tmp_path / "logs", None, None)
+    target = tmp_path / "afile"
+    target.write_text("not a folder")
+    assert main(["report", str(tmp_path / "logs"), "--out", str(target / "table.md"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    (line,) = [line for line in err if "error" in line]
+    assert str(target) in line and "--out" in line and "Traceback" not in "\n".join(err)
+
+
+def test_nan_metric_is_noted(tmp_path, capsys):
+    out = tmp_path / "n"
+    write_results(out, MODEL, {"gqa": {"exact_match": float("nan")}, "pope": {"pope_f1_score": 0.8}}, start=T0)
+    write_records(out, MODEL, [stats(23, 576, method=None, ratio=None)], time=T0 + 5, tasks="gqa,pope")
+    rep = report.build_report(tmp_path)
+    assert any("gqa exact_match is not a finite number" in note for note in rep.notes)
+    assert "gqa exact_match is not a finite number" in capsys.readouterr().err
+
+
+def test_labels_are_unique_in_tables_figures_and_csv(tmp_path):
+    """Case 10: two tiny-llava checkpoints in different folders get one label each, everywhere."""
+    for index, model in enumerate(("/a/tiny-llava", "/b/tiny-llava")):
+        for method, ratio in ((None, None), ("otprune", 0.25), ("otprune", 0.5)):
+            out = tmp_path / f"m{index}_{method}_{ratio}"
+            write_results(out, model, {"gqa": {"exact_match": 0.5 + index / 10}}, start=T0 + index)
+            write_records(out, model, [stats(23, 576, method=method, ratio=ratio)], time=T0 + index, tasks="gqa")
+    rep = report.build_report(tmp_path)
+    labels = {row.model for row in rep.rows}
+    assert len(labels) == 2 and all(label.startswith("tiny-llava-") for label in labels)
+    table = {row[0] for row in table_rows(report.markdown_table(rep))[1:]}
+    assert table == labels
+    assert {row["model"] for row in csv.DictReader(io.StringIO(report.to_csv(rep)))} == labels
+    from otprune.eval.report import figures
+
+    found = figures.fig34(rep)
+    assert found is not None
+    assert {key[0] for key in found[2]} == labels  # the figure's curves carry the same labels
+
+
+def test_rows_of_different_scopes_are_not_compared(tmp_path):
+    """Case 2: an unpruned run with --limit 4 and a pruned one with --limit 2 are not compared."""
+    from eval_fakes import fake_spec
+
+    for method, ratio, limit in ((None, None, "4"), ("otprune", 0.098, "2")):
+        out = tmp_path / f"{method}"
+        write_results(out, MODEL, {"gqa": {"exact_match": 0.5}}, start=T0, documents=int(limit))
+        sample = stats(23, 576, method=method, ratio=ratio)
+        write_records(out, MODEL, [sample] * int(limit), time=T0 + 5, tasks="gqa",
+                      spec=fake_spec(MODEL, sample, "gqa", limit=limit))
+    rep = report.build_report(tmp_path)
+    original, pruned = sorted(rep.rows, key=lambda row: row.pruned)
+    assert original.model == "llava-v1.5-7b [limit=4]" and pruned.model == "llava-v1.5-7b [limit=2]"
+    assert pruned.relative is None and "no unpruned run in its scope" in pruned.relative_note
+    assert any("no unpruned run in its scope" in note for note in rep.notes)

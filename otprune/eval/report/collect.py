@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from otprune.eval.records import model_name_from_args
@@ -40,6 +41,7 @@ class ResultFile:
     start: float | None  # epoch seconds of the run's start, from `date` and the time zone
     digest: str | None = None  # sha256 of the file's bytes (how a run's closing line names it)
     n_samples: dict[str, int] = dataclasses.field(default_factory=dict)  # task -> documents evaluated
+    non_finite: list[str] = dataclasses.field(default_factory=list)  # "task metric" whose value is NaN / inf
 
     @property
     def folder(self) -> Path:
@@ -78,6 +80,8 @@ def find_result_files(log_dir: Path, warnings: list[str] | None = None) -> list[
             warnings.append(f"{where}: skipped, unexpected content ({err})")
             continue
         result.digest = hashlib.sha256(raw).hexdigest()
+        for what in result.non_finite:
+            warnings.append(f"{where}: {what} is not a finite number (lmms-eval wrote NaN / inf); left out of the table")
         found.append(result)
     return found
 
@@ -90,10 +94,13 @@ def parse_result_file(path: Path, data: dict) -> ResultFile:
     model = data.get("model_name") or model_name_from_args(model_args) or str(config.get("model") or "?")
     groups = {name: list(tasks) for name, tasks in (data.get("group_subtasks") or {}).items()}
     tasks = {}
+    non_finite: list[str] = []
     for name, metrics in data["results"].items():
         if not isinstance(metrics, dict) or (name in groups and groups[name]):
             continue
         values = {key: value for key, value in metrics.items() if is_number(value) and "_stderr" not in key}
+        non_finite += [f"{name} {key.split(',')[0]}" for key, value in metrics.items()
+                       if isinstance(value, float) and not math.isfinite(value) and "_stderr" not in key]  # fmt: skip
         if values:
             tasks[name] = values
     date = str(data.get("date") or path.name.split("_results.json")[0])
@@ -112,6 +119,7 @@ def parse_result_file(path: Path, data: dict) -> ResultFile:
         date=date,
         start=_epoch(date, cli.get("timezone") or DEFAULT_TIMEZONE),
         n_samples=n_samples,
+        non_finite=non_finite,
     )
 
 

@@ -61,8 +61,11 @@ class Table:
         return buffer.getvalue()
 
 
-def _num(value: float | None, digits: int = 4) -> str:
-    return "" if value is None else f"{value:.{digits}g}"
+def _num(value: float | str | None, digits: int = 4) -> str:
+    """A number to `digits` significant digits; an adaptive ratio ("iqr") as it is."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else f"{value:.{digits}g}"
 
 
 def _stat(value: float | None) -> str:
@@ -161,7 +164,7 @@ def plot_fig2(points: dict, path: Path) -> None:
             ax.scatter([d for d, _ in values], [s for _, s in values], label=label, alpha=0.8)
         ax.set_xlabel("OT-distance rank (1 = closest)")
         ax.set_ylabel("task-score rank (1 = best)")
-        ax.set_title(f"{model_label(model)}, r={ratio:g}, layer {layer}", fontsize=9)
+        ax.set_title(f"{model_label(model)}, r={_num(ratio)}, layer {layer}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     _save(figure, path)
@@ -266,7 +269,7 @@ def plot_fig5(curves: dict, path: Path) -> None:
         shown = [(g, r) for g, r in values if r is not None]
         if shown:
             axes.plot([g for g, _ in shown], [r for _, r in shown], marker="o",
-                      label=f"{model_label(model)} r={ratio:g} L{layer}")
+                      label=f"{model_label(model)} r={_num(ratio)} L{layer}")
     axes.set_xscale("log")
     axes.set_xlabel("gamma")
     axes.set_ylabel("score relative to unpruned (%)")

@@ -1,4 +1,4 @@
-"""run_OTPrune.sh --engine vllm: Hugging Face-format LLaVA-1.5 / LLaVA-NeXT checkpoints go through
+"""otprune run (run_OTPrune.sh) --engine vllm: Hugging Face-format LLaVA-1.5 / LLaVA-NeXT checkpoints go through
 lmms-eval's --model vllm with the serve venv's python and the switches in the environment; what the
 plugin cannot prune is refused before anything runs. Dry runs only (the real run is in tests/serve)."""
 
@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from test_eval_run_script import SCRIPT, commands, option, run
+from test_runner import SCRIPT, commands, option, run
 
 SERVE_PY = str(SCRIPT.parent / ".venv-serve" / "bin" / "python")
 
@@ -37,7 +37,7 @@ def test_hf_checkpoints_run_lmms_eval_vllm_with_the_serve_python(tmp_path):
     assert len(pruned) == 2
     for argv in pruned:
         assert {"LAYER_INDEX=0", "SUBSET_RATIO=0.25"} <= set(argv[:argv.index("-m")])
-        assert "/ours_r0.25_l0/gqa/run_" in option(argv, "--output_path")
+        assert "/otprune_r0.25_l0/gqa-" in option(argv, "--output_path")
     unpruned = [argv for argv in lines if "BASELINE=OURS" not in argv]
     assert all("OTPRUNE_RECORDS=auto" in argv for argv in unpruned)
 
