@@ -24,10 +24,26 @@ pytestmark = pytest.mark.skipif(
 
 
 def records_of(folder: Path) -> list[dict]:
+    """The per-sample records (not the spec / closing lines) under `folder`."""
     lines = []
     for path in sorted(folder.rglob("otprune_records_*.jsonl")):
         lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return lines
+    return [line for line in lines if "otprune_record" in line]
+
+
+def clean_env(log_dir: Path, **extra) -> dict:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_RECORDS", "MODELS", "TASKS", "LOG_DIR",
+                          "METHODS", "RATIOS", "PYTHONPATH")}
+    env["HF_DATASETS_CACHE"] = str(log_dir / "hf_datasets")
+    env.update(extra)
+    return env
+
+
+def smoke_run(log_dir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "run_OTPrune.sh"), "--smoke", "--log-dir", str(log_dir), *args, "--",
+                           "--gen_kwargs", "max_new_tokens=2"], capture_output=True, text=True,
+                          env=env or clean_env(log_dir), cwd=log_dir)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +63,13 @@ def smoke(tmp_path_factory):
 
 def run_dir(log_dir: Path, setting: str) -> Path:
     (model,) = log_dir.glob("tiny-llava-*")  # the checkpoint's folder: its name + a hash of its full path
-    return model / setting / f"otprune_smoke_limit{LIMIT}"
+    (folder,) = (model / setting).glob(f"otprune_smoke_limit{LIMIT}-*")  # the task + a hash of the run's spec
+    return folder
 
 
 def test_results_files_exist(smoke):
     log_dir, _ = smoke
-    for setting in ("original", "ours_r0.098_l0"):
+    for setting in ("original", "otprune_r0.098_l0"):
         (results,) = run_dir(log_dir, setting).rglob("*_results.json")
         data = json.loads(results.read_text())
         assert "exact_match,none" in data["results"]["otprune_smoke_gen"]
@@ -63,7 +80,7 @@ def test_results_files_exist(smoke):
 
 def test_records_pruned_samples_use_k_visual_tokens(smoke):
     log_dir, _ = smoke
-    pruned = records_of(run_dir(log_dir, "ours_r0.098_l0"))
+    pruned = records_of(run_dir(log_dir, "otprune_r0.098_l0"))
     unpruned = records_of(run_dir(log_dir, "original"))
     assert pruned and unpruned, (
         "no otprune records next to the lmms-eval results: the llava model's on_pruning_stats hook "
@@ -117,7 +134,7 @@ def adaptive_smoke(tmp_path_factory):
 
 def test_adaptive_rows_end_to_end(adaptive_smoke):
     log_dir, stdout = adaptive_smoke
-    for setting in ("prumerge_riqr_l0", "ours_star_riqr_l0"):
+    for setting in ("prumerge_riqr_l0", "otprune_riqr_l0"):
         records = records_of(run_dir(log_dir, setting))
         assert records and all(r["ratio"] == "iqr" for r in records)
         kept = [r["visual_tokens_after"] for r in records]
@@ -126,3 +143,56 @@ def test_adaptive_rows_end_to_end(adaptive_smoke):
     assert has_row(markdown, "tiny-llava", "PruMerge", "0") and has_row(markdown, "tiny-llava", "OTPrune*", "0")
     rows = [line for line in markdown.splitlines() if line.startswith("| tiny-llava")]
     assert len(rows) == 2 and all(" tok (" in row and "Variable: " in row for row in rows)
+
+
+# ---------------------------------------------------------------- issue #21, through the real commands
+
+
+def test_rows_of_another_limit_are_another_scope(smoke):
+    """Case 2: `none --limit 3` and `OURS --limit 2` in one log folder: the pruned row is never divided by the
+    unpruned score of other documents."""
+    log_dir, _ = smoke
+    result = smoke_run(log_dir, "--methods", "OURS", "--limit", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    markdown = (log_dir / "otprune_report.md").read_text()
+    assert has_row(markdown, "tiny-llava [limit=2]", "OTPrune", "0", "9.8%")
+    assert has_row(markdown, "tiny-llava [limit=3]", "Original") and has_row(markdown, "tiny-llava [limit=3]", "OTPrune")
+    assert "tiny-llava [limit=2] / OTPrune: no unpruned run in its scope" in markdown
+    rows = {(row["model"], row["method"]): row for row in csv.DictReader((log_dir / "otprune_report.csv").open())}
+    assert rows[("tiny-llava [limit=2]", "OTPrune")]["relative_score"] == ""
+
+
+def test_dry_run_commands_run_by_hand_give_the_verified_rows(tmp_path):
+    """Case 4: the commands a dry run prints, run by hand (how clusters run sweeps), keep their labels."""
+    log_dir = tmp_path / "by_hand"
+    log_dir.mkdir()
+    dry = smoke_run(log_dir, "--methods", "none,OURS", "--limit", "2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    lines = [line for line in dry.stdout.splitlines() if not line.startswith("==")]
+    assert len(lines) == 4  # the tiny checkpoint, two lmms-eval calls, the report
+    for line in lines:
+        done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=clean_env(log_dir), cwd=tmp_path)
+        assert done.returncode == 0, line + "\n" + done.stdout[-2000:] + done.stderr[-2000:]
+    markdown = (log_dir / "otprune_report.md").read_text()
+    assert has_row(markdown, "tiny-llava", "Original", "–", "100%")
+    assert has_row(markdown, "tiny-llava", "OTPrune", "0", "9.8%")
+    assert "? (no records)" not in markdown and "Unverified runs" not in markdown
+
+
+def test_pruned_run_without_the_entry_point_fails_and_is_never_labelled(tmp_path):
+    """Case 1: another package's broken lmms_eval.models entry point makes lmms-eval skip ours: the run is
+    FAILED with that cause, and the report keeps it out of the table."""
+    broken = tmp_path / "site"
+    dist = broken / "zz_broken_plugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: zz-broken-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[lmms_eval.models]\nbroken_model = zz_no_such_module:manifests\n")
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    result = smoke_run(log_dir, "--methods", "OURS", "--limit", "2", env=clean_env(log_dir, PYTHONPATH=str(broken)))
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    (failed,) = [line for line in result.stderr.splitlines() if line.startswith("otprune run: FAILED:")]
+    assert "the otprune entry point did not load" in failed and "broken_model = zz_no_such_module:manifests" in failed
+    markdown = (log_dir / "otprune_report.md").read_text()
+    assert not has_row(markdown, "tiny-llava", "OTPrune")
+    assert "Unverified runs" in markdown and "no spec line" in markdown

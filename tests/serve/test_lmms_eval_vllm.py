@@ -41,12 +41,13 @@ def test_run_script_engine_vllm(tiny_llava, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
-    (info_path,) = logs.rglob("otprune_run.json")
-    info = json.loads(info_path.read_text())
-    assert (info["lmms_model"], info["method"], info["layer"], info["ratio"]) == ("vllm", "otprune", 0, RATIO)
-    files = list(info_path.parent.rglob("otprune_records_*.jsonl"))
+    files = list(logs.rglob("otprune_records_*.jsonl"))
     assert len(files) == 1, files  # written by lmms-eval's process only (not vLLM's engine processes)
-    lines = [json.loads(line) for line in files[0].read_text().splitlines()]
+    spec_line, *lines, end = [json.loads(line) for line in files[0].read_text().splitlines()]
+    spec = spec_line["spec"]  # what the evaluating process says it ran
+    assert (spec["lmms_model"], spec["engine"], spec["method"]) == ("vllm", "vllm", "otprune")
+    assert (dict(spec["settings"])["layer"], dict(spec["settings"])["ratio"]) == (0, RATIO)
+    assert end["otprune_end"] and end["requests"] == 2 == end["records"] and end["results"]
     assert len(lines) == 2
     keep = round(RATIO * TOKENS)
     for record in lines:
@@ -54,7 +55,7 @@ def test_run_script_engine_vllm(tiny_llava, tmp_path):
         assert record["image_tokens_after"] == [keep]
         assert record["seq_len_after"] == record["text_tokens"] + keep and record["text_tokens"] > 0
         assert (record["method"], record["layer"], record["ratio"], record["gamma"]) == ("otprune", 0, RATIO, 0.01)
-        assert record["run_id"] == info["run_id"]
+        assert record["run_id"] == spec_line["run_id"]
         assert record["prefill_ms"] is None and record["select_ms"] is None  # not measured under vLLM
         assert record["num_layers"] == 2 and 0 < record["tflops"] < record["tflops_unpruned"]
 
@@ -62,6 +63,7 @@ def test_run_script_engine_vllm(tiny_llava, tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1, rows
     row = rows[0]
-    assert (row["model"], row["method"], row["layer"], float(row["ratio"])) == (tiny_llava, "OTPrune", "0", RATIO)
+    assert (row["model_id"], row["method"], row["layer"], float(row["ratio"])) == (
+        f"local:{os.path.realpath(tiny_llava)}", "OTPrune", "0", RATIO)
     assert row["otprune_smoke_gen:exact_match"] != "" and row["samples"] == "2"
     assert float(row["tflops_percent"]) < 100
