@@ -10,6 +10,7 @@
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
 | `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `trace` (default: Gaussian W2 from the paper's Eq. 4), `w2` (exact W2, POT), `off` |
+| `OTPRUNE_COMPILE` | `1`: `select_tokens` runs the selection compiled (`torch.compile(fullgraph=True)`, the batched loop as one graph, CUDA graphs on a GPU); default off (eager; the CPU keeps its host loop) |
 | `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset or `auto` = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
 
 The model-level (attention-based) methods prune inside the LLM and are switched on by `BASELINE`
@@ -382,6 +383,22 @@ def distance_kind(environ: Mapping[str, str] | None = None) -> str:
 
 
 RECORDS_OFF = ("0", "off", "false", "no", "none")
+SWITCH_ON = ("1", "on", "true", "yes")
+
+
+def compile_selection(environ: Mapping[str, str] | None = None) -> bool:
+    """`OTPRUNE_COMPILE`: whether `otprune.select_tokens` runs the selection through
+    `torch.compile(fullgraph=True)` (the batched loop as one graph; CUDA graphs on a GPU). Off
+    when unset or empty (the default: the CPU keeps its host loop); 1/on/true/yes or 0/off/false/no
+    (any case), anything else is an error."""
+    env = os.environ if environ is None else environ
+    raw = (env.get("OTPRUNE_COMPILE") or "").strip()
+    if not raw or raw.lower() in RECORDS_OFF:
+        return False
+    if raw.lower() in SWITCH_ON:
+        return True
+    raise ValueError(f"OTPRUNE_COMPILE={raw!r}: must be 1 (compile the selection) or 0 (eager, the default); "
+                     f"accepted: {', '.join(SWITCH_ON + RECORDS_OFF)}")
 
 
 def check_before_llm(config: PruneConfig, who: str, instead: str) -> PruneConfig:

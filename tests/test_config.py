@@ -146,3 +146,13 @@ def test_in_llm_feature_methods_and_orders():
 def test_model_level_errors(environ, match):
     with pytest.raises(ValueError, match=match):
         PruneConfig.from_env(environ)
+
+
+def test_compile_switch():
+    from otprune.config import compile_selection
+
+    assert compile_selection({}) is False and compile_selection({"OTPRUNE_COMPILE": ""}) is False
+    assert compile_selection({"OTPRUNE_COMPILE": "1"}) is True and compile_selection({"OTPRUNE_COMPILE": "On"}) is True
+    assert compile_selection({"OTPRUNE_COMPILE": "0"}) is False
+    with pytest.raises(ValueError, match="OTPRUNE_COMPILE='maybe'"):
+        compile_selection({"OTPRUNE_COMPILE": "maybe"})

@@ -137,7 +137,9 @@ def greedy_host(
                 if not dj > eps:  # rank used up: the unpicked candidates, ascending
                     untaken = valid.copy()
                     untaken[picks[:t]] = False
-                    picks[t:] = np.flatnonzero(untaken)[: k - t]
+                    rest = np.flatnonzero(untaken)[: k - t]  # fewer than k - t when k exceeds the candidates
+                    picks[t : t + rest.size] = rest
+                    picks[t + rest.size :] = -1
                     return picks
             picks[t] = j
             if t == k - 1:

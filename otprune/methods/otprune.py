@@ -17,7 +17,7 @@ from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet, greedy_logdet_gram, on_host
 from otprune.methods._numerics import max_abs, one_thread, pow2_scale
-from otprune.methods.base import TokenSelector, check_finite, param, valid_mask
+from otprune.methods.base import TokenSelector, check_finite, mask_beyond_k, param, valid_mask
 
 
 def column_prescaled(features: Tensor) -> Tensor:
@@ -59,12 +59,14 @@ def _column_stats(features: Tensor, chunk: int, keys: bool) -> tuple[Tensor, Ten
     chunk = min(chunk, n)
     acc = features.new_zeros(bsz, 1, dim)
     ones = features.new_ones(bsz, 1, chunk)
-    buf = features.new_empty(bsz, chunk, dim)
+    traced = torch.compiler.is_compiling()  # dynamo refuses `out=` views that are not contiguous
+    buf = None if traced else features.new_empty(bsz, chunk, dim)
     key_parts = []
     for lo in range(0, n, chunk):
         part = features[:, lo : lo + chunk]
         rows = part.shape[1]
-        acc.baddbmm_(ones[:, :, :rows], torch.mul(part, part, out=buf[:, :rows]))
+        squares = torch.mul(part, part) if traced else torch.mul(part, part, out=buf[:, :rows])  # (B, rows, D)
+        acc = torch.baddbmm(acc, ones[:, :, :rows], squares) if traced else acc.baddbmm_(ones[:, :, :rows], squares)
         if keys:
             key_parts.append(_halves_bit_sums(part))
     if not keys:
@@ -133,10 +135,17 @@ def symmetric_gram(x: Tensor, blocks: int | None = None, scale: Tensor | None = 
     spans = list(zip(edges[:-1], edges[1:], strict=True))
     gram = x.new_empty(bsz, n, n)
     widest = max(hi - lo for lo, hi in spans)
-    buf = None if scale is None else x.new_empty(bsz, widest, dim)
+    traced = torch.compiler.is_compiling()  # dynamo refuses `out=` views that are not contiguous: plain ops
+    buf = None if scale is None or traced else x.new_empty(bsz, widest, dim)
     for lo, hi in spans:
-        left = x[:, lo:hi] if buf is None else torch.mul(x[:, lo:hi], scale, out=buf[:, : hi - lo])
-        torch.bmm(left, x[:, :hi].transpose(1, 2), out=gram[:, lo:hi, :hi])  # (B, hi - lo, hi)
+        if scale is None:
+            left = x[:, lo:hi]
+        else:
+            left = x[:, lo:hi] * scale if traced else torch.mul(x[:, lo:hi], scale, out=buf[:, : hi - lo])
+        if traced:
+            gram[:, lo:hi, :hi] = torch.bmm(left, x[:, :hi].transpose(1, 2))
+        else:
+            torch.bmm(left, x[:, :hi].transpose(1, 2), out=gram[:, lo:hi, :hi])  # (B, hi - lo, hi)
     upper = torch.ones(widest, widest, dtype=torch.bool, device=x.device).triu_(1)  # strict upper triangle
     with one_thread(x.device):  # many small copies: one thread (see `column_stats`)
         for lo, hi in spans:
@@ -318,11 +327,11 @@ class OTPrune(TokenSelector):
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         valid = valid_mask(lengths, features.shape[1])  # (B, N)
         if not (on_host(features) and features.shape[1] <= ROWS_FROM_S):
-            return greedy_logdet(self.kernel(features, valid), valid, k_max)
+            return mask_beyond_k(greedy_logdet(self.kernel(features, valid), valid, k_max), k)
         # The host greedy reads L = I + S' S'^T (S' = sqrt(gamma) S) one row per pick: K
         # products S' S'[j] from a cache-resident S' instead of the N^3 product S' S'^T.
         s, rep, copies = self._interaction_and_copies(features, valid)  # (B, N, N), (B, N)
-        return greedy_logdet_gram(s, valid, k_max, rep if copies else None)  # copies: L read through rep
+        return mask_beyond_k(greedy_logdet_gram(s, valid, k_max, rep if copies else None), k)  # copies: L read through rep
 
 
 ROWS_FROM_S = 2048
