@@ -189,6 +189,12 @@ class PruneConfig:
         return registry.find(self.method).kind == "merge"
 
     @property
+    def merge_keeps_all(self) -> bool:
+        """True for a merge method at the fixed ratio 1: nothing is dropped, so the LLM gets the model's
+        own unpruned visual tokens (no merge, no summary token; the model glue skips the merge)."""
+        return self.merging and self.ratio != ADAPTIVE and self.ratio is not None and float(self.ratio) == 1.0
+
+    @property
     def needs_cls_attention(self) -> bool:
         """True when the vision tower must hand over its CLS attention (merge methods, adaptive budgets)."""
         return self.enabled and (self.merging or self.adaptive)

@@ -120,6 +120,62 @@ def budget(scores: Tensor, ratio: float | str) -> Tensor:
     return torch.full((scores.shape[0],), max(1, round(float(ratio) * n)), dtype=torch.long, device=scores.device)
 
 
+def crop_totals(ratio: float, tokens: list[int], crops: list[int], patches: int) -> list[int]:
+    """A fixed ratio's token totals per crop: image i (`tokens[i]` visual tokens unpruned, split in
+    `crops[i]` CLIP crops of `patches` patches each) hands the LLM M_i = max(1, round(ratio *
+    tokens[i])) tokens in total (at most its crops' patches), summary tokens and PruMerge+'s
+    samples included; M_i is split over its crops as evenly as possible (the first M_i mod P_i
+    crops one more). ValueError when M_i < P_i (every crop keeps at least one token)."""
+    check_ratio(ratio)
+    totals = []
+    for i, (t, p) in enumerate(zip(tokens, crops, strict=True)):
+        m = min(max(1, round(float(ratio) * t)), p * patches)
+        if m < p:
+            raise ValueError(
+                f"SUBSET_RATIO={ratio}: image {i} gets round({ratio} x {t}) = {m} tokens, fewer than its {p} crops, "
+                f"and PruMerge keeps at least one token per crop; use SUBSET_RATIO >= {p / t:.4g}"
+            )
+        totals += [m // p + (c < m % p) for c in range(p)]
+    return totals
+
+
+def fixed_budget(scores: Tensor, totals: Tensor, plus: bool, summary: bool) -> tuple[Tensor, Tensor]:
+    """A fixed budget: scores: (B, N), totals: (B,) long, the tokens each crop hands the LLM
+    (1 <= totals[b] <= N) -> (K: (B,) attention picks, with_summary: (B,) bool).
+
+    Every crop's output fits its total: K attention picks (+ PruMerge+'s uniform samples not among
+    them) + the summary token. The summary is kept when the total leaves room for a patch besides
+    it, and never when the total is N (nothing is dropped: the crop is handed over unmerged).
+    PruMerge: K = total - summary. PruMerge+: the largest K whose picks plus samples fit (the
+    samples' stride shrinks as K grows); ValueError when not even K = 1 fits.
+    """
+    n = scores.shape[1]
+    if bool(((totals < 1) | (totals > n)).any()):
+        raise ValueError(f"totals: every crop's token total must be in [1, {n}], got {totals.tolist()}")
+    with_summary = (totals >= 2) & (totals < n) & bool(summary)
+    room = totals - with_summary.long()  # (B,) rows for patches
+    if not plus:
+        return room, with_summary
+    # PruMerge+: rows used by K picks = K + the samples of K's stride ranked >= K (not among the picks)
+    order = scores.float().argsort(dim=1, descending=True, stable=True)  # (B, N), as `top_scores`
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=scores.device).expand_as(order))
+    ks = torch.arange(1, n + 1, device=scores.device)  # (N,) every candidate K
+    samples = uniform_additions(torch.zeros(n, n, dtype=torch.bool, device=scores.device), ks)  # (K, N) sample masks
+    extra = (samples[None] & (rank[:, None, :] >= ks[None, :, None])).sum(-1)  # (B, K)
+    used = ks[None] + extra  # (B, K)
+    fits = used <= room[:, None]
+    k = torch.where(fits, ks[None], 0).amax(dim=1)  # (B,) the largest K that fits, 0 if none
+    if bool((k == 0).any()):
+        b = int((k == 0).nonzero()[0, 0])
+        least = int(used[b, 0]) + int(with_summary[b])
+        raise ValueError(
+            f"SUBSET_RATIO: PruMerge+ hands the LLM at least {least} tokens for a crop of {n} patches (1 attention "
+            f"pick, its uniform samples{', the summary token' if with_summary[b] else ''}), more than its budget "
+            f"of {int(totals[b])}; use a larger SUBSET_RATIO, or BASELINE=PRUMERGE"
+        )
+    return k, with_summary
+
+
 def top_scores(scores: Tensor, k: Tensor) -> Tensor:
     """scores: (B, N), k: (B,) -> (B, N) bool: each row's k[b] highest scores (ties: lower index)."""
     order = scores.float().argsort(dim=1, descending=True, stable=True)  # (B, N)
@@ -222,33 +278,52 @@ class PruMerge(TokenMerger):
         if self.summary not in (0, 1) or isinstance(self.summary, float):
             raise ValueError(f"summary={self.summary!r}: must be 0 or 1")
 
-    def keep_mask(self, scores: Tensor, ratio: float | str) -> tuple[Tensor, Tensor, Tensor]:
-        """scores: (B, N) -> (kept (B, N) bool, attention picks (B, N) bool, budget K (B,))."""
-        k = budget(scores, ratio)
+    def keep_mask(self, scores: Tensor, ratio: float | str,
+                  totals: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """scores: (B, N) -> (kept (B, N) bool, attention picks (B, N) bool, budget K (B,), with the
+        summary token (B,) bool, kept whole (B,) bool: handed over unmerged). Adaptive ("iqr"): the
+        IQR budget, the summary as configured, always merged. A fixed ratio: `fixed_budget` of
+        `totals` (B,) (default round(ratio N) per crop); a crop whose total is N is kept whole."""
+        if ratio == ADAPTIVE:
+            k = budget(scores, ratio)
+            with_summary = torch.full_like(k, bool(self.summary), dtype=torch.bool)
+            whole = torch.zeros_like(with_summary)
+        else:
+            if totals is None:
+                totals = budget(scores, ratio)
+            totals = totals.to(scores.device)
+            k, with_summary = fixed_budget(scores, totals, self.plus, bool(self.summary))
+            whole = totals == scores.shape[1]
         first = top_scores(scores, k)
         kept = first | uniform_additions(first, k) if self.plus else first
-        return kept, first, k
+        return kept, first, k, with_summary, whole
 
     def merge(self, features: Tensor, q_cls: Tensor, keys: Tensor, ratio: float | str = ADAPTIVE,
-              order: str = "ascending") -> MergeResult:
-        """features: (B, N, D) the selected hidden state's patches; q_cls: (B, C); keys: (B, 1 + N, C)."""
+              order: str = "ascending", totals: Tensor | None = None) -> MergeResult:
+        """features: (B, N, D) the selected hidden state's patches; q_cls: (B, C); keys: (B, 1 + N, C).
+
+        `ratio`: "iqr" (adaptive) or a fixed ratio; with a fixed ratio each crop hands the LLM at
+        most `totals[b]` tokens in total (default round(ratio N); `crop_totals` for images of
+        several crops), summary and PruMerge+'s samples included; a crop whose total is N is
+        handed over as it is (no merge, no summary: the unpruned patches)."""
         if features.dim() != 3 or keys.shape[:2] != (features.shape[0], features.shape[1] + 1):
             raise ValueError(
                 f"features (B, N, D) and keys (B, 1 + N, C) must agree, got {tuple(features.shape)} and {tuple(keys.shape)}"
             )
         check_ratio(ratio)
         scores = cls_attention(q_cls, keys)  # (B, N)
-        kept, first, k = self.keep_mask(scores, ratio)
+        kept, first, k, with_summary, whole = self.keep_mask(scores, ratio, totals)
         picks, counts = ordered_sources(kept, scores, first, order)
-        merged = merge_kept(features.detach(), keys.detach()[:, 1:], scores, picks, kept, self.knn, bool(self.summary))
-        if self.summary:
-            slot = torch.arange(merged.shape[1], device=merged.device)
-            at = counts[:, None] == slot  # the summary goes right after each crop's last kept row
-            body = merged * (slot < counts[:, None])[..., None]  # kept rows; padding and the last slot zero
-            rows = torch.where(at[..., None], merged[:, -1:], body)
-            sources = torch.cat([picks, picks.new_full((picks.shape[0], 1), -1)], dim=1).masked_fill(at, SUMMARY)
-            return MergeResult(rows, sources, counts + 1, k)
-        return MergeResult(merged, picks, counts, k)
+        merge_scores = scores * ~whole[:, None]  # a crop kept whole absorbs nothing: its patches as they are
+        merged = merge_kept(features.detach(), keys.detach()[:, 1:], merge_scores, picks, kept, self.knn, True)
+        if not bool(with_summary.any()):
+            return MergeResult(merged[:, :-1], picks, counts, k)
+        slot = torch.arange(merged.shape[1], device=merged.device)
+        at = (counts[:, None] == slot) & with_summary[:, None]  # the summary goes right after each crop's last kept row
+        body = merged * (slot < counts[:, None])[..., None]  # kept rows; padding and the last slot zero
+        rows = torch.where(at[..., None], merged[:, -1:], body)
+        sources = torch.cat([picks, picks.new_full((picks.shape[0], 1), -1)], dim=1).masked_fill(at, SUMMARY)
+        return MergeResult(rows, sources, counts + with_summary.long(), k)
 
 
 @dataclasses.dataclass
