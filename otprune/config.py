@@ -10,6 +10,7 @@
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
 | `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `trace` (default: Gaussian W2 from the paper's Eq. 4), `w2` (exact W2, POT), `off` |
+| `TYPE`, `NOT_ADAPTIVE` | the DivPrune repository's PruMerge switches: refused with `BASELINE=PRUMERGE` / `PRUMERGE_PLUS` (and `NOT_ADAPTIVE` with `SUBSET_RATIO=iqr`), naming the switches that ask for the same here (`BASELINE=PRUMERGE_PLUS`, `SUBSET_RATIO=<r>`) |
 | `OTPRUNE_COMPILE` | `1`: `select_tokens` runs the selection compiled (`torch.compile(fullgraph=True)`, the batched loop as one graph, CUDA graphs on a GPU); default off (eager; the CPU keeps its host loop) |
 | `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset or `auto` = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
 
@@ -280,6 +281,7 @@ class PruneConfig:
             ratio = _parse_float("SUBSET_RATIO", ratio_raw, RATIO_ALLOWED)
             if not 0.0 < ratio <= 1.0:
                 raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: must be {RATIO_ALLOWED}")
+        _refuse_divprune_switches(get, baseline, rule.kind == "merge", ratio)
         if rule.kind == "merge" and ratio is None:
             ratio = ADAPTIVE  # PruMerge is adaptive by default
         if layer is None and not model_level and (baseline is not None or ratio is not None):
@@ -311,6 +313,35 @@ class PruneConfig:
         if not model_level and layer is None:
             return cls(method=method, layer=None, ratio=ratio, order=order, params=params)
         return cls(method=method, layer=layer, ratio=ratio, order=order, recipe=recipe, params=params)
+
+
+def _refuse_divprune_switches(get, baseline: str | None, merging: bool, ratio) -> None:
+    """The DivPrune repository's PruMerge switches, `TYPE` and `NOT_ADAPTIVE`, are refused where that
+    code reads them (with `BASELINE=PRUMERGE` / `PRUMERGE_PLUS`; `NOT_ADAPTIVE` also beside
+    `SUBSET_RATIO=iqr`), with the switches that ask for the same here: never silently ignored.
+
+    There, under `BASELINE=PRUMERGE`, `TYPE=PLUS` runs PruMerge+ and any other `TYPE` PruMerge (an
+    unset `TYPE` is a KeyError); `NOT_ADAPTIVE=<r>` keeps the int(r N) top-attention patches instead
+    of the IQR outliers (plus the summary token; PruMerge+ takes its training path, adding
+    int(r N) samples at a stride of int(1 / r) without removing duplicates)."""
+    kind, ratio_raw = get("TYPE"), get("NOT_ADAPTIVE")
+    if merging and kind is not None:
+        if kind.upper() == "PLUS":
+            raise ValueError(
+                f"TYPE={kind!r} with BASELINE={baseline!r}: the DivPrune repository's switch for PruMerge+; here it is "
+                "BASELINE=PRUMERGE_PLUS (unset TYPE)"
+            )
+        raise ValueError(
+            f"TYPE={kind!r} with BASELINE={baseline!r}: TYPE (the DivPrune repository's PruMerge switch) is not read "
+            "here; BASELINE=PRUMERGE runs PruMerge, BASELINE=PRUMERGE_PLUS PruMerge+ (unset TYPE)"
+        )
+    if ratio_raw is not None and (merging or ratio == ADAPTIVE):
+        raise ValueError(
+            f"NOT_ADAPTIVE={ratio_raw!r}: the DivPrune repository's fixed-ratio PruMerge switch; here it is "
+            f"SUBSET_RATIO={ratio_raw} with BASELINE=PRUMERGE or PRUMERGE_PLUS (unset NOT_ADAPTIVE). SUBSET_RATIO=r hands "
+            "the LLM at most round(r T) tokens per image, the summary token and PruMerge+'s samples included, where "
+            "NOT_ADAPTIVE keeps int(r N) patches plus the summary (PruMerge+: twice as many)"
+        )
 
 
 def _parse_float(name: str, raw: str, allowed: str) -> float:

@@ -19,7 +19,12 @@ The method, per crop:
    code does); the N patch entries are the scores (the CLS's own entry is dropped, not renormalised).
 2. Budget (`iqr_outliers`): the patches whose score is above Q3 + 1.5 IQR (strictly), with the
    quartiles of THIS crop's N scores, linear interpolation (numpy's default percentile).
-   K = their count. With a fixed ratio r (`SUBSET_RATIO`), K = round(r N) instead.
+   K = their count. With a fixed ratio r (`SUBSET_RATIO`) instead, each image hands the LLM at
+   most round(r T) tokens in total, the summary token and PruMerge+'s samples included
+   (`crop_totals`, `fixed_budget`): PruMerge keeps K = round(r N) - 1 patches and the summary
+   (no summary when the total is 1), PruMerge+ the largest K whose picks and samples fit
+   (refused when not even K = 1 fits); at r = 1 nothing is dropped and nothing merged: the
+   unpruned tokens, no summary.
 3. Kept: the K highest scores (for the IQR budget these are exactly the outliers).
    PruMerge+ (`uniform_additions`) adds the patches of an arithmetic sequence
    0, s, 2s, ... < N - 1 with s = floor(floor(1 / (K / N)) / 3) (at least 1), those not kept yet.
@@ -33,21 +38,30 @@ Differences from the official code (`token_prune_merge_advanced[_plus]`), delibe
 - IQR per crop: the official code flattens the whole batch's scores before taking quartiles,
   so an image's K depends on the other images of its batch; ours is per crop, so a batch gives
   the same K and tokens as each image alone.
-- No outlier: the official code would keep 0 patches and hand the LLM only the summary token;
-  ours keeps the single highest-scoring patch (K >= 1), so a kept set is never empty.
+- No outlier (K = 0): the official PruMerge keeps no patch and hands the LLM only the summary
+  token; the official PruMerge+ raises ZeroDivisionError (its stride is int(1 / (K / N))). Ours
+  keeps the single highest-scoring patch (K >= 1), so a kept set is never empty.
 - Official code hooks layer 23 (CLIP-L's last); ours hooks the layer consuming
   `mm_vision_select_layer` of the model at hand (the same layer for LLaVA-1.5 / 1.6).
 - PruMerge+ with s = 0 (K > N / 3) would fail in the official code; ours uses s >= 1. Its stop
   N - 1 (575 for N = 576) is kept, so the last patch is never a uniform sample.
-- A fixed ratio gives K = round(r N) (the project's rule) where the official code truncates
-  int(N r); the official "not adaptive" PruMerge+ path (written for training) adds a sequence
-  without removing duplicates, ours keeps the adaptive path's deduplicated sequence with r.
+- A fixed ratio r hands the LLM at most round(r T) tokens per image in total (above). The official
+  non-adaptive path (`if_adaptive=False`, written for training) keeps the int(N r) top patches
+  plus the summary (int(N r) + 1 tokens); its PruMerge+ adds the sequence int(s / 2), int(s / 2)
+  + s, ... < 575 with s = int(1 / r), without removing duplicates, written into a tensor of
+  2 int(N r) columns (an error unless the sequence has exactly int(N r) entries). Ours keeps the
+  adaptive path's deduplicated sequence, with K chosen to fit the total.
 - The merge's k: 32 (the official inference code; its training variant uses 16): `PRUMERGE_KNN`.
 - Arithmetic in fp32 (the official code runs in the tower's dtype, fp16 on GPU); exact ties
   of cosine similarity may break differently.
 
-DivPrune's repository carries a copy switched by `BASELINE=PRUMERGE`, `TYPE=PLUS`,
-`NOT_ADAPTIVE=<ratio>`; its source was not available to us, so we follow the official code.
+DivPrune's repository (`vbdi/divprune`, `LLaVA/llava/model/multimodal_encoder/clip_encoder.py`)
+carries the official two functions, switched by `BASELINE=PRUMERGE` with `TYPE=PLUS` (PruMerge+;
+any other `TYPE` PruMerge; `TYPE` unset is a KeyError) and `NOT_ADAPTIVE=<r>` (the non-adaptive
+path above; unset: the adaptive one). Its adaptive PruMerge+ catches the error of a batch of
+several images (one sample sequence for the whole batch cannot be concatenated to every row) and
+then hands the LLM the unpruned patches. Here `TYPE` and `NOT_ADAPTIVE` are refused with an error
+naming `BASELINE=PRUMERGE_PLUS` / `SUBSET_RATIO=<r>` (`otprune.config`), never ignored.
 
 Order handed to the LLM: "ascending" (default) sorts the kept patches by index, summary last;
 "official" is the official order: kept patches by descending score, PruMerge+'s samples after
