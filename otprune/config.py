@@ -10,6 +10,8 @@
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
 | `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `trace` (default: Gaussian W2 from the paper's Eq. 4), `w2` (exact W2, POT), `off` |
+| `TYPE`, `NOT_ADAPTIVE` | the DivPrune repository's PruMerge switches: refused with `BASELINE=PRUMERGE` / `PRUMERGE_PLUS` (and `NOT_ADAPTIVE` with `SUBSET_RATIO=iqr`), naming the switches that ask for the same here (`BASELINE=PRUMERGE_PLUS`, `SUBSET_RATIO=<r>`) |
+| `OTPRUNE_COMPILE` | `1`: `select_tokens` runs the selection compiled (`torch.compile(fullgraph=True)`, the batched loop as one graph, CUDA graphs on a GPU); default off (eager; the CPU keeps its host loop) |
 | `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset or `auto` = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
 
 The model-level (attention-based) methods prune inside the LLM and are switched on by `BASELINE`
@@ -188,6 +190,12 @@ class PruneConfig:
         return registry.find(self.method).kind == "merge"
 
     @property
+    def merge_keeps_all(self) -> bool:
+        """True for a merge method at the fixed ratio 1: nothing is dropped, so the LLM gets the model's
+        own unpruned visual tokens (no merge, no summary token; the model glue skips the merge)."""
+        return self.merging and self.ratio != ADAPTIVE and self.ratio is not None and float(self.ratio) == 1.0
+
+    @property
     def needs_cls_attention(self) -> bool:
         """True when the vision tower must hand over its CLS attention (merge methods, adaptive budgets)."""
         return self.enabled and (self.merging or self.adaptive)
@@ -273,6 +281,7 @@ class PruneConfig:
             ratio = _parse_float("SUBSET_RATIO", ratio_raw, RATIO_ALLOWED)
             if not 0.0 < ratio <= 1.0:
                 raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: must be {RATIO_ALLOWED}")
+        _refuse_divprune_switches(get, baseline, rule.kind == "merge", ratio)
         if rule.kind == "merge" and ratio is None:
             ratio = ADAPTIVE  # PruMerge is adaptive by default
         if layer is None and not model_level and (baseline is not None or ratio is not None):
@@ -304,6 +313,35 @@ class PruneConfig:
         if not model_level and layer is None:
             return cls(method=method, layer=None, ratio=ratio, order=order, params=params)
         return cls(method=method, layer=layer, ratio=ratio, order=order, recipe=recipe, params=params)
+
+
+def _refuse_divprune_switches(get, baseline: str | None, merging: bool, ratio) -> None:
+    """The DivPrune repository's PruMerge switches, `TYPE` and `NOT_ADAPTIVE`, are refused where that
+    code reads them (with `BASELINE=PRUMERGE` / `PRUMERGE_PLUS`; `NOT_ADAPTIVE` also beside
+    `SUBSET_RATIO=iqr`), with the switches that ask for the same here: never silently ignored.
+
+    There, under `BASELINE=PRUMERGE`, `TYPE=PLUS` runs PruMerge+ and any other `TYPE` PruMerge (an
+    unset `TYPE` is a KeyError); `NOT_ADAPTIVE=<r>` keeps the int(r N) top-attention patches instead
+    of the IQR outliers (plus the summary token; PruMerge+ takes its training path, adding
+    int(r N) samples at a stride of int(1 / r) without removing duplicates)."""
+    kind, ratio_raw = get("TYPE"), get("NOT_ADAPTIVE")
+    if merging and kind is not None:
+        if kind.upper() == "PLUS":
+            raise ValueError(
+                f"TYPE={kind!r} with BASELINE={baseline!r}: the DivPrune repository's switch for PruMerge+; here it is "
+                "BASELINE=PRUMERGE_PLUS (unset TYPE)"
+            )
+        raise ValueError(
+            f"TYPE={kind!r} with BASELINE={baseline!r}: TYPE (the DivPrune repository's PruMerge switch) is not read "
+            "here; BASELINE=PRUMERGE runs PruMerge, BASELINE=PRUMERGE_PLUS PruMerge+ (unset TYPE)"
+        )
+    if ratio_raw is not None and (merging or ratio == ADAPTIVE):
+        raise ValueError(
+            f"NOT_ADAPTIVE={ratio_raw!r}: the DivPrune repository's fixed-ratio PruMerge switch; here it is "
+            f"SUBSET_RATIO={ratio_raw} with BASELINE=PRUMERGE or PRUMERGE_PLUS (unset NOT_ADAPTIVE). SUBSET_RATIO=r hands "
+            "the LLM at most round(r T) tokens per image, the summary token and PruMerge+'s samples included, where "
+            "NOT_ADAPTIVE keeps int(r N) patches plus the summary (PruMerge+: twice as many)"
+        )
 
 
 def _parse_float(name: str, raw: str, allowed: str) -> float:
@@ -382,6 +420,22 @@ def distance_kind(environ: Mapping[str, str] | None = None) -> str:
 
 
 RECORDS_OFF = ("0", "off", "false", "no", "none")
+SWITCH_ON = ("1", "on", "true", "yes")
+
+
+def compile_selection(environ: Mapping[str, str] | None = None) -> bool:
+    """`OTPRUNE_COMPILE`: whether `otprune.select_tokens` runs the selection through
+    `torch.compile(fullgraph=True)` (the batched loop as one graph; CUDA graphs on a GPU). Off
+    when unset or empty (the default: the CPU keeps its host loop); 1/on/true/yes or 0/off/false/no
+    (any case), anything else is an error."""
+    env = os.environ if environ is None else environ
+    raw = (env.get("OTPRUNE_COMPILE") or "").strip()
+    if not raw or raw.lower() in RECORDS_OFF:
+        return False
+    if raw.lower() in SWITCH_ON:
+        return True
+    raise ValueError(f"OTPRUNE_COMPILE={raw!r}: must be 1 (compile the selection) or 0 (eager, the default); "
+                     f"accepted: {', '.join(SWITCH_ON + RECORDS_OFF)}")
 
 
 def check_before_llm(config: PruneConfig, who: str, instead: str) -> PruneConfig:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from otprune.config import compile_selection
 from otprune.methods import get_method
 from otprune.methods.base import check_finite, mask_beyond_k
 
@@ -72,6 +73,7 @@ def select_tokens(
     *,
     lengths: Sequence[int] | Tensor | None = None,
     order: str = "ascending",
+    compiled: bool | None = None,
     **params: object,
 ) -> Tensor:
     """Indices of the visual tokens to keep.
@@ -88,6 +90,10 @@ def select_tokens(
             "official" (the order the method's official code hands to the LLM: OTPrune's set
             order, ascending for the others; see `TokenSelector.official_order`). "official"
             reads the picks on the host: one synchronisation after the selection.
+        compiled: run the method's `select` through `torch.compile(fullgraph=True)` (one graph per
+            shape; `mode="reduce-overhead"`, i.e. CUDA graphs, on a GPU), the whole padded batch in
+            one call. None (default): the `OTPRUNE_COMPILE` switch (`otprune.config.compile_selection`,
+            off unless set). Off, the CPU runs its host loop and a batch sample by sample.
         **params: the method's parameters, e.g. `gamma=0.05` for OTPrune (at most fp32 max / D^2),
             `seed=1` for random.
 
@@ -115,13 +121,17 @@ def select_tokens(
     x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if lengths is not None:
         x = x.masked_fill((torch.arange(n, device=x.device) >= lengths_t[:, None])[..., None], 0.0)
-    if not selector.checks_finite:
+    if compiled is None:
+        compiled = compile_selection()
+    if not selector.checks_finite or compiled:  # a traced method skips its own host check
         check_finite(x)
 
     # Without `lengths` every sample keeps the same K: no padding slots to mask (host ints only).
     uniform_k = lengths is None and not isinstance(keep, Tensor)
     k_max = _uniform_k(keep, n) if uniform_k else int(k.max())
-    if bsz == 1:
+    if compiled:
+        picks = compiled_select(selector, x.device)(x, lengths_t, k, k_max).clone()  # clone: a CUDA graph reuses its output
+    elif bsz == 1:
         picks = selector.select(x, lengths_t, k, k_max)  # (B, k_max), selection order
     else:
         picks = _sample_by_sample(selector, x, lengths_t, k, k_max)
@@ -137,6 +147,19 @@ def select_tokens(
         picks = picks.masked_fill(picks < 0, n).sort(dim=1).values  # padding slots sort last
         picks = picks.masked_fill(picks >= n, -1)
     return picks
+
+
+_COMPILED: dict[tuple[str, str], object] = {}
+
+
+def compiled_select(selector, device: torch.device):
+    """`selector.select` compiled with `fullgraph=True` (static shapes: one graph per (B, N, D, k_max));
+    `mode="reduce-overhead"` (CUDA graphs) on a GPU. Cached per method, parameters and device type."""
+    key = (repr(selector), device.type)
+    if key not in _COMPILED:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _COMPILED[key] = torch.compile(selector.select, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[key]
 
 
 def _sample_by_sample(selector, x: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:

@@ -32,6 +32,20 @@ def greedy_by_logdet(kernel: np.ndarray, k: int, min_gain: float | None = None) 
     return picked
 
 
+def greedy_by_explicit_det(kernel: np.ndarray, k: int, rel_tol: float = 1e-9) -> list[int]:
+    """Greedy max of det(kernel[A, A]) (fp64, an explicit determinant per candidate) with the
+    official tie rule: among candidates whose det is within `rel_tol` of the best (an exact tie
+    up to the rounding of the determinant), the lowest index."""
+    n = kernel.shape[0]
+    picked: list[int] = []
+    while len(picked) < k:
+        rest = [i for i in range(n) if i not in picked]
+        dets = [np.linalg.det(kernel[np.ix_(picked + [i], picked + [i])]) for i in rest]
+        best = max(dets)
+        picked.append(next(i for i, det in zip(rest, dets, strict=True) if det >= best - rel_tol * abs(best)))
+    return picked
+
+
 def otprune_kernel(x: np.ndarray, gamma: float = 0.01) -> np.ndarray:
     """L = I + gamma * S S^T with S = Xn Xn^T, Xn = X with unit-norm columns."""
     xn = x / np.sqrt((x**2).sum(axis=0, keepdims=True))

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from otprune.cli import COMMANDS, main
 
@@ -72,3 +73,15 @@ def _one_command_parser(run):
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("x").set_defaults(run=run)
     return parser
+
+
+def test_bench_selection_compile_times_eager_and_compiled(capsys, monkeypatch):
+    import otprune.selection as selection
+
+    monkeypatch.setattr(selection, "compiled_select",  # the eager backend: the table, not inductor's compile time
+                        lambda sel, dev: torch.compile(sel.select, fullgraph=True, backend="eager", dynamic=False))
+    argv = ["bench", "selection", "--sizes", "40", "--dim", "8", "--repeats", "1", "--batch", "2", "--methods", "otprune,dpp",
+            "--compile"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "compiled/eager" in out and "| 40 | otprune |" in out and "| 40 | dpp |" in out

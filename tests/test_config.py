@@ -146,3 +146,33 @@ def test_in_llm_feature_methods_and_orders():
 def test_model_level_errors(environ, match):
     with pytest.raises(ValueError, match=match):
         PruneConfig.from_env(environ)
+
+
+def test_compile_switch():
+    from otprune.config import compile_selection
+
+    assert compile_selection({}) is False and compile_selection({"OTPRUNE_COMPILE": ""}) is False
+    assert compile_selection({"OTPRUNE_COMPILE": "1"}) is True and compile_selection({"OTPRUNE_COMPILE": "On"}) is True
+    assert compile_selection({"OTPRUNE_COMPILE": "0"}) is False
+    with pytest.raises(ValueError, match="OTPRUNE_COMPILE='maybe'"):
+        compile_selection({"OTPRUNE_COMPILE": "maybe"})
+
+
+@pytest.mark.parametrize("baseline", ["PRUMERGE", "PRUMERGE_PLUS"])
+def test_divprune_repository_switches_are_refused_by_name(baseline):
+    # before: BASELINE=PRUMERGE TYPE=PLUS ran plain PruMerge, NOT_ADAPTIVE=0.098 still the adaptive budget
+    with pytest.raises(ValueError, match="TYPE='PLUS'.*BASELINE=PRUMERGE_PLUS"):
+        PruneConfig.from_env({"BASELINE": baseline, "TYPE": "PLUS"})
+    with pytest.raises(ValueError, match="TYPE='NORMAL'.*not read here"):
+        PruneConfig.from_env({"BASELINE": baseline, "TYPE": "NORMAL"})
+    with pytest.raises(ValueError, match="NOT_ADAPTIVE='0.098'.*SUBSET_RATIO=0.098"):
+        PruneConfig.from_env({"BASELINE": baseline, "NOT_ADAPTIVE": "0.098"})
+    with pytest.raises(ValueError, match="NOT_ADAPTIVE"):
+        PruneConfig.from_env({"BASELINE": baseline, "SUBSET_RATIO": "0.1", "NOT_ADAPTIVE": "0.1"})
+
+
+def test_divprune_switches_where_that_code_does_not_read_them():
+    # DivPrune's code reads TYPE / NOT_ADAPTIVE only under BASELINE=PRUMERGE; an adaptive budget is refused too
+    assert PruneConfig.from_env({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "TYPE": "PLUS"}).method == "otprune"
+    with pytest.raises(ValueError, match="NOT_ADAPTIVE"):
+        PruneConfig.from_env({"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "iqr", "NOT_ADAPTIVE": "0.1"})

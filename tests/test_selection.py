@@ -190,3 +190,38 @@ def test_every_method_refuses_nan_or_inf_features(method, bad):
         otprune.select_tokens(x, 0.25, method, lengths=[40, 30, 20])
     x[2, 17, 5] = 1e30  # huge but finite: selected (rescaled), never refused
     assert otprune.select_tokens(x, 0.25, method, lengths=[40, 30, 20]).shape == (3, 10)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    method=st.sampled_from(METHOD_NAMES),
+    seed=st.integers(0, 10_000),
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    fractions=st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4),
+    d=st.integers(1, 12),
+)
+def test_padded_select_with_k_max_beyond_a_length_marks_extra_slots(method, seed, lengths, fractions, d):
+    # TokenSelector.select on a padded batch: k_max may exceed a sample's length (lengths [40, 6], k [10, 2]);
+    # no crash, each sample's first k[b] slots are distinct real tokens, every other slot is -1
+    bsz, n = len(lengths), max(lengths)
+    lengths_t = torch.tensor(lengths)
+    k = torch.tensor([max(1, round(f * m)) for f, m in zip(fractions[: len(lengths)], lengths, strict=True)])
+    k_max = int(k.max())
+    x = features_for(seed, bsz, n, d)
+    x = x.masked_fill((torch.arange(n) >= lengths_t[:, None])[..., None], 0.0)
+    picks = otprune.get_method(method).select(x, lengths_t, k, k_max)
+    assert picks.shape == (bsz, k_max) and picks.dtype == torch.long
+    for b in range(bsz):
+        row = picks[b].tolist()
+        kept = row[: int(k[b])]
+        assert len(set(kept)) == len(kept) and all(0 <= i < lengths[b] for i in kept)
+        assert row[int(k[b]) :] == [-1] * (k_max - int(k[b]))
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_issue_case_dpp_lengths_40_6(method):
+    x = features_for(0, 2, 40, 8)
+    x[1, 6:] = 0
+    picks = otprune.get_method(method).select(x, torch.tensor([40, 6]), torch.tensor([10, 2]), 10)
+    assert picks[1, 2:].tolist() == [-1] * 8 and len(set(picks[0].tolist())) == 10
+    assert set(picks[1, :2].tolist()) <= set(range(6))

@@ -70,12 +70,15 @@ class Row:
     batch_per_sample_ms: float
     single_ms: float
     batch_over_single: float
+    compiled: dict[str, tuple[float, float, float]] | None = None  # method -> (eager ms, compiled ms, compiled / eager)
 
 
 def bench_size(
-    x: torch.Tensor, xb: torch.Tensor, ratio: float, methods: list[str], repeats: int, progress=None
+    x: torch.Tensor, xb: torch.Tensor, ratio: float, methods: list[str], repeats: int, progress=None,
+    compile: bool = False,
 ) -> Row:
-    """One row: x: (N, D) a single image's features, xb: (B, N, D) a batch."""
+    """One row: x: (N, D) a single image's features, xb: (B, N, D) a batch. `compile`: also time each
+    method's `select_tokens` eager vs compiled (`compiled=True`; the first call compiles, untimed)."""
     dev = x.device
     n, batch = x.shape[0], xb.shape[0]
     xn = normalise_columns(x[None])[0]
@@ -96,7 +99,18 @@ def bench_size(
     singles = lambda: [otprune.select_tokens(xb[b], ratio) for b in range(batch)]  # noqa: E731
     tb, ts, b_ratio = paired(batched, singles, max(2, repeats // 2), dev)
     k = max(1, round(ratio * n))
-    return Row(n, k, floor_ms * 1e3, method_ms, ot_ratio, tb / batch * 1e3, ts / batch * 1e3, b_ratio)
+    compiled = None
+    if compile:
+        compiled = {}
+        for name in methods:
+            if progress:
+                progress(f"N={n} {name} eager vs compiled")
+            compiled_s, eager_s, c_ratio = paired(
+                lambda name=name: otprune.select_tokens(x, ratio, name, compiled=True),
+                lambda name=name: otprune.select_tokens(x, ratio, name, compiled=False), repeats, dev,
+            )  # fmt: skip
+            compiled[name] = (eager_s * 1e3, compiled_s * 1e3, c_ratio)
+    return Row(n, k, floor_ms * 1e3, method_ms, ot_ratio, tb / batch * 1e3, ts / batch * 1e3, b_ratio, compiled)
 
 
 def run(
@@ -108,8 +122,9 @@ def run(
     batch: int = 8,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    compile: bool = False,
 ) -> list[Row]:
-    """The benchmark table's rows, one per N, on seeded Gaussian features."""
+    """The benchmark table's rows, one per N, on seeded Gaussian features (`compile`: see `bench_size`)."""
     dev = torch.device(device)
     methods = list(methods or otprune.METHODS)
     gen = torch.Generator().manual_seed(0)
@@ -117,7 +132,7 @@ def run(
     for n in sizes:
         x = torch.randn(n, dim, generator=gen).to(dev)
         xb = torch.randn(batch, n, dim, generator=gen).to(dev)
-        rows.append(bench_size(x, xb, ratio, methods, repeats, progress))
+        rows.append(bench_size(x, xb, ratio, methods, repeats, progress, compile))
     return rows
 
 
@@ -135,4 +150,15 @@ def format_table(rows: list[Row], dim: int, ratio: float, device: str, busy: int
         cells = [str(r.n), str(r.k), f"{r.floor_ms:.1f}"] + [f"{r.method_ms[m]:.1f}" for m in methods]
         cells += [f"{r.otprune_over_floor:.2f}x", f"{r.batch_per_sample_ms:.1f}", f"{r.single_ms:.1f}", f"{r.batch_over_single:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
+    if rows[0].compiled is not None:
+        lines += [
+            "",
+            "Eager vs compiled (select_tokens(..., compiled=True): torch.compile(fullgraph=True), one image; "
+            "eager on the CPU is the host loop); ratio = median of paired runs",
+            "| N | method | eager ms | compiled ms | compiled/eager |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rows:
+            for name, (eager_ms, compiled_ms, c_ratio) in r.compiled.items():
+                lines.append(f"| {r.n} | {name} | {eager_ms:.1f} | {compiled_ms:.1f} | {c_ratio:.2f}x |")
     return "\n".join(lines)

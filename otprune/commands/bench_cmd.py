@@ -82,6 +82,10 @@ def _register_selection(what) -> None:
         "--busy", type=int, default=0,
         help="busy-loop neighbour processes to run during the benchmark (CPU contention, as on a shared machine)",
     )  # fmt: skip
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also time every method eager vs compiled (torch.compile(fullgraph=True), as OTPRUNE_COMPILE=1)",
+    )  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -176,7 +180,7 @@ def run(args) -> int:
     with bench.busy_neighbours(args.busy):
         rows = bench.run(
             sizes, args.dim, args.ratio, methods, args.repeats, args.batch, args.device,
-            progress=lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True),
+            progress=lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True), compile=args.compile,
         )
     print(bench.format_table(rows, args.dim, args.ratio, args.device, args.busy))
     return 0

@@ -167,7 +167,7 @@ class LlavaFamilyAdapter(HFAdapter):
         Returns (image placeholder id, per image its tokens (M_i or T_i, D), per image its
         placeholder rows T_i, per image the budget K_i (iqr) or None, the merge's clock or None).
         """
-        from otprune.methods.prumerge import SUMMARY, cls_attention, iqr_keep_count
+        from otprune.methods.prumerge import SUMMARY, cls_attention, crop_totals, iqr_keep_count
 
         token_id = int(inner.config.image_token_id)
         self._features_config = config
@@ -192,7 +192,14 @@ class LlavaFamilyAdapter(HFAdapter):
             budgets = [min(sum(per_crop[s:s + p]), t) for s, p, t in zip(starts, counts, placeholders, strict=True)]
             return token_id, list(encoded.pooler_output), placeholders, budgets, None
         clock = Clock(patches.device)
-        res = config.merger().merge(patches, q_cls, keys, ratio=config.ratio, order=config.order)
+        if config.merge_keeps_all:  # ratio 1: nothing dropped, the model's own token sets (the unpruned input)
+            clock.stop()
+            self.last_sources = None
+            return token_id, list(encoded.pooler_output), placeholders, None, clock
+        totals = None
+        if not config.adaptive:  # a fixed ratio: each image hands the LLM at most round(r * T_i) tokens
+            totals = torch.tensor(crop_totals(float(config.ratio), placeholders, counts, patches.shape[1]), device=patches.device)
+        res = config.merger().merge(patches, q_cls, keys, ratio=config.ratio, order=config.order, totals=totals)
         clock.stop()
         projector = inner.multi_modal_projector
         tokens = projector(res.features.to(next(projector.parameters()).dtype))  # (P, M_max, D): merged rows projected

@@ -67,21 +67,25 @@ def on_host(tensor: Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype in HOST_DTYPES and not torch.compiler.is_compiling()
 
 
-def greedy_logdet_gram(factor: Tensor, valid: Tensor, k_max: int, rep: Tensor | None = None) -> Tensor:
+def greedy_logdet_gram(
+    factor: Tensor, valid: Tensor, k_max: int, copies: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """`greedy_logdet` of L = I + F F^T for factor F: (B, N, M) on the host (`on_host`), never
     forming L: its diagonal is 1 + ||F[i]||^2 and the row of a pick j is e_j + F F[j] (one
     matrix-vector product per pick: K N M work instead of the N^2 M of F F^T).
 
-    `rep`: (B, N), the lowest exact copy of each token (`otprune.methods.otprune.representatives`),
-    or None when no token has a copy. L is then read through it, L[i, j] = [i == j] + G[rep[i],
-    rep[j]], so copies get bit-identical kernel values whatever the BLAS's summation order (which
-    may depend on where a row sits in memory) and an exact tie goes to the lowest index.
+    `copies`: (rep, sign), each (B, N): the lowest exact copy (or negation) of each token and its
+    sign, +-1 (`otprune.methods.otprune.representatives`), or None when no token has one. L is
+    then read through them, L[i, j] = [i == j] + sign[i] sign[j] G[rep[i], rep[j]], so copies get
+    bit-identical kernel values, and negations exactly negated ones, whatever the BLAS's summation
+    order (which may depend on where a row sits in memory): an exact tie goes to the lowest index.
     """
     picks = []
     for b in range(factor.shape[0]):
         f = factor[b].numpy()  # (N, M)
         diag = np.einsum("ij,ij->i", f, f)
-        rep_b = None if rep is None else rep[b].numpy()
+        rep_b = None if copies is None else copies[0][b].numpy()
+        sign_b = None if copies is None else copies[1][b].numpy()
         if rep_b is not None:
             diag = diag[rep_b]
         diag += 1.0
@@ -89,11 +93,14 @@ def greedy_logdet_gram(factor: Tensor, valid: Tensor, k_max: int, rep: Tensor | 
         row = np.empty(f.shape[0], dtype=f.dtype)
         mapped = np.empty_like(row)
 
-        def kernel_row(j: int, f=f, vec=vec, row=row, mapped=mapped, rep_b=rep_b) -> np.ndarray:
+        def kernel_row(j: int, f=f, vec=vec, row=row, mapped=mapped, rep_b=rep_b, sign_b=sign_b) -> np.ndarray:
             np.copyto(vec, f[j if rep_b is None else rep_b[j]])
             np.matmul(f, vec, out=row)
             if rep_b is not None:
                 row = np.take(row, rep_b, out=mapped)
+                row *= sign_b  # exact: +-1
+                if sign_b[j] < 0:
+                    np.negative(row, out=row)
             row[j] += 1.0
             return row
 
@@ -137,7 +144,9 @@ def greedy_host(
                 if not dj > eps:  # rank used up: the unpicked candidates, ascending
                     untaken = valid.copy()
                     untaken[picks[:t]] = False
-                    picks[t:] = np.flatnonzero(untaken)[: k - t]
+                    rest = np.flatnonzero(untaken)[: k - t]  # fewer than k - t when k exceeds the candidates
+                    picks[t : t + rest.size] = rest
+                    picks[t + rest.size :] = -1
                     return picks
             picks[t] = j
             if t == k - 1:

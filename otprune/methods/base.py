@@ -129,7 +129,7 @@ class TokenSelector(Method):
 
         Returns:
             (B, k_max) long: sample b's picks in selection order in its first k[b] slots,
-            -1 in the rest.
+            -1 in the rest (also when k_max exceeds lengths[b]: `mask_beyond_k`).
         """
         raise NotImplementedError
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from otprune.methods._numerics import max_abs, one_thread, pow2_scale
-from otprune.methods.base import TokenSelector, flat_rows, valid_mask
+from otprune.methods.base import TokenSelector, flat_rows, mask_beyond_k, valid_mask
 
 
 def cosine_similarity(features: Tensor) -> Tensor:
@@ -46,7 +46,7 @@ class DivPrune(TokenSelector):
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         dist = 1.0 - cosine_similarity(features)  # (B, N, N)
         with one_thread(dist.device):  # a loop of tiny ops (see `one_thread`)
-            return self._greedy(dist, lengths, k_max)
+            return mask_beyond_k(self._greedy(dist, lengths, k_max), k)
 
     def _greedy(self, dist: Tensor, lengths: Tensor, k_max: int) -> Tensor:
         bsz, n, _ = dist.shape

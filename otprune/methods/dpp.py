@@ -12,7 +12,7 @@ import dataclasses
 from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet
-from otprune.methods.base import TokenSelector, valid_mask
+from otprune.methods.base import TokenSelector, mask_beyond_k, valid_mask
 from otprune.methods.divprune import cosine_similarity
 
 
@@ -37,4 +37,4 @@ class DPP(TokenSelector):
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         kernel = cosine_similarity(features)  # (B, N, N)
         valid = valid_mask(lengths, kernel.shape[-1])
-        return greedy_logdet(kernel, valid, k_max, eps=self.eps)
+        return mask_beyond_k(greedy_logdet(kernel, valid, k_max, eps=self.eps), k)

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from otprune.methods.base import TokenSelector
+from otprune.methods.base import TokenSelector, mask_beyond_k
 
 
 @dataclasses.dataclass
@@ -23,4 +23,4 @@ class FirstK(TokenSelector):
     aliases = ("firstk",)
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
-        return torch.arange(k_max, device=lengths.device).expand(lengths.shape[0], k_max)
+        return mask_beyond_k(torch.arange(k_max, device=lengths.device).expand(lengths.shape[0], k_max), k)

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from otprune.methods.base import TokenSelector
+from otprune.methods.base import TokenSelector, mask_beyond_k
 
 
 @dataclasses.dataclass
@@ -24,4 +24,4 @@ class LastK(TokenSelector):
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         t = torch.arange(k_max, device=lengths.device)
-        return (lengths - k)[:, None] + t
+        return mask_beyond_k((lengths - k)[:, None] + t, k)

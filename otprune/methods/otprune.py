@@ -17,7 +17,7 @@ from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet, greedy_logdet_gram, on_host
 from otprune.methods._numerics import max_abs, one_thread, pow2_scale
-from otprune.methods.base import TokenSelector, check_finite, param, valid_mask
+from otprune.methods.base import TokenSelector, check_finite, mask_beyond_k, param, valid_mask
 
 
 def column_prescaled(features: Tensor) -> Tensor:
@@ -59,12 +59,14 @@ def _column_stats(features: Tensor, chunk: int, keys: bool) -> tuple[Tensor, Ten
     chunk = min(chunk, n)
     acc = features.new_zeros(bsz, 1, dim)
     ones = features.new_ones(bsz, 1, chunk)
-    buf = features.new_empty(bsz, chunk, dim)
+    traced = torch.compiler.is_compiling()  # dynamo refuses `out=` views that are not contiguous
+    buf = None if traced else features.new_empty(bsz, chunk, dim)
     key_parts = []
     for lo in range(0, n, chunk):
         part = features[:, lo : lo + chunk]
         rows = part.shape[1]
-        acc.baddbmm_(ones[:, :, :rows], torch.mul(part, part, out=buf[:, :rows]))
+        squares = torch.mul(part, part) if traced else torch.mul(part, part, out=buf[:, :rows])  # (B, rows, D)
+        acc = torch.baddbmm(acc, ones[:, :, :rows], squares) if traced else acc.baddbmm_(ones[:, :, :rows], squares)
         if keys:
             key_parts.append(_halves_bit_sums(part))
     if not keys:
@@ -133,10 +135,17 @@ def symmetric_gram(x: Tensor, blocks: int | None = None, scale: Tensor | None = 
     spans = list(zip(edges[:-1], edges[1:], strict=True))
     gram = x.new_empty(bsz, n, n)
     widest = max(hi - lo for lo, hi in spans)
-    buf = None if scale is None else x.new_empty(bsz, widest, dim)
+    traced = torch.compiler.is_compiling()  # dynamo refuses `out=` views that are not contiguous: plain ops
+    buf = None if scale is None or traced else x.new_empty(bsz, widest, dim)
     for lo, hi in spans:
-        left = x[:, lo:hi] if buf is None else torch.mul(x[:, lo:hi], scale, out=buf[:, : hi - lo])
-        torch.bmm(left, x[:, :hi].transpose(1, 2), out=gram[:, lo:hi, :hi])  # (B, hi - lo, hi)
+        if scale is None:
+            left = x[:, lo:hi]
+        else:
+            left = x[:, lo:hi] * scale if traced else torch.mul(x[:, lo:hi], scale, out=buf[:, : hi - lo])
+        if traced:
+            gram[:, lo:hi, :hi] = torch.bmm(left, x[:, :hi].transpose(1, 2))
+        else:
+            torch.bmm(left, x[:, :hi].transpose(1, 2), out=gram[:, lo:hi, :hi])  # (B, hi - lo, hi)
     upper = torch.ones(widest, widest, dtype=torch.bool, device=x.device).triu_(1)  # strict upper triangle
     with one_thread(x.device):  # many small copies: one thread (see `column_stats`)
         for lo, hi in spans:
@@ -173,21 +182,27 @@ def _interaction(features: Tensor, gamma: float, keys: bool = False) -> tuple[Te
 
 
 def row_keys(features: Tensor) -> Tensor:
-    """(B, N) int64 fingerprints of the tokens' exact bit patterns: equal rows, equal keys.
+    """(B, N) int64 fingerprints of the tokens' exact bit patterns up to sign: equal rows, and
+    rows that are exact negations of each other, get equal keys.
 
-    The wrapping 32-bit sums of the raw bits of each row's two halves, so the key is exact
-    integer arithmetic: it does not depend on the summation order, the device or the BLAS.
-    Different rows collide with probability about 2^-64 per pair (or when they differ by a
-    permutation within a half; `duplicate_representatives` checks candidates element-wise).
+    The wrapping 32-bit sums of the raw bits of each row's two halves, top bit dropped, so the
+    key is exact integer arithmetic: it does not depend on the summation order, the device or the
+    BLAS. Negating a value flips its sign bit, i.e. adds 2^31 modulo 2^32 to its word, so negating
+    a row changes each half's sum by a multiple of 2^31, which only the dropped top bit sees.
+    Different rows collide with probability about 2^-62 per pair (or when they differ by a
+    permutation within a half, or only in signs; `duplicate_representatives` checks candidates
+    element-wise).
     """
     return _join_keys(*_halves_bit_sums(features))
 
 
 def _halves_bit_sums(features: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, N) int32 each: the wrapping sums of the raw bits of each row's first and second half."""
+    """(B, N) int32 each: the wrapping sums of the raw bits of each row's first and second half,
+    top bit cleared (blind to the values' signs as a whole: `row_keys`)."""
     bits = features.contiguous().view(torch.int32)  # (B, N, D) for fp32, (B, N, 2D) for fp64
     half = bits.shape[-1] // 2
-    return bits[..., :half].sum(-1, dtype=torch.int32), bits[..., half:].sum(-1, dtype=torch.int32)
+    low31 = 0x7FFFFFFF
+    return bits[..., :half].sum(-1, dtype=torch.int32) & low31, bits[..., half:].sum(-1, dtype=torch.int32) & low31
 
 
 def _join_keys(high: Tensor, low: Tensor) -> Tensor:
@@ -195,17 +210,23 @@ def _join_keys(high: Tensor, low: Tensor) -> Tensor:
 
 
 def duplicate_representatives(features: Tensor) -> Tensor:
-    """(B, N) long: for every token, the lowest index of a token with exactly the same features.
+    """(B, N) long: for every token, the lowest index of a token with exactly the same features,
+    or exactly their negation (its "copy", up to sign).
 
-    (`representatives` also says whether any copy was found.)
+    (`representatives` also gives the sign of each copy and says whether any copy was found.)
 
-    Exact duplicates have identical rows of S and of L in exact arithmetic, but a GEMM may round
-    two copies differently (they sit at different positions in the product). The kernel is
-    therefore read through this map (`L[i, j] := L[rep[i], rep[j]]` off the identity), so copies
-    get bit-identical kernel values and an exact tie goes to the lowest index, on every BLAS.
+    Exact duplicates have identical rows of S and of L in exact arithmetic, and an exact negation
+    -x of x has S's row negated, hence L's row negated off the diagonal (L[-x, -x] = L[x, x]):
+    flipping a token's sign maps L[A, A] to D L[A, A] D with D = diag(+-1), which has the same
+    determinant, so a copy and a negation tie in every greedy step in exact arithmetic. A GEMM
+    may round them differently (they sit at different positions in the product). The kernel is
+    therefore read through this map (`L[i, j] := sign[i] sign[j] L[rep[i], rep[j]]` off the
+    identity), so copies and negations get kernel values equal up to an exact sign and an exact
+    tie goes to the lowest index, on every BLAS, as in the official picks.
 
     Candidates are the tokens with equal `row_keys` (a stable sort groups them, lowest index
-    first); they are then compared element by element, so different tokens are never merged.
+    first); they are then compared element by element with the group's first token and its
+    negation, so different tokens are never merged.
     The comparison runs only when some candidate exists (one host read, before any selection
     loop; under `torch.compile` a `torch.cond`, so the method still compiles as one graph). A token whose key collides
     with a different, lower-indexed token keeps its own index: still exact, only not merged.
@@ -218,10 +239,11 @@ def duplicate_representatives(features: Tensor) -> Tensor:
 
 def representatives(
     features: Tensor, valid: Tensor | None = None, keys: Tensor | None = None
-) -> tuple[Tensor, bool | None]:
-    """`duplicate_representatives`, and whether some token has a candidate copy (None under
-    `torch.compile`, where that is not read on the host). `valid`: (B, N) bool; padding rows
-    (False) keep their own index and are no one's copy. `keys`: the features' `row_keys` if
+) -> tuple[Tensor, Tensor, bool | None]:
+    """(`duplicate_representatives` rep: (B, N) long; sign: (B, N) in the features' dtype, -1 where
+    a token is the negation of its representative, else 1; whether some token has a candidate copy,
+    None under `torch.compile`, where that is not read on the host). `valid`: (B, N) bool; padding
+    rows (False) keep their own index and are no one's copy. `keys`: the features' `row_keys` if
     already computed."""
     bsz, n, dim = features.shape
     keys, order = torch.sort(row_keys(features) if keys is None else keys, dim=-1, stable=True)  # (B, N) each, ascending index within a key
@@ -234,17 +256,23 @@ def representatives(
     if valid is not None:  # padding follows the real tokens, so a real token never maps to it
         first = torch.where(valid, first, own)
 
-    def checked(first: Tensor, features: Tensor) -> Tensor:
+    def checked(first: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
         offsets = torch.arange(bsz, device=features.device)[:, None] * n
         rows = features.reshape(bsz * n, dim)
         copies = rows.index_select(0, (first + offsets).view(-1))  # (B * N, D)
         same = (copies == rows).all(dim=-1).view(bsz, n)
-        return torch.where(same, first, own)
+        negated = (copies == -rows).all(dim=-1).view(bsz, n) & ~same  # (a zero row is a copy, sign 1)
+        sign = torch.where(negated, -1.0, 1.0).to(features.dtype)
+        return torch.where(same | negated, first, own), sign
+
+    def identity(first: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
+        return first.clone(), torch.ones(first.shape, dtype=features.dtype, device=features.device)
 
     if torch.compiler.is_compiling():  # one graph: the comparison as a traced conditional
-        return torch.cond((first != own).any(), checked, lambda first, features: first.clone(), (first, features)), None
+        rep, sign = torch.cond((first != own).any(), checked, identity, (first, features))
+        return rep, sign, None
     candidates = bool((first != own).any())
-    return (checked(first, features) if candidates else first), candidates
+    return *(checked if candidates else identity)(first, features), candidates
 
 
 @dataclasses.dataclass
@@ -258,8 +286,9 @@ class OTPrune(TokenSelector):
 
     Both S and S S^T = S^2 are symmetric, so each is formed from its block lower triangle
     (`symmetric_gram`, exactly symmetric); the greedy then reads diag(L) and K rows of L.
-    Exact duplicate tokens read the same kernel values (`duplicate_representatives`), so
-    every tie is exact and goes to the lowest index, as in the official code.
+    Exact duplicate tokens, and exact negations (S S^T is sign-blind), read the same kernel
+    values up to an exact sign (`duplicate_representatives`), so every such tie is exact and
+    goes to the lowest index, as in the official code.
     """
 
     gamma: float = param(0.01, env="OTPRUNE_GAMMA", tag="g", label="γ", doc="a number > 0, e.g. 0.01")
@@ -283,17 +312,20 @@ class OTPrune(TokenSelector):
         """The official OTPrune code's order: the iteration order of a Python set of the picks."""
         return official_order(picks)
 
-    def gram(self, features: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, bool | None]:
-        """gamma * S S^T: (B, N, N), exactly symmetric; the duplicate map rep: (B, N); and whether
-        any token has a candidate copy (`representatives`; False: rep is the identity).
+    def gram(self, features: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, bool | None]:
+        """gamma * S S^T: (B, N, N), exactly symmetric; the duplicate map rep: (B, N) and its
+        signs: (B, N); and whether any token has a candidate copy (`representatives`; False: rep
+        is the identity, every sign 1).
 
         S S^T = S^2 is formed from sqrt(gamma) * S (`interaction`), so no pass scales it by gamma.
-        The kernel is L[i, j] = [i == j] + G[rep[i], rep[j]] with G the first output.
+        The kernel is L[i, j] = [i == j] + sign[i] sign[j] G[rep[i], rep[j]] with G the first output.
         """
-        s, rep, copies = self._interaction_and_copies(features, valid)
-        return symmetric_gram(s), rep, copies
+        s, rep, sign, copies = self._interaction_and_copies(features, valid)
+        return symmetric_gram(s), rep, sign, copies
 
-    def _interaction_and_copies(self, features: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, bool | None]:
+    def _interaction_and_copies(
+        self, features: Tensor, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, bool | None]:
         """sqrt(gamma) * S: (B, N, N), and `representatives` (row keys from the same pass)."""
         self.check_features(features)
         s, keys = _interaction(features, self.gamma, keys=True)
@@ -303,26 +335,28 @@ class OTPrune(TokenSelector):
         """L = I + gamma * S S^T: (B, N, N) from features: (B, N, D) (padding rows zero).
 
         Exactly symmetric; exact duplicate tokens have bit-identical rows (off the identity)
-        and diagonal values: the rows and columns of every copy are overwritten by its
-        representative's (`duplicate_representatives`).
+        and diagonal values, exact negations rows negated exactly: the rows and columns of every
+        copy are overwritten by its representative's, times its sign (`duplicate_representatives`).
         """
-        gram, rep, copies = self.gram(features, valid)
+        gram, rep, sign, copies = self.gram(features, valid)
         if copies is None:  # traced: every entry through the map, without reading it on the host
             gram = torch.gather(gram, 1, rep[:, :, None].expand_as(gram))  # G[rep[i], :]
             gram = torch.gather(gram, 2, rep[:, None, :].expand_as(gram))  # G[rep[i], rep[j]]
+            gram = gram * (sign[:, :, None] * sign[:, None, :])
         elif copies:
-            read_through(gram, rep)
+            read_through(gram, rep, sign)
         gram.diagonal(dim1=1, dim2=2).add_(1.0)
         return gram
 
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         valid = valid_mask(lengths, features.shape[1])  # (B, N)
         if not (on_host(features) and features.shape[1] <= ROWS_FROM_S):
-            return greedy_logdet(self.kernel(features, valid), valid, k_max)
+            return mask_beyond_k(greedy_logdet(self.kernel(features, valid), valid, k_max), k)
         # The host greedy reads L = I + S' S'^T (S' = sqrt(gamma) S) one row per pick: K
         # products S' S'[j] from a cache-resident S' instead of the N^3 product S' S'^T.
-        s, rep, copies = self._interaction_and_copies(features, valid)  # (B, N, N), (B, N)
-        return greedy_logdet_gram(s, valid, k_max, rep if copies else None)  # copies: L read through rep
+        s, rep, sign, copies = self._interaction_and_copies(features, valid)  # (B, N, N), (B, N), (B, N)
+        copy_map = (rep, sign) if copies else None  # copies: L read through rep, with the signs
+        return mask_beyond_k(greedy_logdet_gram(s, valid, k_max, copy_map), k)
 
 
 ROWS_FROM_S = 2048
@@ -331,17 +365,22 @@ kernel rows it reads from S; beyond it, from S S^T formed by one GEMM (S no long
 cache, and K memory-bound products cost more than the GEMM)."""
 
 
-def read_through(gram: Tensor, rep: Tensor) -> None:
-    """gram[b, i, j] := gram[b, rep[b, i], rep[b, j]] in place, for gram: (B, N, N), rep: (B, N).
+def read_through(gram: Tensor, rep: Tensor, sign: Tensor | None = None) -> None:
+    """gram[b, i, j] := sign[b, i] sign[b, j] gram[b, rep[b, i], rep[b, j]] in place, for gram:
+    (B, N, N), rep: (B, N), sign: (B, N) of +-1 (None: all 1).
 
     Only the rows and columns of tokens with rep[i] != i are written (a representative is its own
-    representative): rows first, then columns, which also sets gram[i, i] = gram[rep[i], rep[i]].
+    representative, sign 1): rows first, then columns, which also sets gram[i, i] =
+    gram[rep[i], rep[i]] (the sign squared). Multiplying by -1 is exact.
     """
     own = torch.arange(rep.shape[1], device=rep.device)
     batch, index = (rep != own).nonzero(as_tuple=True)  # (M,) each: the copies
     source = rep[batch, index]
-    gram[batch, index] = gram[batch, source]  # (M, N) rows
-    gram[batch, :, index] = gram[batch, :, source]  # (M, N) columns
+    flip = None if sign is None else sign[batch, index][:, None]  # (M, 1)
+    rows = gram[batch, source]
+    gram[batch, index] = rows if flip is None else rows * flip  # (M, N) rows
+    cols = gram[batch, :, source]
+    gram[batch, :, index] = cols if flip is None else cols * flip  # (M, N) columns
 
 
 def gamma_limit(dim: int, dtype: torch.dtype = torch.float32) -> float:

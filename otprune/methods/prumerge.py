@@ -19,7 +19,12 @@ The method, per crop:
    code does); the N patch entries are the scores (the CLS's own entry is dropped, not renormalised).
 2. Budget (`iqr_outliers`): the patches whose score is above Q3 + 1.5 IQR (strictly), with the
    quartiles of THIS crop's N scores, linear interpolation (numpy's default percentile).
-   K = their count. With a fixed ratio r (`SUBSET_RATIO`), K = round(r N) instead.
+   K = their count. With a fixed ratio r (`SUBSET_RATIO`) instead, each image hands the LLM at
+   most round(r T) tokens in total, the summary token and PruMerge+'s samples included
+   (`crop_totals`, `fixed_budget`): PruMerge keeps K = round(r N) - 1 patches and the summary
+   (no summary when the total is 1), PruMerge+ the largest K whose picks and samples fit
+   (refused when not even K = 1 fits); at r = 1 nothing is dropped and nothing merged: the
+   unpruned tokens, no summary.
 3. Kept: the K highest scores (for the IQR budget these are exactly the outliers).
    PruMerge+ (`uniform_additions`) adds the patches of an arithmetic sequence
    0, s, 2s, ... < N - 1 with s = floor(floor(1 / (K / N)) / 3) (at least 1), those not kept yet.
@@ -33,21 +38,30 @@ Differences from the official code (`token_prune_merge_advanced[_plus]`), delibe
 - IQR per crop: the official code flattens the whole batch's scores before taking quartiles,
   so an image's K depends on the other images of its batch; ours is per crop, so a batch gives
   the same K and tokens as each image alone.
-- No outlier: the official code would keep 0 patches and hand the LLM only the summary token;
-  ours keeps the single highest-scoring patch (K >= 1), so a kept set is never empty.
+- No outlier (K = 0): the official PruMerge keeps no patch and hands the LLM only the summary
+  token; the official PruMerge+ raises ZeroDivisionError (its stride is int(1 / (K / N))). Ours
+  keeps the single highest-scoring patch (K >= 1), so a kept set is never empty.
 - Official code hooks layer 23 (CLIP-L's last); ours hooks the layer consuming
   `mm_vision_select_layer` of the model at hand (the same layer for LLaVA-1.5 / 1.6).
 - PruMerge+ with s = 0 (K > N / 3) would fail in the official code; ours uses s >= 1. Its stop
   N - 1 (575 for N = 576) is kept, so the last patch is never a uniform sample.
-- A fixed ratio gives K = round(r N) (the project's rule) where the official code truncates
-  int(N r); the official "not adaptive" PruMerge+ path (written for training) adds a sequence
-  without removing duplicates, ours keeps the adaptive path's deduplicated sequence with r.
+- A fixed ratio r hands the LLM at most round(r T) tokens per image in total (above). The official
+  non-adaptive path (`if_adaptive=False`, written for training) keeps the int(N r) top patches
+  plus the summary (int(N r) + 1 tokens); its PruMerge+ adds the sequence int(s / 2), int(s / 2)
+  + s, ... < 575 with s = int(1 / r), without removing duplicates, written into a tensor of
+  2 int(N r) columns (an error unless the sequence has exactly int(N r) entries). Ours keeps the
+  adaptive path's deduplicated sequence, with K chosen to fit the total.
 - The merge's k: 32 (the official inference code; its training variant uses 16): `PRUMERGE_KNN`.
 - Arithmetic in fp32 (the official code runs in the tower's dtype, fp16 on GPU); exact ties
   of cosine similarity may break differently.
 
-DivPrune's repository carries a copy switched by `BASELINE=PRUMERGE`, `TYPE=PLUS`,
-`NOT_ADAPTIVE=<ratio>`; its source was not available to us, so we follow the official code.
+DivPrune's repository (`vbdi/divprune`, `LLaVA/llava/model/multimodal_encoder/clip_encoder.py`)
+carries the official two functions, switched by `BASELINE=PRUMERGE` with `TYPE=PLUS` (PruMerge+;
+any other `TYPE` PruMerge; `TYPE` unset is a KeyError) and `NOT_ADAPTIVE=<r>` (the non-adaptive
+path above; unset: the adaptive one). Its adaptive PruMerge+ catches the error of a batch of
+several images (one sample sequence for the whole batch cannot be concatenated to every row) and
+then hands the LLM the unpruned patches. Here `TYPE` and `NOT_ADAPTIVE` are refused with an error
+naming `BASELINE=PRUMERGE_PLUS` / `SUBSET_RATIO=<r>` (`otprune.config`), never ignored.
 
 Order handed to the LLM: "ascending" (default) sorts the kept patches by index, summary last;
 "official" is the official order: kept patches by descending score, PruMerge+'s samples after
@@ -118,6 +132,62 @@ def budget(scores: Tensor, ratio: float | str) -> Tensor:
         return iqr_keep_count(scores)
     n = scores.shape[1]
     return torch.full((scores.shape[0],), max(1, round(float(ratio) * n)), dtype=torch.long, device=scores.device)
+
+
+def crop_totals(ratio: float, tokens: list[int], crops: list[int], patches: int) -> list[int]:
+    """A fixed ratio's token totals per crop: image i (`tokens[i]` visual tokens unpruned, split in
+    `crops[i]` CLIP crops of `patches` patches each) hands the LLM M_i = max(1, round(ratio *
+    tokens[i])) tokens in total (at most its crops' patches), summary tokens and PruMerge+'s
+    samples included; M_i is split over its crops as evenly as possible (the first M_i mod P_i
+    crops one more). ValueError when M_i < P_i (every crop keeps at least one token)."""
+    check_ratio(ratio)
+    totals = []
+    for i, (t, p) in enumerate(zip(tokens, crops, strict=True)):
+        m = min(max(1, round(float(ratio) * t)), p * patches)
+        if m < p:
+            raise ValueError(
+                f"SUBSET_RATIO={ratio}: image {i} gets round({ratio} x {t}) = {m} tokens, fewer than its {p} crops, "
+                f"and PruMerge keeps at least one token per crop; use SUBSET_RATIO >= {p / t:.4g}"
+            )
+        totals += [m // p + (c < m % p) for c in range(p)]
+    return totals
+
+
+def fixed_budget(scores: Tensor, totals: Tensor, plus: bool, summary: bool) -> tuple[Tensor, Tensor]:
+    """A fixed budget: scores: (B, N), totals: (B,) long, the tokens each crop hands the LLM
+    (1 <= totals[b] <= N) -> (K: (B,) attention picks, with_summary: (B,) bool).
+
+    Every crop's output fits its total: K attention picks (+ PruMerge+'s uniform samples not among
+    them) + the summary token. The summary is kept when the total leaves room for a patch besides
+    it, and never when the total is N (nothing is dropped: the crop is handed over unmerged).
+    PruMerge: K = total - summary. PruMerge+: the largest K whose picks plus samples fit (the
+    samples' stride shrinks as K grows); ValueError when not even K = 1 fits.
+    """
+    n = scores.shape[1]
+    if bool(((totals < 1) | (totals > n)).any()):
+        raise ValueError(f"totals: every crop's token total must be in [1, {n}], got {totals.tolist()}")
+    with_summary = (totals >= 2) & (totals < n) & bool(summary)
+    room = totals - with_summary.long()  # (B,) rows for patches
+    if not plus:
+        return room, with_summary
+    # PruMerge+: rows used by K picks = K + the samples of K's stride ranked >= K (not among the picks)
+    order = scores.float().argsort(dim=1, descending=True, stable=True)  # (B, N), as `top_scores`
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=scores.device).expand_as(order))
+    ks = torch.arange(1, n + 1, device=scores.device)  # (N,) every candidate K
+    samples = uniform_additions(torch.zeros(n, n, dtype=torch.bool, device=scores.device), ks)  # (K, N) sample masks
+    extra = (samples[None] & (rank[:, None, :] >= ks[None, :, None])).sum(-1)  # (B, K)
+    used = ks[None] + extra  # (B, K)
+    fits = used <= room[:, None]
+    k = torch.where(fits, ks[None], 0).amax(dim=1)  # (B,) the largest K that fits, 0 if none
+    if bool((k == 0).any()):
+        b = int((k == 0).nonzero()[0, 0])
+        least = int(used[b, 0]) + int(with_summary[b])
+        raise ValueError(
+            f"SUBSET_RATIO: PruMerge+ hands the LLM at least {least} tokens for a crop of {n} patches (1 attention "
+            f"pick, its uniform samples{', the summary token' if with_summary[b] else ''}), more than its budget "
+            f"of {int(totals[b])}; use a larger SUBSET_RATIO, or BASELINE=PRUMERGE"
+        )
+    return k, with_summary
 
 
 def top_scores(scores: Tensor, k: Tensor) -> Tensor:
@@ -222,33 +292,52 @@ class PruMerge(TokenMerger):
         if self.summary not in (0, 1) or isinstance(self.summary, float):
             raise ValueError(f"summary={self.summary!r}: must be 0 or 1")
 
-    def keep_mask(self, scores: Tensor, ratio: float | str) -> tuple[Tensor, Tensor, Tensor]:
-        """scores: (B, N) -> (kept (B, N) bool, attention picks (B, N) bool, budget K (B,))."""
-        k = budget(scores, ratio)
+    def keep_mask(self, scores: Tensor, ratio: float | str,
+                  totals: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """scores: (B, N) -> (kept (B, N) bool, attention picks (B, N) bool, budget K (B,), with the
+        summary token (B,) bool, kept whole (B,) bool: handed over unmerged). Adaptive ("iqr"): the
+        IQR budget, the summary as configured, always merged. A fixed ratio: `fixed_budget` of
+        `totals` (B,) (default round(ratio N) per crop); a crop whose total is N is kept whole."""
+        if ratio == ADAPTIVE:
+            k = budget(scores, ratio)
+            with_summary = torch.full_like(k, bool(self.summary), dtype=torch.bool)
+            whole = torch.zeros_like(with_summary)
+        else:
+            if totals is None:
+                totals = budget(scores, ratio)
+            totals = totals.to(scores.device)
+            k, with_summary = fixed_budget(scores, totals, self.plus, bool(self.summary))
+            whole = totals == scores.shape[1]
         first = top_scores(scores, k)
         kept = first | uniform_additions(first, k) if self.plus else first
-        return kept, first, k
+        return kept, first, k, with_summary, whole
 
     def merge(self, features: Tensor, q_cls: Tensor, keys: Tensor, ratio: float | str = ADAPTIVE,
-              order: str = "ascending") -> MergeResult:
-        """features: (B, N, D) the selected hidden state's patches; q_cls: (B, C); keys: (B, 1 + N, C)."""
+              order: str = "ascending", totals: Tensor | None = None) -> MergeResult:
+        """features: (B, N, D) the selected hidden state's patches; q_cls: (B, C); keys: (B, 1 + N, C).
+
+        `ratio`: "iqr" (adaptive) or a fixed ratio; with a fixed ratio each crop hands the LLM at
+        most `totals[b]` tokens in total (default round(ratio N); `crop_totals` for images of
+        several crops), summary and PruMerge+'s samples included; a crop whose total is N is
+        handed over as it is (no merge, no summary: the unpruned patches)."""
         if features.dim() != 3 or keys.shape[:2] != (features.shape[0], features.shape[1] + 1):
             raise ValueError(
                 f"features (B, N, D) and keys (B, 1 + N, C) must agree, got {tuple(features.shape)} and {tuple(keys.shape)}"
             )
         check_ratio(ratio)
         scores = cls_attention(q_cls, keys)  # (B, N)
-        kept, first, k = self.keep_mask(scores, ratio)
+        kept, first, k, with_summary, whole = self.keep_mask(scores, ratio, totals)
         picks, counts = ordered_sources(kept, scores, first, order)
-        merged = merge_kept(features.detach(), keys.detach()[:, 1:], scores, picks, kept, self.knn, bool(self.summary))
-        if self.summary:
-            slot = torch.arange(merged.shape[1], device=merged.device)
-            at = counts[:, None] == slot  # the summary goes right after each crop's last kept row
-            body = merged * (slot < counts[:, None])[..., None]  # kept rows; padding and the last slot zero
-            rows = torch.where(at[..., None], merged[:, -1:], body)
-            sources = torch.cat([picks, picks.new_full((picks.shape[0], 1), -1)], dim=1).masked_fill(at, SUMMARY)
-            return MergeResult(rows, sources, counts + 1, k)
-        return MergeResult(merged, picks, counts, k)
+        merge_scores = scores * ~whole[:, None]  # a crop kept whole absorbs nothing: its patches as they are
+        merged = merge_kept(features.detach(), keys.detach()[:, 1:], merge_scores, picks, kept, self.knn, True)
+        if not bool(with_summary.any()):
+            return MergeResult(merged[:, :-1], picks, counts, k)
+        slot = torch.arange(merged.shape[1], device=merged.device)
+        at = (counts[:, None] == slot) & with_summary[:, None]  # the summary goes right after each crop's last kept row
+        body = merged * (slot < counts[:, None])[..., None]  # kept rows; padding and the last slot zero
+        rows = torch.where(at[..., None], merged[:, -1:], body)
+        sources = torch.cat([picks, picks.new_full((picks.shape[0], 1), -1)], dim=1).masked_fill(at, SUMMARY)
+        return MergeResult(rows, sources, counts + with_summary.long(), k)
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from otprune.methods.base import TokenSelector, param, valid_mask
+from otprune.methods.base import TokenSelector, mask_beyond_k, param, valid_mask
 
 _MASK32 = 0xFFFFFFFF
 
@@ -65,4 +65,4 @@ class RandomSelect(TokenSelector):
         n = features.shape[1]
         scores = position_scores(self.seed, n, features.device)  # (N,)
         scores = scores.expand(features.shape[0], n).masked_fill(~valid_mask(lengths, n), -1.0)
-        return scores.topk(k_max, dim=1).indices
+        return mask_beyond_k(scores.topk(k_max, dim=1).indices, k)

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from otprune.methods.base import TokenSelector
+from otprune.methods.base import TokenSelector, mask_beyond_k
 
 
 @dataclasses.dataclass
@@ -24,4 +24,4 @@ class Uniform(TokenSelector):
     def select(self, features: Tensor, lengths: Tensor, k: Tensor, k_max: int) -> Tensor:
         t = torch.arange(k_max, device=lengths.device)
         k_safe = k.clamp_min(1)[:, None]
-        return ((2 * t + 1) * lengths[:, None]).div(2 * k_safe, rounding_mode="floor")
+        return mask_beyond_k(((2 * t + 1) * lengths[:, None]).div(2 * k_safe, rounding_mode="floor"), k)

@@ -210,15 +210,51 @@ def test_fixed_ratio_and_generate(_hf_models):
         with torch.no_grad():
             out = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert out.shape[0] == 2
-        assert adapter.last_stats[0]["image_tokens_after"] == [round(0.25 * 16) + 1]  # K = 4 plus the summary
+        assert adapter.last_stats[0]["image_tokens_after"] == [round(0.25 * 16)]  # K = 3 plus the summary
 
 
-def test_more_tokens_than_rows_and_refusals(_hf_models):
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("method", ["prumerge", "prumerge_plus"])
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.9])  # PruMerge+ at 0.25: refused (N = 16)
+def test_fixed_ratio_hands_the_llm_at_most_round_r_t(_hf_models, family, method, ratio):
+    """Every image's tokens, summary and PruMerge+'s samples included, are at most round(r * T_i)
+    (T_i: its placeholder rows, the unpruned count the records carry as tokens before)."""
+    tiny = _hf_models(family)
+    inputs = make_inputs(tiny, SAMPLES[:2])
+    with hf.pruning(tiny.model, PruneConfig(method=method, layer=0, ratio=ratio)) as adapter:
+        if method == "prumerge_plus" and ratio == 0.25:  # a crop's 1 pick + 3 samples + the summary > its 4
+            with pytest.raises(ValueError, match="PruMerge\\+ hands the LLM at least 5 tokens .* budget of 4"):
+                logits(tiny, inputs)
+            return
+        logits(tiny, inputs)
+        for stats in adapter.last_stats:
+            for before, after in zip(stats["image_tokens_before"], stats["image_tokens_after"], strict=True):
+                assert after <= round(ratio * before)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("method", ["prumerge", "prumerge_plus"])
+def test_ratio_1_is_the_unpruned_model(_hf_models, family, method):
+    tiny = _hf_models(family)
+    inputs = make_inputs(tiny, SAMPLES[:2])
+    want = logits(tiny, inputs)
+    with hf.pruning(tiny.model, PruneConfig(method=method, layer=0, ratio=1.0)) as adapter:
+        got = logits(tiny, inputs)
+        assert [s["image_tokens_after"] for s in adapter.last_stats] == [s["image_tokens_before"] for s in adapter.last_stats]
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_more_tokens_than_rows_and_refusals(_hf_models, monkeypatch):
+    import otprune.methods.prumerge as prumerge
+
     tiny = _hf_models("llava")
     inputs = make_inputs(tiny, SAMPLES[:1])
-    with hf.pruning(tiny.model, PruneConfig(method="prumerge", layer=0, ratio=1.0)) as adapter:
-        logits(tiny, inputs)  # every patch kept plus the summary: more tokens than placeholder rows
+    # an adaptive budget of every patch (forced): all 16 patches plus the summary, more tokens than rows
+    monkeypatch.setattr(prumerge, "budget", lambda scores, ratio: torch.full(scores.shape[:1], scores.shape[1]))
+    with hf.pruning(tiny.model, PruneConfig(method="prumerge", layer=0, ratio="iqr")) as adapter:
+        logits(tiny, inputs)
         assert adapter.last_stats[0]["image_tokens_after"] == [17]
+    monkeypatch.undo()
     with hf.pruning(tiny.model, PruneConfig(method="otprune", layer=0, ratio="iqr")):
         with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
             logits(tiny, inputs, vision_feature_select_strategy="full")

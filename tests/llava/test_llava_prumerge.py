@@ -146,5 +146,42 @@ def test_fixed_ratio_prumerge(tiny_v15, monkeypatch):
     ids, px, sizes = _batch(tiny_v15, [7])
     with torch.no_grad():
         model.prepare_inputs_labels_for_multimodal(ids[0][None], None, None, None, None, px, sizes)
-    assert len(model.visual_layout.kept_indices[0]) == round(0.25 * 16) + 1
-    assert np.isclose(model.pruning_stats[0]["image_tokens_after"][0], 5)
+    assert len(model.visual_layout.kept_indices[0]) == round(0.25 * 16)  # 3 patches and the summary
+    assert np.isclose(model.pruning_stats[0]["image_tokens_after"][0], 4)
+
+
+@pytest.mark.parametrize("method", ["PRUMERGE", "PRUMERGE_PLUS"])
+@pytest.mark.parametrize("ratio", ["0.25", "0.5", "0.9"])  # PruMerge+ at 0.25: refused (N = 16)
+@torch.no_grad()
+def test_fixed_ratio_hands_the_llm_at_most_round_r_t(tiny_v15, tiny_v16, monkeypatch, method, ratio):
+    """Summary and PruMerge+'s samples included, an image's tokens are at most round(r * T) (before:
+    PruMerge+ at r = 0.25 kept every patch plus the summary); LLaVA-1.6: T = crops x N, the records' count."""
+    monkeypatch.setenv("BASELINE", method)
+    monkeypatch.setenv("SUBSET_RATIO", ratio)
+    for tiny, sizes in ((tiny_v15, ((40, 30),)), (tiny_v16, ((60, 30),))):
+        ids, px, image_sizes = _batch(tiny, [3], sizes=sizes)
+        if method == "PRUMERGE_PLUS" and ratio == "0.25":  # 1 pick + 3 samples + the summary > round(0.25 x 16)
+            with pytest.raises(ValueError, match="PruMerge\\+ hands the LLM at least 5 tokens .* budget of 4"):
+                tiny.model.prepare_inputs_labels_for_multimodal(ids[0][None], None, None, None, None, px, image_sizes)
+            continue
+        tiny.model.prepare_inputs_labels_for_multimodal(ids[0][None], None, None, None, None, px, image_sizes)
+        stats = tiny.model.pruning_stats[0]
+        (before,), (after,) = stats["image_tokens_before"], stats["image_tokens_after"]
+        assert after <= round(float(ratio) * before) and after == len(tiny.model.visual_layout.kept_indices[0])
+
+
+@pytest.mark.parametrize("method", ["PRUMERGE", "PRUMERGE_PLUS"])
+@torch.no_grad()
+def test_ratio_1_is_the_unpruned_model(tiny_v15, tiny_v16, monkeypatch, method):
+    """SUBSET_RATIO=1: the LLM's input is exactly the unpruned model's (before: T + 1 tokens, an all-zero summary)."""
+    for tiny, sizes in ((tiny_v15, ((40, 30),)), (tiny_v16, ((60, 30),))):
+        ids, px, image_sizes = _batch(tiny, [4], sizes=sizes)
+        monkeypatch.delenv("BASELINE", raising=False)
+        monkeypatch.delenv("SUBSET_RATIO", raising=False)
+        want = tiny.model.prepare_inputs_labels_for_multimodal(ids[0][None], None, None, None, None, px, image_sizes)[4]
+        monkeypatch.setenv("BASELINE", method)
+        monkeypatch.setenv("SUBSET_RATIO", "1")
+        got = tiny.model.prepare_inputs_labels_for_multimodal(ids[0][None], None, None, None, None, px, image_sizes)[4]
+        assert torch.equal(got, want)
+        stats = tiny.model.pruning_stats[0]
+        assert stats["image_tokens_after"] == stats["image_tokens_before"] and stats["method"] == method.lower()

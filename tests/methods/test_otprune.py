@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from oracles import greedy_by_logdet, logdet, otprune_kernel
+from oracles import greedy_by_explicit_det, greedy_by_logdet, logdet, otprune_kernel
 
 import otprune
 from otprune.methods._greedy import greedy_logdet
@@ -87,7 +87,7 @@ def test_duplicate_representatives_are_the_lowest_exact_copy():
     x[60] = x[50][[2, 1, 0, *range(3, 16)]]  # same fingerprint as token 50 (a swap within one half)
     assert torch.equal(row_keys(x[None])[0, 60], row_keys(x[None])[0, 50])
     rep = duplicate_representatives(x[None])[0].tolist()
-    expected = [next(j for j in range(i + 1) if torch.equal(x[j], x[i])) for i in range(300)]
+    expected = [next(j for j in range(i + 1) if torch.equal(x[j], x[i]) or torch.equal(x[j], -x[i])) for i in range(300)]
     assert rep == expected
     assert rep[299] == 5 and rep[8] == 7 and rep[41] == 41 and rep[103] == 100 and rep[60] == 60
     # No copies at all: every token is its own representative (the comparison is skipped).
@@ -151,11 +151,12 @@ def test_padding_is_nobodys_copy_and_copies_in_a_ragged_batch_tie_low():
     x[0, 30:] = 0.0  # padding of sample 0 (length 30)
     x[1, 20] = x[1, 3]
     valid = torch.arange(40)[None] < torch.tensor([30, 40])[:, None]
-    rep, copies = representatives(x, valid)
+    rep, sign, copies = representatives(x, valid)
+    assert bool((sign == 1).all())
     assert copies is True
     assert rep[0].tolist() == list(range(40))  # padding rows keep their own index
     assert rep[1, 20] == 3 and rep[1].tolist().count(3) == 2
-    rep0, copies0 = representatives(x[:1], valid[:1])
+    rep0, _, copies0 = representatives(x[:1], valid[:1])
     assert copies0 is False and rep0[0].tolist() == list(range(40))  # padding alone is not a copy
 
 
@@ -223,3 +224,86 @@ def test_rows_from_s_pick_as_the_formed_kernel(monkeypatch, dtype, copies):
             assert src in picks[path] and (dst not in picks[path] or picks[path].index(src) < picks[path].index(dst))
     if dtype == torch.float64:
         assert picks["rows"] == picks["formed"]
+
+
+def _with_negations(n: int, d: int, pairs: dict[int, int], seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    for src, dst in pairs.items():
+        x[dst] = -x[src]
+    return x
+
+
+def test_negations_are_copies_up_to_sign():
+    x = _with_negations(300, 16, {5: 150, 7: 8, 40: 20})  # 150 = -5, 8 = -7, 20 = -40 (the negation first)
+    x[299] = x[5]  # a plain copy of 5
+    x[60] = x[50].clone()
+    x[60, 3] = -x[60, 3]  # one sign flipped: neither copy nor negation
+    x[100:103] = 0.0
+    x[101] = -x[101]  # -0.0: a zero row is a copy, sign 1
+    keys = row_keys(x[None])[0]
+    assert keys[150] == keys[5] == keys[299] and keys[8] == keys[7]
+    from otprune.methods.otprune import representatives
+
+    rep, sign, copies = representatives(x[None])
+    rep, sign = rep[0].tolist(), sign[0].tolist()
+    assert copies is True
+    assert (rep[150], sign[150]) == (5, -1.0) and (rep[299], sign[299]) == (5, 1.0)
+    assert (rep[8], sign[8]) == (7, -1.0) and (rep[40], sign[40]) == (20, -1.0) and rep[60] == 60
+    assert (rep[101], sign[101], rep[102]) == (100, 1.0, 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negated_tokens_get_exactly_negated_kernel_values(dtype):
+    pairs = {3: 500, 10: 590, 200: 201}
+    x = _with_negations(600, 48, pairs, dtype=dtype)
+    kernel = OTPrune().kernel(x[None])[0]
+    assert torch.equal(kernel, kernel.T)
+    for src, dst in pairs.items():
+        assert kernel[src, src] == kernel[dst, dst]
+        others = torch.ones(600, dtype=torch.bool)
+        others[[src, dst]] = False
+        assert torch.equal(kernel[src, others], -kernel[dst, others])
+    np.testing.assert_allclose(kernel.double().numpy(), otprune_kernel(x.double().numpy()),
+                               rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=1e-9)
+
+
+def test_read_through_with_signs():
+    gram = torch.randn(1, 6, 6, dtype=torch.float64)
+    gram = gram + gram.transpose(1, 2)
+    rep = torch.tensor([[0, 0, 2, 2, 4, 0]])
+    sign = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0, 1.0]], dtype=torch.float64)
+    s, r = sign[0], rep[0]
+    expected = (s[:, None] * s[None, :] * gram[0][r][:, r])[None]
+    read_through(gram, rep, sign)
+    assert torch.equal(gram, expected)
+
+
+def test_negations_and_copies_tie_to_the_lowest_index_as_the_official_picks():
+    """fp64 picks (both greedy paths) against an explicit-determinant greedy that breaks exact ties
+    (within 1e-9 relative) by the lowest index, over 300 random inputs: N 5..150, D 2..64, 1-6
+    negated tokens placed anywhere (half of them the largest, so they tie at the first steps), a
+    few plain copies, magnitudes 1e-200..1e200 (before: 4 of them went to the higher index)."""
+    import random
+
+    import otprune.methods.otprune as module
+
+    rng = random.Random(0)
+    default = module.ROWS_FROM_S
+    for seed in range(300):
+        n, d = rng.randint(5, 150), rng.randint(2, 64)
+        scale = rng.choice([1.0, 1e-200, 1e200, 1e-30, 1e30])
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        for _ in range(rng.randint(1, 6)):
+            src, dst = rng.randrange(n), rng.randrange(n)
+            if src != dst:
+                if rng.random() < 0.5:
+                    x[src] *= 3.0
+                x[dst] = -x[src] if rng.random() < 0.8 else x[src]
+        k = min(n, rng.randint(1, 8))
+        expected = greedy_by_explicit_det(otprune_kernel(x.numpy()), k)
+        for limit in (default, 0):  # rows from S, and the formed kernel
+            module.ROWS_FROM_S = limit
+            try:
+                assert otprune.select_tokens(x * scale, k, order="greedy").tolist() == expected, (seed, limit)
+            finally:
+                module.ROWS_FROM_S = default

@@ -120,7 +120,7 @@ def test_fixed_ratio_keeps_round_r_n():
     torch.manual_seed(0)
     f, q, k = torch.randn(2, 50, 4), torch.randn(2, 6), torch.randn(2, 51, 6)
     res = get_merger("prumerge").merge(f, q, k, ratio=0.1)
-    assert res.budget.tolist() == [5, 5] and res.counts.tolist() == [6, 6]
+    assert res.budget.tolist() == [4, 4] and res.counts.tolist() == [5, 5]  # round(0.1 x 50) = 5 tokens, the summary one of them
     with pytest.raises(ValueError, match="ratio=1.5"):
         get_merger("prumerge").merge(f, q, k, ratio=1.5)
 
@@ -185,3 +185,60 @@ def test_consuming_layer():
     assert consuming_layer(3, 24) == 3
     with pytest.raises(ValueError, match="mm_vision_select_layer=-1"):
         consuming_layer(-1, 24)
+
+
+def _oracle_plus_rows(scores: np.ndarray, k: int) -> int:
+    """Rows PruMerge+ uses for K attention picks: the picks and the uniform samples not among them (official rule)."""
+    n = len(scores)
+    first = sorted(range(n), key=lambda i: (-scores[i], i))[:k]
+    stride = max(1, int(int(1 / (k / n)) / 3))
+    return k + len([p for p in range(0, n - 1, stride) if p not in first])
+
+
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("ratio", [0.02, 0.05, 0.098, 0.2, 0.25, 0.5, 0.9, 0.999])
+def test_fixed_ratio_hands_the_llm_at_most_round_r_n_tokens(plus, ratio):
+    """N = 576: summary and PruMerge+'s samples count in the total; PruMerge+ takes the largest K that fits
+    (before: PruMerge+ at r = 0.098 gave ~4rN tokens, at r >= 0.2 every patch plus the summary)."""
+    g = torch.Generator().manual_seed(int(ratio * 1000))
+    f, q, k = torch.randn(2, 576, 8, generator=g), torch.randn(2, 16, generator=g), 2 * torch.randn(2, 577, 16, generator=g)
+    res = get_merger("prumerge_plus" if plus else "prumerge").merge(f, q, k, ratio=ratio)
+    total = round(ratio * 576)
+    scores = cls_attention(q, k).double().numpy()
+    for b in range(2):
+        m = int(res.counts[b])
+        assert m <= total and int((res.sources[b] == SUMMARY).sum()) == 1
+        src = res.sources[b, :m].tolist()
+        assert len(set(src)) == m
+        kk = int(res.budget[b])
+        if plus:
+            assert _oracle_plus_rows(scores[b], kk) == m - 1
+            assert kk == 576 or _oracle_plus_rows(scores[b], kk + 1) > total - 1  # the largest K that fits
+        else:
+            assert m == total and kk == total - 1
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge_plus"])
+def test_ratio_1_hands_over_the_unmerged_patches(name):
+    f, q, k = torch.randn(2, 50, 4), torch.randn(2, 6), torch.randn(2, 51, 6)
+    res = get_merger(name).merge(f, q, k, ratio=1.0)
+    assert res.counts.tolist() == [50, 50] and res.sources.tolist() == [list(range(50))] * 2  # no summary
+    assert torch.equal(res.features, f)
+
+
+def test_prumerge_plus_budget_too_small_is_refused():
+    f, q, k = torch.randn(1, 576, 4), torch.randn(1, 6), torch.randn(1, 577, 6)
+    with pytest.raises(ValueError, match="PruMerge\\+ hands the LLM at least .* more than its budget of 3"):
+        get_merger("prumerge_plus").merge(f, q, k, ratio=0.005)
+    assert int(get_merger("prumerge").merge(f, q, k, ratio=0.005).counts[0]) == 3
+
+
+def test_crop_totals_split_an_image_budget_over_its_crops():
+    from otprune.methods.prumerge import crop_totals
+
+    assert crop_totals(0.098, [576], [1], 576) == [56]
+    assert crop_totals(0.1, [2880, 576], [5, 1], 576) == [58, 58, 58, 57, 57, 58]  # round(288) over 5 crops, then 58
+    assert sum(crop_totals(0.0985, [2340], [5], 576)) == round(0.0985 * 2340)
+    assert crop_totals(0.9, [100], [5], 16) == [16] * 5  # (newline rows) more tokens than the crops' patches
+    with pytest.raises(ValueError, match="fewer than its 5 crops"):
+        crop_totals(0.001, [2880], [5], 576)

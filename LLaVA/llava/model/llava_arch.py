@@ -366,20 +366,23 @@ class LlavaMetaForCausalLM(ABC):
         Returns (tokens per image (M_i, D), per image its rows' sources (M_i,): crop c's patch p is
         c * N + p, the summary token `SUMMARY`; tokens before per image (crops x N), the clock).
         """
-        from otprune.methods.prumerge import SUMMARY
+        from otprune.methods.prumerge import SUMMARY, crop_totals
 
         crops, counts = self._crops(images)
         feats, q_cls, keys = self.get_vision_tower().forward_with_cls(crops)  # (P, N, C), (P, C), (P, 1 + N, C)
         n = feats.shape[1]
         clock = Clock(feats.device)
-        res = config.merger().merge(feats, q_cls, keys, ratio=config.ratio, order=config.order)
+        counts = counts or [1] * feats.shape[0]
+        totals = None
+        if not config.adaptive:  # a fixed ratio: each image hands the LLM at most round(r * crops * N) tokens
+            totals = torch.tensor(crop_totals(float(config.ratio), [p * n for p in counts], counts, n), device=feats.device)
+        res = config.merger().merge(feats, q_cls, keys, ratio=config.ratio, order=config.order, totals=totals)
         clock.stop()
         tokens = self._project(res.features)  # (P, M_max, D)
         sizes = res.counts.tolist()
         src = res.sources + torch.arange(len(sizes), device=res.sources.device)[:, None] * n
         src = torch.where(res.sources == SUMMARY, res.sources, src)
         per_crop = [(tokens[c, :m], src[c, :m]) for c, m in enumerate(sizes)]
-        counts = counts or [1] * len(sizes)
         starts = [sum(counts[:i]) for i in range(len(counts))]
         features = [torch.cat([per_crop[c][0] for c in range(s, s + p)]) for s, p in zip(starts, counts, strict=True)]
         sources = [torch.cat([per_crop[c][1] for c in range(s, s + p)]) for s, p in zip(starts, counts, strict=True)]
@@ -496,7 +499,7 @@ class LlavaMetaForCausalLM(ABC):
         images, image_sizes = _take_images(images, image_sizes, used)
         n_images = len(used)
         select_clock, kept_indices, budgets = None, None, None
-        if n_images and config.enabled and config.merging:
+        if n_images and config.enabled and config.merging and not config.merge_keeps_all:  # ratio 1: unpruned input
             features, kept_indices, before, select_clock = self.merged_image_features(images, config)
         else:
             if n_images and config.enabled and config.adaptive:
