@@ -87,25 +87,21 @@ def register() -> None:
 
 
 def _guard(registry) -> None:
-    """Check every architecture vLLM resolves (`check_architecture`): the front end resolves the
-    model's architecture when it builds the engine's config (`ModelConfig`, before any engine
-    process or weight), the workers again when they load the model. So a bad switch, or switches
-    on a model the plugin does not prune, stop the engine at start. Idempotent."""
+    """Check the model's architecture when vLLM inspects it (`check_architecture`): the front end
+    does so when it builds the engine's config (`ModelConfig`), before any engine process starts
+    or any weight loads. So a bad switch, or switches on a model the plugin does not prune, stop
+    the engine at start. (Not `resolve_model_cls`: the workers also resolve the inner language
+    model, e.g. `LlamaForCausalLM` inside LLaVA, through it.) Idempotent."""
     if getattr(registry, "otprune_guarded", False):
         return
-    inspect, resolve = registry.inspect_model_cls, registry.resolve_model_cls
+    inspect = registry.inspect_model_cls
 
     def inspect_model_cls(architectures, model_config):
         info, arch = inspect(architectures, model_config)
         check_architecture(arch)
         return info, arch
 
-    def resolve_model_cls(architectures, model_config):
-        cls, arch = resolve(architectures, model_config)
-        check_architecture(arch)
-        return cls, arch
-
-    registry.inspect_model_cls, registry.resolve_model_cls = inspect_model_cls, resolve_model_cls
+    registry.inspect_model_cls = inspect_model_cls
     registry.otprune_guarded = True
 
 
