@@ -438,6 +438,30 @@ def compile_selection(environ: Mapping[str, str] | None = None) -> bool:
                      f"accepted: {', '.join(SWITCH_ON + RECORDS_OFF)}")
 
 
+def check_fixed_selection(config: PruneConfig, who: str, instead: str) -> PruneConfig:
+    """`config`, when it prunes nothing or keeps a fixed fraction of each image's embeddings before the
+    LLM with a selection method (`otprune.METHODS`); ValueError naming the switch, its value and what
+    `who` accepts otherwise: pruning inside the LLM (`check_before_llm`), the merge methods
+    (PRUMERGE, PRUMERGE_PLUS: they merge inside the vision tower) and the adaptive budget
+    (`SUBSET_RATIO=iqr`: it needs the tower's CLS attention). `instead`: what runs those."""
+    check_before_llm(config, who, instead)
+    if not config.enabled:
+        return config
+    allowed = f"selection methods: {registry.describe('selection')}, at SUBSET_RATIO in (0, 1]"
+    if config.merging:
+        raise ValueError(
+            f"{who}: BASELINE={config.method.upper()}: {config.method_class().label()} merges tokens inside the vision "
+            f"tower, which {who} does not support (yet); it runs {allowed}; for {config.method.upper()} use {instead}"
+        )
+    if config.adaptive:
+        raise ValueError(
+            f"{who}: SUBSET_RATIO={ADAPTIVE!r} (PruMerge's adaptive per-image budget, from the vision tower's CLS "
+            f"attention) is not supported by {who} (yet); give a fixed ratio, e.g. SUBSET_RATIO=0.098 ({allowed}), "
+            f"or use {instead}"
+        )
+    return config
+
+
 def check_before_llm(config: PruneConfig, who: str, instead: str) -> PruneConfig:
     """`config`, when it prunes before the LLM or not at all; ValueError naming the switches and the
     allowed values when it prunes inside the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE), which

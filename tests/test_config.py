@@ -176,3 +176,23 @@ def test_divprune_switches_where_that_code_does_not_read_them():
     assert PruneConfig.from_env({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "TYPE": "PLUS"}).method == "otprune"
     with pytest.raises(ValueError, match="NOT_ADAPTIVE"):
         PruneConfig.from_env({"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "iqr", "NOT_ADAPTIVE": "0.1"})
+
+
+def test_check_fixed_selection_keeps_fixed_ratio_selection_and_refuses_the_rest():
+    from otprune.config import check_fixed_selection
+
+    who, instead = "the server", "otprune.hf"
+    for environ in ({}, {"SUBSET_RATIO": "0.25"}, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "0"}):
+        config = PruneConfig.from_env(environ)
+        assert check_fixed_selection(config, who, instead) is config
+    refused = [
+        ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.5"}, r"the server: BASELINE=FASTV LAYER_INDEX=2: .*before the LLM only"),
+        ({"SUBSET_RATIO": "0.5", "LAYER_INDEX": "3"}, r"LAYER_INDEX=3"),
+        ({"BASELINE": "PRUMERGE"}, r"the server: BASELINE=PRUMERGE: PruMerge merges tokens inside the vision tower.*use otprune\.hf"),
+        ({"BASELINE": "PRUMERGE_PLUS", "SUBSET_RATIO": "0.25"}, r"BASELINE=PRUMERGE_PLUS: PruMerge\+ merges"),
+        ({"SUBSET_RATIO": "iqr"}, r"the server: SUBSET_RATIO='iqr' .*give a fixed ratio"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "IQR"}, r"SUBSET_RATIO='iqr'"),
+    ]
+    for environ, message in refused:
+        with pytest.raises(ValueError, match=message):
+            check_fixed_selection(PruneConfig.from_env(environ), who, instead)

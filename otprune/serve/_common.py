@@ -5,6 +5,7 @@ Imports vLLM: loaded only by vLLM through `otprune.serve.register()` (or by test
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -13,7 +14,10 @@ from torch import Tensor
 import otprune
 from otprune import stats as sample_stats
 from otprune.config import PruneConfig, announce
-from otprune.serve import FIELD, REQUEST_KEY, engine_config, request_config, request_ratio
+from otprune.serve import FIELD, REQUEST_KEY, engine_config, pruning_identity, request_config, request_ratio
+
+# The hash-only key `_get_mm_hashes` adds (never handed to the HF processor).
+HASH_KEY = "otprune_pruning"
 
 
 def _without_key(kwargs: Mapping[str, object]) -> dict[str, object]:
@@ -56,6 +60,15 @@ class PruneProcessorMixin:
         keep = otprune.keep_counts(ratio, totals) if totals.numel() else totals
         processed[FIELD] = torch.stack([totals, keep], dim=1)  # (images, 2): T, K
         return processed
+
+    def _get_mm_hashes(self, inputs):
+        """vLLM's item hashes (keys of the processor cache, the encoder cache and the prefix-cache
+        blocks) over the request's kwargs plus `HASH_KEY`: this request's `pruning_identity`, which
+        holds the engine's defaults too (vLLM hashes only the request's kwargs)."""
+        engine = self.info.otprune_engine_config()
+        identity = pruning_identity(engine, inputs.hf_processor_mm_kwargs.get(REQUEST_KEY))
+        kwargs = {**inputs.hf_processor_mm_kwargs, HASH_KEY: identity}
+        return super()._get_mm_hashes(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs))
 
     def apply(self, inputs, *args, **kwargs):
         """vLLM's processing, then (when a stats listener is installed, e.g. lmms-eval's `--model vllm`

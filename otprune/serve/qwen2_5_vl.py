@@ -24,15 +24,9 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from otprune.serve import REQUEST_KEY, engine_config, parse_ratio
+from otprune.serve import QWEN2_5_VL_REFUSAL, REQUEST_KEY, engine_config, parse_ratio
 
-REFUSAL = (
-    "otprune vLLM plugin: Qwen2.5-VL cannot be pruned in this vLLM version: its M-RoPE positions are fixed at "
-    "admission and vLLM re-positions pruned multimodal tokens only on its video-pruning path "
-    "(--video-pruning-rate > 0); kept tokens would lose their unpruned positions. Unset BASELINE/SUBSET_RATIO/"
-    f"LAYER_INDEX (and {REQUEST_KEY}) to serve Qwen2.5-VL unpruned, or prune it with otprune.hf "
-    "(transformers) instead"
-)
+REFUSAL = f"otprune vLLM plugin: {QWEN2_5_VL_REFUSAL}"
 
 
 def _check_request(kwargs: Mapping[str, object]) -> dict[str, object]:

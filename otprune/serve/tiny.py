@@ -136,4 +136,45 @@ def write_tiny_llava_next(
     return _save(LlavaNextForConditionalGeneration, config, processor, path, seed)
 
 
-WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next}
+def _regroup_heads(folder: Path, heads: int, kv_heads: int, mrope_section: list[int] | None = None) -> None:
+    """Fewer, wider LLM attention heads in config.json (the projections keep their shapes: hidden x
+    hidden for queries, hidden x kv_heads * head_dim for keys and values), so vLLM's CPU attention
+    (head size >= 32) takes the same weights; Qwen's M-RoPE sections re-split over the wider head."""
+    file = folder / "config.json"
+    config = json.loads(file.read_text())
+    text = config["text_config"]
+    old_head = text["hidden_size"] // text["num_attention_heads"]
+    if text["num_key_value_heads"] * old_head != kv_heads * (text["hidden_size"] // heads):
+        raise ValueError(f"{heads} heads / {kv_heads} kv heads change the key/value projection shapes")
+    text["num_attention_heads"], text["num_key_value_heads"] = heads, kv_heads
+    text.pop("head_dim", None)
+    if mrope_section is not None:
+        if 2 * sum(mrope_section) != text["hidden_size"] // heads:
+            raise ValueError(f"mrope_section={mrope_section}: must sum to half the head size")
+        for key in ("rope_parameters", "rope_scaling"):
+            if isinstance(text.get(key), dict) and "mrope_section" in text[key]:
+                text[key]["mrope_section"] = list(mrope_section)
+    file.write_text(json.dumps(config, indent=2))
+
+
+def write_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
+    """`otprune.hf.qwen2_5_vl_tiny`'s checkpoint with its LLM regrouped to 2 heads of 32 (1 kv head) for vLLM."""
+    from otprune.hf.qwen2_5_vl_tiny import write_tiny_qwen2_5_vl as write_hf
+
+    folder = write_hf(path, seed=seed)
+    _regroup_heads(folder, heads=2, kv_heads=1, mrope_section=[4, 6, 6])
+    return folder
+
+
+def write_tiny_onevision(path: str | Path, seed: int = 0) -> Path:
+    """`otprune.hf.tiny`'s LLaVA-OneVision checkpoint with its LLM regrouped to 2 heads of 32 (1 kv head) for vLLM."""
+    from otprune.hf.tiny import write_tiny_onevision as write_hf
+
+    folder = write_hf(path, seed=seed)
+    _regroup_heads(folder, heads=2, kv_heads=1)
+    _rewrite_vision_keys(folder)
+    return folder
+
+
+WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next, "qwen2_5_vl": write_tiny_qwen2_5_vl,
+           "onevision": write_tiny_onevision}  # fmt: skip

@@ -75,6 +75,8 @@ def test_manifest_takes_over_vllm():
 @pytest.mark.parametrize(("switches", "message"), [
     ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.5"}, r"--model vllm \(the otprune vLLM plugin\): BASELINE=FASTV LAYER_INDEX=2: .*before the LLM only"),
     ({"BASELINE": "OURS", "LAYER_INDEX": "3", "SUBSET_RATIO": "0.5"}, r"BASELINE=OTPRUNE LAYER_INDEX=3"),
+    ({"BASELINE": "PRUMERGE_PLUS", "SUBSET_RATIO": "0.25"}, r"BASELINE=PRUMERGE_PLUS: PruMerge\+ merges tokens inside the vision tower"),
+    ({"SUBSET_RATIO": "iqr"}, r"SUBSET_RATIO='iqr' \(PruMerge's adaptive per-image budget"),
 ])
 def test_in_llm_pruning_is_refused_before_the_engine_starts(fake, env, switches, message):
     for key, value in switches.items():

@@ -66,12 +66,14 @@ def engine(model: str, *, arch: str | None = None, env: dict | None = None, **kw
     if arch is not None:
         options["hf_overrides"] = {"architectures": [arch]}
     options.update(kwargs)
-    llm = LLM(model=model, **options)
-    try:
+    llm = None
+    try:  # the environment is restored also when the engine refuses to start
+        llm = LLM(model=model, **options)
         yield llm
     finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
         for name, value in saved.items():

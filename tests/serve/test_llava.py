@@ -28,6 +28,7 @@ RATIO = 0.25
 T = 64  # tokens per image of the tiny checkpoint (112 px, 14 px patches, CLS dropped)
 ARCH_BUILTIN = "VllmLlavaForConditionalGeneration"
 
+BAD_RATIOS = (0.0, 1.5, "half", 10**400, "1e400", "abc", -0.5, 2, float("nan"), "")
 CASES = {  # name -> (prompt, image seeds, per-request ratio)
     "one": (PROMPT, [0], None),
     "one@1.0": (PROMPT, [0], 1.0),
@@ -86,13 +87,14 @@ def runs(tiny_llava):
             llm.apply_model(lambda model: model.otprune_record.clear())
         results["plugin"], results["records"] = plugin, records
         errors = []
-        for bad in (0.0, 1.5, "half"):  # refused at processing; the engine keeps serving
+        for bad in BAD_RATIOS:  # refused at processing, in the front end; the engine keeps serving
             try:
                 generate(llm, [request(PROMPT, [image(0)], bad)])
             except Exception as err:  # noqa: BLE001 - vLLM may wrap the ValueError
                 errors.append(str(err))
         results["bad_ratio_errors"] = errors
         results["after_bad"] = generate(llm, _requests(["one@0.25"]))[0]
+        results["text_after_bad"] = generate(llm, [{"prompt": "USER: Hello ASSISTANT:"}])[0]
     chunked_names = ["one", "one@1.0", "one@0.5", "two", "other@0.25"]
     with engine(
         tiny_llava, env={"SUBSET_RATIO": str(RATIO)}, enable_prefix_caching=True, enable_chunked_prefill=True,
@@ -193,5 +195,6 @@ def test_prefix_caching_chunked_prefill_and_mixed_ratios_give_the_same_outputs(r
 
 def test_invalid_request_ratio_is_refused_and_the_engine_keeps_serving(runs):
     errors = runs["bad_ratio_errors"]
-    assert len(errors) == 3 and all("otprune_ratio" in e for e in errors), errors
-    assert runs["after_bad"][:3] == runs["plugin"]["one@0.25"][:3]
+    assert len(errors) == len(BAD_RATIOS) and all("otprune_ratio" in e for e in errors), errors
+    assert runs["after_bad"][:3] == runs["plugin"]["one@0.25"][:3]  # image requests still served, same outputs
+    assert len(runs["text_after_bad"][1]) == MAX_TOKENS  # and text ones

@@ -39,9 +39,41 @@ def test_request_ratio():
     off, on = serve.engine_config({}), serve.engine_config({"SUBSET_RATIO": "0.25"})
     assert serve.request_ratio(off) == 1.0 and serve.request_ratio(on) == 0.25
     assert serve.request_ratio(on, 0.5) == 0.5 and serve.request_ratio(off, "0.5") == 0.5
-    for bad in (0, 1.5, -0.1, "x", float("nan"), True):
+    for bad in (0, 1.5, -0.1, "x", float("nan"), True, 10**400, "1e400", -(10**400), "", [0.5]):
         with pytest.raises(ValueError, match="otprune_ratio"):
             serve.request_ratio(on, bad)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BASELINE": "PRUMERGE_PLUS", "SUBSET_RATIO": "0.25"}, "PruMerge\\+ merges tokens inside the vision tower"),
+    ({"BASELINE": "PRUMERGE"}, "PruMerge merges tokens inside the vision tower"),
+    ({"SUBSET_RATIO": "iqr"}, "SUBSET_RATIO='iqr'"),
+])  # fmt: skip
+def test_merge_methods_and_adaptive_budgets_are_refused(env, message):
+    with pytest.raises(ValueError, match=message):
+        serve.engine_config(env)
+
+
+def test_check_architecture():
+    pruning = {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}
+    for arch in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                 "OTPruneLlavaForConditionalGeneration"):  # fmt: skip
+        assert serve.check_architecture(arch, pruning).enabled
+    for arch in ("Qwen2VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration", "Gemma3ForConditionalGeneration",
+                 "VllmLlavaForConditionalGeneration", "LlamaForCausalLM", "TransformersMultiModalForCausalLM"):  # fmt: skip
+        assert not serve.check_architecture(arch, {}).enabled  # no switch: served unpruned
+        with pytest.raises(ValueError, match=f"architecture {arch} is not one the plugin prunes: LlavaForConditionalGeneration"):
+            serve.check_architecture(arch, pruning)
+    with pytest.raises(ValueError, match="M-RoPE"):
+        serve.check_architecture("Qwen2_5_VLForConditionalGeneration", {"SUBSET_RATIO": "0.5"})
+
+
+def test_pruning_identity():
+    off, on = serve.engine_config({}), serve.engine_config({"SUBSET_RATIO": "0.25"})
+    assert serve.pruning_identity(off) == serve.pruning_identity(on, 1.0) == "unpruned"
+    assert serve.pruning_identity(on) == serve.pruning_identity(off, 0.25) == "otprune r=0.25 order=ascending gamma=0.01"
+    divprune = serve.engine_config({"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.25"})
+    assert serve.pruning_identity(divprune) != serve.pruning_identity(on)
 
 
 class _Model:

@@ -1,0 +1,168 @@
+"""What the plugin checks when an engine starts (issue 22, points 6 and 7), on tiny checkpoints.
+
+- Every bad switch setting stops the engine at start, in the front end (vLLM resolves the
+  architecture while it builds the engine's config), with a message naming the switch: merge
+  methods, `SUBSET_RATIO=iqr`, pruning inside the LLM, malformed values.
+- With a pruning switch set, an architecture the plugin does not prune (Qwen2.5-VL,
+  LLaVA-OneVision, vLLM's own LLaVA class) refuses to start, naming the ones it prunes.
+- Without switches the serve venv starts Qwen2.5-VL and LLaVA-OneVision (their video processors
+  are stand-ins: scripts/serve_venv_fixup.py) and serves images unpruned; a video request fails
+  alone, the engine keeps serving.
+- The engine's defaults (not only the request's key) enter vLLM's multimodal hash.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
+
+from conftest import engine, image  # noqa: E402
+
+PRUNING = {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}
+PRUNED_NAMES = r"LlavaForConditionalGeneration \(LLaVA-1\.5\), LlavaNextForConditionalGeneration \(LLaVA-NeXT\)"
+
+BAD_SETTINGS = [  # (environment, what the error says)
+    ({"BASELINE": "PRUMERGE_PLUS", "SUBSET_RATIO": "0.25"}, r"BASELINE=PRUMERGE_PLUS: PruMerge\+ merges tokens inside the vision tower"),
+    ({"BASELINE": "PRUMERGE"}, r"BASELINE=PRUMERGE: PruMerge merges tokens inside the vision tower"),
+    ({"SUBSET_RATIO": "iqr"}, r"SUBSET_RATIO='iqr' \(PruMerge's adaptive per-image budget"),
+    ({"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "IQR"}, r"SUBSET_RATIO='iqr'"),
+    ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.5"}, r"BASELINE=FASTV LAYER_INDEX=2: .*before the LLM only"),
+    ({"LAYER_INDEX": "2", "SUBSET_RATIO": "0.5"}, r"LAYER_INDEX=2: .*before the LLM only"),
+    ({"SUBSET_RATIO": "abc"}, r"SUBSET_RATIO='abc': not a number"),
+    ({"SUBSET_RATIO": "1e400"}, r"SUBSET_RATIO='1e400'"),
+    ({"BASELINE": "NOPE"}, r"BASELINE='NOPE': unknown method"),
+    ({"SUBSET_RATIO": "0.25", "OTPRUNE_GAMMA": "x"}, r"OTPRUNE_GAMMA"),
+]
+
+
+@pytest.mark.parametrize("env, message", BAD_SETTINGS, ids=[" ".join(f"{k}={v}" for k, v in e.items()) for e, _ in BAD_SETTINGS])
+def test_bad_settings_refuse_to_start(tiny_llava, env, message):
+    with pytest.raises(Exception, match=message), engine(tiny_llava, env=env):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_qwen2_5_vl
+
+    return str(write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("vllm-qwen") / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def tiny_onevision(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_onevision
+
+    return str(write_tiny_onevision(tmp_path_factory.mktemp("vllm-onevision") / "ckpt"))
+
+
+def test_switches_on_an_architecture_the_plugin_does_not_prune_refuse_to_start(tiny_llava, tiny_qwen, tiny_onevision):
+    cases = [(tiny_qwen, None, "Qwen2_5_VLForConditionalGeneration"),
+             (tiny_onevision, None, "LlavaOnevisionForConditionalGeneration"),
+             (tiny_llava, "VllmLlavaForConditionalGeneration", "VllmLlavaForConditionalGeneration")]  # fmt: skip
+    for model, arch, name in cases:
+        for env in (PRUNING, {"SUBSET_RATIO": "0.5"}, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.1"}):
+            with pytest.raises(Exception, match=rf"architecture {name} is not one the plugin prunes: {PRUNED_NAMES}"):
+                with engine(model, arch=arch, env=env):
+                    pass
+    with pytest.raises(Exception, match="Qwen2.5-VL cannot be pruned by the plugin in this vLLM version"):
+        with engine(tiny_qwen, env=PRUNING):
+            pass
+
+
+QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
+QWEN_VIDEO = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
+ONEVISION_PROMPT = "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+ONEVISION_VIDEO = "<|im_start|>user\n<video>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _torchless(error: BaseException) -> bool:
+    """True when the stand-in video processor's message is in `error`'s chain (vLLM wraps it)."""
+    while error is not None:
+        if "this venv has no torchvision" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _serves_images_unpruned_and_refuses_videos(model, prompt, video_prompt, image_token, video_limit=1):
+    import numpy as np
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    frames = np.zeros((4, 56, 56, 3), dtype=np.uint8)
+    metadata = {"fps": 2.0, "duration": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3],
+                "video_backend": "opencv", "do_sample_frames": False}  # fmt: skip
+    video = (frames, metadata)
+    with engine(model, limit_mm_per_prompt={"image": 1, "video": video_limit}) as llm:
+        first = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image(0)}}, params, use_tqdm=False)[0]
+        with pytest.raises(Exception) as refused:  # noqa: PT011 - vLLM wraps the processor's ImportError
+            llm.generate({"prompt": video_prompt, "multi_modal_data": {"video": video}}, params, use_tqdm=False)
+        assert _torchless(refused.value) if video_limit else "video" in str(refused.value), str(refused.value)[:300]
+        again = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image(0)}}, params, use_tqdm=False)[0]
+        text = llm.generate({"prompt": "Hello"}, params, use_tqdm=False)[0]
+    assert len(first.outputs[0].token_ids) == 3 and len(text.outputs[0].token_ids) == 3
+    assert list(again.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+    return list(first.prompt_token_ids).count(image_token)
+
+
+def test_qwen2_5_vl_starts_and_serves_images_unpruned(tiny_qwen):
+    from otprune.hf.qwen2_5_vl_tiny import SPECIAL_IDS
+
+    tokens = _serves_images_unpruned_and_refuses_videos(tiny_qwen, QWEN_PROMPT, QWEN_VIDEO, SPECIAL_IDS["<|image_pad|>"])
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen)
+    expected = processor(text=QWEN_PROMPT, images=[image(0)], return_tensors="pt")["input_ids"]
+    assert tokens == int((expected == SPECIAL_IDS["<|image_pad|>"]).sum()) > 0  # every visual token: unpruned
+
+
+def test_onevision_starts_and_serves_images_unpruned(tiny_onevision):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_onevision)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    # vLLM sizes OneVision's video budget by processing a dummy video at start: without torchvision the
+    # engine then stops with the stand-in's message, which names the way out (no videos)
+    with pytest.raises(Exception) as refused, engine(tiny_onevision, limit_mm_per_prompt={"image": 1, "video": 1}):  # noqa: PT011
+        pass
+    assert _torchless(refused.value)
+    tokens = _serves_images_unpruned_and_refuses_videos(tiny_onevision, ONEVISION_PROMPT, ONEVISION_VIDEO, image_token,
+                                                        video_limit=0)  # fmt: skip
+    expected = processor(text=ONEVISION_PROMPT, images=[image(0)], return_tensors="pt")["input_ids"]
+    assert tokens == int((expected == image_token).sum()) > 0
+
+
+def _hashes(model: str, env: dict, monkeypatch, request: dict | None = None) -> list[str]:
+    """vLLM's multimodal hash of one image, as the plugin's processor computes it under `env`."""
+    from conftest import SWITCHES
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = ModelConfig(model=model, dtype="float32", max_model_len=1024)
+    processor = MULTIMODAL_REGISTRY.create_processor(config)
+    items = processor.info.parse_mm_data({"image": image(0)})
+    inputs = ProcessorInputs(prompt=[1, 2, 3], mm_data_items=items, hf_processor_mm_kwargs=request or {})
+    return processor._get_mm_hashes(inputs)["image"]
+
+
+def test_the_engines_default_ratio_and_method_enter_the_multimodal_hash(tiny_llava, monkeypatch):
+    settings = [{}, {"SUBSET_RATIO": "0.25"}, {"SUBSET_RATIO": "0.5"}, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.25"},
+                {"SUBSET_RATIO": "0.25", "OTPRUNE_GAMMA": "0.05"}, {"SUBSET_RATIO": "0.25", "OTPRUNE_ORDER": "official"}]  # fmt: skip
+    hashes = [_hashes(tiny_llava, env, monkeypatch) for env in settings]
+    assert len({tuple(h) for h in hashes}) == len(settings), hashes  # engines that prune differently never share
+    assert _hashes(tiny_llava, {"SUBSET_RATIO": "0.25"}, monkeypatch) == hashes[1]  # deterministic
+    # a request's ratio: the engine's method and parameters still count
+    one = _hashes(tiny_llava, {}, monkeypatch, {"otprune_ratio": 0.25})
+    assert one != _hashes(tiny_llava, {"OTPRUNE_GAMMA": "0.05"}, monkeypatch, {"otprune_ratio": 0.25})
+    assert one != _hashes(tiny_llava, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.5"}, monkeypatch, {"otprune_ratio": 0.25})
+    # ratio 1: the image's rows are the tower's whatever the engine's method
+    assert _hashes(tiny_llava, {"SUBSET_RATIO": "0.25"}, monkeypatch, {"otprune_ratio": 1.0}) == _hashes(
+        tiny_llava, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.5"}, monkeypatch, {"otprune_ratio": 1.0})
