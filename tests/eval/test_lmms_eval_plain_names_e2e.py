@@ -46,7 +46,9 @@ def _records(folder: Path) -> list[Path]:
 
 
 def _lines(paths: list[Path]) -> list[dict]:
-    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    """The per-sample records (not the process's spec and closing lines)."""
+    lines = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if "otprune_record" in line]
 
 
 def _samples(folder: Path) -> dict[int, dict]:
