@@ -152,7 +152,7 @@ class PruneConfig:
                     f"LAYER_INDEX={self.layer}: {cls.label()} merges inside the vision tower, before the LLM; only layer 0"
                 )
             if self.ratio is None:
-                object.__setattr__(self, "ratio", ADAPTIVE)
+                object.__setattr__(self, "ratio", getattr(cls, "default_ratio", ADAPTIVE))  # VisionZip: None
             uses_ratio = True
         elif cls.kind == "in_llm":
             layer, ratio, recipe = cls().resolve(self.layer, self.ratio, self.recipe)
@@ -223,7 +223,7 @@ class PruneConfig:
     def rule(self):
         """The in-LLM rule of this config: the method's own for FastV / VTW / FitPrune; None for a
         selection method (at `LAYER_INDEX > 0` it runs through `otprune.selection.feature_keep`)."""
-        return registry.get_rule(self.method) if self.model_level else None
+        return registry.get_rule(self.method, **self.method_params()) if self.model_level else None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PruneConfig:
@@ -274,7 +274,7 @@ class PruneConfig:
             if not 0.0 < ratio <= 1.0:
                 raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: must be {RATIO_ALLOWED}")
         if rule.kind == "merge" and ratio is None:
-            ratio = ADAPTIVE  # PruMerge is adaptive by default
+            ratio = getattr(rule, "default_ratio", ADAPTIVE)  # PruMerge is adaptive by default; VisionZip needs a ratio
         if layer is None and not model_level and (baseline is not None or ratio is not None):
             layer = 0  # pruning was asked for: the paper's layer
         if model_level and not rule.uses_ratio:

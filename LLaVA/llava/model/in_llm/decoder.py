@@ -45,7 +45,7 @@ def visual_token_schedule(config: PruneConfig, tokens: int, num_layers: int) -> 
     if not config.enabled:
         return [tokens] * num_layers
     rule = config.rule()
-    if rule is not None and not rule.uses_ratio:
+    if rule is not None and (not rule.uses_ratio or getattr(rule, "own_schedule", False)):  # DART: its own count
         return rule.schedule(config, tokens, num_layers)
     kept = int(keep_counts(float(config.ratio), torch.tensor([tokens]))[0]) if tokens else 0
     layer = config.layer
