@@ -2,9 +2,12 @@
 
 Reference: Z. Wen, Y. Gao, S. Wang, J. Zhang, Q. Zhang, W. Li, C. He, L. Zhang, "Stop Looking for
 Important Tokens in Multimodal Language Models: Duplication Matters More", 2025 (arXiv
-2502.11494; public code `ZichenWen1/DART`, read in its copy `xqy1111111/DART` at commit
-0247657060a42dd329d6f273455bfad05d5b2c74: `llava/model/language_model/modeling_llama_self.py`,
-`llava/eval/model_vqa_loader.py`; the original repository itself was not available to us).
+2502.11494; public code `ZichenWen1/DART`, read in its copy `xqy1111111/DART`:
+`llava/model/language_model/modeling_llama_self.py` at commit
+9fee9fa199d591cf91891ad468ab52c754de9bf5 (`DART.get_retained_image_token`, and its patched
+`LlamaAttention`, which hands the layer's keys after the rotary embedding to the pruning step),
+`llava/eval/model_vqa_loader.py` at 0247657060a42dd329d6f273455bfad05d5b2c74 (defaults: layer 2,
+4 + 4 pivots, `max_num_trunction` 128); the original repository itself was not available to us).
 
 At decoder layer L (`LAYER_INDEX`, default 2) each image keeps, of its V visual tokens:
 
@@ -29,9 +32,11 @@ Differences from the official code, deliberate:
 
 - Budget from `SUBSET_RATIO` (K = round(ratio V), the official `max_num_trunction`); LLaVA-1.6's
   separate `retain_token_num_for_llava_next` is not used: every model takes K from the ratio.
-- The official keys come from its patched attention (`layer_outputs[-2]`, not in the
-  repository); ours are layer L-1's key projections after the rotary embedding, recomputed from
-  that layer's input (grouped-query heads not repeated).
+- The keys: layer L-1's key projections after the rotary embedding, as the official patched
+  attention returns them, recomputed from that layer's input; grouped-query heads are not
+  repeated (the official code repeats them, which scales every L1 norm by the group size: the
+  same pivots). An older copy of the file (0247657) reshapes the keys with the head count
+  instead of the token count, which cannot run on (B, H, T, hd) keys; we follow 9fee9fa.
 - Batches and several images per prompt: each image is pruned on its own, its text pivots among
   the text tokens after it (other images excluded); the official code handles one image at
   batch 1 at a fixed start position (35, LLaVA-1.5's system prompt).

@@ -75,6 +75,17 @@ def split_budget(k: int, contextual: float) -> tuple[int, int]:
     return k - ctx, ctx
 
 
+def producing_layer(select_layer: int, num_layers: int) -> int:
+    """The index of the encoder layer whose OUTPUT is hidden state `select_layer` (of num_layers + 1)."""
+    index = select_layer % (num_layers + 1)
+    if index == 0:
+        raise ValueError(
+            f"mm_vision_select_layer={select_layer}: VisionZip reads the attention of the layer producing the selected "
+            "hidden state; the embeddings (hidden state 0) are produced by none"
+        )
+    return index - 1
+
+
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
     """(..., C) -> (..., H, hd)."""
     if x.shape[-1] % num_heads:

@@ -7,29 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles_baselines import dart_oracle as oracle
 
 from otprune import PruneConfig
 from otprune.methods import IN_LLM_RULES, get_rule
 from otprune.methods.dart import dart_keep, kept_count, pivot_order
-
-
-def oracle(ik, istate, tk, tstate, k, pi, pt, start):
-    v = len(ik)
-    l1_img = [np.abs(row).sum() for row in ik]
-    l1_txt = [np.abs(row).sum() for row in tk]
-    img_piv = sorted(range(v), key=lambda i: -l1_img[i])[:pi]
-    txt_piv = sorted(range(len(tk)), key=lambda j: -l1_txt[j])[:pt]
-    per = k // (pi + pt)
-    free = [i for i in range(v) if i not in img_piv]
-    kept = list(img_piv)
-    positions = [start + i for i in img_piv] + [start + v + j for j in txt_piv]
-    for pos in set(positions):  # the official processing order: Python's set of sequence positions
-        vec = istate[pos - start] if pos - start < v else tstate[pos - start - v]
-        cos = {i: istate[i] @ vec / (np.linalg.norm(istate[i]) * np.linalg.norm(vec)) for i in free}
-        far = sorted(free, key=lambda i: cos[i])[: min(per, len(free))]
-        kept += far
-        free = [i for i in free if i not in far]
-    return sorted(kept)
 
 
 def inputs(seed, v, t, c=16, d=12):

@@ -7,39 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles_baselines import visionzip_oracle as oracle
 
 from otprune import PruneConfig
 from otprune.methods import MERGERS, get_merger
 from otprune.methods.visionzip import CLS, VisionZip, split_budget, visionzip
-
-
-def oracle(hidden, q, keys, heads, dominant, ctx):
-    """hidden (T, D), q (C,), keys (T, C), T = 1 + N -> (tokens (K, D), sources list)."""
-    t, c = keys.shape
-    hd = c // heads
-    score = np.zeros(t - 1)
-    for h in range(heads):
-        sl = slice(h * hd, (h + 1) * hd)
-        logits = np.array([q[sl] @ keys[j, sl] / np.sqrt(hd) for j in range(t)])
-        e = np.exp(logits - logits.max())
-        score += (e / e.sum())[1:]
-    best = sorted(range(t - 1), key=lambda p: -score[p])[: dominant - 1]
-    kept = [0] + sorted(p + 1 for p in best)
-    rest = [j for j in range(t) if j not in kept]
-    metric = np.stack([keys[j].reshape(heads, hd).mean(axis=0) for j in range(t)])
-    metric = metric / np.linalg.norm(metric, axis=1, keepdims=True)
-    step = max(1, len(rest) // ctx)
-    targets = rest[::step][:ctx]
-    groups = {tg: [] for tg in targets}
-    for j in rest:
-        if j in targets:
-            continue
-        sims = [metric[j] @ metric[tg] for tg in targets]
-        groups[targets[int(np.argmax(sims))]].append(j)
-    ctx_tokens = [hidden[tg] + (np.mean([hidden[j] for j in groups[tg]], axis=0) if groups[tg] else 0) for tg in targets]
-    tokens = np.stack([hidden[j] for j in kept] + ctx_tokens)
-    sources = [CLS] + [j - 1 for j in kept[1:]] + [tg - 1 for tg in targets]
-    return tokens, sources
 
 
 def inputs(seed, b, n, d=12, c=16, sharp=4.0):

@@ -366,18 +366,24 @@ class LlavaMetaForCausalLM(ABC):
         Returns (tokens per image (M_i, D), per image its rows' sources (M_i,): crop c's patch p is
         c * N + p, the summary token `SUMMARY`; tokens before per image (crops x N), the clock).
         """
-        from otprune.methods.prumerge import SUMMARY
 
         crops, counts = self._crops(images)
-        feats, q_cls, keys = self.get_vision_tower().forward_with_cls(crops)  # (P, N, C), (P, C), (P, 1 + N, C)
-        n = feats.shape[1]
-        clock = Clock(feats.device)
-        res = config.merger().merge(feats, q_cls, keys, ratio=config.ratio, order=config.order)
+        merger = config.merger()
+        if getattr(merger, "needs_cls_row", False):  # VisionZip: the hidden state with CLS, the producing layer's heads
+            hidden, q_cls, keys, heads = self.get_vision_tower().forward_with_cls_row(crops)  # (P, 1 + N, C), ...
+            n = hidden.shape[1] - 1
+            clock = Clock(hidden.device)
+            res = merger.merge_tower(hidden, q_cls, keys, heads, config.ratio)
+        else:
+            feats, q_cls, keys = self.get_vision_tower().forward_with_cls(crops)  # (P, N, C), (P, C), (P, 1 + N, C)
+            n = feats.shape[1]
+            clock = Clock(feats.device)
+            res = merger.merge(feats, q_cls, keys, ratio=config.ratio, order=config.order)
         clock.stop()
         tokens = self._project(res.features)  # (P, M_max, D)
         sizes = res.counts.tolist()
         src = res.sources + torch.arange(len(sizes), device=res.sources.device)[:, None] * n
-        src = torch.where(res.sources == SUMMARY, res.sources, src)
+        src = torch.where(res.sources < 0, res.sources, src)  # SUMMARY, VisionZip's CLS row, padding: no patch
         per_crop = [(tokens[c, :m], src[c, :m]) for c, m in enumerate(sizes)]
         counts = counts or [1] * len(sizes)
         starts = [sum(counts[:i]) for i in range(len(counts))]

@@ -110,6 +110,20 @@ class CLIPVisionTower(nn.Module):
             out = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
         return self.feature_select(out.hidden_states), got["q_cls"][0], got["keys"][0]
 
+    @torch.no_grad()
+    def forward_with_cls_row(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """VisionZip's inputs. images: (P, 3, S, S) -> (hidden (P, 1 + N, C) the selected hidden
+        state WITH its CLS row, q_cls (P, C), keys (P, 1 + N, C), heads): the CLS query and every
+        key of the layer that PRODUCES the selected hidden state (hooks only during this call)."""
+        from otprune.methods.prumerge import capture_projections, encoder_layers
+        from otprune.methods.visionzip import producing_layer
+
+        layers = encoder_layers(self.vision_tower, self.vision_tower_name)
+        attn = layers[producing_layer(self.select_layer, len(layers))].self_attn
+        with capture_projections(attn.q_proj, attn.k_proj) as got:
+            out = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
+        return out.hidden_states[self.select_layer], got["q_cls"][0], got["keys"][0], int(self.config.num_attention_heads)
+
     @property
     def dummy_feature(self) -> Tensor:
         return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
