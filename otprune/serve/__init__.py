@@ -38,6 +38,7 @@ import logging
 import math
 from collections.abc import Mapping
 
+import otprune
 from otprune.config import PruneConfig, check_before_llm
 
 LOGGER = logging.getLogger("otprune")
@@ -78,7 +79,17 @@ def engine_config(environ: Mapping[str, str] | None = None) -> PruneConfig:
     Pruning off (no switch set) is allowed: requests may still ask for a ratio. Pruning inside
     the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE) raises ValueError.
     """
-    return check_before_llm(PruneConfig.from_env(environ), "otprune vLLM plugin", "otprune.hf or our llava package")
+    config = check_before_llm(PruneConfig.from_env(environ), "otprune vLLM plugin", "otprune.hf or our llava package")
+    cls = config.method_class()
+    if config.enabled and (config.merging or getattr(cls, "needs_instruction", False)):
+        what = ("merges tokens inside the vision tower (its CLS attention)" if config.merging
+                else "scores the tokens against each prompt's instruction with the CLIP text tower")
+        raise ValueError(
+            f"otprune vLLM plugin: BASELINE={config.method.upper()} {what}, which the plugin does not wire yet; run it with "
+            "our llava package (and otprune.hf for the CLIP-tower merges), or pick a selection method: "
+            + ", ".join(m.upper() for m in otprune.METHODS if not getattr(otprune.METHODS[m], "needs_instruction", False))
+        )
+    return config
 
 
 def parse_ratio(value: object) -> float:
