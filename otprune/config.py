@@ -2,12 +2,13 @@
 
 | variable | meaning |
 |---|---|
-| `BASELINE` | method name (`OURS`/`OTPRUNE`, `DIVPRUNE`, `DPP`, `RANDOM`, `UNIFORM`, `FIRSTK`, `LASTK`; model-level: `FASTV`, `VTW`, `FITPRUNE`); default OTPrune |
+| `BASELINE` | method name (`OURS`/`OTPRUNE`, `DIVPRUNE`, `DPP`, `RANDOM`, `UNIFORM`, `FIRSTK`, `LASTK`, `CDPRUNER`; in the CLIP tower: `PRUMERGE`, `PRUMERGE_PLUS`, `VISIONZIP`; model-level: `FASTV`, `VTW`, `FITPRUNE`, `DART`); default OTPrune |
 | `LAYER_INDEX` | where to prune: `0` = the embeddings before the LLM, `L > 0` = the hidden states entering decoder layer L; unset = `0` when `BASELINE` or `SUBSET_RATIO` is set (the paper's default), pruning off when neither is (model-level methods: see below) |
 | `SUBSET_RATIO` | fraction of each image's visual tokens to keep, in (0, 1]; or `iqr`: each image keeps the count PruMerge's IQR rule gives it (adaptive budget, layer 0, CLIP towers: `DIVPRUNE` + `iqr` = DivPrune*, `OURS` + `iqr` = OTPrune*); required with `LAYER_INDEX` and with `FASTV`; not used by `VTW` / `FITPRUNE`; `PRUMERGE` / `PRUMERGE_PLUS` default to `iqr` |
 | `FITPRUNE_RECIPE` | path of a FitPrune recipe (`otprune fitprune-calibrate`); required with `BASELINE=FITPRUNE` |
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
+| `VISIONZIP_CONTEXTUAL`, `DART_PIVOTS_IMAGE`, `DART_PIVOTS_TEXT`, `CDPRUNER_THETA` | the 2025 baselines' parameters (declared in their files) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
 | `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `trace` (default: Gaussian W2 from the paper's Eq. 4), `w2` (exact W2, POT), `off` |
 | `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset or `auto` = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
