@@ -17,7 +17,7 @@ layer 2, inside the LLM). `--smoke`
 runs the same methods on the tiny random checkpoint and the local `otprune_smoke` task, with
 fewer ratios / gammas, so that CI covers every artefact in a few minutes (`sota` without CDPruner,
 whose tiny checkpoint's tower has no CLIP text side, and DART, whose layer 2 the tiny 2-layer LLM
-lacks: both are covered by tests/llava/test_cdpruner.py and test_dart.py).
+lacks: both are covered by tests/llava/test_llava_cdpruner.py and test_llava_dart.py).
 
 `python -m otprune.eval.studies NAME [--smoke]` prints the plan as shell assignments (MODELS,
 TASKS, METHODS, RATIOS, LAYERS, GAMMAS), which run_OTPrune.sh evaluates.

@@ -108,16 +108,17 @@ def dart_keep(image_keys: Tensor, image_states: Tensor, text_keys: Tensor, text_
     free = torch.ones(v, dtype=torch.bool, device=image_keys.device)
     free[img_piv] = False
     taken = [img_piv]
+    remaining = v - n_img  # free candidates, counted on the host (no device read in the loop)
     for kind, j in pivot_order(img_piv.tolist(), txt_piv.tolist(), start, v):  # one host read: the pivots
-        cand = free.nonzero().squeeze(1)
-        if per_pivot == 0 or cand.numel() == 0:
+        take = min(per_pivot, remaining)
+        if take == 0:
             continue
-        far = (-_cosine(states[kind][j], states["image"][cand])).topk(min(per_pivot, cand.numel())).indices
-        picked = cand[far]
+        far = (-_cosine(states[kind][j], states["image"])).masked_fill(~free, float("-inf"))  # (V,)
+        picked = far.topk(take).indices
         free[picked] = False
         taken.append(picked)
-    kept = torch.cat(taken).sort().values
-    return kept
+        remaining -= take
+    return torch.cat(taken).sort().values
 
 
 @dataclasses.dataclass
