@@ -163,6 +163,9 @@ class PruneConfig:
         else:
             if self.recipe is not None:
                 raise ValueError(f"recipe: only for method 'fitprune', got method={method!r}")
+            if getattr(cls, "needs_instruction", False) and self.layer is not None and self.layer > 0:
+                raise ValueError(f"LAYER_INDEX={self.layer}: {cls.label()} scores the visual tokens against the instruction "
+                                 "before the LLM; only layer 0")
             uses_ratio = True
         if self.layer is not None and self.ratio is None and uses_ratio:
             raise ValueError(f"ratio: required when pruning (layer={self.layer}); give a number in (0, 1]")

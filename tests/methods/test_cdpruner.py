@@ -98,6 +98,8 @@ def test_bad_relevance():
 def test_switches():
     config = PruneConfig.from_env({"BASELINE": "CDPRUNER", "SUBSET_RATIO": "0.111", "CDPRUNER_THETA": "0.5"})
     assert (config.method, config.layer, config.theta) == ("cdpruner", 0, 0.5)
+    with pytest.raises(ValueError, match="LAYER_INDEX=2.*only layer 0"):
+        PruneConfig.from_env({"BASELINE": "CDPRUNER", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "2"})
     with pytest.raises(ValueError, match="CDPRUNER_THETA"):
         PruneConfig.from_env({"BASELINE": "CDPRUNER", "SUBSET_RATIO": "0.1", "CDPRUNER_THETA": "1.5"})
 
