@@ -23,7 +23,7 @@ Per image of N projected visual tokens x_i (what the LLM would get), keeping K:
 4. The kept tokens go to the LLM in ascending order.
 
 `CDPruner.relevance`: (B, N) the relevance of each image's tokens (step 2, computed by the model
-glue). Without it (`otprune.select_tokens(x, r, "cdpruner")` alone) every r_i = 1: the
+glue, which applies `theta` there: the selector takes the relevance as given). Without it (`otprune.select_tokens(x, r, "cdpruner")` alone) every r_i = 1: the
 unconditional DPP on S, which is what CDPruner does for an instruction equally relevant to all tokens.
 
 Differences from the official code, deliberate:

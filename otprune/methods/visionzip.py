@@ -36,8 +36,11 @@ Differences from the official code, deliberate:
 - Budget from `SUBSET_RATIO`: K = round(ratio N), split by the fraction above (`VISIONZIP_CONTEXTUAL`);
   the official code takes the two counts as arguments (`dominant`, `contextual`); at 64 / 128 /
   192 of 576 the counts are the same.
+- The layer: the official code hard-codes `hidden_states[-2]` / `attentions[-2]` / `layers[-2]`;
+  ours follows the model's `mm_vision_select_layer` (-2 for LLaVA-1.5 / 1.6: the same layers).
 - Arithmetic in fp32 (fp64 for fp64 input); the official code runs in the tower's dtype (fp16
-  on GPU). The metric's normalisation guards a zero key (F.normalize, eps 1e-12) where the
+  on GPU); the CLS scores are one einsum instead of its batched matmul, so exact (fp32) near-ties
+  at the top-k cut may break differently. The metric's normalisation guards a zero key (F.normalize, eps 1e-12) where the
   official code would divide by zero.
 - LLaVA-1.6 (anyres): each crop is merged on its own and an image's tokens are its crops' merged
   tokens, base first, then the grid crops in order (as our PruMerge). The official code puts the
