@@ -2,12 +2,13 @@
 
 | variable | meaning |
 |---|---|
-| `BASELINE` | method name (`OURS`/`OTPRUNE`, `DIVPRUNE`, `DPP`, `RANDOM`, `UNIFORM`, `FIRSTK`, `LASTK`; model-level: `FASTV`, `VTW`, `FITPRUNE`); default OTPrune |
+| `BASELINE` | method name (`OURS`/`OTPRUNE`, `DIVPRUNE`, `DPP`, `RANDOM`, `UNIFORM`, `FIRSTK`, `LASTK`, `CDPRUNER`; in the CLIP tower: `PRUMERGE`, `PRUMERGE_PLUS`, `VISIONZIP`; model-level: `FASTV`, `VTW`, `FITPRUNE`, `DART`); default OTPrune |
 | `LAYER_INDEX` | where to prune: `0` = the embeddings before the LLM, `L > 0` = the hidden states entering decoder layer L; unset = `0` when `BASELINE` or `SUBSET_RATIO` is set (the paper's default), pruning off when neither is (model-level methods: see below) |
 | `SUBSET_RATIO` | fraction of each image's visual tokens to keep, in (0, 1]; or `iqr`: each image keeps the count PruMerge's IQR rule gives it (adaptive budget, layer 0, CLIP towers: `DIVPRUNE` + `iqr` = DivPrune*, `OURS` + `iqr` = OTPrune*); required with `LAYER_INDEX` and with `FASTV`; not used by `VTW` / `FITPRUNE`; `PRUMERGE` / `PRUMERGE_PLUS` default to `iqr` |
 | `FITPRUNE_RECIPE` | path of a FitPrune recipe (`otprune fitprune-calibrate`); required with `BASELINE=FITPRUNE` |
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
+| `VISIONZIP_CONTEXTUAL`, `DART_PIVOTS_IMAGE`, `DART_PIVOTS_TEXT`, `CDPRUNER_THETA` | the 2025 baselines' parameters (declared in their files) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
 | `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `trace` (default: Gaussian W2 from the paper's Eq. 4), `w2` (exact W2, POT), `off` |
 | `TYPE`, `NOT_ADAPTIVE` | the DivPrune repository's PruMerge switches: refused with `BASELINE=PRUMERGE` / `PRUMERGE_PLUS` (and `NOT_ADAPTIVE` with `SUBSET_RATIO=iqr`), naming the switches that ask for the same here (`BASELINE=PRUMERGE_PLUS`, `SUBSET_RATIO=<r>`) |
@@ -154,7 +155,7 @@ class PruneConfig:
                     f"LAYER_INDEX={self.layer}: {cls.label()} merges inside the vision tower, before the LLM; only layer 0"
                 )
             if self.ratio is None:
-                object.__setattr__(self, "ratio", ADAPTIVE)
+                object.__setattr__(self, "ratio", getattr(cls, "default_ratio", ADAPTIVE))  # VisionZip: None
             uses_ratio = True
         elif cls.kind == "in_llm":
             layer, ratio, recipe = cls().resolve(self.layer, self.ratio, self.recipe)
@@ -164,6 +165,9 @@ class PruneConfig:
         else:
             if self.recipe is not None:
                 raise ValueError(f"recipe: only for method 'fitprune', got method={method!r}")
+            if getattr(cls, "needs_instruction", False) and self.layer is not None and self.layer > 0:
+                raise ValueError(f"LAYER_INDEX={self.layer}: {cls.label()} scores the visual tokens against the instruction "
+                                 "before the LLM; only layer 0")
             uses_ratio = True
         if self.layer is not None and self.ratio is None and uses_ratio:
             raise ValueError(f"ratio: required when pruning (layer={self.layer}); give a number in (0, 1]")
@@ -231,7 +235,7 @@ class PruneConfig:
     def rule(self):
         """The in-LLM rule of this config: the method's own for FastV / VTW / FitPrune; None for a
         selection method (at `LAYER_INDEX > 0` it runs through `otprune.selection.feature_keep`)."""
-        return registry.get_rule(self.method) if self.model_level else None
+        return registry.get_rule(self.method, **self.method_params()) if self.model_level else None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PruneConfig:
@@ -283,7 +287,7 @@ class PruneConfig:
                 raise ValueError(f"SUBSET_RATIO={ratio_raw!r}: must be {RATIO_ALLOWED}")
         _refuse_divprune_switches(get, baseline, rule.kind == "merge", ratio)
         if rule.kind == "merge" and ratio is None:
-            ratio = ADAPTIVE  # PruMerge is adaptive by default
+            ratio = getattr(rule, "default_ratio", ADAPTIVE)  # PruMerge is adaptive by default; VisionZip needs a ratio
         if layer is None and not model_level and (baseline is not None or ratio is not None):
             layer = 0  # pruning was asked for: the paper's layer
         if model_level and not rule.uses_ratio:

@@ -174,7 +174,8 @@ def _sample_by_sample(selector, x: Tensor, lengths: Tensor, k: Tensor, k_max: in
     """
     picks = torch.full((x.shape[0], k_max), -1, dtype=torch.long, device=x.device)
     for b, (length, count) in enumerate(zip(lengths.tolist(), k.tolist(), strict=True)):
-        picks[b, :count] = selector.select(x[b : b + 1, :length], lengths[b : b + 1], k[b : b + 1], count)[0]
+        one = selector.for_sample(b) if hasattr(selector, "for_sample") else selector  # per-sample inputs (CDPruner)
+        picks[b, :count] = one.select(x[b : b + 1, :length], lengths[b : b + 1], k[b : b + 1], count)[0]
     return picks
 
 

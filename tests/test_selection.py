@@ -147,7 +147,7 @@ def test_registry_is_case_insensitive_with_aliases():
     assert otprune.METHODS["OURS"] is otprune.METHODS["otprune"] is otprune.METHODS["OTPrune"]
     assert otprune.METHODS["FIRSTK"] is otprune.METHODS["first_k"]
     assert "LastK" in otprune.METHODS and "fastv" not in otprune.METHODS
-    assert list(otprune.METHODS) == ["otprune", "divprune", "dpp", "random", "uniform", "first_k", "last_k"]
+    assert list(otprune.METHODS) == ["otprune", "divprune", "dpp", "random", "uniform", "first_k", "last_k", "cdpruner"]
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

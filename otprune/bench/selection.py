@@ -60,6 +60,33 @@ def paired(a: Callable[[], object], b: Callable[[], object], repeats: int, devic
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
+EXTRA_METHODS = ("visionzip", "dart")  # timed beside the selection methods (not in otprune.METHODS)
+
+
+def method_call(name: str, x: torch.Tensor, ratio: float) -> Callable[[], object]:
+    """One call of method `name` on x: (N, D) keeping `ratio` of the tokens. The 2025 baselines get
+    stand-in inputs of the right shapes: CDPruner a random relevance per token; VisionZip x as the
+    tower's hidden state and keys (a CLS row prepended, 16 heads when D allows); DART x as the keys
+    and hidden states, 32 text tokens after the image."""
+    n, d = x.shape
+    gen = torch.Generator().manual_seed(1)
+    if name == "cdpruner":
+        relevance = (torch.rand(1, n, generator=gen) + 1e-3).to(x.device)
+        return lambda: otprune.select_tokens(x, ratio, name, relevance=relevance)
+    if name == "visionzip":
+        from otprune.methods.visionzip import VisionZip
+
+        hidden = torch.cat([x[:1], x])[None]  # (1, 1 + N, D)
+        heads = 16 if d % 16 == 0 else 1
+        return lambda: VisionZip().merge_tower(hidden, hidden[:, 0], hidden, heads, ratio)
+    if name == "dart":
+        from otprune.methods.dart import dart_keep
+
+        text = torch.randn(32, d, generator=gen).to(x.device)
+        return lambda: dart_keep(x, x, text, text, round(ratio * n))
+    return lambda: otprune.select_tokens(x, ratio, name)
+
+
 @dataclass
 class Row:
     n: int
@@ -90,7 +117,7 @@ def bench_size(
         if name == "otprune":
             method_ms[name] = ot_ms * 1e3
             continue
-        fn = lambda name=name: otprune.select_tokens(x, ratio, name)  # noqa: E731
+        fn = method_call(name, x, ratio)
         fn()
         method_ms[name] = statistics.median(timed(fn, dev) for _ in range(repeats)) * 1e3
     if progress:
@@ -126,7 +153,7 @@ def run(
 ) -> list[Row]:
     """The benchmark table's rows, one per N, on seeded Gaussian features (`compile`: see `bench_size`)."""
     dev = torch.device(device)
-    methods = list(methods or otprune.METHODS)
+    methods = list(methods or [*otprune.METHODS, *EXTRA_METHODS])
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n in sizes:

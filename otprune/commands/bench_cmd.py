@@ -174,7 +174,8 @@ def run(args) -> int:
         raise ValueError(f"--busy={args.busy}: must be an integer >= 0")
     methods = None
     if args.methods:
-        methods = [METHODS.canonical(m) for m in args.methods.split(",")]
+        extra = {name.upper(): name for name in bench.EXTRA_METHODS}  # VisionZip, DART: timed beside them
+        methods = [extra.get(m.strip().upper()) or METHODS.canonical(m) for m in args.methods.split(",")]
         if "otprune" not in methods:
             methods.insert(0, "otprune")
     with bench.busy_neighbours(args.busy):

@@ -27,10 +27,14 @@ they need the CLS attention of the model's CLIP tower, which the pixel projectio
 adaptive IQR budget (--ratio is for the selection methods) and show the patches their merged
 tokens stand for (LLaVA-1.6: each crop merged on its own; patches of grid cells removed by
 unpadding are not drawn); the title counts those patches, and W2 is between all the model's
-tokens and PruMerge's merged tokens (its summary token included).
+tokens and PruMerge's merged tokens (its summary token included). VisionZip (--methods visionzip, --model only: its dominant
+tokens come from the CLS attention) keeps --ratio of each crop's patches as its dominant patches
+plus its contextual tokens; its panel shows the patches those tokens stand for (the CLS row has
+no patch). CDPruner is drawn without an instruction (every relevance 1: the unconditional kernel),
+as the title line says.
 """
 
-MERGE_METHODS = ("prumerge", "prumerge_plus")
+MERGE_METHODS = ("prumerge", "prumerge_plus", "visionzip")
 
 
 def _ratio(text: str) -> float:
@@ -147,7 +151,7 @@ def canonical(name: str) -> str:
     return found if found in MERGE_METHODS else METHODS.canonical(name)
 
 
-def merge_selection(model, processor, image, method: str, views) -> tuple:
+def merge_selection(model, processor, image, method: str, views, ratio: float | None = None) -> tuple:
     """(indices of the tokens of `views` whose patches PruMerge's merged tokens stand for, the
     merged tokens (M, D)) for `method` in MERGE_METHODS, adaptive budget, on the model's tower."""
     import torch
@@ -157,7 +161,8 @@ def merge_selection(model, processor, image, method: str, views) -> tuple:
 
     pixels = process_images([image], processor, model.config)[0]
     with torch.inference_mode():
-        tokens, sources, _, _ = model.merged_image_features(pixels[None].to(model.dtype), PruneConfig(method=method, layer=0))
+        config = PruneConfig(method=method, layer=0, ratio=ratio if method == "visionzip" else None)
+        tokens, sources, _, _ = model.merged_image_features(pixels[None].to(model.dtype), config)
     patches = sources[0][sources[0] >= 0].tolist()  # crop c's patch p is c * N + p
     side = int(model.get_vision_tower().num_patches_per_side)
     n = side * side
@@ -229,7 +234,7 @@ def run(args) -> int:
     merged = {}
     for method in methods:
         if method in MERGE_METHODS:  # the patches its merged tokens stand for; W2 to the merged tokens
-            kept, merged[method] = merge_selection(model, processor, image, method, views)
+            kept, merged[method] = merge_selection(model, processor, image, method, views, args.ratio)
             distances[method] = wasserstein2_between(features, merged[method])
         else:
             kept = select_tokens(features, args.ratio, method, **params.get(method, {}))
@@ -243,7 +248,9 @@ def run(args) -> int:
     n = features.shape[0]
     print(f"{args.image}: {n} visual tokens from {source}; keeping ratio {args.ratio}")
     for method in methods:
-        extra = f" ({merged[method].shape[0]} merged tokens, adaptive budget)" if method in merged else ""
+        budget = "--ratio" if method == "visionzip" else "adaptive budget"
+        extra = f" ({merged[method].shape[0]} merged tokens, {budget})" if method in merged else ""
+        extra += " (no instruction: every relevance 1)" if method == "cdpruner" else ""
         print(f"  {method:<9} kept {selections[method].numel():>4}/{n}  W2 = {distances[method]:.6g}{extra}")
     print(f"wrote {out} ({figure.width}x{figure.height})")
     return 0

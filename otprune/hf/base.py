@@ -300,7 +300,7 @@ class HFAdapter:
 
     def supported(self) -> str:
         """What this family runs, for error messages."""
-        return f"LAYER_INDEX=0 with BASELINE in {', '.join(otprune.METHODS)} (or LAYER_INDEX unset: no pruning)"
+        return f"LAYER_INDEX=0 with BASELINE in {', '.join(m for m in otprune.METHODS if not getattr(otprune.METHODS[m], 'needs_instruction', False))} (or LAYER_INDEX unset: no pruning)"
 
     def check(self, config: PruneConfig) -> None:
         """Refuse what this family cannot run, naming the variable (ValueError)."""
@@ -316,6 +316,12 @@ class HFAdapter:
             raise ValueError(
                 f"LAYER_INDEX={config.layer}: pruning inside the LLM is not supported by {where}; "
                 f"supported: {self.supported()}"
+            )
+        if getattr(config.method_class(), "needs_instruction", False):  # CDPruner
+            raise ValueError(
+                f"BASELINE={config.method.upper()}: scores the tokens against each prompt's instruction with the CLIP text "
+                f"tower paired with the vision tower, which {where} does not provide yet; run it with our llava "
+                f"(original-format checkpoints, e.g. liuhaotian/llava-v1.5-7b); supported here: {self.supported()}"
             )
         if config.needs_cls_attention:
             from otprune.methods.prumerge import no_cls_error

@@ -156,9 +156,33 @@ class LlavaFamilyAdapter(HFAdapter):
         inner = self.inner
         call = _as_kwargs(self._features_signature, args, kwargs)
         layer = _feature_layer(inner, call, config)
+        if config.merging and getattr(config.method_class(), "needs_cls_row", False):
+            return self._features_with_cls_row(original, args, kwargs, layer, call)
         with _cls_capture(inner, layer) as got, capture_inputs(inner.multi_modal_projector) as seen:
             out = original(*args, **kwargs)
         out.otprune_cls = (torch.cat(got["q_cls"]), torch.cat(got["keys"]), torch.cat(seen), self.crop_counts(inner, call))
+        return out
+
+    def _features_with_cls_row(self, original: Callable, args: tuple, kwargs: dict, layer: int, call: dict):
+        """VisionZip's `get_image_features`: hooks on the layer PRODUCING hidden state `layer` (its q / k
+        and its output, the hidden state with its CLS row): `otprune_cls` = (q_cls (P, C), keys
+        (P, 1 + N, C), hidden (P, 1 + N, C), crops per image, heads)."""
+        from otprune.methods.prumerge import capture_projections, encoder_layers
+        from otprune.methods.visionzip import producing_layer
+
+        inner = self.inner
+        tower = inner.vision_tower
+        layers = encoder_layers(tower, f"the vision tower {type(tower).__name__}")
+        block = layers[producing_layer(layer, len(layers))]
+        outputs: list[Tensor] = []
+        handle = block.register_forward_hook(lambda _m, _i, o: outputs.append((o[0] if isinstance(o, tuple) else o).detach()))
+        try:
+            with capture_projections(block.self_attn.q_proj, block.self_attn.k_proj) as got:
+                out = original(*args, **kwargs)
+        finally:
+            handle.remove()
+        heads = int(tower.config.num_attention_heads)
+        out.otprune_cls = (torch.cat(got["q_cls"]), torch.cat(got["keys"]), torch.cat(outputs), self.crop_counts(inner, call), heads)
         return out
 
     def cls_attention_sets(self, inner, kwargs: dict, config: PruneConfig):
@@ -167,7 +191,7 @@ class LlavaFamilyAdapter(HFAdapter):
         Returns (image placeholder id, per image its tokens (M_i or T_i, D), per image its
         placeholder rows T_i, per image the budget K_i (iqr) or None, the merge's clock or None).
         """
-        from otprune.methods.prumerge import SUMMARY, cls_attention, crop_totals, iqr_keep_count
+        from otprune.methods.prumerge import cls_attention, crop_totals, iqr_keep_count
 
         token_id = int(inner.config.image_token_id)
         self._features_config = config
@@ -184,7 +208,7 @@ class LlavaFamilyAdapter(HFAdapter):
                 f"{config.method.upper()} with SUBSET_RATIO={config.ratio}): encode them with the adapter installed "
                 "(generate does), without num_beams / num_return_sequences > 1, or pass pixel_values"
             )
-        q_cls, keys, patches, counts = captured
+        q_cls, keys, patches, counts = captured[:4]
         placeholders = [f.shape[0] for f in encoded.pooler_output]  # T_i: the model's own token sets
         starts = [sum(counts[:i]) for i in range(len(counts))]
         if not config.merging:  # adaptive budget: the model's own token sets, the counts from the hooks
@@ -196,10 +220,16 @@ class LlavaFamilyAdapter(HFAdapter):
             clock.stop()
             self.last_sources = None
             return token_id, list(encoded.pooler_output), placeholders, None, clock
-        totals = None
-        if not config.adaptive:  # a fixed ratio: each image hands the LLM at most round(r * T_i) tokens
-            totals = torch.tensor(crop_totals(float(config.ratio), placeholders, counts, patches.shape[1]), device=patches.device)
-        res = config.merger().merge(patches, q_cls, keys, ratio=config.ratio, order=config.order, totals=totals)
+        merger = config.merger()
+        if getattr(merger, "needs_cls_row", False):  # VisionZip: `patches` is the hidden state with its CLS row
+            res = merger.merge_tower(patches, q_cls, keys, captured[4], config.ratio)
+            patches = patches[:, 1:]
+        else:
+            totals = None
+            if not config.adaptive:  # a fixed ratio: each image hands the LLM at most round(r * T_i) tokens
+                totals = torch.tensor(crop_totals(float(config.ratio), placeholders, counts, patches.shape[1]),
+                                      device=patches.device)  # fmt: skip
+            res = merger.merge(patches, q_cls, keys, ratio=config.ratio, order=config.order, totals=totals)
         clock.stop()
         projector = inner.multi_modal_projector
         tokens = projector(res.features.to(next(projector.parameters()).dtype))  # (P, M_max, D): merged rows projected
@@ -208,9 +238,10 @@ class LlavaFamilyAdapter(HFAdapter):
         features = [torch.cat(per_crop[s:s + p]) for s, p in zip(starts, counts, strict=True)]
         n = patches.shape[1]
         local = res.sources + (torch.arange(len(sizes), device=res.sources.device) * n)[:, None]
-        local = torch.where(res.sources == SUMMARY, res.sources, local)
-        self.last_sources = [  # per image, its rows' patches: its crop c's patch j is c * N + j; SUMMARY: a summary
-            torch.cat([torch.where(local[c, :sizes[c]] == SUMMARY, SUMMARY, local[c, :sizes[c]] - s * n) for c in range(s, s + p)])
+        local = torch.where(res.sources < 0, res.sources, local)
+        self.last_sources = [  # per image, its rows' patches: its crop c's patch j is c * N + j; < 0: SUMMARY, CLS
+            torch.cat([torch.where(local[c, :sizes[c]] < 0, local[c, :sizes[c]], local[c, :sizes[c]] - s * n)
+                       for c in range(s, s + p)])
             for s, p in zip(starts, counts, strict=True)
         ]
         return token_id, features, placeholders, None, clock

@@ -185,7 +185,7 @@ class Qwen2_5_VLAdapter(HFAdapter):
 
     def supported(self) -> str:
         return (
-            f"LAYER_INDEX=0 (each image / video pruned before the LLM) with BASELINE in {', '.join(otprune.METHODS)}; "
+            f"LAYER_INDEX=0 (each image / video pruned before the LLM) with BASELINE in {', '.join(m for m in otprune.METHODS if not getattr(otprune.METHODS[m], 'needs_instruction', False))}; "
             "or LAYER_INDEX unset (no pruning)"
         )
 

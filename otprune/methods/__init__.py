@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 
 from otprune.methods.base import Method, ParamSpec, TokenMerger, TokenSelector, param
+from otprune.methods.cdpruner import CDPruner
+from otprune.methods.dart import DART
 from otprune.methods.divprune import DivPrune
 from otprune.methods.dpp import DPP
 from otprune.methods.fastv import FastV
@@ -23,6 +25,7 @@ from otprune.methods.otprune import OTPrune
 from otprune.methods.prumerge import PruMerge, PruMergePlus
 from otprune.methods.random import RandomSelect
 from otprune.methods.uniform import Uniform
+from otprune.methods.visionzip import VisionZip
 from otprune.methods.vtw import VTW
 
 _ALL: dict[str, type[Method]] = {}  # name -> class, both kinds, in registration order
@@ -137,6 +140,7 @@ class MethodRegistry(Mapping[str, type[Method]]):
 
 
 _BUILTIN = [OTPrune, DivPrune, DPP, RandomSelect, Uniform, FirstK, LastK, FastV, VTW, FitPrune, PruMerge, PruMergePlus]
+_BUILTIN += [CDPruner, DART, VisionZip]  # the baselines of 2025 (issue 25)
 for _cls in _BUILTIN:
     register_method(_cls)
 
@@ -166,9 +170,9 @@ def get_merger(name: str, **params: object) -> TokenMerger:
     return cls(**params)
 
 
-def get_rule(name: str) -> InLLMRule:
-    """Instantiate the in-LLM rule `name`."""
-    return _ALL[canonical(name, "in_llm")]()
+def get_rule(name: str, **params: object) -> InLLMRule:
+    """Instantiate the in-LLM rule `name` (with its `param()` parameters, e.g. DART's pivots)."""
+    return _ALL[canonical(name, "in_llm")](**params)
 
 
 def method_parameters(name: str) -> tuple[str, ...]:
@@ -177,8 +181,8 @@ def method_parameters(name: str) -> tuple[str, ...]:
 
 
 __all__ = [
-    "DPP", "IN_LLM_RULES", "MERGERS", "METHODS", "VTW", "PruMerge", "PruMergePlus", "TokenMerger", "get_merger", "DivPrune", "FastV", "FirstK", "FitPrune", "InLLMRule", "LastK",
-    "Method", "MethodRegistry", "OTPrune", "ParamSpec", "RandomSelect", "TokenSelector", "Uniform", "all_params",
+    "CDPruner", "DART", "DPP", "IN_LLM_RULES", "MERGERS", "METHODS", "VTW", "PruMerge", "PruMergePlus", "TokenMerger", "get_merger", "DivPrune", "FastV", "FirstK", "FitPrune", "InLLMRule", "LastK",
+    "Method", "MethodRegistry", "OTPrune", "ParamSpec", "RandomSelect", "TokenSelector", "Uniform", "VisionZip", "all_params",
     "canonical", "describe", "display_name", "find", "get_method", "get_rule", "method_parameters", "param",
     "register_method", "table_rank", "unregister_method",
 ]

@@ -47,6 +47,7 @@ import logging
 import math
 from collections.abc import Mapping
 
+import otprune
 from otprune.config import PruneConfig, check_fixed_selection
 
 LOGGER = logging.getLogger("otprune")
@@ -138,7 +139,17 @@ def engine_config(environ: Mapping[str, str] | None = None) -> PruneConfig:
     PRUMERGE_PLUS) and `SUBSET_RATIO=iqr` raise ValueError: vLLM calls this when it resolves the
     model's architecture (`register()`'s guard), so the engine does not start.
     """
-    return check_fixed_selection(PruneConfig.from_env(environ), "the otprune vLLM plugin", "otprune.hf or our llava package")
+    config = check_fixed_selection(PruneConfig.from_env(environ), "the otprune vLLM plugin",
+                                   "otprune.hf or our llava package")  # fmt: skip
+    cls = config.method_class()
+    if config.enabled and getattr(cls, "needs_instruction", False):
+        raise ValueError(
+            f"the otprune vLLM plugin: BASELINE={config.method.upper()} scores the tokens against each prompt's "
+            "instruction with the CLIP text tower, which the plugin does not wire yet; run it with our llava package, "
+            "or pick a selection method: "
+            + ", ".join(m.upper() for m in otprune.METHODS if not getattr(otprune.METHODS[m], "needs_instruction", False))
+        )
+    return config
 
 
 def parse_ratio(value: object) -> float:

@@ -60,7 +60,7 @@ def test_study_plans_name_the_papers_runs(tmp_path):
     few = planned(run("--study", "fig2", "--dry-run", "--models", "liuhaotian/llava-v1.5-13b", "--tasks", "gqa").stdout)
     assert {(m, t) for m, t, *_ in few} == {("liuhaotian/llava-v1.5-13b", "gqa")} and len(few) == 6
     bad = run("--study", "fig9", "--dry-run")
-    assert bad.returncode == 2 and "--study 'fig9': unknown study; known: fig2, fig3, fig5" in bad.stderr
+    assert bad.returncode == 2 and "--study 'fig9': unknown study; known: fig2, fig3, fig5, sota" in bad.stderr
     bad = run("--gammas", "0.1", "--methods", "DIVPRUNE", "--dry-run")
     assert bad.returncode == 2 and "only OTPrune (OURS) takes gamma" in bad.stderr
 
@@ -77,7 +77,7 @@ def test_study_module_prints_shell_assignments(capsys):
     assert main(["fig3", "--smoke"]) == 0
     assert "METHODS=none,OURS,DIVPRUNE,DPP,RANDOM" in capsys.readouterr().out
     assert main(["nope"]) == 2
-    assert set(STUDIES) == {"fig2", "fig3", "fig5"} and get_study(" FIG2 ").name == "fig2"
+    assert set(STUDIES) == {"fig2", "fig3", "fig5", "sota"} and get_study(" FIG2 ").name == "fig2"
 
 
 ARTEFACTS = {

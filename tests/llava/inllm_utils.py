@@ -67,3 +67,24 @@ def greedy_without_cache(model, ids: Tensor, px, sizes, steps: int) -> list[int]
         out.append(token)
         seq = torch.cat([seq, torch.tensor([token])])
     return out
+
+
+@torch.no_grad()
+def assert_batch_rows_equal_alone(model, tiny, config, questions, images) -> None:
+    """Prune a left-padded batch with `config`; each sample's kept rows (the last stage's) equal its
+    rows when run alone, shifted by its padding."""
+    from llava_test_utils import pad_batch
+
+    seqs = [token_ids(tiny.tokenizer, chat_prompt(q)) for q in questions]
+    ids, mask = pad_batch(seqs, "left", 0)
+    model.set_pruning(config)
+    model(input_ids=ids, attention_mask=mask, images=pixels(tiny, images))
+    final = model.pruned_layout.stages[-1]
+    batch_rows = [final.source[b][final.valid[b]] for b in range(len(seqs))]  # rows of the padded batch
+    spans = model.visual_layout.spans
+    for b in range(len(seqs)):
+        model(input_ids=seqs[b][None], images=pixels(tiny, [images[b]]))
+        alone = model.pruned_layout.stages[-1].source[0]
+        (start, _), = spans[b]
+        (start_alone, _), = model.visual_layout.spans[0]
+        assert torch.equal(batch_rows[b] - (start - start_alone), alone), b  # minus sample b's padding

@@ -105,7 +105,8 @@ def test_official_order_reproduces_the_set_order(tiny_v15):
     assert model.pruning_stats[0]["order"] == "official"
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# CDPruner needs the CLIP text tower, which the tiny checkpoint's tower lacks: tests/llava/test_llava_cdpruner.py
+@pytest.mark.parametrize("method", [m for m in METHODS if not getattr(METHODS[m], "needs_instruction", False)])
 @torch.no_grad()
 def test_every_registered_method_runs_through_the_model(tiny_v15, method):
     model = tiny_v15.model

@@ -14,7 +14,7 @@ from otprune.methods._greedy import greedy_batched, greedy_logdet
 from otprune.methods._numerics import max_abs, one_thread, pow2_scale
 from otprune.methods.otprune import OTPrune, gamma_limit
 
-FEATURE_METHODS = ["otprune", "divprune", "dpp"]  # the methods that compute with the features
+FEATURE_METHODS = ["otprune", "divprune", "dpp", "cdpruner"]  # the methods that compute with the features
 METHOD_NAMES = list(otprune.METHODS)
 
 

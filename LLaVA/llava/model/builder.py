@@ -233,6 +233,7 @@ def load_pretrained_model(
         model.resize_token_embeddings(len(tokenizer))
 
     _load_vision_tower(model, info)
+    model.instruction_tokenizer = tokenizer  # CDPruner reads each prompt's instruction with it
     image_processor = model.get_vision_tower().image_processor
     context_len = getattr(config, "max_sequence_length", 2048)
     return tokenizer, model, image_processor, context_len

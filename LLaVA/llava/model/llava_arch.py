@@ -366,22 +366,30 @@ class LlavaMetaForCausalLM(ABC):
         Returns (tokens per image (M_i, D), per image its rows' sources (M_i,): crop c's patch p is
         c * N + p, the summary token `SUMMARY`; tokens before per image (crops x N), the clock).
         """
-        from otprune.methods.prumerge import SUMMARY, crop_totals
+        from otprune.methods.prumerge import crop_totals
 
         crops, counts = self._crops(images)
-        feats, q_cls, keys = self.get_vision_tower().forward_with_cls(crops)  # (P, N, C), (P, C), (P, 1 + N, C)
-        n = feats.shape[1]
-        clock = Clock(feats.device)
-        counts = counts or [1] * feats.shape[0]
-        totals = None
-        if not config.adaptive:  # a fixed ratio: each image hands the LLM at most round(r * crops * N) tokens
-            totals = torch.tensor(crop_totals(float(config.ratio), [p * n for p in counts], counts, n), device=feats.device)
-        res = config.merger().merge(feats, q_cls, keys, ratio=config.ratio, order=config.order, totals=totals)
+        counts = counts or [1] * len(crops)
+        merger = config.merger()
+        if getattr(merger, "needs_cls_row", False):  # VisionZip: the hidden state with CLS, the producing layer's heads
+            hidden, q_cls, keys, heads = self.get_vision_tower().forward_with_cls_row(crops)  # (P, 1 + N, C), ...
+            n = hidden.shape[1] - 1
+            clock = Clock(hidden.device)
+            res = merger.merge_tower(hidden, q_cls, keys, heads, config.ratio)
+        else:
+            feats, q_cls, keys = self.get_vision_tower().forward_with_cls(crops)  # (P, N, C), (P, C), (P, 1 + N, C)
+            n = feats.shape[1]
+            clock = Clock(feats.device)
+            totals = None
+            if not config.adaptive:  # a fixed ratio: each image hands the LLM at most round(r * crops * N) tokens
+                totals = torch.tensor(crop_totals(float(config.ratio), [p * n for p in counts], counts, n),
+                                      device=feats.device)  # fmt: skip
+            res = merger.merge(feats, q_cls, keys, ratio=config.ratio, order=config.order, totals=totals)
         clock.stop()
         tokens = self._project(res.features)  # (P, M_max, D)
         sizes = res.counts.tolist()
         src = res.sources + torch.arange(len(sizes), device=res.sources.device)[:, None] * n
-        src = torch.where(res.sources == SUMMARY, res.sources, src)
+        src = torch.where(res.sources < 0, res.sources, src)  # SUMMARY, VisionZip's CLS row, padding: no patch
         per_crop = [(tokens[c, :m], src[c, :m]) for c, m in enumerate(sizes)]
         starts = [sum(counts[:i]) for i in range(len(counts))]
         features = [torch.cat([per_crop[c][0] for c in range(s, s + p)]) for s, p in zip(starts, counts, strict=True)]
@@ -404,8 +412,65 @@ class LlavaMetaForCausalLM(ABC):
         budgets = [min(sum(per_crop[s:s + p]), f.shape[0]) for s, p, f in zip(starts, counts, features, strict=True)]
         return features, budgets
 
+    # ---------------------------------------------------------------- CDPruner's instruction
+    def set_instructions(self, texts: list[str] | None) -> None:
+        """CDPruner: the instruction of each sample of the next multimodal forwards (the official
+        evaluation passes the question text); None (default): decoded from each prompt's text after
+        its last image with `instruction_tokenizer` (set by `load_pretrained_model`)."""
+        self._instructions = None if texts is None else [str(t) for t in texts]
+
+    def instruction_texts(self, input_ids: Tensor, plan) -> list[str]:
+        """Per image (prompt order across the batch), its sample's instruction for CDPruner: given by
+        `set_instructions`, else the prompt's text after its last image, decoded, without the chat
+        template's trailing assistant tag and LLaVA's short-answer suffix."""
+        from otprune.methods.cdpruner import instruction_text
+
+        given = getattr(self, "_instructions", None)
+        if given is not None:
+            if len(given) != plan.batch:
+                raise ValueError(f"set_instructions: {len(given)} texts for a batch of {plan.batch} prompts; give one per prompt")
+            texts = given
+        else:
+            tokenizer = getattr(self, "instruction_tokenizer", None)
+            if tokenizer is None:
+                raise ValueError(
+                    "BASELINE=CDPRUNER: needs each prompt's instruction; load the model with load_pretrained_model (which "
+                    "sets model.instruction_tokenizer) or call model.set_instructions([...]) with one text per prompt"
+                )
+            texts = []
+            for b in range(plan.batch):
+                ids = input_ids[b, plan.valid[b].to(input_ids.device)]
+                tail = ids[plan.placeholders[b][-1] + 1:] if plan.placeholders[b] else ids
+                text = tokenizer.decode(tail.tolist(), skip_special_tokens=True).strip()
+                for tag in ASSISTANT_TAGS:
+                    if text.endswith(tag):
+                        text = text[: -len(tag)].rstrip()
+                        break
+                texts.append(text)
+        return [instruction_text(texts[b]) for b in range(plan.batch) for _ in plan.placeholders[b]]
+
+    def instructed_image_features(self, images, image_sizes, texts: list[str], theta: float) -> tuple[list[Tensor], list[Tensor]]:
+        """The visual tokens of every image (as `image_features`) and CDPruner's relevance of each
+        token to its image's instruction (`otprune.methods.cdpruner.relevance_scores`), from one
+        tower forward. One crop per image (LLaVA-1.5); anyres images are refused."""
+        from otprune.methods.cdpruner import relevance_scores
+
+        crops, counts = self._crops(images)
+        if counts is not None and any(c > 1 for c in counts):
+            raise ValueError(
+                "BASELINE=CDPRUNER: LLaVA-1.6 anyres images (several crops per image) are not supported yet: the "
+                "relevance is per CLIP patch, the selection runs on the laid-out token set; use a LLaVA-1.5 checkpoint"
+            )
+        tower = self.get_vision_tower()
+        patches = tower(crops)  # (P, N, C)
+        features = self.image_features(images, image_sizes, encoded=self._project(patches))
+        embeds = tower.joint_embeds(patches)  # (P, N, C')
+        relevance = [relevance_scores(embeds[i], tower.text_embeds(text), theta) for i, text in enumerate(texts)]
+        return features, relevance
+
     def select_visual_tokens(self, features: list[Tensor], config: PruneConfig,
-                             budgets: list[int] | None = None) -> tuple[list[Tensor], list[Tensor], Clock]:
+                             budgets: list[int] | None = None,
+                             relevance: list[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor], Clock]:
         """Prune every image of a batch in one batched selection call.
 
         Args:
@@ -413,6 +478,7 @@ class LlavaMetaForCausalLM(ABC):
             config: an enabled PruneConfig.
             budgets: per image, its token count (adaptive budgets, `SUBSET_RATIO=iqr`); default
                 round(ratio * T_i).
+            relevance: per image, (T_i,) CDPruner's relevance of each token to the instruction.
 
         Returns:
             (kept features per image (K_i, D), kept indices per image (K_i,), the selection clock).
@@ -434,6 +500,7 @@ class LlavaMetaForCausalLM(ABC):
             lengths=lengths,
             order=config.order,  # "official": the method's official code's order (OTPrune: set order)
             **config.method_params(),
+            **({} if relevance is None else {"relevance": nn.utils.rnn.pad_sequence(relevance, batch_first=True)}),
         )  # (B_img, K_max), -1 padded
         k_max = picks.shape[1]
         clock.stop()
@@ -498,19 +565,26 @@ class LlavaMetaForCausalLM(ABC):
         used = plan.images_used(len(images))
         images, image_sizes = _take_images(images, image_sizes, used)
         n_images = len(used)
-        select_clock, kept_indices, budgets = None, None, None
+        select_clock, kept_indices, budgets, relevance = None, None, None, None
+        instructed = config.enabled and not config.in_llm and getattr(config.method_class(), "needs_instruction", False)
         if n_images and config.enabled and config.merging and not config.merge_keeps_all:  # ratio 1: unpruned input
             features, kept_indices, before, select_clock = self.merged_image_features(images, config)
         else:
             if n_images and config.enabled and config.adaptive:
                 features, budgets = self.adaptive_image_features(images, image_sizes)
+            elif n_images and instructed:  # CDPruner: the tokens and their relevance to the instruction
+                features, relevance = self.instructed_image_features(images, image_sizes, self.instruction_texts(input_ids, plan),
+                                                                     config.theta)
             else:
                 features = self.image_features(images, image_sizes) if n_images else []
+            if n_images and instructed and relevance is None:  # with an adaptive budget
+                _, relevance = self.instructed_image_features(images, image_sizes, self.instruction_texts(input_ids, plan),
+                                                              config.theta)
             before = [f.shape[0] for f in features]
         distance_inputs = None
         if config.enabled and n_images and not config.in_llm and not config.merging:
             seen = features
-            features, kept_indices, select_clock = self.select_visual_tokens(features, config, budgets)
+            features, kept_indices, select_clock = self.select_visual_tokens(features, config, budgets, relevance)
             distance_inputs = (seen, kept_indices)
         elif config.enabled and n_images and config.merging:
             distance_inputs = ([None] * n_images, [None] * n_images)  # merged tokens: not a subset
@@ -575,6 +649,11 @@ class LlavaMetaForCausalLM(ABC):
         if self._pending_stats.prefill_clock is None:
             self.flush_pruning_stats()
         return None, new_positions, new_mask, past_key_values, inputs_embeds, new_labels
+
+
+# the assistant's tag that ends a chat prompt (vicuna_v1 / llava_v1, llama_2 / mistral, chatml), removed from
+# CDPruner's instruction
+ASSISTANT_TAGS = ("ASSISTANT:", "Assistant:", "[/INST]", "<|im_start|>assistant")
 
 
 def _exact_w2(features: Tensor, kept: Tensor) -> float:

@@ -18,6 +18,16 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 CHUNK_ELEMENTS = 1 << 25
 
 
+def rotated_keys(layer: nn.Module, normed: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The keys `layer` attends with: normed (B, N, D) its input after `input_layernorm`, cos / sin
+    (B or 1, N, hd) -> (B, Hkv, N, hd) fp32, k_proj then the rotary embedding (heads not repeated)."""
+    attn = layer.self_attn
+    bsz, n, _ = normed.shape
+    keys = attn.k_proj(normed).view(bsz, n, -1, attn.head_dim).transpose(1, 2).float()
+    _, keys = apply_rotary_pos_emb(keys, keys, cos.expand(bsz, -1, -1).float(), sin.expand(bsz, -1, -1).float())
+    return keys
+
+
 def head_mean_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, query_rows: Tensor, valid: Tensor) -> Tensor:
     """Softmax attention of `query_rows` over all keys in `layer`, averaged over heads.
 
@@ -36,12 +46,9 @@ def head_mean_attention(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tens
     bsz, n, _ = hidden.shape
     head_dim = attn.head_dim
     x = layer.input_layernorm(hidden)  # (B, N, D)
-    keys = attn.k_proj(x).view(bsz, n, -1, head_dim).transpose(1, 2)  # (B, Hkv, N, hd)
     cos = cos.expand(bsz, -1, -1)
     sin = sin.expand(bsz, -1, -1)
-    keys = keys.float()
-    _, keys = apply_rotary_pos_emb(keys, keys, cos.float(), sin.float())
-    keys = repeat_kv(keys, attn.num_key_value_groups)  # (B, H, N, hd)
+    keys = repeat_kv(rotated_keys(layer, x, cos, sin), attn.num_key_value_groups)  # (B, H, N, hd)
     heads = keys.shape[1]
     q_total = query_rows.shape[1]
     chunk = max(1, CHUNK_ELEMENTS // max(1, bsz * heads * n))

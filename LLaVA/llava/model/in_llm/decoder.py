@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from llava.model.in_llm.attention import head_mean_attention, received_attention
+from llava.model.in_llm.attention import head_mean_attention, received_attention, rotated_keys
 from otprune.config import PruneConfig
 from otprune.selection import feature_keep, keep_counts
 
@@ -45,7 +45,7 @@ def visual_token_schedule(config: PruneConfig, tokens: int, num_layers: int) -> 
     if not config.enabled:
         return [tokens] * num_layers
     rule = config.rule()
-    if rule is not None and not rule.uses_ratio:
+    if rule is not None and (not rule.uses_ratio or getattr(rule, "own_schedule", False)):  # DART: its own count
         return rule.schedule(config, tokens, num_layers)
     kept = int(keep_counts(float(config.ratio), torch.tensor([tokens]))[0]) if tokens else 0
     layer = config.layer
@@ -292,6 +292,7 @@ class StageContext:
     keep: list[int]
     layout: HostLayout
     images: list[list[int]]
+    norm: object = None  # the model's final norm (DART's similarity)
 
     def image_values(self, values: Tensor) -> Tensor:
         """(B, N, ...) per-row values -> (I, V_max, ...) per image token."""
@@ -314,6 +315,32 @@ class StageContext:
         config's in-LLM rule, or its selection method on the hidden states (`feature_keep`)."""
         rule = self.config.rule()
         return feature_keep(self) if rule is None else rule.keep(self)
+
+    def dart_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int], list[int]]:
+        """DART's inputs: per image, its tokens' keys in layer L-1 (after the rotary embedding, heads
+        concatenated) (I, V_max, C) and normed hidden states entering L (I, V_max, D); the same of the
+        text tokens after it in its sample, other images excluded, (I, T_max, C), (I, T_max, D), their
+        counts; and each image's first position in its sample's (unpadded) sequence."""
+        hidden, cos, sin = self.previous
+        layer = self.layers[self.layer - 1]
+        keys = rotated_keys(layer, layer.input_layernorm(hidden), cos, sin)  # (B, Hkv, N, hd)
+        keys = keys.transpose(1, 2).flatten(2)  # (B, N, C)
+        states = self.norm(self.hidden).float()  # (B, N, D)
+        lay = self.layout
+        text_rows, starts = [[] for _ in self.lengths], [0] * len(self.lengths)
+        for b, spans in enumerate(lay.spans):
+            lo, hi = lay.offset(b), lay.offset(b) + lay.seq_lens[b]
+            image_row = torch.zeros(lay.seq_len, dtype=torch.bool)
+            for start, end in spans:
+                image_row[start:end] = True
+            for (start, end), i in zip(spans, self.images[b], strict=True):
+                text_rows[i] = [r for r in range(end, hi) if not image_row[r]]
+                starts[i] = start - lo
+        t_lengths = [len(rows) for rows in text_rows]
+        t_max = max(max(t_lengths, default=0), 1)
+        index = torch.tensor([rows + [0] * (t_max - len(rows)) for rows in text_rows], device=keys.device)  # (I, T_max)
+        text_keys, text_states = keys[self.sample[:, None], index], states[self.sample[:, None], index]
+        return self.image_values(keys), self.image_values(states), text_keys, text_states, t_lengths, starts
 
     def last_rows(self) -> Tensor:
         """(B,) the last valid row of each sample (the last token of the prompt)."""
@@ -447,7 +474,7 @@ def pruned_prefill(model, plan: PrefillPlan, inputs_embeds: Tensor, attention_ma
             rows, sample, lengths = _image_rows(layout, images, n_images)
             keep = [schedules[k][i] for k in range(n_images)]
             ctx = StageContext(plan.config, i, model.layers, hidden, cos, sin, valid, previous, rows.to(device),
-                               sample.to(device), lengths, keep, layout, images)
+                               sample.to(device), lengths, keep, layout, images, model.norm)
             clock = plan.make_clock(device) if plan.make_clock is not None else None
             kept = ctx.keep_tokens()  # (I, K_max) within-image indices, ascending, -1 padded
             if clock is not None:

@@ -1,0 +1,139 @@
+"""CDPruner in our llava: the tiny checkpoint's tower becomes a full tiny CLIP (text side added, the
+vision weights unchanged); the kept set against the log-det oracle on the relevance computed here
+from CLIP's text / image embeddings and the formula (numpy)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from llava_test_utils import chat_prompt, noise_image, pad_batch, pixels, token_ids
+from oracles import cosine_kernel, greedy_by_logdet
+
+import otprune
+
+QUESTION = "What color is the box?"
+
+
+def _clip_tokenizer_files(folder: Path) -> int:
+    """A byte-level CLIP BPE vocabulary without merges (every byte and its end-of-word form)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]  # the byte-level alphabet
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 16}))
+    return len(vocab)
+
+
+def _with_text_side(tower_dir: str) -> None:
+    """Rewrite the tower folder as a full CLIPModel with the same vision weights and a tiny text tower."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
+
+    folder = Path(tower_dir)
+    vision = CLIPVisionModel.from_pretrained(folder)
+    vocab = _clip_tokenizer_files(folder)
+    text = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=0,
+                          projection_dim=vision.config.projection_dim)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.config.to_dict(),
+                        projection_dim=vision.config.projection_dim)
+    torch.manual_seed(5)
+    clip = CLIPModel(config)
+    clip.vision_model.load_state_dict(getattr(vision, "vision_model", vision).state_dict())
+    clip.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_llava(tmp_path_factory):
+    from llava.mm_utils import get_model_name_from_path
+    from llava.model.builder import load_pretrained_model
+    from llava.tiny import write_tiny_llava
+
+    path = str(write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava-cdpruner", seed=3))
+    tower = json.loads((Path(path) / "config.json").read_text())["mm_vision_tower"]
+    _with_text_side(tower if os.path.isabs(tower) else str(Path(path) / tower))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    tokenizer, model, processor, _ = load_pretrained_model(path, None, get_model_name_from_path(path), device_map="cpu")
+    from collections import namedtuple
+
+    return namedtuple("Tiny", "tokenizer model image_processor path")(tokenizer, model, processor, path)
+
+
+def _oracle_keep(model, px, text: str, k: int) -> list[int]:
+    """The relevance from CLIP's own text / vision models and the formula, then the explicit log-det greedy."""
+    from transformers import CLIPModel
+
+    tower = model.get_vision_tower()
+    clip = CLIPModel.from_pretrained(tower.vision_tower_name).double()
+    with torch.no_grad():
+        out = clip.vision_model(px.double(), output_hidden_states=True)
+        patches = out.hidden_states[tower.select_layer][0, 1:]
+        img = clip.visual_projection(clip.vision_model.post_layernorm(patches)).numpy()
+        tok = tower._text_side["tokenizer"](text=[text], return_tensors="pt")
+        ids = tok["input_ids"][0].tolist()
+        ctx = clip.config.text_config.max_position_embeddings
+        ids += [0] * (-len(ids) % ctx)
+        mask = tok["attention_mask"][0].tolist() + [0] * (len(ids) - tok["input_ids"].shape[1])
+        txt = clip.get_text_features(input_ids=torch.tensor(ids).view(-1, ctx), attention_mask=torch.tensor(mask).view(-1, ctx))
+        txt = (txt.pooler_output if hasattr(txt, "pooler_output") else txt).numpy()
+        x = model.encode_images(px)[0].double().numpy()
+    r = np.array([-np.mean([e @ t / np.linalg.norm(e) / np.linalg.norm(t) for t in txt]) for e in img])
+    r = (r - r.min() + 1e-6) / (r.max() - r.min())
+    return sorted(greedy_by_logdet(r[:, None] * cosine_kernel(x) * r[None], k, min_gain=0.0))
+
+
+@torch.no_grad()
+def test_cdpruner_matches_the_oracle_and_batch_equals_alone(tiny_clip_llava, monkeypatch):
+    monkeypatch.setenv("BASELINE", "CDPRUNER")
+    monkeypatch.setenv("SUBSET_RATIO", "0.25")
+    model = tiny_clip_llava.model
+    questions = [QUESTION + "\nAnswer the question using a single word or phrase.", "Describe the image in detail."]
+    images = [noise_image(11), noise_image(12, (50, 30))]
+    ids = [token_ids(tiny_clip_llava.tokenizer, chat_prompt(q)) for q in questions]
+    px = pixels(tiny_clip_llava, images)
+    alone = []
+    for i in range(2):
+        from llava.model.llava_arch import _Plan
+
+        texts = model.instruction_texts(ids[i][None], _Plan.from_inputs(ids[i][None], None))
+        assert texts == [questions[i].replace("\nAnswer the question using a single word or phrase.", "")]
+        model.prepare_inputs_labels_for_multimodal(ids[i][None], None, None, None, None, px[i:i + 1], None)
+        kept = model.visual_layout.kept_indices[0].tolist()
+        n = model.visual_layout.tokens_before[0]
+        assert kept == _oracle_keep(model, px[i:i + 1], texts[0], round(0.25 * n))
+        alone.append(kept)
+    batch_ids, mask = pad_batch(ids, "left", 0)
+    model.prepare_inputs_labels_for_multimodal(batch_ids, None, mask, None, None, px, None)
+    assert [k.tolist() for k in model.visual_layout.kept_indices] == alone
+    model.set_instructions(["something else entirely", "and another"])
+    try:
+        model.prepare_inputs_labels_for_multimodal(batch_ids, None, mask, None, None, px, None)
+        assert [k.tolist() for k in model.visual_layout.kept_indices] != alone  # the instruction matters
+    finally:
+        model.set_instructions(None)
+
+
+def test_a_tower_without_text_side_is_refused(tiny_v15, monkeypatch):
+    monkeypatch.setenv("BASELINE", "CDPRUNER")
+    monkeypatch.setenv("SUBSET_RATIO", "0.25")
+    model = tiny_v15.model
+    ids = token_ids(tiny_v15.tokenizer, chat_prompt(QUESTION))
+    with pytest.raises(ValueError, match="CLIP text tower"):
+        model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, pixels(tiny_v15, [noise_image(1)]), None)
+
+
+def test_anyres_is_refused(tiny_v16, monkeypatch):
+    monkeypatch.setenv("BASELINE", "CDPRUNER")
+    monkeypatch.setenv("SUBSET_RATIO", "0.25")
+    model = tiny_v16.model
+    image = noise_image(2, (60, 30))
+    ids = token_ids(tiny_v16.tokenizer, chat_prompt(QUESTION))
+    with pytest.raises(ValueError, match="anyres"):
+        model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, pixels(tiny_v16, [image]), [image.size])
+    assert otprune.PruneConfig.from_env().method == "cdpruner"

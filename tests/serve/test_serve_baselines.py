@@ -1,0 +1,18 @@
+"""The vLLM plugin and the 2025 baselines: what it cannot run is refused by name at engine start."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
+
+from otprune import serve  # noqa: E402
+
+
+@pytest.mark.parametrize("method, why", [("VISIONZIP", "merges tokens inside the vision tower"),
+                                         ("PRUMERGE", "merges tokens inside the vision tower"),
+                                         ("CDPRUNER", "instruction with the CLIP text tower"),
+                                         ("DART", "before the LLM only")])
+def test_baselines_the_plugin_cannot_run_are_refused(method, why):
+    with pytest.raises(ValueError, match=why):
+        serve.engine_config({"BASELINE": method, "SUBSET_RATIO": "0.25"})
