@@ -420,6 +420,12 @@ def distance_kind(environ: Mapping[str, str] | None = None) -> str:
     if raw.lower() not in DISTANCE_KINDS:
         raise ValueError(f"OTPRUNE_DISTANCE={raw!r}: must be one of {', '.join(DISTANCE_KINDS)} "
                          f"(default {DEFAULT_DISTANCE}: the paper's Eq. 4 as a Gaussian W2; w2: exact W2 with POT)")
+    if raw.lower() == "w2":  # checked where the switch is read (startup), not at the first forward
+        import importlib.util
+
+        if importlib.util.find_spec("ot") is None:
+            raise ValueError("OTPRUNE_DISTANCE=w2: the exact W2 needs POT (module 'ot'), which is not installed: "
+                             "pip install 'otprune[analysis]', or use OTPRUNE_DISTANCE=trace (the default)")
     return raw.lower()
 
 
@@ -508,7 +514,7 @@ RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 
 def run_id(environ: Mapping[str, str] | None = None) -> str | None:
     """`OTPRUNE_RUN_ID`: the id run_OTPrune.sh gives each lmms-eval call (written into every record and into
-    the run's otprune_run.json, so that `otprune report` joins records and results by it); None when unset."""
+    its run folder; every record carries it); None when unset."""
     import re
 
     env = os.environ if environ is None else environ

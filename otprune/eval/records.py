@@ -23,7 +23,7 @@ None for a setting the method does not use, see `result_settings`); the decoder 
 `tokens_per_layer`, and `tflops` / `tflops_unpruned` from the paper's formula (`otprune.flops`) on
 the actual lengths, plus the lmms-eval context (output path, tasks, model args, limit) and `time`,
 `run` (this process), `run_id` (`OTPRUNE_RUN_ID`: the lmms-eval call run_OTPrune.sh made, also in
-its otprune_run.json; None outside the script), `rank`.
+its folder name; None outside it), `rank`.
 
 Where the lines go (`OTPRUNE_RECORDS`, read by `otprune.config.records_target`):
 
@@ -264,7 +264,7 @@ def result_settings(config) -> dict:
 
 
 def normalized_settings(values: Mapping) -> dict:
-    """`setting_keys()` of a record (or otprune_run.json): method lower case; for a pruned run a missing
+    """`setting_keys()` of a record: method lower case; for a pruned run a missing
     gamma / seed / order is PruneConfig's default (records written before they were recorded), a
     gamma / seed the method does not take is None; everything None when unpruned."""
     from otprune.methods import all_params

@@ -3,7 +3,7 @@
 `python -m otprune.eval.runplan METHODS RATIOS LAYERS LAYERS_GIVEN FASTV_LAYERS VTW_LAYERS RECIPE
 RATIOS_GIVEN GAMMAS` (the script's option values; LAYERS_GIVEN / RATIOS_GIVEN are 1 when the user
 gave them) prints one line per setting, tab-separated: run-folder tag, method, layer, the
-otprune_run.json fields, then the run's VAR=value switches. "none" is the unpruned model; a
+setting's fields (JSON), then the run's VAR=value switches. "none" is the unpruned model; a
 feature-selection method runs at every ratio x layer; FASTV at every ratio x its layers; VTW at its
 layers (no ratio); FITPRUNE with its recipe; DIVPRUNE_STAR / OURS_STAR and PruMerge with the
 per-image IQR budget (`--gammas`: OTPrune once per gamma). Each setting is checked by otprune's own

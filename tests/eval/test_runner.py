@@ -583,3 +583,70 @@ def test_hf_checkpoints_run_the_adaptive_rows_but_qwen_refuses(tmp_path):
     assert llava.returncode == 0, llava.stderr
     qwen = run(*common, "--models", "Qwen/Qwen2.5-VL-7B-Instruct")
     assert qwen.returncode != 0 and "CLS token" in qwen.stderr
+
+
+# ---------------------------------------------------------------- issue #21: identity and ownership
+
+
+def test_model_args_naming_the_checkpoint_are_refused(tmp_path):
+    """Case 3: `--model-args pretrained=OTHER` would evaluate OTHER under MODEL's name."""
+    for key in ("pretrained", "model"):
+        result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--model-args", f"{key}=other/model",
+                     "--log-dir", str(tmp_path))
+        assert result.returncode == 2 and f"'{key}=other/model' names the checkpoint" in result.stderr
+        assert "--models" in result.stderr and commands(result.stdout) == []
+
+
+def test_everything_that_changes_results_gets_its_own_folder(tmp_path, fake_gpu_env):
+    """Case 5: engine, model args, batch size and extra lmms-eval arguments are part of the run's identity: a
+    verified run of one never makes the runner skip another."""
+    env, log = fake_gpu_env
+    base = ("--models", MODELS[0], "--tasks", "gqa", "--log-dir", str(tmp_path / "logs"), "--no-report")
+    assert run(*base, env=env).returncode == 0
+    folders = {task_dir(calls(log)[0]["output_path"])}
+    for extra in (("--batch-size", "2"), ("--model-args", "attn_implementation=eager"), ("--", "--seed", "3")):
+        again = run(*base, *extra, env=env)
+        assert again.returncode == 0, again.stderr
+        assert "skip" not in again.stdout
+        folders.add(task_dir(calls(log)[-1]["output_path"]))
+    assert len(folders) == 4
+    same = run(*base, env=env)
+    assert "skip (verified run exists)" in same.stdout and len(calls(log)) == 4
+    vllm = run("--dry-run", "--engine", "vllm", "--models", "llava-hf/llava-1.5-7b-hf", "--tasks", "gqa", "--python",
+               env["PYTHON"], "--log-dir", str(tmp_path / "logs"), env=env)
+    hf = run("--dry-run", "--models", "llava-hf/llava-1.5-7b-hf", "--tasks", "gqa", "--log-dir", str(tmp_path / "logs"),
+             env=env)
+    (v,), (h,) = commands(vllm.stdout), commands(hf.stdout)
+    assert task_dir(option(v, "--output_path")) != task_dir(option(h, "--output_path"))
+
+
+def test_one_setting_named_twice_runs_once(tmp_path):
+    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--methods", "OURS,OTPRUNE,ours,none,original",
+                 "--log-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert sorted(settings_of(result.stdout)) == ["original", "otprune_r0.098_l0"]
+
+
+def test_smoke_deletes_nothing_it_did_not_create(tmp_path):
+    """Case 7: `--smoke --log-dir DIR` used to run `rm -rf DIR/checkpoint DIR/tiny-llava`."""
+    logs = tmp_path / "logs"
+    for name in ("checkpoint/tiny-llava/mine.txt", "tiny-llava/mine.txt", "otprune-smoke-model/tiny-llava/mine.txt"):
+        (logs / name).parent.mkdir(parents=True, exist_ok=True)
+        (logs / name).write_text("keep")
+    result = run("--smoke", "--log-dir", str(logs))
+    assert result.returncode == 2
+    assert "otprune-smoke-model exists and was not made by otprune run --smoke" in result.stderr
+    assert all((logs / name).read_text() == "keep" for name in
+               ("checkpoint/tiny-llava/mine.txt", "tiny-llava/mine.txt", "otprune-smoke-model/tiny-llava/mine.txt"))
+
+
+def test_w2_distance_without_pot_is_refused_before_any_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ot" else real(name, *a))
+    result = run("--dry-run", "--models", MODELS[0], "--tasks", "gqa", "--log-dir", str(tmp_path),
+                 env={"OTPRUNE_DISTANCE": "w2"})
+    assert result.returncode == 2, result.stdout
+    assert "OTPRUNE_DISTANCE=w2" in result.stderr and "pip install 'otprune[analysis]'" in result.stderr
+    assert commands(result.stdout) == []
