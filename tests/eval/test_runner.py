@@ -650,3 +650,14 @@ def test_w2_distance_without_pot_is_refused_before_any_run(tmp_path, monkeypatch
     assert result.returncode == 2, result.stdout
     assert "OTPRUNE_DISTANCE=w2" in result.stderr and "pip install 'otprune[analysis]'" in result.stderr
     assert commands(result.stdout) == []
+
+
+def test_paths_with_tabs_and_quotes_stay_readable(tmp_path, fake_gpu_env):
+    """Case 10: a TAB in a path made the bash-written otprune_run.json invalid JSON; now every file is written by
+    Python (json / the records writer) and the run verifies."""
+    env, log = fake_gpu_env
+    logs = tmp_path / "with\ttab and 'quote'"
+    result = run("--models", MODELS[0], "--tasks", "gqa", "--log-dir", str(logs), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    markdown = (logs / "otprune_report.md").read_text()
+    assert "| llava-v1.5-7b" in markdown and "Unverified runs" not in markdown
