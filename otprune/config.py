@@ -9,7 +9,7 @@
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
-| `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `trace` (default: Gaussian W2 from the paper's Eq. 4), `w2` (exact W2, POT), `off` |
+| `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `eq4` (default: the paper's W2, a decreasing function of Eq. 4's objective), `gaussian` (Gaussian W2 with the subset's actual trace), `w2` (exact W2, POT), `off` |
 | `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset or `auto` = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
 
 The model-level (attention-based) methods prune inside the LLM and are switched on by `BASELINE`
@@ -368,16 +368,19 @@ def announce(owner: object, config: PruneConfig, model: str = "model") -> None:
 
 def distance_kind(environ: Mapping[str, str] | None = None) -> str:
     """`OTPRUNE_DISTANCE`: which per-image distance of the kept tokens the records carry
-    (`otprune.distance`): "trace" (default when unset or empty), "w2" or "off" (any case)."""
-    from otprune.distance import DEFAULT_DISTANCE, DISTANCE_KINDS
+    (`otprune.distance`): "eq4" (default when unset or empty), "gaussian", "w2" or "off" (any
+    case); "trace" (renamed) is an error that says what it became."""
+    from otprune.distance import DEFAULT_DISTANCE, DISTANCE_KINDS, RENAMED
 
     env = os.environ if environ is None else environ
     raw = (env.get("OTPRUNE_DISTANCE") or "").strip()
     if not raw:
         return DEFAULT_DISTANCE
     if raw.lower() not in DISTANCE_KINDS:
+        why = RENAMED.get(raw.lower(), "eq4: the paper's W2 from Eq. 4; gaussian: the actual-trace Gaussian W2; "
+                                       "w2: exact W2 with POT")
         raise ValueError(f"OTPRUNE_DISTANCE={raw!r}: must be one of {', '.join(DISTANCE_KINDS)} "
-                         f"(default {DEFAULT_DISTANCE}: the paper's Eq. 4 as a Gaussian W2; w2: exact W2 with POT)")
+                         f"(default {DEFAULT_DISTANCE}; {why})")
     return raw.lower()
 
 

@@ -88,7 +88,7 @@ def run(log_dir, method, ratio, scores, start, distance=None, gamma=None):
         for i in range(2):
             sample = stats(20 + i, 576, method=method, ratio=ratio)
             if method is not None:
-                sample.update(distance=[distance], distance_kind="trace", objective=[1.0], distance_ms=1.0)
+                sample.update(distance=[distance], distance_kind="eq4", objective=[1.0], distance_ms=1.0)
             if method == "otprune":
                 sample["gamma"] = 0.01 if gamma is None else gamma
             samples.append(sample)
