@@ -113,8 +113,8 @@ def build_report(log_dir: str | os.PathLike) -> Report:
     runs = [run for run in runs if run not in unmatched]
     rows, tasks, row_notes = collect_rows(results, matched, root)
     average_ranks(rows, tasks)
-    relative_scores(rows, tasks)
-    return Report(root, rows, tasks, notes + row_notes, provenance(runs, tasks))
+    score_notes = relative_scores(rows, tasks)  # which columns the aggregates read (issue #23)
+    return Report(root, rows, tasks, notes + row_notes + score_notes, provenance(runs, tasks))
 
 
 def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = None,
