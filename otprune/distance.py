@@ -114,10 +114,13 @@ def eq4_terms(features: Tensor, kept: Tensor) -> Eq4Terms:
         raise ValueError(f"features: must have shape (N, D) with N, D >= 1, got {tuple(features.shape)}")
     if kept.dim() != 1 or kept.numel() == 0:
         raise ValueError(f"kept: must have shape (K,) with K >= 1, got {tuple(kept.shape)}")
-    z = rms_normalised(features.detach().to(torch.float64))  # (N, D)
+    x = features.detach().to(torch.float64)
+    scale = rms(x)  # (D,)
+    z = x / scale.clamp_min(torch.finfo(x.dtype).tiny)  # (N, D): Z, as `rms_normalised`
     za = z[kept.to(device=z.device, dtype=torch.long)]  # (K, D)
     objective = cross_root_trace(z, za)
-    return Eq4Terms(float(objective), float(z.square().sum() / z.shape[0]), float(za.square().sum() / za.shape[0]))
+    # Tr Sigma: every non-zero dimension has unit second moment, so it is their count
+    return Eq4Terms(float(objective), float((scale > 0).sum()), float(za.square().sum() / za.shape[0]))
 
 
 def eq4_distance(features: Tensor, kept: Tensor) -> tuple[float, float]:
@@ -127,10 +130,15 @@ def eq4_distance(features: Tensor, kept: Tensor) -> tuple[float, float]:
     return terms.paper, terms.objective
 
 
+def rms(x: Tensor) -> Tensor:
+    """(D,): the root mean square of every dimension of x: (N, D) over the N tokens."""
+    return x.square().mean(0).sqrt()
+
+
 def rms_normalised(x: Tensor) -> Tensor:
     """x: (N, D) with every dimension divided by its root mean square over the N tokens (Z of the
     module docstring); a constant-zero dimension stays 0."""
-    return x / x.square().mean(0).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+    return x / rms(x).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from otprune.distance import cross_root_trace, paper_distance, rms_normalised
+from otprune.distance import cross_root_trace, eq4_terms, rms_normalised
 from otprune.methods.otprune import interaction, normalise_columns
 
 __all__ = [
@@ -270,10 +270,10 @@ def gaussian_w2(features: ArrayLike, kept: ArrayLike, *, centred: bool = False) 
 def paper_w2(features: ArrayLike, kept: ArrayLike) -> float:
     """The paper's distance (`otprune.distance.paper_distance`, the records' default `eq4`): W2 of
     the zero-mean Gaussian fits with both traces at the value the per-dimension normalisation
-    fixes, sqrt(2 (Tr Sigma - f)) (negative root when f > Tr Sigma); decreasing in f."""
-    z = _normalised(_features(features), False)
-    idx = _indices(kept, z.shape[0])
-    return paper_distance(float(cross_root_trace(z, z[idx])), float(z.square().sum() / z.shape[0]))
+    fixes, sqrt(2 (Tr Sigma - f)) (negative root when f > Tr Sigma); decreasing in f. The same
+    computation as the records' (`otprune.distance.eq4_terms`), after this module's input checks."""
+    x = _features(features)
+    return eq4_terms(x, _indices(kept, x.shape[0])).paper
 
 
 class TraceObjective:

@@ -406,3 +406,13 @@ def test_a_figure_without_comparison_is_not_drawn(tmp_path):
     assert "fig3_md" in written and "fig34_png" not in written and "png" not in written
     assert "Not drawn: llava-v1.5-7b layer 0: only OTPrune at kept ratio 0.098, no comparison" in \
         written["fig3_md"].read_text()
+
+
+def test_cli_names_the_wilcoxon_setting(sweep_logs, capsys):
+    from otprune.cli import main
+
+    assert main(["report", str(sweep_logs), "--quiet", "--setting", "0.25,0"]) == 0
+    rows = list(csv.reader(io.StringIO((sweep_logs / "otprune_report_wilcoxon.csv").read_text())))
+    assert rows[1][1] == "r=0.25, layer 0 (the test's setting)" and rows[2][1].startswith("r=0.098")
+    with pytest.raises(SystemExit, match="--setting '0.25': give RATIO,LAYER"):
+        main(["report", str(sweep_logs), "--quiet", "--setting", "0.25"])

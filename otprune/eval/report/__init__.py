@@ -118,9 +118,11 @@ def build_report(log_dir: str | os.PathLike) -> Report:
 
 
 def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-                 pair: tuple[str, str] = ("otprune", "divprune")) -> tuple[Report, dict[str, Path]]:
+                 pair: tuple[str, str] = ("otprune", "divprune"),
+                 setting: tuple[float, int] | None = None) -> tuple[Report, dict[str, Path]]:
     """Build the report and write markdown, CSV and (when useful) the PNG, and the paper's analyses
-    the runs hold (`figures`: Fig. 2-5, the Wilcoxon test of `pair`); returns what was written."""
+    the runs hold (`figures`: Fig. 2-5, the Wilcoxon test of `pair` at `setting` = (kept ratio,
+    layer), default Table 1's); returns what was written."""
     report = build_report(log_dir)
     markdown = Path(out) if out is not None else Path(log_dir) / "otprune_report.md"
     # Each file is written to a temporary file beside it and renamed: never through a link.
@@ -136,7 +138,8 @@ def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = Non
             temporary.unlink()  # nothing to draw: an existing picture is left as it is
     if drawn:
         written["png"] = picture
-    written.update(write_figures(report, markdown.parent, markdown.stem, pair))  # Fig. 2-5, Wilcoxon (when held)
+    written.update(write_figures(report, markdown.parent, markdown.stem, pair,  # Fig. 2-5, Wilcoxon (when held)
+                                 **({} if setting is None else {"setting": setting})))
     return report, written
 
 
