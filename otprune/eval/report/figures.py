@@ -313,7 +313,8 @@ def fig34(report: Report) -> tuple[Table, Table | None, dict] | None:
                              f"{only.points[0][0]:g}, no comparison to draw")
     headers = ["model", "method", "layer", "kept ratio", *report.tasks, "average"]
     perf = Table("Fig. 3: relative performance (pruned / original, %) over kept ratios", headers, perf_cells,
-                 "Per task the pruned score over the unpruned model's, in %; average = mean over the paper's metrics."
+                 "Per task the pruned score over the unpruned model's, in %; average = mean over the aggregated metrics "
+                 "(the paper's 11 when the runs hold them; empty cells: the unpruned score is 0 or missing)."
                  + _not_aggregated(report) + (" Not drawn: " + "; ".join(not_drawn) + "." if not_drawn else ""))
     dist = Table("Fig. 4: OT distance relative to OTPrune's (method / OTPrune, same model, ratio, layer)", headers,
                  dist_cells, "Mean per-image distance of the kept tokens (records' `distance`) over OTPrune's at "
@@ -435,7 +436,7 @@ def fig5(report: Report) -> tuple[Table, dict] | None:
         curves[(model, ratio, layer)] = [(row.params["gamma"], row.relative) for row in rows]
     table = Table("Fig. 5: sensitivity to gamma (OTPrune)",
                   ["model", "kept ratio", "layer", "gamma", *report.tasks, "relative (%)"], cells,
-                  "relative: mean over the paper's metrics of the score / the unpruned model's, in % (empty without an "
+                  "relative: mean over the aggregated metrics of the score / the unpruned model's, in % (empty without an "
                   "unpruned row)." + _not_aggregated(report))
     return table, curves
 

@@ -51,7 +51,7 @@ def draw(report: Report):
     axes.axhline(100.0, color="grey", linestyle="--", linewidth=1, label="unpruned (100%)")
     axes.set_xlabel("kept visual tokens (% of the image's tokens)")
     axes.set_ylabel("score relative to unpruned (%)")
-    axes.set_title("Relative score vs kept ratio (mean over the paper's metrics)")
+    axes.set_title("Relative score vs kept ratio (mean over the aggregated metrics)")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()
