@@ -382,8 +382,15 @@ def test_fig2_drawing_prints_rho_and_p_per_task(fig2_logs):
     assert [tuple(v) for v in scatter["DivPrune"].get_offsets()] == [(1.0, 1.0)]
     assert [tuple(v) for v in scatter["First-K"].get_offsets()] == [(5.0, 5.0)]
     assert _colour(scatter["DivPrune"]) == styles.STYLES["divprune"].colour
-    # the pooled panel tells the tasks apart: each point is annotated with its task
-    assert sorted(t.get_text() for t in axes[2].texts) == ["GQA EM"] * 5 + ["POPE F1"] * 5
+    # the pooled panel tells the tasks apart: each point is annotated with its task's number
+    assert axes[2].get_title().split("\n")[2] == "1 = GQA EM, 2 = POPE F1"
+    marks = {}
+    for text in axes[2].texts:
+        for number in text.get_text().split(","):
+            marks.setdefault(tuple(text.xy), []).append(number)
+    pooled = next(c for c in axes[2].collections if c.get_label() == "First-K")  # GQA (5, 5), POPE (5, 4)
+    assert {tuple(v) for v in pooled.get_offsets()} == {(5.0, 5.0), (5.0, 4.0)}
+    assert sorted(n for numbers in marks.values() for n in numbers) == ["1"] * 5 + ["2"] * 5
 
 
 def test_fig5_drawing(sweep_logs):

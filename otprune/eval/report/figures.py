@@ -205,7 +205,7 @@ def fig2(report: Report) -> tuple[Table, dict] | None:
                   ["model", "kept ratio", "layer", "task", "methods", "rho", "p (two-sided)"], cells,
                   "The paper's five strategies only (First-K, Last-K, Uniform, DivPrune, Random): "
                   + "; ".join(coverage) + ". rho > 0: the strategies whose kept tokens are closer (OT distance) "
-                  "score better. Pooled: the within-task ranks of the paper's metrics together"
+                  "score better. Pooled: the within-task ranks of the aggregated metrics together."
                   + _not_aggregated(report) + " n/a: a ranking is constant (e.g. every method has the same score), "
                   "so rho is not defined. " + distance_note(report))
     return table, panels
@@ -218,6 +218,7 @@ def draw_fig2(panels: dict):
     figure, axes = pyplot.subplots(len(panels), width, figsize=(3.6 * width, 3.6 * len(panels)), dpi=110,
                                    squeeze=False)
     for ax_row, ((model, ratio, layer), group) in zip(axes, panels.items(), strict=True):
+        numbers = {panel.task: i + 1 for i, panel in enumerate(group) if panel.task != "pooled"}
         for ax, panel in zip(ax_row, group, strict=False):
             by_method: dict[str, list] = defaultdict(list)
             labels = {}
@@ -230,12 +231,18 @@ def draw_fig2(panels: dict):
                 ax.scatter([d for d, _, _ in values], [s for _, s, _ in values], label=labels[method],
                            marker=look.marker, facecolors="none", edgecolors=look.colour,
                            s=marker_size(method) ** 2, linewidths=1.5, zorder=3)
-                if panel.task == "pooled":
+                if panel.task == "pooled":  # tasks told apart by their number (the title's key)
+                    at: dict[tuple, list[str]] = defaultdict(list)
                     for d, s, task in values:
-                        ax.annotate(task_label(task), (d, s), fontsize=5, color=look.colour,
-                                    xytext=(3, 3), textcoords="offset points")
+                        at[(d, s)].append(str(numbers[task]))
+                    for (d, s), which in at.items():
+                        ax.annotate(",".join(which), (d, s), fontsize=6, color=look.colour,
+                                    xytext=(4, 4), textcoords="offset points")
             name = "pooled over tasks" if panel.task == "pooled" else task_label(panel.task)
-            ax.set_title(f"{name}\nrho = {_stat(panel.rho)}, p = {_stat(panel.p)} (n = {panel.n})", fontsize=8)
+            title = f"{name}\nrho = {_stat(panel.rho)}, p = {_stat(panel.p)} (n = {panel.n})"
+            if panel.task == "pooled":
+                title += "\n" + ", ".join(f"{n} = {task_label(t)}" for t, n in numbers.items())
+            ax.set_title(title, fontsize=7 if panel.task == "pooled" else 8)
             ax.set_xlabel("OT-distance rank (1 = closest)")
             ax.set_ylabel("task-score rank (1 = best)")
             ax.grid(True, alpha=0.3)
