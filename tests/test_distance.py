@@ -198,3 +198,26 @@ def test_w2_matches_a_40_digit_oracle_on_hard_inputs(kind, k):
     assert terms.gaussian == pytest.approx(math.sqrt(trace + trace_a - 2 * f), rel=1e-9)
     assert gaussian_w2(x, kept) == pytest.approx(math.sqrt(trace + trace_a - 2 * f), rel=1e-9)
     assert terms.paper == pytest.approx(paper_distance(f, trace), rel=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(3, 20), d=st.integers(1, 10), seed=st.integers(0, 10_000), data=st.data())
+def test_properties_scale_order_batch(n, d, seed, data):
+    """Per-dimension scale invariance (any magnitude), kept-order invariance, and the batched
+    `cross_root_trace` equal to one subset at a time."""
+    from otprune.distance import cross_root_trace, rms_normalised
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    k = data.draw(st.integers(1, n))
+    kept = torch.randperm(n, generator=gen)[:k]
+    base = eq4_terms(x, kept)
+    scales = torch.tensor([10.0 ** data.draw(st.integers(-30, 30)) for _ in range(d)], dtype=torch.float64)
+    scaled = eq4_terms(x * scales, kept.flip(0))
+    assert scaled.objective == pytest.approx(base.objective, rel=1e-9)
+    assert scaled.trace_kept == pytest.approx(base.trace_kept, rel=1e-9) and scaled.trace_full == base.trace_full
+    z = rms_normalised(x)
+    subsets = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(4)])
+    batched = cross_root_trace(z, z[subsets])
+    for i in range(4):
+        assert float(batched[i]) == pytest.approx(float(cross_root_trace(z, z[subsets[i]])), rel=1e-12, abs=1e-12)
