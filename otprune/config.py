@@ -10,7 +10,7 @@
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `VISIONZIP_CONTEXTUAL`, `DART_PIVOTS_IMAGE`, `DART_PIVOTS_TEXT`, `CDPRUNER_THETA` | the 2025 baselines' parameters (declared in their files) |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
-| `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `trace` (default: Gaussian W2 from the paper's Eq. 4), `w2` (exact W2, POT), `off` |
+| `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `eq4` (default: the paper's W2, a decreasing function of Eq. 4's objective), `gaussian` (Gaussian W2 with the subset's actual trace), `w2` (exact W2, POT; checked when the switch is read), `off` |
 | `TYPE`, `NOT_ADAPTIVE` | the DivPrune repository's PruMerge switches: refused with `BASELINE=PRUMERGE` / `PRUMERGE_PLUS` (and `NOT_ADAPTIVE` with `SUBSET_RATIO=iqr`), naming the switches that ask for the same here (`BASELINE=PRUMERGE_PLUS`, `SUBSET_RATIO=<r>`) |
 | `OTPRUNE_COMPILE` | `1`: `select_tokens` runs the selection compiled (`torch.compile(fullgraph=True)`, the batched loop as one graph, CUDA graphs on a GPU); default off (eager; the CPU keeps its host loop) |
 | `OTPRUNE_RECORDS` | per-sample FLOPs/latency records (`otprune.eval.records`): unset or `auto` = beside lmms-eval's `--output_path`; `off`; or a `.jsonl` file / a directory |
@@ -410,22 +410,25 @@ def announce(owner: object, config: PruneConfig, model: str = "model") -> None:
 
 def distance_kind(environ: Mapping[str, str] | None = None) -> str:
     """`OTPRUNE_DISTANCE`: which per-image distance of the kept tokens the records carry
-    (`otprune.distance`): "trace" (default when unset or empty), "w2" or "off" (any case)."""
-    from otprune.distance import DEFAULT_DISTANCE, DISTANCE_KINDS
+    (`otprune.distance`): "eq4" (default when unset or empty), "gaussian", "w2" or "off" (any
+    case); "trace" (renamed) is an error that says what it became."""
+    from otprune.distance import DEFAULT_DISTANCE, DISTANCE_KINDS, RENAMED
 
     env = os.environ if environ is None else environ
     raw = (env.get("OTPRUNE_DISTANCE") or "").strip()
     if not raw:
         return DEFAULT_DISTANCE
     if raw.lower() not in DISTANCE_KINDS:
+        why = RENAMED.get(raw.lower(), "eq4: the paper's W2 from Eq. 4; gaussian: the actual-trace Gaussian W2; "
+                                       "w2: exact W2 with POT")
         raise ValueError(f"OTPRUNE_DISTANCE={raw!r}: must be one of {', '.join(DISTANCE_KINDS)} "
-                         f"(default {DEFAULT_DISTANCE}: the paper's Eq. 4 as a Gaussian W2; w2: exact W2 with POT)")
+                         f"(default {DEFAULT_DISTANCE}; {why})")
     if raw.lower() == "w2":  # checked where the switch is read (startup), not at the first forward
         import importlib.util
 
         if importlib.util.find_spec("ot") is None:
             raise ValueError("OTPRUNE_DISTANCE=w2: the exact W2 needs POT (module 'ot'), which is not installed: "
-                             "pip install 'otprune[analysis]', or use OTPRUNE_DISTANCE=trace (the default)")
+                             f"pip install 'otprune[analysis]', or use OTPRUNE_DISTANCE={DEFAULT_DISTANCE} (the default)")
     return raw.lower()
 
 

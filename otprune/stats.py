@@ -26,7 +26,7 @@ class SampleStats(Mapping):
     visual tokens at each decoder layer's input (the schedule; multi-layer for in-LLM methods);
     distance_kind / distance / objective / distance_ms: per image, the distance between its kept
     tokens and all its tokens on the features the selection saw (`otprune.distance`,
-    `OTPRUNE_DISTANCE`: trace = Gaussian W2 from Eq. 4, w2 = exact W2), the Eq. 4 objective, and
+    `OTPRUNE_DISTANCE`: eq4 = the paper's W2, gaussian = actual-trace Gaussian W2, w2 = exact W2), the Eq. 4 objective, and
     the batch's time computing them (never part of select_ms / prefill_ms); None when off or not
     defined (unpruned, merged tokens, VTW, FitPrune's multi-stage schedule).
     """

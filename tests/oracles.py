@@ -120,3 +120,21 @@ def prumerge_merge(x: np.ndarray, keys: np.ndarray, scores: np.ndarray, kept: li
     dropped = [j for j in range(len(x)) if j not in kept]
     rows.append(sum((scores[j] * x[j] for j in dropped), np.zeros(x.shape[1])))
     return np.stack(rows)
+
+
+def eq4_high_precision(x: np.ndarray, kept, digits: int = 40) -> tuple[float, float, float]:
+    """(f, Tr Sigma, Tr Sigma_A) of the paper's Eq. 4 in `digits`-digit arithmetic (mpmath):
+    Z = x / rms per dimension, f = sum of the singular values of Z_A Z^T / sqrt(N K)."""
+    import mpmath
+
+    with mpmath.workdps(digits):
+        rows = [[mpmath.mpf(float(v)) for v in row] for row in x]
+        n, d = len(rows), len(rows[0])
+        rms = [mpmath.sqrt(mpmath.fsum(rows[i][j] ** 2 for i in range(n)) / n) for j in range(d)]
+        z = mpmath.matrix([[rows[i][j] / rms[j] for j in range(d)] for i in range(n)])
+        za = mpmath.matrix([[z[int(i), j] for j in range(d)] for i in kept])
+        k = za.rows
+        f = mpmath.fsum(mpmath.svd_r(za * z.T, compute_uv=False)) / mpmath.sqrt(n * k)
+        trace = mpmath.fsum(z[i, j] ** 2 for i in range(n) for j in range(d)) / n
+        trace_a = mpmath.fsum(za[i, j] ** 2 for i in range(k) for j in range(d)) / k
+        return float(f), float(trace), float(trace_a)

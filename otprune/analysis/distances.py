@@ -11,6 +11,8 @@ All functions take the features of one image, `features: (N, D)`, and the kept t
   `W2^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1^1/2 S2 S1^1/2)^1/2)`.
 - `trace_objective`: the paper's Eq. 4 (docs/ALGORITHM.md section 8), `Tr((Sigma^1/2 Sigma_A Sigma^1/2)^1/2)`,
   higher is better; the quantity scored in the synthetic study (Table 2).
+- `paper_w2`: the paper's distance, W2 with both traces fixed by the normalisation,
+  sqrt(2 (Tr Sigma - f)) (docs/ALGORITHM.md 9); `gaussian_w2` keeps the subset's actual trace.
 - `logdet_objective`: OTPrune's surrogate `log det L[A, A]`, L = I + gamma * S S^T (docs/ALGORITHM.md 1).
 
 Moments used by the Gaussian surrogates (`gaussian_moments`). The paper fits ZERO-MEAN
@@ -46,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from otprune.distance import rms_normalised
+from otprune.distance import cross_root_trace, eq4_terms, rms_normalised
 from otprune.methods.otprune import interaction, normalise_columns
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "gaussian_w2",
     "gaussian_w2_squared",
     "logdet_objective",
+    "paper_w2",
     "sqrtm_psd",
     "trace_objective",
     "wasserstein2",
@@ -246,18 +249,31 @@ def gaussian_moments(
 
 
 def gaussian_w2(features: ArrayLike, kept: ArrayLike, *, centred: bool = False) -> float:
-    """Closed-form W2 between the Gaussian fits of all and of the kept tokens (`gaussian_moments`).
+    """Closed-form W2 between the Gaussian fits of all and of the kept tokens (`gaussian_moments`),
+    with the kept tokens' ACTUAL second moment (not the paper's distance: `paper_w2`).
 
-    Uncentred (default): the paper's zero-mean Gaussians, W2^2 = Tr(Sigma) + Tr(Sigma_A) -
-    2 Tr((Sigma^1/2 Sigma_A Sigma^1/2)^1/2). Centred: the full form including ||mu - mu_A||^2.
+    Uncentred (default): zero-mean Gaussians, W2^2 = Tr(Sigma) + Tr(Sigma_A) - 2 f with f =
+    `trace_objective`. Centred: the full form including ||mu - mu_A||^2. f is the nuclear norm
+    of a K x N factor (`otprune.distance.cross_root_trace`): no matrix square root is formed.
     """
-    full, sub = gaussian_moments(features, kept, centred=centred)
+    z = _normalised(_features(features), centred)
+    idx = _indices(kept, z.shape[0])
+    za = z[idx]
+    shift = torch.zeros((), dtype=z.dtype)
     if centred:
-        value = gaussian_w2_squared(full.mean, full.cov, sub.mean, sub.cov)
-    else:
-        zero = torch.zeros_like(full.mean)
-        value = gaussian_w2_squared(zero, full.cov, zero, sub.cov)
-    return float(value.sqrt())
+        shift = (za.mean(0) - z.mean(0)).square().sum()
+        za = za - za.mean(0)
+    value = shift + z.square().sum() / z.shape[0] + za.square().sum() / za.shape[0] - 2.0 * cross_root_trace(z, za)
+    return float(value.clamp_min(0.0).sqrt())
+
+
+def paper_w2(features: ArrayLike, kept: ArrayLike) -> float:
+    """The paper's distance (`otprune.distance.paper_distance`, the records' default `eq4`): W2 of
+    the zero-mean Gaussian fits with both traces at the value the per-dimension normalisation
+    fixes, sqrt(2 (Tr Sigma - f)) (negative root when f > Tr Sigma); decreasing in f. The same
+    computation as the records' (`otprune.distance.eq4_terms`), after this module's input checks."""
+    x = _features(features)
+    return eq4_terms(x, _indices(kept, x.shape[0])).paper
 
 
 class TraceObjective:
@@ -274,6 +290,10 @@ class TraceObjective:
     Call with `subsets: (B, K)` long (each row distinct indices, not checked on this hot path)
     and `dtype` (torch.float64 default, or torch.float32: faster, about 1e-6 relative error) ->
     (B,) scores in that dtype.
+
+    The eigenvalues of M[A, A] are squared singular values, so eigenvalues below ~eps x the
+    largest are lost to rounding: fine for the synthetic study's full-rank Gaussian data; on
+    low-rank or duplicate-heavy features use `trace_objective` (the singular-value route).
     """
 
     def __init__(self, features: ArrayLike, *, centred: bool = False) -> None:
@@ -325,13 +345,18 @@ def trace_objective(features: ArrayLike, kept: ArrayLike, *, centred: bool = Fal
         kept: (K,) one subset -> 0-dim tensor, or (B, K) many subsets -> (B,); float64.
         centred: covariances instead of the paper's zero-mean second moments (module docstring).
 
-    Keeping every token gives Tr(Sigma) = D (uncentred; D minus the number of constant
-    dimensions in general).
+    Computed as the nuclear norm of Z_A Z^T / sqrt(N K) (`otprune.distance.cross_root_trace`;
+    accurate on low-rank, non-zero-mean and duplicate-heavy features), not by `TraceObjective`'s
+    fast eigenvalue route. Keeping every token gives Tr(Sigma) = D (uncentred; D minus the number
+    of constant dimensions in general).
     """
     x = _features(features)
     idx = _indices(kept, x.shape[0], batched=True)
-    scorer = TraceObjective(x, centred=centred)
-    values = scorer(idx.reshape(-1, idx.shape[-1]))
+    z = _normalised(x, centred)
+    za = z[idx.reshape(-1, idx.shape[-1])]  # (B, K, D)
+    if centred:
+        za = za - za.mean(1, keepdim=True)
+    values = cross_root_trace(z, za)
     return values[0] if idx.dim() == 1 else values
 
 

@@ -57,7 +57,7 @@ def run(sizes: tuple[int, ...] = (576, 2880), dim: int = 4096, ratio: float = 0.
 
 
 def format_table(rows: list[DistanceTiming]) -> str:
-    lines = ["| N | K | D | Eq. 4 ms (trace, default) | exact W2 ms (w2, POT) |", "|---|---|---|---|---|"]
+    lines = ["| N | K | D | Eq. 4 ms (eq4, default) | exact W2 ms (w2, POT) |", "|---|---|---|---|---|"]
     for row in rows:
         w2 = "-" if row.w2_ms is None else f"{row.w2_ms:.0f}"
         lines.append(f"| {row.n} | {row.k} | {row.dim} | {row.eq4_ms:.1f} | {w2} |")

@@ -132,7 +132,7 @@ def _register_distance(what) -> None:
     parser = what.add_parser(
         "distance",
         help="time the per-image OT distance of the records (OTPRUNE_DISTANCE) at N = 576, 2880",
-        description="Time otprune.distance's Eq. 4 distance (OTPRUNE_DISTANCE=trace) per image on random "
+        description="Time otprune.distance's Eq. 4 distance (OTPRUNE_DISTANCE=eq4) per image on random "
                     "features, and with --exact the exact W2 (POT), to compare with a prefill (`bench prefill`).",
     )
     parser.add_argument("--sizes", default="576,2880", help="token counts N (default: 576,2880)")

@@ -18,7 +18,9 @@ tokens, OTPRUNE_DISTANCE; several methods, ratios or gammas), the paper's analys
   table_fig3.{md,csv}, table_fig4.{md,csv}, table_fig34.png
                                relative performance (pruned / original) and OT distance / OTPrune's over ratios
   table_fig5.{md,csv,png}      OTPrune over gamma
-  table_wilcoxon.{md,csv}      one-sided Wilcoxon signed-rank test of --pair (default OTPrune vs DivPrune)
+  table_wilcoxon.{md,csv}      one-sided Wilcoxon signed-rank test of --pair (default OTPrune vs DivPrune):
+                               per model at one setting (--setting, default Table 1's 0.098,0) over the
+                               paper's 11 metrics, models pooled at that setting; other settings apart
 """
 
 
@@ -35,6 +37,9 @@ def register(subparsers) -> None:
                         "the CSV and PNG go beside it")
     parser.add_argument("--pair", default="otprune,divprune", metavar="A,B",
                         help="methods of the Wilcoxon test: is A better than B? (default: otprune,divprune)")
+    parser.add_argument("--setting", default="0.098,0", metavar="RATIO,LAYER",
+                        help="the Wilcoxon test's setting: kept ratio and layer (default: Table 1's, 0.098,0); "
+                        "every other setting the runs hold is tested apart")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
     parser.set_defaults(run=run)
 
@@ -50,4 +55,12 @@ def run(args) -> int:
         pair = (canonical_method(names[0]), canonical_method(names[1]))
     except ValueError as err:
         raise SystemExit(f"otprune report: --pair {args.pair!r}: {err}") from None
-    return report_main(args.log_dir, args.out, pair=pair, quiet=args.quiet)
+    parts = [part.strip() for part in args.setting.split(",")]
+    try:
+        setting = (float(parts[0]), int(parts[1]))
+        if len(parts) != 2 or not 0 < setting[0] <= 1 or setting[1] < 0:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise SystemExit(f"otprune report: --setting {args.setting!r}: give RATIO,LAYER with the ratio in (0, 1] and "
+                         "the layer >= 0, e.g. 0.098,0") from None
+    return report_main(args.log_dir, args.out, pair=pair, quiet=args.quiet, setting=setting)

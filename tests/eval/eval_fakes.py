@@ -123,7 +123,7 @@ def fake_spec(model: str, sample: dict, tasks: str, **fields) -> RunSpec:
     method = settings.pop("method")
     values = dict(model=model_identity(model), engine="hf", lmms_model="llava", model_args=(), batch_size="1",
                   limit=None, task=tasks, extra_args=(), method=method,
-                  settings=tuple(sorted(settings.items())) if method else (), distance="trace" if method else None,
+                  settings=tuple(sorted(settings.items())) if method else (), distance="eq4" if method else None,
                   versions=tuple(sorted(installed_versions().items())))  # fmt: skip
     values.update(fields)
     return RunSpec(**values)

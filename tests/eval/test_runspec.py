@@ -10,7 +10,7 @@ from otprune.eval.runspec import RunSpec, model_identity, parse_model_args, spli
 BASE = RunSpec(
     model="hub:liuhaotian/llava-v1.5-7b", engine="hf", lmms_model="llava", model_args=(("device", "cpu"),),
     batch_size="1", limit=None, task="gqa", extra_args=(), method="otprune",
-    settings=(("gamma", 0.01), ("layer", 0), ("order", "ascending"), ("ratio", 0.098)), distance="trace",
+    settings=(("gamma", 0.01), ("layer", 0), ("order", "ascending"), ("ratio", 0.098)), distance="eq4",
     versions=(("lmms-eval", "0.7.3"), ("otprune", "0.1.0"), ("transformers", "5.25.0")),
 )  # fmt: skip
 
@@ -60,7 +60,7 @@ def test_from_command_is_the_spec_of_the_command():
     assert spec.model == "hub:liuhaotian/llava-v1.5-7b" and spec.model_args == (("device", "cpu"),)
     assert (spec.task, spec.limit, spec.batch_size) == ("gqa", "4", "1")
     assert spec.extra_args == ("--gen_kwargs", "max_new_tokens=2")  # output / include path change no result
-    assert spec.method == "otprune" and dict(spec.settings)["gamma"] == 0.05 and spec.distance == "trace"
+    assert spec.method == "otprune" and dict(spec.settings)["gamma"] == 0.05 and spec.distance == "eq4"
     moved = RunSpec.from_command([*argv[:10], "/elsewhere", *argv[11:]], env, {"lmms-eval": "0.7.3"})
     assert moved == spec
     unpruned = RunSpec.from_command(argv, {}, {"lmms-eval": "0.7.3"})

@@ -502,7 +502,7 @@ def test_every_image_records_its_eq4_distance(hf_tiny, method, monkeypatch):
         got = [d for s in adapter.last_stats for d in (s["distance"] or [])]
         expected = [eq4_distance(f, otprune.select_tokens(f, RATIO, method))[0] for f in sets]
         assert got == pytest.approx(expected, rel=1e-4)
-        assert adapter.last_stats[2]["distance"] == [] and adapter.last_stats[0]["distance_kind"] == "trace"
+        assert adapter.last_stats[2]["distance"] == [] and adapter.last_stats[0]["distance_kind"] == "eq4"
         monkeypatch.setenv("OTPRUNE_DISTANCE", "w2")
         with pytest.raises(ValueError, match="OTPRUNE_DISTANCE='w2'"):
             logits(hf_tiny, inputs)

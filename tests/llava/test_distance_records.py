@@ -28,7 +28,7 @@ def test_layer_zero_every_method_records_eq4_on_the_projected_features(tiny_v15,
     (stats,) = model.pruning_stats
     feats = model.encode_images(px)  # (2, 16, D): what the selection saw
     expected = [eq4_distance(feats[i], otprune.select_tokens(feats[i], 0.25, method)) for i in range(2)]
-    assert stats["distance_kind"] == "trace" and len(stats["distance"]) == 2
+    assert stats["distance_kind"] == "eq4" and len(stats["distance"]) == 2
     assert stats["distance"] == pytest.approx([e[0] for e in expected], rel=1e-6)
     assert stats["objective"] == pytest.approx([e[1] for e in expected], rel=1e-6)
     assert stats["distance_ms"] >= 0
@@ -46,7 +46,7 @@ def test_off_unpruned_and_distance_is_not_in_prefill_ms(tiny_v15, monkeypatch):
     model(input_ids=ids[None], images=px)
     assert model.pruning_stats[0]["distance"] is None and model.pruning_stats[0]["distance_kind"] is None
     monkeypatch.setenv("OTPRUNE_DISTANCE", "exact")
-    with pytest.raises(ValueError, match="OTPRUNE_DISTANCE='exact': must be one of off, trace, w2"):
+    with pytest.raises(ValueError, match="OTPRUNE_DISTANCE='exact': must be one of off, eq4, gaussian, w2"):
         model(input_ids=ids[None], images=px)
     monkeypatch.delenv("OTPRUNE_DISTANCE")
     # the distance runs after the prefill's clock stopped (and the selection's), on its own clock

@@ -108,7 +108,7 @@ def build_report(log_dir: str | os.PathLike) -> Report:
     notes = [f"warning: {warning}" for warning in warnings]
     rows, tasks, row_notes = collect_rows(verified, root)
     average_ranks(rows, tasks)
-    notes += relative_scores(rows, tasks)
+    notes += relative_scores(rows, tasks)  # and which columns the aggregates read (issue #23)
     if not rows:
         notes.append("no verified run: every results file is listed under \"Unverified runs\"")
     report = Report(root, rows, tasks, notes + row_notes, provenance([run for run, _ in verified], tasks))
@@ -117,9 +117,11 @@ def build_report(log_dir: str | os.PathLike) -> Report:
 
 
 def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-                 pair: tuple[str, str] = ("otprune", "divprune")) -> tuple[Report, dict[str, Path]]:
+                 pair: tuple[str, str] = ("otprune", "divprune"),
+                 setting: tuple[float, int] | None = None) -> tuple[Report, dict[str, Path]]:
     """Build the report and write markdown, CSV and (when useful) the PNG, and the paper's analyses
-    the runs hold (`figures`: Fig. 2-5, the Wilcoxon test of `pair`); returns what was written.
+    the runs hold (`figures`: Fig. 2-5, the Wilcoxon test of `pair` at `setting` = (kept ratio,
+    layer), default Table 1's); returns what was written.
 
     Every file goes through `otprune.eval.atomic` (random temporary name, renamed into place, never
     through a link). The artefacts of an earlier report of the same name that this one does not
@@ -139,18 +141,20 @@ def write_report(log_dir: str | os.PathLike, out: str | os.PathLike | None = Non
             temporary.unlink()
     if drawn:
         written["png"] = picture
-    written.update(write_figures(report, markdown.parent, markdown.stem, pair))  # Fig. 2-5, Wilcoxon (when held)
+    written.update(write_figures(report, markdown.parent, markdown.stem, pair,  # Fig. 2-5, Wilcoxon (when held)
+                                 **({} if setting is None else {"setting": setting})))
     for index, path in enumerate(remove_stale(markdown, set(written.values()))):
         written[f"stale_{index}"] = path
     return report, written
 
 
 def report_main(log_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-                pair: tuple[str, str] = ("otprune", "divprune"), quiet: bool = False) -> int:
+                pair: tuple[str, str] = ("otprune", "divprune"), quiet: bool = False,
+                setting: tuple[float, int] | None = None) -> int:
     """`otprune report`: write the report, print the table and what was written; exit status (1 when the
     folder cannot be written, with one line naming it)."""
     try:
-        report, written = write_report(log_dir, out, pair=pair)
+        report, written = write_report(log_dir, out, pair=pair, setting=setting)
     except atomic.WriteError as err:
         print(f"otprune report: error: {err.strerror}; write the report elsewhere with --out DIR/table.md",
               file=sys.stderr)

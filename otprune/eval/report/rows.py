@@ -16,6 +16,7 @@ from otprune.eval import adaptive
 from otprune.eval.evidence import RunEvidence
 from otprune.eval.records import normalized_settings, param_keys, setting_defaults, setting_keys
 from otprune.eval.report.collect import ResultFile
+from otprune.eval.report.documents import document_distances
 from otprune.eval.report.headlines import (
     EXTRA_COLUMNS,
     HEADLINES,
@@ -216,6 +217,7 @@ def _add_scores(row: Row, result: ResultFile, root: Path, notes: list[str]) -> N
 
 def bucket(records: Iterable[dict]) -> dict:
     """The sums a row averages over one results file's records: samples, TFLOPs, latencies."""
+    records = list(records)
     sums = {"n": 0, "tflops": 0.0, "tflops_unpruned": 0.0, "prefill_ms": 0.0, "prefill_ms_n": 0, "select_ms": 0.0, "select_ms_n": 0}
     for record in records:
         if is_number(record.get("tflops")) and is_number(record.get("tflops_unpruned")):
@@ -226,11 +228,6 @@ def bucket(records: Iterable[dict]) -> dict:
         sums["kept_after"] = sums.get("kept_after", 0.0) + after
         sums["kept_before"] = sums.get("kept_before", 0.0) + before
         sums["kept_n"] = sums.get("kept_n", 0) + kept_n
-        for value in record.get("distance") or ():  # per image of the sample (otprune.distance)
-            if is_number(value):
-                sums["distance"] = sums.get("distance", 0.0) + float(value)
-                sums["distance_n"] = sums.get("distance_n", 0) + 1
-                sums.setdefault("distance_kinds", set()).add(record.get("distance_kind"))
         for field in ("prefill_ms", "select_ms"):
             if field == "select_ms" and record.get("method") is None:
                 continue  # nothing is selected when pruning is off
@@ -239,6 +236,9 @@ def bucket(records: Iterable[dict]) -> dict:
                 sums[field + "_n"] += 1
         if is_number(record.get("peak_memory_mb")):  # None on a CPU: unknown, left out
             sums["peak_memory_mb"] = max(sums.get("peak_memory_mb", 0.0), float(record["peak_memory_mb"]))
+    total, count, kinds, _ = document_distances(records)  # per image, once per document (issue #23)
+    if count:
+        sums.update(distance=total, distance_n=count, distance_kinds=kinds)
     return sums
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from otprune.eval.report.rows import Row, row_label
+from otprune.eval.report.headlines import aggregated_tasks, aggregation_note
+from otprune.eval.report.rows import Row, model_label, row_label
 
 
 def average_ranks(rows: Sequence[Row], tasks: Sequence[str]) -> None:
     """Set `Row.rank`: per task, the rank (1 = best, ties share the mean rank) among the pruned rows
-    of the same model and kept ratio, averaged over tasks."""
+    of the same model and kept ratio, averaged over the aggregated tasks (`aggregated_tasks`)."""
+    tasks = aggregated_tasks(tasks)
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for row in rows:
         if row.pruned:
@@ -35,12 +37,16 @@ def average_ranks(rows: Sequence[Row], tasks: Sequence[str]) -> None:
 
 
 def relative_scores(rows: Sequence[Row], tasks: Sequence[str]) -> list[str]:
-    """Set `Row.relative` of pruned rows: the mean over tasks of score / unpruned score, in %, against
-    the unpruned row of the same label (`label_models`: the same model, engine, arguments and scope:
-    limit and lmms-eval version). Returns notes: a pruned row whose model has an unpruned row only in
-    another scope gets no relative score, and says so; a task whose unpruned score is 0 is left out."""
-    notes = []
+    """Set `Row.relative` of pruned rows: the mean over the aggregated tasks (`aggregated_tasks`)
+    of score / unpruned score, in %, against the unpruned row of the same label (`label_models`:
+    the same model, engine, arguments and scope: limit and lmms-eval version). Returns the notes for
+    the table: which columns were aggregated when some column is not, each task left out of a row's
+    mean because the unpruned score is 0 (or missing), and each pruned row whose model has an
+    unpruned row only in another scope (no relative score)."""
+    used = aggregated_tasks(tasks)
+    notes = [aggregation_note(tasks)] if list(tasks) != used else []
     originals = {row.model: row for row in rows if row.method is None}
+    zero: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         if not row.pruned:
             continue
@@ -52,14 +58,24 @@ def relative_scores(rows: Sequence[Row], tasks: Sequence[str]) -> list[str]:
                 row.relative_note = f"no unpruned run in its scope; not compared with {', '.join(sorted(others))}"
                 notes.append(f"{row.model} / {row_label(row)}: {row.relative_note}")
             continue
-        zero = [task for task in tasks if task in row.scores and base.scores.get(task) == 0]
-        values = [
-            100.0 * row.scores[task] / base.scores[task]
-            for task in tasks
-            if task in row.scores and base.scores.get(task) not in (None, 0)
-        ]
+        values = []
+        for task in used:
+            if task not in row.scores:
+                continue
+            if base.scores.get(task) in (None, 0):
+                zero[model_label(row.model)].add(task)
+                continue
+            values.append(100.0 * row.scores[task] / base.scores[task])
         row.relative = sum(values) / len(values) if values else None
-        if zero:
-            notes.append(f"{row.model} / {row_label(row)}: relative score leaves out {', '.join(zero)} "
-                         "(unpruned score 0)")
+    for model, left_out in sorted(zero.items()):
+        notes.append(f"{model}: relative scores leave out {', '.join(sorted(left_out))}: the unpruned score is 0 or "
+                     "missing, so pruned / unpruned is not defined")
     return notes
+
+
+def relative_percent(row: Row, base: Row | None, task: str) -> float | None:
+    """100 x row's score / the unpruned row's on `task`; None when either is missing or the
+    unpruned score is 0."""
+    if base is None or task not in row.scores or base.scores.get(task) in (None, 0):
+        return None
+    return 100.0 * row.scores[task] / base.scores[task]

@@ -18,7 +18,8 @@ LEFT_COLUMNS = 4  # Model, Method, Layer, Kept: left-aligned; the numbers after 
 LEGEND = (
     "FLOPs: mean over tasks of the per-sample decoder FLOPs (4nd^2 + 2n^2d + 2ndm per layer, actual lengths); "
     "% = mean over tasks of pruned / unpruned. Prefill / Select: mean per sample. "
-    "Avg. rank: per task, rank among the pruned rows of the same model and kept ratio (1 = best), averaged."
+    "Avg. rank: per task, rank among the pruned rows of the same model and kept ratio (1 = best), averaged over "
+    "the paper's 11 metrics (extra columns such as MME C are shown, never aggregated; see the notes)."
 )
 
 
