@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from otprune.methods._greedy import greedy_logdet
-from otprune.methods.base import TokenSelector, param, valid_mask
+from otprune.methods.base import TokenSelector, mask_beyond_k, param, valid_mask
 from otprune.methods.divprune import cosine_similarity
 
 QUESTION_SUFFIX = "\nAnswer the question using a single word or phrase."  # removed from the instruction
@@ -125,4 +125,4 @@ class CDPruner(TokenSelector):
                 raise ValueError("relevance: must be finite and >= 0")
         kernel = conditional_kernel(features, relevance)  # (B, N, N)
         valid = valid_mask(lengths, kernel.shape[-1])
-        return greedy_logdet(kernel, valid, k_max, eps=0.0)
+        return mask_beyond_k(greedy_logdet(kernel, valid, k_max, eps=0.0), k)  # slots beyond k[b]: -1

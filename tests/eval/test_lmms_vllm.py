@@ -95,7 +95,8 @@ def test_pruned_requests_become_records(fake, env, tmp_path):
     lm = lmms_plugin.VllmChat.create_from_arg_string("model=/ckpt,plugin")
     assert fake.asked == [("vllm", False)]
     assert lm.generate_until([(64, 16), (64, 16)]) == ["answer", "answer"]
-    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    spec, *lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert spec["otprune_spec"] == 1 and "spec" in spec  # the evidence: what this process runs
     assert [(r["visual_tokens_before"], r["visual_tokens_after"], r["text_tokens"]) for r in lines] == [(64, 16, 10)] * 2
     assert {(r["method"], r["layer"], r["ratio"], r["gamma"], r["run_id"]) for r in lines} == {("otprune", 0, 0.25, 0.01, "run1")}
     assert all(r["prefill_ms"] is None and r["tflops"] < r["tflops_unpruned"] for r in lines)
