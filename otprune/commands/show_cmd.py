@@ -244,7 +244,10 @@ def run(args) -> int:
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise FileNotFoundError(f"--out {args.out}: directory {out.parent} does not exist")
-    figure.save(out)
+    from otprune.eval import atomic
+
+    with atomic.replacing(out) as temporary:  # random temporary name, renamed into place, never through a link
+        figure.save(temporary, format=(out.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
     n = features.shape[0]
     print(f"{args.image}: {n} visual tokens from {source}; keeping ratio {args.ratio}")
     for method in methods:

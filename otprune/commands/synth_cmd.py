@@ -205,7 +205,8 @@ def run(args) -> int:
     print(f"total time {_fmt_seconds(report['protocol']['seconds'])}")
     if args.json:
         report["table"] = table
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=1)
+        from otprune.eval import atomic
+
+        atomic.write_text(args.json, json.dumps(report, indent=1))
         print(f"wrote {args.json}")
     return 0

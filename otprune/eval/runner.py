@@ -34,7 +34,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from otprune.eval import evidence
+from otprune.eval import atomic, evidence
 from otprune.eval.runspec import MODEL_KEYS, RunSpec, installed_versions, parse_model_args
 
 ME = "otprune run"
@@ -99,8 +99,9 @@ PRUMERGE_PLUS, DIVPRUNE_STAR, OURS_STAR (PRUMERGE / PRUMERGE_PLUS at each --rati
 --paper-table = none,VTW (with --vtw-layers),FASTV,DIVPRUNE,OURS,PRUMERGE,PRUMERGE_PLUS,DIVPRUNE_STAR,OURS_STAR.
 
 Studies (--study): fig2 (LLaVA-1.5-7B: FIRSTK,LASTK,UNIFORM,RANDOM,DIVPRUNE at 0.098), fig3 (LLaVA-1.5-13B:
-OURS,DIVPRUNE,DPP,RANDOM at 0.05..0.5), fig5 (three models, OURS at gammas 0.005..0.1); with --smoke on the
-tiny checkpoint (otprune/eval/studies.py).
+OURS,DIVPRUNE,DPP,RANDOM at 0.05..0.5), fig5 (three models, OURS at gammas 0.005..0.1), sota (OURS, DIVPRUNE,
+CDPRUNER, VISIONZIP, DART at 64 / 128 / 192 tokens); with --smoke on the tiny checkpoint
+(otprune/eval/studies.py).
 
 --smoke: the whole pipeline on CPU in a few minutes: a tiny random checkpoint (built once into
 LOG_DIR/{SMOKE_CHECKPOINT}, a folder it owns), task otprune_smoke, unpruned and OTPrune at 0.098 (or the
@@ -125,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tasks", "--task", help="comma-separated lmms-eval tasks; otprune_paper = the paper's 11 [TASKS] (default: the 11)")
     add("--methods", "--method", help="BASELINE values, see below [METHODS, else BASELINE] (default: OURS)")
     add("--paper-table", action="store_true", help="the methods of the paper's Table 1")
-    add("--study", help="fig2, fig3 or fig5: the runs of one of the paper's analyses [STUDY]")
+    add("--study", help="fig2, fig3, fig5 or sota: the runs of one of the paper's analyses [STUDY]")
     add("--gammas", "--gamma", help="OTPrune's gammas, one OURS run each [GAMMAS] (default: OTPRUNE_GAMMA, else 0.01)")
     add("--ratios", "--ratio", help="kept fractions in (0, 1] [RATIOS, else SUBSET_RATIO] (default: 0.098)")
     add("--layers", "--layer", help="LAYER_INDEX values, 0 = before the LLM [LAYERS, else LAYER_INDEX] (default: 0)")
@@ -548,7 +549,7 @@ def make_smoke_checkpoint(path: Path, python: str, dry_run: bool) -> None:
             print(f"== smoke: tiny checkpoint {path} (reused)")
             return
     owned.mkdir(parents=True, exist_ok=True)
-    (owned / SMOKE_MARK).write_text("made by otprune run --smoke; removed only by you\n", encoding="utf-8")
+    atomic.write_text(owned / SMOKE_MARK, "made by otprune run --smoke; removed only by you\n")
     print(f"== smoke: tiny checkpoint {path}")
     subprocess.run(command, check=True)
 
