@@ -36,9 +36,10 @@ def planned(stdout: str) -> list[tuple[str, str, str, str]]:
         if "-m lmms_eval" not in line:
             continue
         argv = shlex.split(line)
-        path = Path(argv[argv.index("--output_path") + 1])  # LOG_DIR/<model>/<setting>/<task>/run_<id>
+        path = Path(argv[argv.index("--output_path") + 1])  # LOG_DIR/<model>/<setting>/<task>-<spec hash>/run_<id>
         if path.name.startswith("run_"):
             path = path.parent
+        path = path.with_name(path.name.rsplit("-", 1)[0])  # the task
         gamma = next((a.split("=", 1)[1] for a in argv if a.startswith("OTPRUNE_GAMMA=")), "")
         out.append((argv[argv.index("--model_args") + 1].removeprefix("pretrained="), path.name, path.parent.name, gamma))
     return out
@@ -47,7 +48,7 @@ def planned(stdout: str) -> list[tuple[str, str, str, str]]:
 def test_study_plans_name_the_papers_runs(tmp_path):
     fig2 = planned(run("--study", "fig2", "--dry-run", "--log-dir", str(tmp_path)).stdout)
     assert {m for m, *_ in fig2} == {"liuhaotian/llava-v1.5-7b"} and len(fig2) == ELEVEN * 6
-    assert {s for _, _, s, _ in fig2} == {"original", "firstk_r0.098_l0", "lastk_r0.098_l0", "uniform_r0.098_l0",
+    assert {s for _, _, s, _ in fig2} == {"original", "first_k_r0.098_l0", "last_k_r0.098_l0", "uniform_r0.098_l0",
                                           "random_r0.098_l0", "divprune_r0.098_l0"}
     fig3 = planned(run("--study", "fig3", "--dry-run").stdout)
     assert {m for m, *_ in fig3} == {"liuhaotian/llava-v1.5-13b"} and len(fig3) == ELEVEN * (1 + 4 * 6)
@@ -55,7 +56,7 @@ def test_study_plans_name_the_papers_runs(tmp_path):
     fig5 = planned(run("--study", "fig5", "--dry-run").stdout)
     assert len({m for m, *_ in fig5}) == 3 and len(fig5) == 3 * ELEVEN * (1 + 5)
     assert {g for *_, g in fig5} == {"", "0.005", "0.01", "0.02", "0.05", "0.1"}  # "": the unpruned runs
-    assert "ours_r0.098_l0_g0.005" in {s for _, _, s, _ in fig5}
+    assert "otprune_r0.098_l0_g0.005" in {s for _, _, s, _ in fig5}
     # --models / --tasks still choose; a bad study name or a gamma without OTPrune is a clear error
     few = planned(run("--study", "fig2", "--dry-run", "--models", "liuhaotian/llava-v1.5-13b", "--tasks", "gqa").stdout)
     assert {(m, t) for m, t, *_ in few} == {("liuhaotian/llava-v1.5-13b", "gqa")} and len(few) == 6
@@ -70,7 +71,7 @@ def test_smoke_study_plans(tmp_path):
     assert result.returncode == 0, result.stderr
     runs = planned(result.stdout)
     assert {t for _, t, _, _ in runs} == {"otprune_smoke"}
-    assert [s for _, _, s, _ in runs] == ["original", "ours_r0.25_l0_g0.005", "ours_r0.25_l0", "ours_r0.25_l0_g0.1"]
+    assert [s for _, _, s, _ in runs] == ["original", "otprune_r0.25_l0_g0.005", "otprune_r0.25_l0", "otprune_r0.25_l0_g0.1"]
 
 
 def test_study_module_prints_shell_assignments(capsys):
