@@ -51,6 +51,10 @@ FAMILIES: dict[str, Family] = {
                "otprune.hf.tiny:write_tiny_onevision"),
         Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "otprune.hf.qwen2_5_vl:Qwen2_5_VLAdapter",
                "otprune.hf.qwen2_5_vl_tiny:write_tiny_qwen2_5_vl"),
+        Family("qwen3_vl", "Qwen3VLForConditionalGeneration", "otprune.hf.qwen3_vl:Qwen3VLAdapter",
+               "otprune.hf.qwen3_vl_tiny:write_tiny_qwen3_vl"),
+        Family("qwen3_5", "Qwen3_5ForConditionalGeneration", "otprune.hf.qwen3_vl:Qwen3_5Adapter",
+               "otprune.hf.qwen3_vl_tiny:write_tiny_qwen3_5"),
     )
 }  # fmt: skip
 
