@@ -55,6 +55,10 @@ FAMILIES: dict[str, Family] = {
                "otprune.hf.qwen3_vl_tiny:write_tiny_qwen3_vl"),
         Family("qwen3_5", "Qwen3_5ForConditionalGeneration", "otprune.hf.qwen3_vl:Qwen3_5Adapter",
                "otprune.hf.qwen3_vl_tiny:write_tiny_qwen3_5"),
+        Family("gemma3", "Gemma3ForConditionalGeneration", "otprune.hf.gemma3:Gemma3Adapter",
+               "otprune.hf.gemma3_tiny:write_tiny_gemma3"),
+        Family("internvl", "InternVLForConditionalGeneration", "otprune.hf.internvl:InternVLAdapter",
+               "otprune.hf.internvl_tiny:write_tiny_internvl"),
     )
 }  # fmt: skip
 

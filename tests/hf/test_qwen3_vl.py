@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_tiny
-from PIL import Image
+from conftest import random_image as image
+from conftest import user_prompt as chat
 
 import otprune
 from otprune import hf
@@ -23,34 +23,11 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 FAMILIES = ("qwen3_vl", "qwen3_5")
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request, hf_tiny_path):
-    loaded = load_tiny(request.param, hf_tiny_path(request.param))
-    yield loaded
-    adapter = getattr(loaded.model, "_otprune_adapter", None)
-    if adapter is not None:
-        adapter.remove()
-
-
-@pytest.fixture
-def model(tiny):
-    yield tiny.model
-    adapter = getattr(tiny.model, "_otprune_adapter", None)
-    if adapter is not None:
-        adapter.remove()
-    assert "forward" not in vars(tiny.model) and "forward" not in vars(tiny.model.model.language_model)
-
-
-def image(height: int, width: int, seed: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
+QWEN3 = pytest.mark.parametrize("hf_family", FAMILIES, indirect=True)
 
 
 # 24 (128 x 192), 9 (96 x 96) and 20 (160 x 128) merged tokens.
 IMAGES = [image(128, 192, 0), image(96, 96, 1), image(160, 128, 2)]
-
-
-def chat(processor, parts) -> str:
-    return processor.apply_chat_template([{"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True)
 
 
 def batch_inputs(processor):
@@ -115,8 +92,10 @@ def reference_logits(model, inputs, ratio: float, method: str = "otprune", deeps
     return model.lm_head(hidden), rows
 
 
+@QWEN3
 @torch.no_grad()
-def test_ratio_one_equals_unpruned(model, tiny):
+def test_ratio_one_equals_unpruned(hf_family):
+    model, tiny = hf_family.model, hf_family
     inputs = batch_inputs(tiny.processor)
     reference = model(**inputs).logits
     with hf.pruning(model, otprune.PruneConfig(layer=0, ratio=1.0)) as adapter:
@@ -126,9 +105,11 @@ def test_ratio_one_equals_unpruned(model, tiny):
     torch.testing.assert_close(logits[mask], reference[mask], **TOL)
 
 
+@QWEN3
 @torch.no_grad()
 @pytest.mark.parametrize("method", ["otprune", "divprune"])
-def test_pruned_logits_equal_reference(model, tiny, method):
+def test_pruned_logits_equal_reference(hf_family, method):
+    model, tiny = hf_family.model, hf_family
     inputs = two_images(tiny.processor)
     reference, rows = reference_logits(model, inputs, 0.3, method)
     with hf.pruning(model, otprune.PruneConfig(method=method, layer=0, ratio=0.3)):
@@ -140,8 +121,10 @@ def test_pruned_logits_equal_reference(model, tiny, method):
         assert (without - logits).abs().max() > 1e-2
 
 
+@QWEN3
 @torch.no_grad()
-def test_video_pruned_like_an_image(model, tiny):
+def test_video_pruned_like_an_image(hf_family):
+    model, tiny = hf_family.model, hf_family
     inputs = video(tiny.processor)
     t, h, w = inputs["video_grid_thw"][0].tolist()
     tokens = t * h * w // 4  # both frames: one token set
@@ -153,8 +136,10 @@ def test_video_pruned_like_an_image(model, tiny):
     torch.testing.assert_close(logits, reference, **TOL)
 
 
+@QWEN3
 @torch.no_grad()
-def test_generate_with_cache_equals_loop_without_cache(model, tiny):
+def test_generate_with_cache_equals_loop_without_cache(hf_family):
+    model, tiny = hf_family.model, hf_family
     inputs = batch_inputs(tiny.processor)
     pad = SPECIAL_IDS["<|endoftext|>"]
     with hf.pruning(model, otprune.PruneConfig(layer=0, ratio=0.3)):
@@ -171,6 +156,8 @@ def test_generate_with_cache_equals_loop_without_cache(model, tiny):
     torch.testing.assert_close(torch.stack(out.logits, dim=1), torch.stack(steps, dim=1), **TOL)
 
 
-def test_unsupported_config_refused(model):
+@QWEN3
+def test_unsupported_config_refused(hf_family):
+    model = hf_family.model
     with pytest.raises(ValueError, match="LAYER_INDEX=2"):
         hf.apply(model, otprune.PruneConfig(layer=2, ratio=0.5))
