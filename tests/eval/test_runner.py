@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from otprune.hf.families import FAMILIES
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "run_OTPrune.sh"
 MODELS = ["liuhaotian/llava-v1.5-7b", "liuhaotian/llava-v1.5-13b", "liuhaotian/llava-v1.6-vicuna-7b"]
@@ -583,3 +585,15 @@ def test_hf_checkpoints_run_the_adaptive_rows_but_qwen_refuses(tmp_path):
     assert llava.returncode == 0, llava.stderr
     qwen = run(*common, "--models", "Qwen/Qwen2.5-VL-7B-Instruct")
     assert qwen.returncode != 0 and "CLS token" in qwen.stderr
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_hf_family_routes_by_model_type(tmp_path, family):
+    """A checkpoint folder of each `otprune.hf` family runs through the lmms-eval name of its `Family`
+    record (llava_onevision keeps its own kind: it is refused by --engine vllm, run by llava_hf)."""
+    from otprune.eval.runner import checkpoint_format, lmms_model_of
+
+    record = FAMILIES[family]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": record.model_type}))
+    assert lmms_model_of(str(tmp_path), "hf", allow_unknown=False) == record.lmms_model
+    assert checkpoint_format(tmp_path) == ("llava_onevision" if family == "onevision" else record.lmms_model)
