@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import random_image as image
 from conftest import user_prompt as chat
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import otprune
 from otprune import hf
@@ -146,3 +148,37 @@ def test_cls_methods_refused(hf_family):
     model = hf_family.model
     with pytest.raises(ValueError, match="PRUMERGE"):
         hf.apply(model, otprune.PruneConfig(method="prumerge", layer=0, ratio=0.25))
+
+
+@LLAVA_LIKE
+@torch.no_grad()
+def test_pruned_batch_equals_each_sample_alone(hf_family):
+    """Left padding, three samples (Gemma 3: each sample's image blocks follow its own kept rows)."""
+    model, processor = hf_family.model, hf_family.processor
+    texts = [chat(processor, [{"type": "image"}, {"type": "text", "text": "What is it?"}]), chat(processor, TWO),
+             chat(processor, [{"type": "text", "text": "No picture here, just text."}])]  # fmt: skip
+    images = [[IMAGES[0]], IMAGES[1:], None]
+    inputs = batch_inputs(processor)
+    with hf.pruning(model, otprune.PruneConfig(layer=0, ratio=0.25)) as adapter:
+        batch = model(**inputs).logits
+        lengths = [s["seq_len_after"] for s in adapter.last_stats]
+        for b in range(3):
+            alone = processor(text=[texts[b]], images=[images[b]] if images[b] else None, return_tensors="pt")
+            logits = model(**alone).logits[0]
+            assert logits.shape[0] == lengths[b]
+            torch.testing.assert_close(batch[b, batch.shape[1] - lengths[b] :], logits, **TOL)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0, 5]), min_size=1, max_size=12), min_size=1, max_size=4).filter(
+    lambda rows: len({len(r) for r in rows}) == 1))
+def test_placeholder_runs_brute_force(rows):
+    expected = []
+    for row in rows:  # brute force: walk each row
+        for t, value in enumerate(row):
+            if value == 5:
+                if t > 0 and row[t - 1] == 5:
+                    expected[-1] += 1
+                else:
+                    expected.append(1)
+    assert placeholder_runs(torch.tensor(rows), 5) == expected

@@ -14,10 +14,15 @@ import pytest
 import torch
 from conftest import random_image as image
 from conftest import user_prompt as chat
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import otprune
 from otprune import hf
+from otprune.hf.base import compact_batch
+from otprune.hf.qwen2_5_vl import VisualSets
 from otprune.hf.qwen2_5_vl_tiny import SPECIAL_IDS
+from otprune.hf.qwen3_vl import deepstack_of_kept
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 FAMILIES = ("qwen3_vl", "qwen3_5")
@@ -30,19 +35,21 @@ QWEN3 = pytest.mark.parametrize("hf_family", FAMILIES, indirect=True)
 IMAGES = [image(128, 192, 0), image(96, 96, 1), image(160, 128, 2)]
 
 
+TWO = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}, {"type": "text", "text": "Compare."}]
+
+
 def batch_inputs(processor):
     """Left-padded batch: one image; two images with text between; text only."""
     texts = [
         chat(processor, [{"type": "image"}, {"type": "text", "text": "What is it?"}]),
-        chat(processor, [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}, {"type": "text", "text": "Compare."}]),
+        chat(processor, TWO),
         chat(processor, [{"type": "text", "text": "No picture here, just text."}]),
     ]
     return processor(text=texts, images=IMAGES, padding=True, padding_side="left", return_tensors="pt")
 
 
 def two_images(processor):
-    text = chat(processor, [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}, {"type": "text", "text": "Compare."}])
-    return processor(text=[text], images=IMAGES[1:], return_tensors="pt")
+    return processor(text=[chat(processor, TWO)], images=IMAGES[1:], return_tensors="pt")
 
 
 def video(processor):
@@ -161,3 +168,51 @@ def test_unsupported_config_refused(hf_family):
     model = hf_family.model
     with pytest.raises(ValueError, match="LAYER_INDEX=2"):
         hf.apply(model, otprune.PruneConfig(layer=2, ratio=0.5))
+
+
+@QWEN3
+@torch.no_grad()
+def test_pruned_batch_equals_each_sample_alone(hf_family):
+    """Left padding, three samples: each sample's DeepStack rows land on its own kept tokens.
+
+    Qwen3.5's own (unpruned) batch differs from its samples alone by up to ~1.5e-4 on these tiny
+    weights (its Gated DeltaNet layers on a padded batch): it gets that model's tolerance."""
+    model, processor = hf_family.model, hf_family.processor
+    tol = {"atol": 5e-4, "rtol": 1e-4} if hf_family.family == "qwen3_5" else TOL
+    texts = [chat(processor, [{"type": "image"}, {"type": "text", "text": "What is it?"}]), chat(processor, TWO),
+             chat(processor, [{"type": "text", "text": "No picture here, just text."}])]  # fmt: skip
+    images = [[IMAGES[0]], IMAGES[1:], None]
+    inputs = batch_inputs(processor)
+    with hf.pruning(model, otprune.PruneConfig(layer=0, ratio=0.3)) as adapter:
+        batch = model(**inputs).logits
+        lengths = [s["seq_len_after"] for s in adapter.last_stats]
+        for b in range(3):
+            logits = model(**processor(text=[texts[b]], images=images[b], return_tensors="pt")).logits[0]
+            assert logits.shape[0] == lengths[b]
+            torch.testing.assert_close(batch[b, batch.shape[1] - lengths[b] :], logits, **tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_deepstack_of_kept_brute_force(data):
+    """Per DeepStack layer, the kept visual rows' features in row-major order of the pruned batch."""
+    batch, length = data.draw(st.integers(1, 3)), data.draw(st.integers(2, 8))
+    flat = list(range(batch * length))
+    visual = sorted(data.draw(st.lists(st.sampled_from(flat), min_size=1, max_size=len(flat), unique=True)))
+    cut = data.draw(st.integers(1, len(visual)))
+    sets = VisualSets([torch.tensor(visual[:cut]), *([torch.tensor(visual[cut:])] if cut < len(visual) else [])], [], [])
+    kept = [torch.tensor(sorted(data.draw(st.lists(st.integers(0, r.numel() - 1), min_size=1, unique=True)))) for r in sets.rows]
+    layers = [[torch.randn(r.numel(), 3) for r in sets.rows] for _ in range(2)]
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    keep = valid.clone().view(-1)
+    keep[torch.tensor(visual)] = False
+    for rows, k in zip(sets.rows, kept, strict=True):
+        keep[rows[k]] = True
+    compact = compact_batch(keep.view(batch, length), data.draw(st.sampled_from(["left", "right"])))
+    mask, embeds = deepstack_of_kept(layers, sets, kept, compact, (batch, length))
+    # brute force: walk the pruned batch row by row
+    source = {int(r): (i, j) for i, rows in enumerate(sets.rows) for j, r in enumerate(rows.tolist()) if j in kept[i].tolist()}
+    order = [source[int(r)] for r in compact.index.reshape(-1).tolist() if int(r) in source]
+    assert mask.sum() == len(order) == sum(k.numel() for k in kept)
+    for layer, got in zip(layers, embeds, strict=True):
+        torch.testing.assert_close(got, torch.stack([layer[i][j] for i, j in order]), rtol=0, atol=0)
