@@ -182,3 +182,19 @@ def test_placeholder_runs_brute_force(rows):
                 else:
                     expected.append(1)
     assert placeholder_runs(torch.tensor(rows), 5) == expected
+
+
+@pytest.mark.parametrize("hf_family", ["gemma3"], indirect=True)
+@torch.no_grad()
+def test_gemma3_pan_and_scan_crops_are_token_sets(hf_family):
+    """With pan-and-scan, the image and each of its crops is its own `<start_of_image>` block: one set each."""
+    model, processor = hf_family.model, hf_family.processor
+    inputs = processor(text=[chat(processor, [{"type": "image"}, {"type": "text", "text": "Hi"}])],
+                       images=[[image(64, 200, 3)]], do_pan_and_scan=True, pan_and_scan_min_crop_size=32,
+                       pan_and_scan_min_ratio_to_activate=1.2, pan_and_scan_max_num_crops=4, return_tensors="pt")  # fmt: skip
+    assert inputs["pixel_values"].shape[0] == 4  # the image and 3 crops
+    expected, _ = reference(model, inputs, 0.25)
+    with hf.pruning(model, otprune.PruneConfig(layer=0, ratio=0.25)) as adapter:
+        logits = model(**inputs).logits
+    assert adapter.last_stats[0]["image_tokens_after"] == [4, 4, 4, 4]
+    torch.testing.assert_close(logits, expected, **TOL)
