@@ -93,6 +93,8 @@ NO_CLS_TOWERS = {
     "qwen2_5_vl": "Qwen2.5-VL's ViT (window attention, no CLS)",
     "qwen3_vl": "Qwen3-VL's ViT (no CLS)",
     "qwen3_5": "Qwen3.5's ViT (no CLS)",
+    "qwen3_vl_moe": "Qwen3-VL's ViT (no CLS)",
+    "qwen3_5_moe": "Qwen3.5's ViT (no CLS)",
     "gemma3": "SigLIP (Gemma 3)",
 }
 

@@ -26,6 +26,9 @@ DeepStack (transformers' `Qwen3_5VisionModel` deletes the DeepStack mergers; its
 passes no visual inputs to the LLM besides the embeddings) and its `get_rope_index` is
 Qwen3-VL's; the LLM differs (Gated DeltaNet layers mixed with attention layers), which layer-0
 pruning does not touch. `Qwen3_5Adapter` is this adapter with no DeepStack to prune.
+
+The MoE models (`Qwen3VLMoeForConditionalGeneration`, `Qwen3_5MoeForConditionalGeneration`) have
+the same vision path and multimodal step: `Qwen3VLMoeAdapter` / `Qwen3_5MoeAdapter`.
 """
 
 from __future__ import annotations
@@ -125,4 +128,19 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
             raise ValueError(f"{type(self.model).__name__}: its vision tower returned DeepStack features, which Qwen3.5 does not use")
 
 
-__all__ = ["Qwen3VLAdapter", "Qwen3_5Adapter", "deepstack_of_kept"]
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    """`Qwen3VLAdapter` for `Qwen3VLMoeForConditionalGeneration` (Qwen3-VL-30B-A3B, 235B-A22B: the
+    same vision path and DeepStack; the LLM's MoE layers are not touched by layer-0 pruning)."""
+
+    family: ClassVar[str] = "qwen3_vl_moe"
+    model_classes: ClassVar[tuple[str, ...]] = ("Qwen3VLMoeForConditionalGeneration",)
+
+
+class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+    """`Qwen3_5Adapter` for `Qwen3_5MoeForConditionalGeneration` (Qwen3.5's MoE models)."""
+
+    family: ClassVar[str] = "qwen3_5_moe"
+    model_classes: ClassVar[tuple[str, ...]] = ("Qwen3_5MoeForConditionalGeneration",)
+
+
+__all__ = ["Qwen3VLAdapter", "Qwen3VLMoeAdapter", "Qwen3_5Adapter", "Qwen3_5MoeAdapter", "deepstack_of_kept"]

@@ -11,7 +11,8 @@ spatial merge (32 px per merged visual token side; an image gives 4 to 36 visual
 128 x 192 image 4 x 6 = 24), a 2-block vision tower of width 32 with learned position
 embeddings (8 x 8 grid, interpolated) and DeepStack mergers after both blocks, an LLM of
 2 decoder layers of width 64 (interleaved M-RoPE). Qwen3.5: the same vision tower without
-DeepStack and a 2-layer hybrid LLM (one Gated DeltaNet layer, one attention layer).
+DeepStack and a 2-layer hybrid LLM (one Gated DeltaNet layer, one attention layer). The MoE
+variants (`write_tiny_qwen3_vl_moe`, `write_tiny_qwen3_5_moe`) have 4 experts of width 32 per layer.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ LINEAR = {
     "linear_num_value_heads": 4,
     "full_attention_interval": 2,
 }
+
+
+# The MoE LLMs: 4 experts of width 32, 2 per token (Qwen3.5's also a shared expert).
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
 
 
 def build_processor():
@@ -111,6 +116,23 @@ def build_config_qwen3_5():
     return Qwen3_5Config(text_config=text, vision_config=dict(VISION), **_token_ids())
 
 
+def build_config_qwen3_vl_moe():
+    """The tiny `Qwen3VLMoeConfig` (as `build_config`, with an MoE LLM)."""
+    from transformers import Qwen3VLMoeConfig
+
+    vision = {**VISION, "deepstack_visual_indexes": [0, 1]}
+    return Qwen3VLMoeConfig(text_config={**_text_config(), **MOE}, vision_config=vision, **_token_ids())
+
+
+def build_config_qwen3_5_moe():
+    """The tiny `Qwen3_5MoeConfig` (as `build_config_qwen3_5`, with an MoE LLM and a shared expert)."""
+    from transformers import Qwen3_5MoeConfig
+
+    text = {**_text_config(), **LINEAR, **MOE, "shared_expert_intermediate_size": 32}
+    text.pop("decoder_sparse_step")
+    return Qwen3_5MoeConfig(text_config=text, vision_config=dict(VISION), **_token_ids())
+
+
 def _write(path: str | Path, config, model_class: str, seed: int) -> Path:
     import transformers
 
@@ -125,3 +147,13 @@ def write_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
 def write_tiny_qwen3_5(path: str | Path, seed: int = 0) -> Path:
     """Write the tiny Qwen3.5 checkpoint (model, processor, tokenizer, chat template) to `path`; return it."""
     return _write(path, build_config_qwen3_5(), "Qwen3_5ForConditionalGeneration", seed)
+
+
+def write_tiny_qwen3_vl_moe(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny Qwen3-VL MoE checkpoint to `path`; return it."""
+    return _write(path, build_config_qwen3_vl_moe(), "Qwen3VLMoeForConditionalGeneration", seed)
+
+
+def write_tiny_qwen3_5_moe(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny Qwen3.5 MoE checkpoint to `path`; return it."""
+    return _write(path, build_config_qwen3_5_moe(), "Qwen3_5MoeForConditionalGeneration", seed)
