@@ -20,7 +20,7 @@ END = "<!-- end of families table -->"
 # Our `llava` package (original-format checkpoints, `--model llava`): the families it loads.
 OUR_LLAVA = {
     "llava": "prunes (`--model llava`, liuhaotian/llava-v1.5-*)",
-    "llava_next": "prunes (`--model llava`, liuhaotian/llava-v1.6-*)",
+    "llava_next": "prunes (`--model llava`, liuhaotian/llava-v1.6-vicuna-*)",
 }
 # lmms-eval names that load a family's checkpoints in a format otprune.hf does not prune: refused with a switch.
 LMMS_REFUSED = {"internvl": "`internvl3` / `internvl3_5` (remote code): refused with a switch"}
