@@ -216,3 +216,19 @@ def test_deepstack_of_kept_brute_force(data):
     assert mask.sum() == len(order) == sum(k.numel() for k in kept)
     for layer, got in zip(layers, embeds, strict=True):
         torch.testing.assert_close(got, torch.stack([layer[i][j] for i, j in order]), rtol=0, atol=0)
+
+
+@QWEN3
+@torch.no_grad()
+def test_unpruned_prefill_counted_for_a_listener(hf_family):
+    """Pruning off with `on_stats` set (lmms-eval records of an unpruned run): logits untouched, tokens counted."""
+    model = hf_family.model
+    inputs = batch_inputs(hf_family.processor)
+    expected = model(**inputs).logits
+    seen = []
+    with hf.pruning(model, otprune.PruneConfig()) as adapter:
+        adapter.on_stats = seen.append
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+    (stats,) = seen
+    assert [s["image_tokens_before"] for s in stats] == [[24], [9, 20], []]
+    assert all(s["method"] is None and s["image_tokens_after"] == s["image_tokens_before"] for s in stats)
