@@ -91,7 +91,7 @@ def test_switches_prune_the_plain_name(runs, case):
     _, _, _, ratio, method = CASES[case]
     paths = _records(folders[(case, "pruned")])
     lines = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
-    lines = [line for line in lines if line.get("otprune_record")]  # (the run's spec and end lines aside)
+    lines = [line for line in lines if line.get("otprune_record")]  # the run's spec and end lines aside
     assert len(lines) == LIMIT
     for record in lines:
         assert record["method"] == method and record["layer"] == 0 and record["ratio"] == ratio

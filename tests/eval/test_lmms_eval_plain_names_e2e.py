@@ -45,7 +45,9 @@ def _records(folder: Path) -> list[Path]:
 
 
 def _lines(paths: list[Path]) -> list[dict]:
-    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    """The per-sample records of the files (the run's spec and end lines aside)."""
+    lines = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if line.get("otprune_record")]
 
 
 def _samples(folder: Path) -> dict[int, dict]:
