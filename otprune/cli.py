@@ -13,6 +13,7 @@ COMMANDS = [
     ("bench", "otprune.commands.bench_cmd"),
     ("tiny-llava", "otprune.commands.tiny_llava_cmd"),
     ("tiny-hf", "otprune.commands.tiny_hf_cmd"),
+    ("families", "otprune.commands.families_cmd"),
     ("flops", "otprune.commands.flops_cmd"),
     ("run", "otprune.commands.run_cmd"),
     ("report", "otprune.commands.report_cmd"),

@@ -216,7 +216,7 @@ def run_prefill(args) -> int:
         method = METHODS.canonical(args.method)
     except ValueError as err:
         raise ValueError(f"--method={args.method!r}: {err}") from None
-    families = list(FAMILIES) if args.family == "all" else [args.family]
+    families = list(bench_prefill.BENCHED) if args.family == "all" else [args.family]
     layers = args.layers or (LAYERS_ALL if args.family == "all" else LAYERS_ONE_FAMILY)
     sizes = {f: bench_prefill.llm_size(f, args.width, args.intermediate, args.heads, args.kv_heads) for f in families}
     images = {f: parse_image_size(args.image_size) for f in families} if args.image_size else {}

@@ -1,4 +1,4 @@
-"""`otprune tiny-hf DIR --family llava|llava_next|onevision|qwen2_5_vl [--seed N]`: a tiny HF-format checkpoint."""
+"""`otprune tiny-hf DIR --family FAMILY [--seed N]` (FAMILY: a name of `otprune.hf.FAMILIES`): a tiny HF-format checkpoint."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ the same --seed).
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "tiny-hf",
-        help="Write a tiny random-weight HF-format checkpoint with a processor (llava, llava_next, onevision, qwen2_5_vl)",
+        help=f"Write a tiny random-weight HF-format checkpoint with a processor ({', '.join(FAMILIES)})",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

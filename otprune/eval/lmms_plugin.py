@@ -1,4 +1,5 @@
-"""lmms-eval's own HF-native models, pruned by the switches: `llava_hf`, `qwen2_5_vl`, `otprune_hf`.
+"""lmms-eval's own HF-native models, pruned by the switches: `llava_hf`, `qwen2_5_vl`, `qwen3_vl`,
+`qwen3_5`, `gemma3`, `internvl_hf`, `otprune_hf`.
 
     BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098 python -m lmms_eval \\
         --model llava_hf --model_args pretrained=llava-hf/llava-1.5-7b-hf \\
@@ -6,8 +7,10 @@
 
 The entry point (group `lmms_eval.models`, see pyproject.toml; lmms-eval registers entry points
 over its built-in names) gives lmms-eval's model names `llava_hf` (transformers' LLaVA-1.5 /
-LLaVA-NeXT / LLaVA-OneVision) and `qwen2_5_vl` (Qwen2.5-VL), chat and simple, to the classes
-below. Each builds lmms-eval's own class of that name exactly as lmms-eval would, and then:
+LLaVA-NeXT / LLaVA-OneVision), `qwen2_5_vl` (Qwen2.5-VL), `qwen3_vl` (Qwen3-VL), `qwen3_5`
+(Qwen3.5), each chat and simple, `gemma3` (Gemma 3: lmms-eval has a simple class only) and
+`internvl_hf` (InternVL 3 / 3.5 in transformers' format: a chat class only) to the classes below
+(`PLAIN_CLASSES`). Each builds lmms-eval's own class of that name exactly as lmms-eval would, and then:
 
 - a pruning switch set (`BASELINE`, `LAYER_INDEX`, `SUBSET_RATIO`: `PruneConfig.from_env()` is
   enabled): applies the `otprune.hf` adapter of the loaded transformers model, which reads the
@@ -17,7 +20,10 @@ below. Each builds lmms-eval's own class of that name exactly as lmms-eval would
   unpruned run); otherwise the model is lmms-eval's, untouched: nothing runs per forward and
   no record is written.
 
-A malformed switch stops the run here, before any sample is evaluated. `otprune_hf`
+A malformed switch stops the run here, before any sample is evaluated. lmms-eval's `internvl3` /
+`internvl3_5` load InternVL's remote-code format (not a transformers class `otprune.hf` prunes):
+registered too, they refuse a pruning switch or `OTPRUNE_RECORDS` before the model loads (pointing
+to `internvl_hf`) instead of running unpruned; without either they are lmms-eval's, untouched. `otprune_hf`
 (`--model otprune_hf --model_args base=llava_hf,...`) is the explicit spelling: it always
 attaches the adapter, so its unpruned runs write records beside lmms-eval's results as well.
 Nothing in lmms-eval or transformers is modified; `--force_simple` is honoured.
@@ -33,11 +39,14 @@ from lmms_eval.api.model import lmms
 
 from otprune.config import PruneConfig, check_fixed_selection, distance_kind, records_target
 from otprune.eval import records
+from otprune.hf.families import FAMILIES
 
 MODEL_ID = "otprune_hf"
 
 # lmms-eval model names whose transformers model `otprune.hf` can prune.
-BASES = ("llava_hf", "qwen2_5_vl")
+BASES = ("llava_hf", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl_hf")
+# otprune.hf family -> the lmms-eval name that loads it (`Family.lmms_model`)
+FAMILY_MODELS = {record.name: record.lmms_model for record in FAMILIES.values()}
 
 
 def manifests():
@@ -52,12 +61,13 @@ def manifests():
             chat_class_path=f"{__name__}.OTPruneHFChat",
         )
     ]
-    for name in (*BASES, *OURS_CLASSES, *VLLM_CLASSES):
-        simple, chat = {**PLAIN_CLASSES, **OURS_CLASSES, **VLLM_CLASSES}[name]
+    classes = {**PLAIN_CLASSES, **REFUSED_CLASSES, **OURS_CLASSES, **VLLM_CLASSES}
+    for name in (*BASES, *REFUSED_CLASSES, *OURS_CLASSES, *VLLM_CLASSES):
+        simple, chat = classes[name]
         found.append(
             ModelManifest(
                 model_id=name,
-                simple_class_path=f"{__name__}.{simple.__name__}",
+                simple_class_path=None if simple is None else f"{__name__}.{simple.__name__}",
                 chat_class_path=None if chat is None else f"{__name__}.{chat.__name__}",
             )
         )
@@ -259,6 +269,54 @@ class Qwen2_5_VLChat(_Plain):
     name, force_simple, is_simple = "qwen2_5_vl", False, False
 
 
+def _plain(class_name: str, name: str, simple: bool) -> type[_Plain]:
+    """A `_Plain` subclass for `--model NAME` (`--force_simple` when `simple`), named `class_name` in this module."""
+    flag = " --force_simple" if simple else ""
+    doc = f"`--model {name}{flag}`."
+    return type(class_name, (_Plain,), {"__doc__": doc, "__module__": __name__, "__qualname__": class_name,
+                                        "name": name, "force_simple": simple, "is_simple": simple})
+
+
+Qwen3_VLSimple = _plain("Qwen3_VLSimple", "qwen3_vl", True)
+Qwen3_VLChat = _plain("Qwen3_VLChat", "qwen3_vl", False)
+Qwen3_5Simple = _plain("Qwen3_5Simple", "qwen3_5", True)
+Qwen3_5Chat = _plain("Qwen3_5Chat", "qwen3_5", False)
+Gemma3Simple = _plain("Gemma3Simple", "gemma3", True)  # lmms-eval's gemma3 is a simple model only
+InternVLHfChat = _plain("InternVLHfChat", "internvl_hf", False)  # lmms-eval's internvl_hf is a chat model only
+
+
+class _Refused(_Factory):
+    """An lmms-eval model `otprune.hf` cannot prune: refuses the switches (and records) before loading."""
+
+    name: ClassVar[str] = ""
+    instead: ClassVar[str] = ""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        config = PruneConfig.from_env()  # a malformed switch stops here too
+        if config.enabled or records_requested():
+            asked = f"BASELINE={config.method.upper()}" if config.enabled else "OTPRUNE_RECORDS"
+            raise ValueError(f"--model {cls.name} with {asked}: {cls.instead}")
+        return builtin_class(cls.name, cls.force_simple).create_from_arg_string(arg_string, additional_config)
+
+
+_INTERNVL_REMOTE = ("lmms-eval's model loads InternVL's remote-code checkpoint format (trust_remote_code), which "
+                    "otprune.hf does not prune; use --model internvl_hf with a transformers-format checkpoint (e.g. "
+                    "OpenGVLab/InternVL3-8B-hf, OpenGVLab/InternVL3_5-8B-HF), or unset the switches")
+
+
+class InternVL3Simple(_Refused):
+    """`--model internvl3`: refused with a switch (remote-code InternVL)."""
+
+    name, instead, force_simple, is_simple = "internvl3", _INTERNVL_REMOTE, True, True
+
+
+class InternVL3_5Simple(InternVL3Simple):
+    """`--model internvl3_5`: refused with a switch (remote-code InternVL)."""
+
+    name = "internvl3_5"
+
+
 class _Ours(_Factory):
     """lmms-eval's `llava` (which runs our `llava` package: it prunes and records by the switches
     itself), its own class and arguments, instrumented (`instrument`) so that its records prove
@@ -282,10 +340,21 @@ class LlavaSimple(_Ours):
 # lmms-eval's `llava` name -> (simple class, no chat class) registered over lmms-eval's own.
 OURS_CLASSES: dict[str, tuple[type[_Ours], None]] = {"llava": (LlavaSimple, None)}
 
-# lmms-eval model name -> (simple class, chat class) registered over lmms-eval's own.
-PLAIN_CLASSES: dict[str, tuple[type[_Plain], type[_Plain]]] = {
+# lmms-eval model name -> (simple class, chat class) registered over lmms-eval's own; None where
+# lmms-eval 0.7.3 has no class of that kind (lmms-eval then picks the other one).
+PLAIN_CLASSES: dict[str, tuple[type[_Plain] | None, type[_Plain] | None]] = {
     "llava_hf": (LlavaHfSimple, LlavaHfChat),
     "qwen2_5_vl": (Qwen2_5_VLSimple, Qwen2_5_VLChat),
+    "qwen3_vl": (Qwen3_VLSimple, Qwen3_VLChat),
+    "qwen3_5": (Qwen3_5Simple, Qwen3_5Chat),
+    "gemma3": (Gemma3Simple, None),
+    "internvl_hf": (None, InternVLHfChat),
+}
+
+# lmms-eval model names whose model otprune.hf cannot prune: refused with a switch (simple, chat).
+REFUSED_CLASSES: dict[str, tuple[type[_Refused] | None, None]] = {
+    "internvl3": (InternVL3Simple, None),
+    "internvl3_5": (InternVL3_5Simple, None),
 }
 
 

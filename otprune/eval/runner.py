@@ -88,7 +88,8 @@ and the exit status is 1.
 
 Models: original-format LLaVA (liuhaotian/*, or a folder whose config.json has mm_vision_tower) run
 through lmms-eval's --model llava (our llava package); Hugging Face-format ones through lmms-eval's own
---model llava_hf (model_type llava, llava_next, llava_onevision) or --model qwen2_5_vl, pruned by the same
+--model llava_hf (model_type llava, llava_next, llava_onevision), qwen2_5_vl, qwen3_vl, qwen3_5, gemma3 or
+internvl_hf (by config model_type: qwen2_5_vl, qwen3_vl, qwen3_5, gemma3, internvl), pruned by the same
 switches before the LLM with the feature-selection methods. With --engine vllm, HF-format LLaVA-1.5 /
 NeXT checkpoints run through lmms-eval's --model vllm with the serve venv's python (make serve-venv);
 planning and the report stay in this python.
@@ -187,7 +188,11 @@ def _split(text: str | None) -> list[str]:
 
 
 def checkpoint_format(folder: Path) -> str:
-    """llava | llava_hf | llava_onevision | qwen2_5_vl from a checkpoint folder's config.json; RunError else."""
+    """llava | llava_hf | llava_onevision | lmms-eval's name of another `otprune.hf` family (qwen2_5_vl,
+    qwen3_vl, qwen3_5, gemma3, internvl_hf: `Family.lmms_model`, by config `model_type`) from a
+    checkpoint folder's config.json; RunError else."""
+    from otprune.hf.families import FAMILIES
+
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -206,11 +211,11 @@ def checkpoint_format(folder: Path) -> str:
         return "llava_hf"
     if kind == "llava_onevision":
         return "llava_onevision"
-    if kind == "qwen2_5_vl":
-        return "qwen2_5_vl"
+    routed = {record.model_type: record.lmms_model for record in FAMILIES.values()}
+    if kind in routed:
+        return routed[kind]
     raise RunError(f"--models: cannot tell which lmms-eval model runs '{folder}': its config.json has model_type "
-                   f"{kind!r}, neither an original-format LLaVA (mm_vision_tower) nor llava / llava_next / "
-                   "llava_onevision / qwen2_5_vl")
+                   f"{kind!r}, neither an original-format LLaVA (mm_vision_tower) nor one of {' / '.join(routed)}")
 
 
 def lmms_model_of(model: str, engine: str, allow_unknown: bool) -> str:
@@ -231,6 +236,14 @@ def lmms_model_of(model: str, engine: str, allow_unknown: bool) -> str:
         kind = "llava_onevision" if "onevision" in model else "llava_hf"
     elif model.startswith("Qwen/Qwen2.5-VL-"):
         kind = "qwen2_5_vl"
+    elif model.startswith("Qwen/Qwen3-VL-"):
+        kind = "qwen3_vl"
+    elif model.startswith("Qwen/Qwen3.5-"):
+        kind = "qwen3_5"
+    elif model.startswith("google/gemma-3-"):
+        kind = "gemma3"
+    elif model.startswith("OpenGVLab/InternVL3") and model.lower().endswith("-hf"):
+        kind = "internvl_hf"
     elif allow_unknown:
         kind = "llava"
     else:

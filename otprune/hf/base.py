@@ -88,7 +88,15 @@ def padding_side(attention_mask: Tensor | None) -> str:
 
 
 # The families whose vision tower has no CLS token: PruMerge's CLS attention does not exist there.
-NO_CLS_TOWERS = {"onevision": "SigLIP (LLaVA-OneVision)", "qwen2_5_vl": "Qwen2.5-VL's ViT (window attention, no CLS)"}
+NO_CLS_TOWERS = {
+    "onevision": "SigLIP (LLaVA-OneVision)",
+    "qwen2_5_vl": "Qwen2.5-VL's ViT (window attention, no CLS)",
+    "qwen3_vl": "Qwen3-VL's ViT (no CLS)",
+    "qwen3_5": "Qwen3.5's ViT (no CLS)",
+    "qwen3_vl_moe": "Qwen3-VL's ViT (no CLS)",
+    "qwen3_5_moe": "Qwen3.5's ViT (no CLS)",
+    "gemma3": "SigLIP (Gemma 3)",
+}
 
 
 @dataclasses.dataclass

@@ -1,8 +1,10 @@
 """The model families `otprune.hf` prunes: one `Family` record each, in `FAMILIES`.
 
 A record names, as text, the transformers class the family's adapter prunes, the adapter
-("module:Class") and the writer of a tiny random-weight checkpoint ("module:function", for tests
-and `otprune tiny-hf`); modules are imported on first use. `apply`, `otprune tiny-hf`,
+("module:Class"), the writer of a tiny random-weight checkpoint ("module:function", for tests
+and `otprune tiny-hf`), the `model_type` of the family's config.json and lmms-eval's own model
+name that loads it (pruned by the switches through `otprune.eval.lmms_plugin`; `otprune run`
+routes a checkpoint folder by its `model_type`); modules are imported on first use. `apply`, `otprune tiny-hf`,
 `otprune bench prefill` and the tests read this one table. A new family is one more record.
 """
 
@@ -21,6 +23,8 @@ class Family:
     model_class: str  # transformers class name, e.g. "LlavaForConditionalGeneration"
     adapter: str  # "module:Class" of its `otprune.hf.base.HFAdapter` subclass
     tiny_writer: str  # "module:function", `write(path, seed=0) -> pathlib.Path`
+    model_type: str  # config.json's model_type, e.g. "llava"
+    lmms_model: str  # lmms-eval 0.7's own model name for it, e.g. "llava_hf"
 
     def load_adapter(self) -> type | None:
         """The adapter class, or None while its module does not exist (an adapter being written)."""
@@ -44,13 +48,26 @@ class Family:
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
-        Family("llava", "LlavaForConditionalGeneration", "otprune.hf.llava:LlavaAdapter", "otprune.hf.tiny:write_tiny_llava"),
+        Family("llava", "LlavaForConditionalGeneration", "otprune.hf.llava:LlavaAdapter", "otprune.hf.tiny:write_tiny_llava",
+               "llava", "llava_hf"),
         Family("llava_next", "LlavaNextForConditionalGeneration", "otprune.hf.llava:LlavaNextAdapter",
-               "otprune.hf.tiny:write_tiny_llava_next"),
+               "otprune.hf.tiny:write_tiny_llava_next", "llava_next", "llava_hf"),
         Family("onevision", "LlavaOnevisionForConditionalGeneration", "otprune.hf.llava:LlavaOnevisionAdapter",
-               "otprune.hf.tiny:write_tiny_onevision"),
+               "otprune.hf.tiny:write_tiny_onevision", "llava_onevision", "llava_hf"),
         Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "otprune.hf.qwen2_5_vl:Qwen2_5_VLAdapter",
-               "otprune.hf.qwen2_5_vl_tiny:write_tiny_qwen2_5_vl"),
+               "otprune.hf.qwen2_5_vl_tiny:write_tiny_qwen2_5_vl", "qwen2_5_vl", "qwen2_5_vl"),
+        Family("qwen3_vl", "Qwen3VLForConditionalGeneration", "otprune.hf.qwen3_vl:Qwen3VLAdapter",
+               "otprune.hf.qwen3_vl_tiny:write_tiny_qwen3_vl", "qwen3_vl", "qwen3_vl"),
+        Family("qwen3_5", "Qwen3_5ForConditionalGeneration", "otprune.hf.qwen3_vl:Qwen3_5Adapter",
+               "otprune.hf.qwen3_vl_tiny:write_tiny_qwen3_5", "qwen3_5", "qwen3_5"),
+        Family("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "otprune.hf.qwen3_vl:Qwen3VLMoeAdapter",
+               "otprune.hf.qwen3_vl_tiny:write_tiny_qwen3_vl_moe", "qwen3_vl_moe", "qwen3_vl"),
+        Family("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "otprune.hf.qwen3_vl:Qwen3_5MoeAdapter",
+               "otprune.hf.qwen3_vl_tiny:write_tiny_qwen3_5_moe", "qwen3_5_moe", "qwen3_5"),
+        Family("gemma3", "Gemma3ForConditionalGeneration", "otprune.hf.gemma3:Gemma3Adapter",
+               "otprune.hf.gemma3_tiny:write_tiny_gemma3", "gemma3", "gemma3"),
+        Family("internvl", "InternVLForConditionalGeneration", "otprune.hf.internvl:InternVLAdapter",
+               "otprune.hf.internvl_tiny:write_tiny_internvl", "internvl", "internvl_hf"),
     )
 }  # fmt: skip
 

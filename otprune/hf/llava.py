@@ -124,6 +124,9 @@ class LlavaFamilyAdapter(HFAdapter):
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    # (B, L) inputs of the inner forward with one value per input row (e.g. Gemma 3's token_type_ids):
+    # a pruned prefill hands the LLM their values at the kept rows, re-padded like the rows (0 at padding).
+    row_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model, config: PruneConfig | None = None) -> None:
         super().__init__(model, config)
@@ -436,6 +439,12 @@ class LlavaFamilyAdapter(HFAdapter):
             "position_ids": compact.position_ids.to(embeds.device),
             **dict.fromkeys(key for key in MEDIA_KEYS if key in kwargs),
         }
+        for key in self.row_inputs:
+            value = kwargs.get(key)
+            if value is not None:
+                if value.shape != input_ids.shape:
+                    raise ValueError(f"{key}: shape {tuple(value.shape)}, expected the input_ids' shape {tuple(input_ids.shape)}")
+                call[key] = compact.gather(value.to(index.device))
         want_dict = call.pop("return_dict", None)
         if want_dict is None:
             want_dict = getattr(inner.config, "return_dict", True)

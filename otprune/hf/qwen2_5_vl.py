@@ -316,7 +316,7 @@ class Qwen2_5_VLAdapter(HFAdapter):
             )
 
         # 2. Merged visual tokens, one set per image / video.
-        features, sets = self._visual_sets(kwargs, input_ids, merge)
+        features, sets, encoded = self._visual_sets(kwargs, input_ids, merge)
 
         # 3. One batched selection for every set of the batch.
         select_clock = Clock(input_ids.device)
@@ -350,8 +350,12 @@ class Qwen2_5_VLAdapter(HFAdapter):
         return_dict = kwargs.get("return_dict")
         new_kwargs["return_dict"] = True
 
-        # 5. The unmodified forward on the pruned sequence.
-        outputs = self._forward(**new_kwargs)
+        # 5. The unmodified forward on the pruned sequence (with the family's extra LLM inputs, if any).
+        self._prepare_llm(encoded, sets, kept, compact, (batch, length))
+        try:
+            outputs = self._forward(**new_kwargs)
+        finally:
+            self._release_llm()
 
         lengths_before = valid.sum(dim=1)
         # Decoding continues from each sample's unpruned next position over n'_b cached rows.
@@ -363,13 +367,26 @@ class Qwen2_5_VLAdapter(HFAdapter):
         self._emit(config, sets, kept, valid, select_clock, clock, features)
         return outputs if return_dict is not False else outputs.to_tuple()
 
-    def _visual_sets(self, kwargs: dict[str, Any], input_ids: Tensor, merge: int) -> tuple[list[Tensor], VisualSets]:
-        """Per image then per video, its merged visual tokens (T_i, D) and where its placeholders are."""
+    def _prepare_llm(
+        self, encoded: list[Any], sets: VisualSets, kept: list[Tensor], compact: CompactBatch, shape: tuple[int, int]
+    ) -> None:
+        """Hook before the pruned forward: a family whose LLM reads more per-visual-token inputs than
+        the embeddings (Qwen3-VL's DeepStack) prunes them here with the same indices. Default: nothing."""
+
+    def _release_llm(self) -> None:
+        """Hook after the pruned forward (also on error): drop what `_prepare_llm` staged."""
+
+    def _visual_sets(
+        self, kwargs: dict[str, Any], input_ids: Tensor, merge: int
+    ) -> tuple[list[Tensor], VisualSets, list[Any]]:
+        """Per image then per video, its merged visual tokens (T_i, D) and where its placeholders
+        are; and the vision tower's output of each modality present (image first), in that order."""
         inner = self.model.model
         config = self.model.config
         encoded = kwargs.get("mm_encoder_outputs") or {}
         features: list[Tensor] = []
         sets = VisualSets([], [], [])
+        outputs: list[Any] = []
         for kind, pixels_key, grid_key, token_id, encode in (
             ("image", "pixel_values", "image_grid_thw", config.image_token_id, inner.get_image_features),
             ("video", "pixel_values_videos", "video_grid_thw", config.video_token_id, inner.get_video_features),
@@ -401,10 +418,11 @@ class Qwen2_5_VLAdapter(HFAdapter):
                 raise ValueError(f"{grid_key}: required to split mm_encoder_outputs['{kind}'] into {kind}s")
             located = locate_sets(input_ids, token_id, counts, kind)
             features.extend(items)
+            outputs.append(output)
             sets.rows.extend(located.rows)
             sets.sample.extend(located.sample)
             sets.kinds.extend(located.kinds)
-        return features, sets
+        return features, sets, outputs
 
     def _emit(
         self, config: PruneConfig, sets: VisualSets, kept: list[Tensor], valid: Tensor, select_clock: Clock, clock: Clock,

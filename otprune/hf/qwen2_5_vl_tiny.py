@@ -187,18 +187,14 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             param.copy_(value.to(param.dtype))
 
 
-def write_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint (model, processor, tokenizer, chat template) to `path`; return it.
-
-    Loadable offline by `AutoProcessor.from_pretrained(path)`, `AutoTokenizer.from_pretrained(path)`
-    and `Qwen2_5_VLForConditionalGeneration.from_pretrained(path)`.
-    """
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+def save_tiny(path: str | Path, model: torch.nn.Module, processor, seed: int) -> Path:
+    """Seed `model`'s weights (`_randomize`), give it Qwen's greedy generation config and write it
+    with `processor` to `path` (created); return the folder. Shared by the Qwen-family writers."""
+    from transformers import GenerationConfig
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    config = build_config()
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.eval()
     _randomize(model, seed)
     model.generation_config = GenerationConfig(
         bos_token_id=SPECIAL_IDS["<|endoftext|>"],
@@ -207,5 +203,16 @@ def write_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
         do_sample=False,
     )
     model.save_pretrained(folder)
-    build_processor().save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
+
+
+def write_tiny_qwen2_5_vl(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny checkpoint (model, processor, tokenizer, chat template) to `path`; return it.
+
+    Loadable offline by `AutoProcessor.from_pretrained(path)`, `AutoTokenizer.from_pretrained(path)`
+    and `Qwen2_5_VLForConditionalGeneration.from_pretrained(path)`.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return save_tiny(path, Qwen2_5_VLForConditionalGeneration(build_config()), build_processor(), seed)

@@ -49,11 +49,13 @@ QWEN_TEMPLATE = (
 )
 
 
-def build_tokenizer(specials: list[str], *, bos: bool):
+def build_tokenizer(specials: list[str], *, bos: bool, named: dict[str, str] | None = None):
     """A byte-level BPE tokenizer with no merges (every byte is a token) and the given special tokens.
 
     `specials` start with the unk, bos, eos and pad tokens, in that order. With `bos`, every
-    encoded text starts with the bos token (as Llama's tokenizer does).
+    encoded text starts with the bos token (as Llama's tokenizer does). `named`: attributes for
+    some of the specials (e.g. {"image_token": "<image_soft_token>"} gives `tokenizer.image_token`
+    and `tokenizer.image_token_id`), as a family's processor reads them.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -78,6 +80,7 @@ def build_tokenizer(specials: list[str], *, bos: bool):
         pad_token=pad,
         additional_special_tokens=extra,
         padding_side="left",
+        **({"extra_special_tokens": dict(named)} if named else {}),
     )
 
 

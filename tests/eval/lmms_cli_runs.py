@@ -41,6 +41,17 @@ def side_by_side(jobs: dict, timeout: float) -> dict:
     return done
 
 
+def child_env(base_dir, root) -> dict:
+    """The environment of an lmms-eval process of a test: this one's without the switches and records
+    settings, offline, one thread, datasets cached under `base_dir`, the checkout `root` (and its LLaVA)
+    first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_RECORDS", "PYTHONPATH")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(base_dir / "hf"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), str(root / "LLaVA"), os.environ.get("PYTHONPATH")])))
+    return env
+
+
 def assert_ran(code: int, log: str) -> None:
     """An lmms-eval process ended well: exit status 0 and no traceback (lmms-eval catches a model's
     exception, prints it and still exits 0)."""

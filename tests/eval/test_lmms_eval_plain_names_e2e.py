@@ -11,12 +11,11 @@ once); the two families run side by side. ~2 min on 2 CPU cores.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
-from lmms_cli_runs import assert_ran, side_by_side
+from lmms_cli_runs import assert_ran, child_env, side_by_side
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -46,9 +45,9 @@ def _records(folder: Path) -> list[Path]:
 
 
 def _lines(paths: list[Path]) -> list[dict]:
-    """The per-sample records (not the process's spec and closing lines)."""
+    """The per-sample records of the files (the run's spec and end lines aside)."""
     lines = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
-    return [line for line in lines if "otprune_record" in line]
+    return [line for line in lines if line.get("otprune_record")]
 
 
 def _samples(folder: Path) -> dict[int, dict]:
@@ -67,10 +66,7 @@ def runs(tmp_path_factory):
     from otprune.hf import tiny_writer
 
     base_dir = tmp_path_factory.mktemp("plain_names")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_RECORDS", "PYTHONPATH")}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(base_dir / "hf"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "LLaVA"), os.environ.get("PYTHONPATH")])))
+    env = child_env(base_dir, ROOT)
     jobs, folders_of = {}, {}
     for family, (name, extra, switches, _, _, own) in FAMILIES.items():
         checkpoint = tiny_writer(family)(base_dir / f"tiny-{family}")

@@ -13,9 +13,15 @@ from lmms_eval.models.registry_v2 import ModelManifest, ModelRegistryV2  # noqa:
 
 from otprune.eval import lmms_plugin  # noqa: E402
 
-OWN = {  # lmms-eval 0.7's own classes: (simple, chat)
+OWN = {  # lmms-eval 0.7's own classes: (simple, chat), None where it has no class of that kind
     "llava_hf": ("lmms_eval.models.simple.llava_hf.LlavaHf", "lmms_eval.models.chat.llava_hf.LlavaHf"),
     "qwen2_5_vl": ("lmms_eval.models.simple.qwen2_5_vl.Qwen2_5_VL", "lmms_eval.models.chat.qwen2_5_vl.Qwen2_5_VL"),
+    "qwen3_vl": ("lmms_eval.models.simple.qwen3_vl.Qwen3_VL", "lmms_eval.models.chat.qwen3_vl.Qwen3_VL"),
+    "qwen3_5": ("lmms_eval.models.simple.qwen3_5.Qwen3_5", "lmms_eval.models.chat.qwen3_5.Qwen3_5"),
+    "gemma3": ("lmms_eval.models.simple.gemma3.Gemma3", None),
+    "internvl_hf": (None, "lmms_eval.models.chat.internvl_hf.InternVLHf"),
+    "internvl3": ("lmms_eval.models.simple.internvl3.InternVL3", None),
+    "internvl3_5": ("lmms_eval.models.simple.internvl3_5.InternVL3_5", None),
 }
 SWITCHES = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER",
             "FITPRUNE_RECIPE", "OTPRUNE_RECORDS")
@@ -42,8 +48,8 @@ def registry_as_lmms_eval_builds_it() -> ModelRegistryV2:
 def test_manifests_take_over_lmms_evals_names(name):
     registry = registry_as_lmms_eval_builds_it()
     simple, chat = lmms_plugin.PLAIN_CLASSES[name]
-    assert registry.get_model_class(name) is chat  # also checks is_simple against the resolved kind
-    assert registry.get_model_class(name, force_simple=True) is simple
+    assert registry.get_model_class(name) is (chat or simple)  # also checks is_simple against the resolved kind
+    assert registry.get_model_class(name, force_simple=True) is (simple or chat)
     assert registry.get_model_class("otprune_hf") is lmms_plugin.OTPruneHFChat
     assert registry.get_model_class("otprune_hf", force_simple=True) is lmms_plugin.OTPruneHFSimple
 
@@ -60,12 +66,14 @@ def test_lmms_eval_resolves_its_names_to_ours():
 @pytest.mark.parametrize("force_simple", [False, True])
 def test_builtin_class_is_lmms_evals_own(name, force_simple):
     cls = lmms_plugin.builtin_class(name, force_simple)
-    assert f"{cls.__module__}.{cls.__qualname__}" == OWN[name][0 if force_simple else 1]
-    assert cls.is_simple is force_simple
+    simple, chat = OWN[name]
+    expected = (simple or chat) if force_simple else (chat or simple)  # lmms-eval's choice when one kind is missing
+    assert f"{cls.__module__}.{cls.__qualname__}" == expected
+    assert cls.is_simple is (expected == simple)
 
 
 def test_builtin_class_refuses_unknown_names():
-    with pytest.raises(ValueError, match=r"model 'nope': not one of lmms-eval's built-in models; pruned here: llava_hf, qwen2_5_vl"):
+    with pytest.raises(ValueError, match=r"model 'nope': not one of lmms-eval's built-in models; pruned here: llava_hf, qwen2_5_vl, qwen3_vl, qwen3_5, gemma3, internvl_hf"):
         lmms_plugin.builtin_class("nope")
 
 
@@ -98,6 +106,10 @@ def fake_own(clean_env):
 @pytest.mark.parametrize(("cls", "name", "simple"), [
     (lmms_plugin.LlavaHfChat, "llava_hf", False), (lmms_plugin.LlavaHfSimple, "llava_hf", True),
     (lmms_plugin.Qwen2_5_VLChat, "qwen2_5_vl", False), (lmms_plugin.Qwen2_5_VLSimple, "qwen2_5_vl", True),
+    (lmms_plugin.Qwen3_VLChat, "qwen3_vl", False), (lmms_plugin.Qwen3_VLSimple, "qwen3_vl", True),
+    (lmms_plugin.Qwen3_5Chat, "qwen3_5", False), (lmms_plugin.Qwen3_5Simple, "qwen3_5", True),
+    (lmms_plugin.Gemma3Simple, "gemma3", True), (lmms_plugin.InternVLHfChat, "internvl_hf", False),
+    (lmms_plugin.InternVL3Simple, "internvl3", True), (lmms_plugin.InternVL3_5Simple, "internvl3_5", True),
 ])
 def test_no_switch_returns_lmms_evals_object_untouched(fake_own, cls, name, simple):
     lm = cls.create_from_arg_string("pretrained=/ckpt,device_map=cpu", {"batch_size": 1})
@@ -152,3 +164,22 @@ def test_records_requested(clean_env):
     assert not lmms_plugin.records_requested({"OTPRUNE_RECORDS": "OFF"})
     assert lmms_plugin.records_requested({"OTPRUNE_RECORDS": "auto"})
     assert lmms_plugin.records_requested({"OTPRUNE_RECORDS": "logs/records"})
+
+
+@pytest.mark.parametrize("cls", [lmms_plugin.InternVL3Simple, lmms_plugin.InternVL3_5Simple])
+@pytest.mark.parametrize("env", [{"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.5"}, {"OTPRUNE_RECORDS": "auto"}])
+def test_remote_code_internvl_refuses_switches_before_loading(fake_own, cls, env):
+    for key, value in env.items():
+        fake_own.env.setenv(key, value)
+    with pytest.raises(ValueError, match=rf"--model {cls.name} with .*remote-code.*--model internvl_hf"):
+        cls.create_from_arg_string("pretrained=/ckpt")
+    assert FakeOwn.built == [] and fake_own.attached == []
+
+
+def test_registered_names_cover_every_family_lmms_eval_has():
+    """Every `otprune.hf` family whose lmms-eval name exists in lmms-eval 0.7.3 is registered."""
+    from lmms_eval import models
+
+    known = set(models.AVAILABLE_SIMPLE_MODELS) | set(models.AVAILABLE_CHAT_TEMPLATE_MODELS)
+    assert set(lmms_plugin.BASES) <= known and set(lmms_plugin.REFUSED_CLASSES) <= known
+    assert set(lmms_plugin.FAMILY_MODELS.values()) <= set(lmms_plugin.BASES)

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from otprune.hf.families import FAMILIES
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "run_OTPrune.sh"
 MODELS = ["liuhaotian/llava-v1.5-7b", "liuhaotian/llava-v1.5-13b", "liuhaotian/llava-v1.6-vicuna-7b"]
@@ -661,3 +663,15 @@ def test_paths_with_tabs_and_quotes_stay_readable(tmp_path, fake_gpu_env):
     assert result.returncode == 0, result.stdout + result.stderr
     markdown = (logs / "otprune_report.md").read_text()
     assert "| llava-v1.5-7b" in markdown and "Unverified runs" not in markdown
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_hf_family_routes_by_model_type(tmp_path, family):
+    """A checkpoint folder of each `otprune.hf` family runs through the lmms-eval name of its `Family`
+    record (llava_onevision keeps its own kind: it is refused by --engine vllm, run by llava_hf)."""
+    from otprune.eval.runner import checkpoint_format, lmms_model_of
+
+    record = FAMILIES[family]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": record.model_type}))
+    assert lmms_model_of(str(tmp_path), "hf", allow_unknown=False) == record.lmms_model
+    assert checkpoint_format(tmp_path) == ("llava_onevision" if family == "onevision" else record.lmms_model)

@@ -95,6 +95,27 @@ def hf_tiny(request, _hf_models):
 
 
 @pytest.fixture
+def hf_family(request, _hf_models):
+    """The tiny model of the family named by indirect parametrization, e.g.
+    `pytestmark = pytest.mark.parametrize("hf_family", ["gemma3"], indirect=True)`; any adapter
+    is removed after each test."""
+    yield from _unadapted(_hf_models(request.param))
+
+
+def random_image(height: int, width: int, seed: int):
+    """A seeded random RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
+
+
+def user_prompt(processor, parts: list[dict]) -> str:
+    """The chat template of one user turn made of `parts`, with the generation prompt."""
+    return processor.apply_chat_template([{"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True)
+
+
+@pytest.fixture
 def hf_llava(_hf_models):
     """The LLaVA-1.5 tiny model only (for tests that need one family)."""
     yield from _unadapted(_hf_models("llava"))
