@@ -36,7 +36,9 @@ differently never share an image's tokens.
 
 vLLM's built-in classes stay reachable under `VllmLlavaForConditionalGeneration` /
 `VllmLlavaNextForConditionalGeneration` (`hf_overrides={"architectures": [...]}`).
-Qwen2.5-VL: refused when pruning is asked for (see `otprune.serve.qwen2_5_vl`).
+Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, every kept token
+keeping its unpruned M-RoPE position (`otprune.serve._mrope`); videos are not pruned (a request
+that prunes and holds a video is refused).
 
 This module does not import vLLM; only `register()` and the model modules do.
 """
@@ -66,13 +68,8 @@ MODELS: dict[str, str] = {
 PRUNED: dict[str, str] = {
     "LlavaForConditionalGeneration": "LLaVA-1.5",
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images",
 }
-QWEN2_5_VL_REFUSAL = (
-    "Qwen2.5-VL cannot be pruned by the plugin in this vLLM version: its M-RoPE positions are fixed at admission "
-    "and vLLM re-positions pruned multimodal tokens only on its video-pruning path (--video-pruning-rate > 0); kept "
-    "tokens would lose their unpruned positions. Unset BASELINE/SUBSET_RATIO/LAYER_INDEX (and otprune_ratio) to serve "
-    "Qwen2.5-VL unpruned, or prune it with otprune.hf (transformers) instead"
-)
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
     "VllmLlavaForConditionalGeneration": "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
@@ -121,10 +118,9 @@ def check_architecture(arch: str, environ: Mapping[str, str] | None = None) -> P
     if not config.enabled or arch.removeprefix("OTPrune") in PRUNED:
         return config
     pruned = ", ".join(f"{name} ({family})" for name, family in PRUNED.items())
-    why = f"; {QWEN2_5_VL_REFUSAL}" if "Qwen2_5_VL" in arch else ""
     raise ValueError(
         f"the otprune vLLM plugin: BASELINE={config.method.upper()} SUBSET_RATIO={config.ratio} asks for pruning, but "
-        f"the model's architecture {arch} is not one the plugin prunes: {pruned}{why}. Unset BASELINE, SUBSET_RATIO "
+        f"the model's architecture {arch} is not one the plugin prunes: {pruned}. Unset BASELINE, SUBSET_RATIO "
         "and LAYER_INDEX to serve it unpruned"
     )
 

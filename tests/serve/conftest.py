@@ -83,6 +83,36 @@ def engine(model: str, *, arch: str | None = None, env: dict | None = None, **kw
                 os.environ[name] = value
 
 
+def ratio_cases(prompt: str, prompt2: str, ratio: float, other: str = "other") -> dict:
+    """The requests every family's exactness test runs: name -> (prompt, image seeds, per-request ratio)."""
+    return {
+        "one": (prompt, [0], None),
+        "one@1.0": (prompt, [0], 1.0),
+        "one@0.5": (prompt, [0], 0.5),
+        f"one@{ratio}": (prompt, [0], ratio),
+        f"{other}@{ratio}": (prompt, [1], ratio),
+        f"two@{ratio}": (prompt2, [2, 3], ratio),
+        "two": (prompt2, [2, 3], None),
+    }
+
+
+def assert_matches(plugin: dict, names, reference, label: str, all_tokens: bool = True) -> list:
+    """Each request `name` of `plugin` (outputs of `generate`) has the prompt length, the greedy tokens
+    (only the first when `all_tokens` is False) and, within 1e-4, the first-step log-probs of
+    `reference(name)` -> (length, tokens, log-probs over the vocabulary); prints the max |diff| per request."""
+    rows = []
+    for name in names:
+        length, tokens, first = reference(name)
+        ours_prompt, ours_tokens, ours_first, _ = plugin[name]
+        assert len(ours_prompt) == length, name
+        assert (ours_tokens if all_tokens else ours_tokens[:1]) == (tokens if all_tokens else tokens[:1]), name
+        diff = max(abs(lp - float(first[tok])) for tok, lp in ours_first.items())
+        rows.append((name, diff))
+        assert diff < 1e-4, (name, diff)
+    print(f"first-step log-prob max |vLLM plugin - {label}|:", rows)
+    return rows
+
+
 def request(prompt: str, images: list, ratio: float | None = None) -> dict:
     req = {"prompt": prompt, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
     if ratio is not None:

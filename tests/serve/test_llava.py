@@ -20,7 +20,17 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
 
 import torch  # noqa: E402
-from conftest import MAX_TOKENS, PROMPT, PROMPT2, engine, generate, image, request
+from conftest import (
+    MAX_TOKENS,
+    PROMPT,
+    PROMPT2,
+    assert_matches,
+    engine,
+    generate,
+    image,
+    ratio_cases,
+    request,
+)
 
 import otprune  # noqa: E402
 
@@ -29,15 +39,7 @@ T = 64  # tokens per image of the tiny checkpoint (112 px, 14 px patches, CLS dr
 ARCH_BUILTIN = "VllmLlavaForConditionalGeneration"
 
 BAD_RATIOS = (0.0, 1.5, "half", 10**400, "1e400", "abc", -0.5, 2, float("nan"), "")
-CASES = {  # name -> (prompt, image seeds, per-request ratio)
-    "one": (PROMPT, [0], None),
-    "one@1.0": (PROMPT, [0], 1.0),
-    "one@0.5": (PROMPT, [0], 0.5),
-    "one@0.25": (PROMPT, [0], RATIO),
-    "other@0.25": (PROMPT, [1], RATIO),
-    "two@0.25": (PROMPT2, [2, 3], RATIO),
-    "two": (PROMPT2, [2, 3], None),
-}
+CASES = ratio_cases(PROMPT, PROMPT2, RATIO)
 
 
 def _requests(names):
@@ -146,18 +148,11 @@ def test_kept_indices_equal_select_tokens_on_the_same_features(runs):
 
 
 def test_pruned_equals_otprune_hf(runs, tiny_llava):
-    plugin = runs["plugin"]
-    rows = []
-    for name in ("one@0.25", "other@0.25", "two@0.25", "one@0.5", "one"):
+    def reference(name):
         prompt, seeds, ratio = CASES[name]
-        length, tokens, first = _hf_reference(tiny_llava, prompt, [image(s) for s in seeds], ratio)
-        ours_prompt, ours_tokens, ours_first, _ = plugin[name]
-        assert len(ours_prompt) == length, name
-        assert ours_tokens == tokens, name
-        diff = max(abs(lp - float(first[tok])) for tok, lp in ours_first.items())
-        rows.append((name, diff))
-        assert diff < 1e-4, (name, diff)
-    print("first-step log-prob max |vLLM plugin - otprune.hf|:", rows)
+        return _hf_reference(tiny_llava, prompt, [image(s) for s in seeds], ratio)
+
+    assert_matches(runs["plugin"], ("one@0.25", "other@0.25", "two@0.25", "one@0.5", "one"), reference, "otprune.hf")
 
 
 def test_features_match_transformers_tower(runs, tiny_llava):
