@@ -38,7 +38,9 @@ vLLM's built-in classes stay reachable under `VllmLlavaForConditionalGeneration`
 `VllmLlavaNextForConditionalGeneration` (`hf_overrides={"architectures": [...]}`).
 Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, every kept token
 keeping its unpruned M-RoPE position (`otprune.serve._mrope`); videos are not pruned (a request
-that prunes and holds a video is refused).
+that prunes and holds a video is refused). LLaVA-OneVision
+(`LlavaOnevisionForConditionalGeneration`): each image's anyres set pruned jointly, as
+LLaVA-NeXT's; videos likewise not pruned.
 
 This module does not import vLLM; only `register()` and the model modules do.
 """
@@ -63,18 +65,22 @@ MODELS: dict[str, str] = {
     "LlavaForConditionalGeneration": "otprune.serve.llava:OTPruneLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "otprune.serve.llava_next:OTPruneLlavaNextForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "otprune.serve.qwen2_5_vl:OTPruneQwen2_5_VLForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "otprune.serve.llava_onevision:OTPruneLlavaOnevisionForConditionalGeneration",
 }
 # The architectures the plugin prunes (vLLM's names; our OTPrune* aliases count as the same) -> model family.
 PRUNED: dict[str, str] = {
     "LlavaForConditionalGeneration": "LLaVA-1.5",
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images",
+    "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
 }
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
     "VllmLlavaForConditionalGeneration": "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
     "VllmLlavaNextForConditionalGeneration": "vllm.model_executor.models.llava_next:LlavaNextForConditionalGeneration",
     "VllmQwen2_5_VLForConditionalGeneration": "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
+    "VllmLlavaOnevisionForConditionalGeneration":
+        "vllm.model_executor.models.llava_onevision:LlavaOnevisionForConditionalGeneration",
 }
 # Our classes under names of their own as well (e.g. for hf_overrides in tests and benchmarks).
 ALIASES: dict[str, str] = {f"OTPrune{arch}": target for arch, target in MODELS.items()}

@@ -55,9 +55,20 @@ class PruneProcessorMixin:
         return int(self.info.get_num_image_tokens(image_width=width, image_height=height))
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        return self.otprune_add_counts(super()._call_hf_processor(hf_data, _without_key(hf_kwargs)), hf_kwargs)
+
+    def otprune_refuse_videos(self, mm_items, ratio: float) -> None:
+        """A request that prunes (ratio < 1) and holds a video fails: the plugin prunes images only."""
+        if ratio < 1.0 and mm_items.get_count("video", strict=False):
+            raise ValueError(
+                f"otprune: this request prunes (ratio {ratio}) and holds a video; the plugin prunes images only on "
+                f"{type(self.info.get_hf_config()).__name__}: send videos with {REQUEST_KEY}=1.0 (unpruned)"
+            )
+
+    def otprune_add_counts(self, processed, hf_kwargs: Mapping[str, object]):
+        """`processed` (the HF processor's output) with (T, K) per image as the field `FIELD`."""
         engine = self.info.otprune_engine_config()
         ratio = request_ratio(engine, hf_kwargs.get(REQUEST_KEY))
-        processed = super()._call_hf_processor(hf_data, _without_key(hf_kwargs))
         if processed.get("pixel_values") is None:
             return processed
         totals = torch.tensor(self.otprune_token_counts(processed), dtype=torch.long)

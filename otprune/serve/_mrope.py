@@ -111,11 +111,7 @@ class MRopeProcessorMixin(PruneProcessorMixin):
         # vLLM's own updates (T per image, videos as vLLM counts them), past PruneProcessorMixin's LLaVA ones
         updates = list(super(PruneProcessorMixin, self)._get_prompt_updates(
             mm_items, _without_key(hf_processor_mm_kwargs), out_mm_kwargs))  # fmt: skip
-        if ratio < 1.0 and mm_items.get_count("video", strict=False):
-            raise ValueError(
-                f"otprune: this request prunes (ratio {ratio}) and holds a video; the plugin prunes images only on "
-                f"{type(self.info.get_hf_config()).__name__}: send videos with {REQUEST_KEY}=1.0 (unpruned)"
-            )
+        self.otprune_refuse_videos(mm_items, ratio)
         merge = self.otprune_merge()
         out = []
         for update in updates:

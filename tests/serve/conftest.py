@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import math
 import os
 
 import pytest
@@ -46,6 +47,20 @@ def tiny_llava(tmp_path_factory):
     from otprune.serve.tiny import write_tiny_llava
 
     return str(write_tiny_llava(tmp_path_factory.mktemp("vllm-llava") / "ckpt", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_qwen2_5_vl
+
+    return str(write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("vllm-qwen2_5_vl") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_onevision
+
+    return str(write_tiny_onevision(tmp_path_factory.mktemp("vllm-onevision") / "ckpt"))
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +98,50 @@ def engine(model: str, *, arch: str | None = None, env: dict | None = None, **kw
                 os.environ[name] = value
 
 
+def sized_images(sizes: dict, seeds) -> list:
+    """The test images of `seeds`, each at its size `sizes[seed]` = (width, height)."""
+    return [image(seed, sizes[seed]) for seed in seeds]
+
+
+def family_runs(model: str, builtin: str, cases: dict, sizes: dict, ratio: float, chunk: int, **options) -> dict:
+    """The engines of a family's exactness test, one after another, on checkpoint `model`:
+
+    - "builtin": vLLM's own class (architecture alias `builtin`), requests "one" and "two";
+    - "plugin" / "records": ours without switches, each case alone (its ratio per request), with the
+      kept indices the model recorded; "batch": all cases in one batch;
+    - "chunked": ours with SUBSET_RATIO=`ratio`, prefix caching, `chunk`-token prefill chunks, the
+      cases without a per-request ratio and those at 1.0, 0.5 and the other image at `ratio`, twice.
+
+    `cases`: `ratio_cases`; `sizes`: the images' sizes (`sized_images`); `options` go to every engine."""
+
+    def make_request(name):
+        prompt, seeds, ratio_ = cases[name]
+        return request(prompt, sized_images(sizes, seeds), ratio_)
+
+    results: dict = {}
+    with engine(model, arch=builtin, enable_prefix_caching=False, **options) as llm:
+        names = ["one", "two"]
+        results["builtin"] = dict(zip(names, generate(llm, [make_request(n) for n in names]), strict=True))
+    with engine(model, enable_prefix_caching=False, **options) as llm:
+        assert type(llm.llm_engine.model_executor.driver_worker.worker.model_runner.model).__name__.startswith("OTPrune")
+        llm.apply_model(lambda m: setattr(m, "otprune_record", []))
+        plugin, records = {}, {}
+        for name in cases:  # one at a time, so each request's records are its own
+            plugin[name] = generate(llm, [make_request(name)])[0]
+            records[name] = llm.apply_model(lambda m: list(m.otprune_record))[0]
+            llm.apply_model(lambda m: m.otprune_record.clear())
+        results["plugin"], results["records"] = plugin, records
+        results["batch"] = dict(zip(cases, generate(llm, [make_request(n) for n in cases]), strict=True))
+    chunked = [name for name in cases if cases[name][2] in (None, 1.0, 0.5) or not name.startswith(("one", "two"))]
+    with engine(
+        model, env={"SUBSET_RATIO": str(ratio)}, enable_prefix_caching=True, enable_chunked_prefill=True,
+        max_num_batched_tokens=chunk, max_num_seqs=4, block_size=32, **options,
+    ) as llm:  # fmt: skip
+        results["chunked"] = [dict(zip(chunked, generate(llm, [make_request(n) for n in chunked]), strict=True))
+                              for _ in range(2)]  # fmt: skip
+    return results
+
+
 def ratio_cases(prompt: str, prompt2: str, ratio: float, other: str = "other") -> dict:
     """The requests every family's exactness test runs: name -> (prompt, image seeds, per-request ratio)."""
     return {
@@ -94,6 +153,31 @@ def ratio_cases(prompt: str, prompt2: str, ratio: float, other: str = "other") -
         f"two@{ratio}": (prompt2, [2, 3], ratio),
         "two": (prompt2, [2, 3], None),
     }
+
+
+def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None):
+    """(prompt length after pruning, greedy tokens, first-step log-probs) from `otprune.hf` on
+    transformers' `model_class` loaded from `path` (fp32); unpruned at ratio None or 1."""
+    import torch
+    import transformers
+
+    import otprune
+    from otprune import hf
+
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    model = getattr(transformers, model_class).from_pretrained(path, dtype=torch.float32).eval()
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    options = dict(max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        if ratio is None or ratio == 1.0:
+            out = model.generate(**inputs, **options)
+            length = inputs["input_ids"].shape[1]
+        else:
+            with hf.pruning(model, otprune.PruneConfig(method="otprune", layer=0, ratio=ratio)) as adapter:
+                out = model.generate(**inputs, **options)
+                length = adapter.last_stats[0]["seq_len_after"]
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return length, tokens, torch.log_softmax(out.scores[0][0].float(), dim=-1)
 
 
 def assert_matches(plugin: dict, names, reference, label: str, all_tokens: bool = True) -> list:
@@ -111,6 +195,25 @@ def assert_matches(plugin: dict, names, reference, label: str, all_tokens: bool 
         assert diff < 1e-4, (name, diff)
     print(f"first-step log-prob max |vLLM plugin - {label}|:", rows)
     return rows
+
+
+def assert_same(ours, reference, name, tol: float = 1e-4) -> None:
+    """Two `generate` outputs of one request: the same prompt and tokens, first-step log-probs within `tol`."""
+    assert ours[0] == reference[0], name
+    assert ours[1] == reference[1], name
+    for tok, lp in ours[2].items():
+        assert math.isclose(lp, reference[2][tok], abs_tol=tol), (name, tok, lp, reference[2][tok])
+
+
+def assert_rounds_same(rounds: list, plugin: dict, ratio: float, min_cached: int) -> None:
+    """Each round of an engine with SUBSET_RATIO=`ratio` (chunked prefill, prefix caching, mixed
+    per-request ratios) gives every request the outputs the unpruned-default engine gave it at the
+    same ratio; the second round read the prefix cache beyond `min_cached` tokens for "two"."""
+    defaults = {"one": f"one@{ratio}", "two": f"two@{ratio}"}
+    for round_ in rounds:
+        for name, ours in round_.items():
+            assert_same(ours, plugin[defaults.get(name, name)], name)
+    assert rounds[1]["two"][3] >= min_cached  # blocks holding the first image's kept tokens
 
 
 def request(prompt: str, images: list, ratio: float | None = None) -> dict:

@@ -27,6 +27,7 @@ from conftest import (
     assert_matches,
     engine,
     generate,
+    hf_reference,
     image,
     ratio_cases,
     request,
@@ -44,31 +45,6 @@ CASES = ratio_cases(PROMPT, PROMPT2, RATIO)
 
 def _requests(names):
     return [request(CASES[n][0], [image(s) for s in CASES[n][1]], CASES[n][2]) for n in names]
-
-
-def _hf_reference(path: str, prompt: str, images: list, ratio: float | None):
-    """(prompt length after pruning, greedy tokens, first-step log-probs) from otprune.hf."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from otprune import hf
-
-    processor = AutoProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    inputs = processor(text=prompt, images=images, return_tensors="pt")
-    config = None if ratio is None else otprune.PruneConfig(method="otprune", layer=0, ratio=ratio)
-    with torch.no_grad():
-        if config is None:
-            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)  # fmt: skip
-            pruned_len = inputs["input_ids"].shape[1]
-        else:
-            with hf.pruning(model, config) as adapter:
-                out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
-                                     return_dict_in_generate=True)  # fmt: skip
-                pruned_len = adapter.last_stats[0]["seq_len_after"]
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    first = torch.log_softmax(out.scores[0][0].float(), dim=-1)
-    return pruned_len, tokens, first
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +126,7 @@ def test_kept_indices_equal_select_tokens_on_the_same_features(runs):
 def test_pruned_equals_otprune_hf(runs, tiny_llava):
     def reference(name):
         prompt, seeds, ratio = CASES[name]
-        return _hf_reference(tiny_llava, prompt, [image(s) for s in seeds], ratio)
+        return hf_reference(tiny_llava, "LlavaForConditionalGeneration", prompt, [image(s) for s in seeds], ratio)
 
     assert_matches(runs["plugin"], ("one@0.25", "other@0.25", "two@0.25", "one@0.5", "one"), reference, "otprune.hf")
 

@@ -14,14 +14,21 @@ Engines (one after another, each shut down before the next starts):
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
 
 import torch  # noqa: E402
-from conftest import MAX_TOKENS, assert_matches, engine, generate, image, ratio_cases, request  # noqa: E402
+from conftest import (  # noqa: E402
+    MAX_TOKENS,
+    assert_matches,
+    assert_rounds_same,
+    assert_same,
+    family_runs,
+    hf_reference,
+    ratio_cases,
+    sized_images,
+)
 
 import otprune  # noqa: E402
 
@@ -34,20 +41,6 @@ SIZES = {0: (160, 120), 1: (112, 196), 2: (196, 140), 3: (140, 196)}  # seed -> 
 CASES = ratio_cases(PROMPT, PROMPT2, RATIO, other="tall")
 
 
-def _images(seeds):
-    return [image(s, SIZES[s]) for s in seeds]
-
-
-def _request(name):
-    prompt, seeds, ratio = CASES[name]
-    return request(prompt, _images(seeds), ratio)
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    from otprune.serve.tiny import write_tiny_qwen2_5_vl
-
-    return str(write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("vllm-qwen2_5_vl") / "ckpt"))
 
 
 def _load(path: str):
@@ -57,26 +50,6 @@ def _load(path: str):
     return processor, Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _hf_reference(path: str, name: str):
-    """(prompt length after pruning, greedy tokens, first-step log-probs) from otprune.hf."""
-    from otprune import hf
-
-    prompt, seeds, ratio = CASES[name]
-    processor, model = _load(path)
-    inputs = processor(text=prompt, images=_images(seeds), return_tensors="pt")
-    options = dict(max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        if ratio is None or ratio == 1.0:
-            out = model.generate(**inputs, **options)
-            length = inputs["input_ids"].shape[1]
-        else:
-            with hf.pruning(model, otprune.PruneConfig(method="otprune", layer=0, ratio=ratio)) as adapter:
-                out = model.generate(**inputs, **options)
-                length = adapter.last_stats[0].text_tokens + sum(adapter.last_stats[0].image_tokens_after)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    return length, tokens, torch.log_softmax(out.scores[0][0].float(), dim=-1)
-
-
 def _explicit_reference(path: str, name: str):
     """The same from transformers' public pieces, without the adapter and without a KV cache: the
     tower's merged tokens, `select_tokens` per image, the unpruned prompt's M-RoPE positions
@@ -84,7 +57,7 @@ def _explicit_reference(path: str, name: str):
     greedy step, each new token one past the last position."""
     prompt, seeds, ratio = CASES[name]
     processor, model = _load(path)
-    inputs = processor(text=prompt, images=_images(seeds), return_tensors="pt")
+    inputs = processor(text=prompt, images=sized_images(SIZES, seeds), return_tensors="pt")
     ids, grids = inputs["input_ids"], inputs["image_grid_thw"]
     with torch.no_grad():
         features = model.model.get_image_features(inputs["pixel_values"], grids)
@@ -118,37 +91,7 @@ def _explicit_reference(path: str, name: str):
 
 @pytest.fixture(scope="module")
 def runs(tiny_qwen):
-    results: dict = {}
-    limits = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
-    with engine(tiny_qwen, arch=ARCH_BUILTIN, enable_prefix_caching=False, **limits) as llm:
-        names = ["one", "two"]
-        results["builtin"] = dict(zip(names, generate(llm, [_request(n) for n in names]), strict=True))
-    with engine(tiny_qwen, enable_prefix_caching=False, **limits) as llm:
-        assert type(llm.llm_engine.model_executor.driver_worker.worker.model_runner.model).__name__.startswith("OTPrune")
-        llm.apply_model(lambda model: setattr(model, "otprune_record", []))
-        plugin, records = {}, {}
-        for name in CASES:  # one at a time, so each request's records are its own
-            plugin[name] = generate(llm, [_request(name)])[0]
-            records[name] = llm.apply_model(lambda model: list(model.otprune_record))[0]
-            llm.apply_model(lambda model: model.otprune_record.clear())
-        results["plugin"], results["records"] = plugin, records
-        results["batch"] = dict(zip(CASES, generate(llm, [_request(n) for n in CASES]), strict=True))
-    chunked = ["one", "one@1.0", "one@0.5", "two", "tall@0.25"]
-    with engine(
-        tiny_qwen, env={"SUBSET_RATIO": str(RATIO)}, enable_prefix_caching=True, enable_chunked_prefill=True,
-        max_num_batched_tokens=8, max_num_seqs=4, block_size=32, **limits,
-    ) as llm:  # fmt: skip
-        results["chunked"] = [dict(zip(chunked, generate(llm, [_request(n) for n in chunked]), strict=True))
-                              for _ in range(2)]  # fmt: skip
-    results["chunked_names"] = chunked
-    return results
-
-
-def _same(ours, reference, name, tol=1e-4):
-    assert ours[0] == reference[0], name
-    assert ours[1] == reference[1], name
-    for tok, lp in ours[2].items():
-        assert math.isclose(lp, reference[2][tok], abs_tol=tol), (name, tok, lp, reference[2][tok])
+    return family_runs(tiny_qwen, ARCH_BUILTIN, CASES, SIZES, RATIO, chunk=8, **{"limit_mm_per_prompt": {"image": 2, "video": 0}})
 
 
 def test_ratio_1_equals_vllm_builtin_tokens_and_logprobs(runs):
@@ -187,24 +130,18 @@ def test_pruned_prefill_equals_otprune_hf(runs, tiny_qwen):
     later greedy tokens are compared in the main venv: `test_pruned_tokens_equal_otprune_hf_in_the_main_venv`;
     under this venv's transformers 5.19 its decode steps differ from the explicit reference.)"""
     assert_matches(runs["plugin"], ("one@0.25", "tall@0.25", "two@0.25", "one@0.5"),
-                   lambda name: _hf_reference(tiny_qwen, name), "otprune.hf (Qwen2.5-VL)", all_tokens=False)  # fmt: skip
+                   lambda name: hf_reference(tiny_qwen, "Qwen2_5_VLForConditionalGeneration", CASES[name][0],
+                                             sized_images(SIZES, CASES[name][1]), CASES[name][2]),
+                   "otprune.hf (Qwen2.5-VL)", all_tokens=False)  # fmt: skip
 
 
 def test_a_batch_of_mixed_ratios_gives_each_requests_own_outputs(runs):
     for name in CASES:
-        _same(runs["batch"][name], runs["plugin"][name], name)
+        assert_same(runs["batch"][name], runs["plugin"][name], name)
 
 
 def test_prefix_caching_chunked_prefill_and_mixed_ratios_give_the_same_outputs(runs):
-    plugin = runs["plugin"]
-    engine_default = {"one": "one@0.25", "one@1.0": "one@1.0", "one@0.5": "one@0.5", "two": "two@0.25",
-                      "tall@0.25": "tall@0.25"}  # fmt: skip
-    first_round, second_round = runs["chunked"]
-    for name in runs["chunked_names"]:
-        for round_ in (first_round, second_round):
-            _same(round_[name], plugin[engine_default[name]], name)
-    assert sum(out[3] for out in second_round.values()) > 0  # the second round read the prefix cache
-    assert second_round["two"][3] >= 32  # beyond the text prefix: blocks with the first image's kept tokens
+    assert_rounds_same(runs["chunked"], runs["plugin"], RATIO, min_cached=32)
 
 
 MAIN_VENV_SCRIPT = """
