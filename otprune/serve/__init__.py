@@ -40,7 +40,8 @@ Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, e
 keeping its unpruned M-RoPE position (`otprune.serve._mrope`); videos are not pruned (a request
 that prunes and holds a video is refused). LLaVA-OneVision
 (`LlavaOnevisionForConditionalGeneration`): each image's anyres set pruned jointly, as
-LLaVA-NeXT's; videos likewise not pruned.
+LLaVA-NeXT's; videos likewise not pruned. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as
+Qwen2.5-VL, the DeepStack features kept with the same indices.
 
 This module does not import vLLM; only `register()` and the model modules do.
 """
@@ -66,6 +67,7 @@ MODELS: dict[str, str] = {
     "LlavaNextForConditionalGeneration": "otprune.serve.llava_next:OTPruneLlavaNextForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "otprune.serve.qwen2_5_vl:OTPruneQwen2_5_VLForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration": "otprune.serve.llava_onevision:OTPruneLlavaOnevisionForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "otprune.serve.qwen3_vl:OTPruneQwen3VLForConditionalGeneration",
 }
 # The architectures the plugin prunes (vLLM's names; our OTPrune* aliases count as the same) -> model family.
 PRUNED: dict[str, str] = {
@@ -73,6 +75,7 @@ PRUNED: dict[str, str] = {
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images",
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
+    "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
 }
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
@@ -81,6 +84,7 @@ BUILTINS: dict[str, str] = {
     "VllmQwen2_5_VLForConditionalGeneration": "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
     "VllmLlavaOnevisionForConditionalGeneration":
         "vllm.model_executor.models.llava_onevision:LlavaOnevisionForConditionalGeneration",
+    "VllmQwen3VLForConditionalGeneration": "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration",
 }
 # Our classes under names of their own as well (e.g. for hf_overrides in tests and benchmarks).
 ALIASES: dict[str, str] = {f"OTPrune{arch}": target for arch, target in MODELS.items()}

@@ -156,6 +156,16 @@ class PruneProcessorMixin:
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=get_replacement)]
 
 
+class PruneMainStepMixin:
+    """For a processor whose main step calls the HF processor itself, not `_call_hf_processor`
+    (LLaVA-OneVision, Qwen3-VL): our request key stays out of it, (T, K) is added after it.
+    Put before `PruneProcessorMixin` in the bases."""
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
+        processed = super()._apply_hf_processor_main(mm_items, _without_key(hf_kwargs))
+        return self.otprune_add_counts(processed, hf_kwargs)
+
+
 class PruneModelMixin:
     """Model: keep K of each image's T projected rows with `otprune.select_tokens`.
 

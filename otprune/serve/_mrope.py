@@ -184,9 +184,10 @@ class MRopeModelMixin(PruneModelMixin):
         counts = kwargs.pop(FIELD, None)
         grids = kwargs.get("image_grid_thw")
         embeds = super(PruneModelMixin, self).embed_multimodal(**kwargs)  # vLLM's own: T rows per item
-        if len(embeds):
-            self._otprune_width = int(embeds[0].shape[-1])
-        if counts is None or len(embeds) == 0:
+        if not embeds:  # [] or None (Qwen3-VL)
+            return embeds
+        self._otprune_width = int(embeds[0].shape[-1])
+        if counts is None:
             return embeds
         counts = torch.as_tensor(counts).reshape(-1, 2).tolist() if isinstance(counts, Tensor) else [
             [int(v) for v in torch.as_tensor(c).reshape(2)] for c in counts]  # fmt: skip

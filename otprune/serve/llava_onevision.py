@@ -21,6 +21,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from otprune.serve import REQUEST_KEY, request_ratio
 from otprune.serve._common import (
     PruneInfoMixin,
+    PruneMainStepMixin,
     PruneModelMixin,
     PruneProcessorMixin,
     _without_key,
@@ -36,14 +37,9 @@ class OTPruneLlavaOnevisionProcessingInfo(PruneInfoMixin, LlavaOnevisionProcessi
         return {modality: int(count()) for modality, count in counts.items() if mm_counts.get(modality, 0) > 0}
 
 
-class OTPruneLlavaOnevisionMultiModalProcessor(PruneProcessorMixin, LlavaOnevisionMultiModalProcessor):
+class OTPruneLlavaOnevisionMultiModalProcessor(PruneMainStepMixin, PruneProcessorMixin, LlavaOnevisionMultiModalProcessor):
     def otprune_token_counts(self, processed) -> list[int]:
         return counts_from_sizes(self.info, processed["image_sizes"])
-
-    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
-        # OneVision's own main step calls the HF processor itself (not `_call_hf_processor`)
-        processed = super()._apply_hf_processor_main(mm_items, _without_key(hf_kwargs))
-        return self.otprune_add_counts(processed, hf_kwargs)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         ratio = request_ratio(self.info.otprune_engine_config(), hf_processor_mm_kwargs.get(REQUEST_KEY))

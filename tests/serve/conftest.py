@@ -64,6 +64,13 @@ def tiny_onevision(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_qwen3_vl
+
+    return str(write_tiny_qwen3_vl(tmp_path_factory.mktemp("vllm-qwen3_vl") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_next(tmp_path_factory):
     from otprune.serve.tiny import write_tiny_llava_next
 
@@ -178,6 +185,62 @@ def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: 
                 length = adapter.last_stats[0]["seq_len_after"]
     tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     return length, tokens, torch.log_softmax(out.scores[0][0].float(), dim=-1)
+
+
+def mrope_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None):
+    """An explicit reference for an M-RoPE model (Qwen2.5-VL, Qwen3-VL) from transformers' public
+    pieces, without otprune.hf and without a KV cache: the tower's merged tokens per image,
+    `select_tokens` on them, the unpruned prompt's M-RoPE positions (`get_rope_index`) at the kept
+    rows (Qwen3-VL: the DeepStack features at the same kept rows), then the language model on the
+    whole sequence at every greedy step, each new token one past the last position.
+    Returns (prompt length after pruning, greedy tokens, first-step log-probs)."""
+    import torch
+    import transformers
+
+    import otprune
+
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    model = getattr(transformers, model_class).from_pretrained(path, dtype=torch.float32).eval()
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    ids, grids = inputs["input_ids"], inputs["image_grid_thw"]
+    image_id = model.config.image_token_id
+    merge = model.config.vision_config.spatial_merge_size
+    with torch.no_grad():
+        encoded = model.model.get_image_features(inputs["pixel_values"], grids)
+        features = torch.cat(list(getattr(encoded, "pooler_output", encoded)))  # (sum T, D)
+        deepstack = [torch.cat(list(planes)) for planes in getattr(encoded, "deepstack_features", None) or []]
+        types = inputs.get("mm_token_type_ids", (ids == image_id).int())
+        rope = model.model.get_rope_index
+        extra = {"mm_token_type_ids": types} if "mm_token_type_ids" in rope.__code__.co_varnames else {}
+        positions, _ = rope(ids, image_grid_thw=grids, attention_mask=inputs["attention_mask"], **extra)  # (3, 1, L)
+        embeds = model.get_input_embeddings()(ids)[0]
+        slots = (ids[0] == image_id).nonzero().squeeze(1)
+        embeds[slots] = features
+        keep = torch.ones(ids.shape[1], dtype=torch.bool)
+        kept_rows = torch.arange(slots.numel())
+        if ratio is not None and ratio < 1.0:
+            keep[slots] = False
+            kept, start = [], 0
+            for total in (grids.prod(-1) // merge**2).tolist():
+                kept.append(start + otprune.select_tokens(features[start:start + total], ratio))
+                start += total
+            kept_rows = torch.cat(kept)
+            keep[slots[kept_rows]] = True
+        embeds, positions = embeds[keep], positions[:, 0, keep]
+        visual = (ids[0] == image_id)[keep]
+        deepstack = [plane[kept_rows] for plane in deepstack]
+        tokens, first = [], None
+        for _ in range(MAX_TOKENS):
+            options = {"visual_pos_masks": visual[None], "deepstack_visual_embeds": deepstack} if deepstack else {}
+            hidden = model.model.language_model(inputs_embeds=embeds[None], position_ids=positions[:, None],
+                                                **options).last_hidden_state  # fmt: skip
+            logits = model.lm_head(hidden[0, -1]).float()
+            first = torch.log_softmax(logits, dim=-1) if first is None else first
+            tokens.append(int(logits.argmax()))
+            embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor(tokens[-1:]))])
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            visual = torch.cat([visual, torch.zeros(1, dtype=torch.bool)])
+    return int(keep.sum()), tokens, first
 
 
 def assert_matches(plugin: dict, names, reference, label: str, all_tokens: bool = True) -> list:

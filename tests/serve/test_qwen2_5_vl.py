@@ -26,6 +26,7 @@ from conftest import (  # noqa: E402
     assert_same,
     family_runs,
     hf_reference,
+    mrope_reference,
     ratio_cases,
     sized_images,
 )
@@ -34,59 +35,12 @@ import otprune  # noqa: E402
 
 RATIO = 0.25
 ARCH_BUILTIN = "VllmQwen2_5_VLForConditionalGeneration"
+MODEL = "Qwen2_5_VLForConditionalGeneration"
 PAD = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPT = f"<|im_start|>user\n{PAD}What is it?<|im_end|>\n<|im_start|>assistant\n"
 PROMPT2 = f"<|im_start|>user\n{PAD}and {PAD}Compare them.<|im_end|>\n<|im_start|>assistant\n"
 SIZES = {0: (160, 120), 1: (112, 196), 2: (196, 140), 3: (140, 196)}  # seed -> (width, height): 24, 28, 35, 35 tokens
 CASES = ratio_cases(PROMPT, PROMPT2, RATIO, other="tall")
-
-
-
-
-def _load(path: str):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(path)
-    return processor, Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def _explicit_reference(path: str, name: str):
-    """The same from transformers' public pieces, without the adapter and without a KV cache: the
-    tower's merged tokens, `select_tokens` per image, the unpruned prompt's M-RoPE positions
-    (`get_rope_index`) at the kept rows, then the language model on the whole sequence at every
-    greedy step, each new token one past the last position."""
-    prompt, seeds, ratio = CASES[name]
-    processor, model = _load(path)
-    inputs = processor(text=prompt, images=sized_images(SIZES, seeds), return_tensors="pt")
-    ids, grids = inputs["input_ids"], inputs["image_grid_thw"]
-    with torch.no_grad():
-        features = model.model.get_image_features(inputs["pixel_values"], grids)
-        features = getattr(features, "pooler_output", features)
-        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features  # (sum T, D)
-        extra = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if "mm_token_type_ids" in inputs else {}
-        positions, _ = model.model.get_rope_index(ids, image_grid_thw=grids, attention_mask=inputs["attention_mask"],
-                                                  **extra)  # (3, 1, L) fmt: skip
-        embeds = model.get_input_embeddings()(ids)[0]
-        slots = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
-        embeds[slots] = features
-        keep = torch.ones(ids.shape[1], dtype=torch.bool)
-        if ratio is not None and ratio < 1.0:
-            keep[slots] = False
-            start = 0
-            for total in (grids.prod(-1) // 4).tolist():
-                kept = otprune.select_tokens(features[start:start + total], ratio)
-                keep[slots[start + kept]] = True
-                start += total
-        embeds, positions = embeds[keep], positions[:, 0, keep]
-        tokens, first = [], None
-        for _ in range(MAX_TOKENS):
-            hidden = model.model.language_model(inputs_embeds=embeds[None], position_ids=positions[:, None]).last_hidden_state
-            logits = model.lm_head(hidden[0, -1]).float()
-            first = torch.log_softmax(logits, dim=-1) if first is None else first
-            tokens.append(int(logits.argmax()))
-            embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor(tokens[-1:]))])
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-    return int(keep.sum()), tokens, first
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +76,8 @@ def test_kept_indices_equal_select_tokens_on_the_same_features(runs):
 
 def test_pruned_equals_an_explicit_reference_with_unpruned_positions(runs, tiny_qwen):
     assert_matches(runs["plugin"], ("one@0.25", "tall@0.25", "two@0.25", "one@0.5", "one"),
-                   lambda name: _explicit_reference(tiny_qwen, name), "explicit reference (Qwen2.5-VL)")  # fmt: skip
+                   lambda name: mrope_reference(tiny_qwen, MODEL, CASES[name][0], sized_images(SIZES, CASES[name][1]),
+                                                CASES[name][2]), "explicit reference (Qwen2.5-VL)")  # fmt: skip
 
 
 def test_pruned_prefill_equals_otprune_hf(runs, tiny_qwen):
@@ -130,7 +85,7 @@ def test_pruned_prefill_equals_otprune_hf(runs, tiny_qwen):
     later greedy tokens are compared in the main venv: `test_pruned_tokens_equal_otprune_hf_in_the_main_venv`;
     under this venv's transformers 5.19 its decode steps differ from the explicit reference.)"""
     assert_matches(runs["plugin"], ("one@0.25", "tall@0.25", "two@0.25", "one@0.5"),
-                   lambda name: hf_reference(tiny_qwen, "Qwen2_5_VLForConditionalGeneration", CASES[name][0],
+                   lambda name: hf_reference(tiny_qwen, MODEL, CASES[name][0],
                                              sized_images(SIZES, CASES[name][1]), CASES[name][2]),
                    "otprune.hf (Qwen2.5-VL)", all_tokens=False)  # fmt: skip
 
