@@ -7,8 +7,8 @@
 
 vLLM loads the entry point `otprune = "otprune.serve:register"` in every process it starts
 (front end, engine core, workers); `register()` puts pruning-aware versions of vLLM's own
-LLaVA-1.5 (`LlavaForConditionalGeneration`) and LLaVA-NeXT (`LlavaNextForConditionalGeneration`)
-classes under vLLM's architecture names, so a checkpoint of either runs through them:
+classes (`PRUNED`: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) under vLLM's
+architecture names, so a checkpoint of any of them runs through them:
 
 - the multimodal processor inserts K = round(r * T) image placeholders per image instead of
   vLLM's T (r = the engine's `SUBSET_RATIO`, or the request's `mm_processor_kwargs`
@@ -34,14 +34,16 @@ request or the engine, the order and the method's parameters) is part of vLLM's 
 (processor cache, encoder cache and prefix-cache blocks), so requests, or engines, that prune
 differently never share an image's tokens.
 
-vLLM's built-in classes stay reachable under `VllmLlavaForConditionalGeneration` /
-`VllmLlavaNextForConditionalGeneration` (`hf_overrides={"architectures": [...]}`).
+vLLM's built-in classes stay reachable under `Vllm<architecture>` (`BUILTINS`;
+`hf_overrides={"architectures": [...]}`).
 Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, every kept token
 keeping its unpruned M-RoPE position (`otprune.serve._mrope`); videos are not pruned (a request
 that prunes and holds a video is refused). LLaVA-OneVision
 (`LlavaOnevisionForConditionalGeneration`): each image's anyres set pruned jointly, as
 LLaVA-NeXT's; videos likewise not pruned. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as
-Qwen2.5-VL, the DeepStack features kept with the same indices.
+Qwen2.5-VL, the DeepStack features kept with the same indices. Not covered (refused with
+switches set): InternVL, Gemma 3 (vLLM's CPU attention has no bidirectional image-token span,
+`supports_mm_prefix`, so it does not serve Gemma 3 images on CPU at all), Qwen2-VL, others.
 
 This module does not import vLLM; only `register()` and the model modules do.
 """

@@ -150,3 +150,42 @@ def test_the_engines_default_ratio_and_method_enter_the_multimodal_hash(tiny_lla
     # ratio 1: the image's rows are the tower's whatever the engine's method
     assert _hashes(tiny_llava, {"SUBSET_RATIO": "0.25"}, monkeypatch, {"otprune_ratio": 1.0}) == _hashes(
         tiny_llava, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.5"}, monkeypatch, {"otprune_ratio": 1.0})
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "onevision", "qwen3_vl"])
+def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, tiny_onevision, tiny_qwen3_vl,
+                                                            monkeypatch):  # fmt: skip
+    """What lmms-eval's `--model vllm` records for a request (no engine: vLLM's front-end processing)."""
+    from conftest import SWITCHES
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing.context import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+    from vllm.plugins import load_general_plugins
+
+    from otprune import stats
+
+    load_general_plugins()
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    model = {"qwen2_5_vl": tiny_qwen, "onevision": tiny_onevision, "qwen3_vl": tiny_qwen3_vl}[family]
+    prompt = ONEVISION_PROMPT if family == "onevision" else QWEN_PROMPT
+    processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=model, dtype="float32", max_model_len=1024))
+    tokenizer = processor.info.get_tokenizer()
+    seen = []
+
+    def listener(records, **context):
+        seen.extend(records)
+
+    stats.add_listener(listener)
+    try:
+        items = processor.info.parse_mm_data({"image": image(0)})
+        inputs = ProcessorInputs(prompt=tokenizer.encode(prompt), mm_data_items=items,
+                                 hf_processor_mm_kwargs={"otprune_ratio": 0.25})  # fmt: skip
+        result = processor.apply(inputs, TimingContext(enabled=False))
+    finally:
+        stats.remove_listener(listener)
+    (record,) = seen
+    (total,), (keep,) = record.image_tokens_before, record.image_tokens_after
+    assert keep == round(0.25 * total) and total > keep
+    assert record.text_tokens + keep == len(result["prompt_token_ids"])

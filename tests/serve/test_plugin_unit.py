@@ -124,3 +124,26 @@ def test_mrope_position_columns():
     columns, removed = mrope.position_columns(8, [(2, 2, 6), (5, 1, 4)])
     # unpruned: text 0-1, A 2-7, text 8, B 9-12, text 13-14; every kept slot takes its image's first column
     assert columns.tolist() == [0, 1, 2, 2, 8, 9, 13, 14] and removed == 4 + 3
+
+
+def test_a_pruning_request_with_a_video_is_refused_not_served_unpruned():
+    """The serve venv cannot process videos (no torchvision), so the check is exercised directly."""
+    from otprune.serve._common import PruneProcessorMixin
+
+    class _Items:
+        def __init__(self, videos):
+            self.videos = videos
+
+        def get_count(self, modality, strict=True):
+            return self.videos if modality == "video" else 1
+
+    class _Info:
+        def get_hf_config(self):
+            return type("Qwen2_5_VLConfig", (), {})()
+
+    processor = PruneProcessorMixin()
+    processor.info = _Info()
+    with pytest.raises(ValueError, match=r"prunes \(ratio 0.25\) and holds a video.*otprune_ratio=1.0"):
+        processor.otprune_refuse_videos(_Items(1), 0.25)
+    processor.otprune_refuse_videos(_Items(1), 1.0)  # unpruned request: videos served as vLLM serves them
+    processor.otprune_refuse_videos(_Items(0), 0.25)  # images only: pruned
