@@ -42,8 +42,9 @@ that prunes and holds a video is refused). LLaVA-OneVision
 (`LlavaOnevisionForConditionalGeneration`): each image's anyres set pruned jointly, as
 LLaVA-NeXT's; videos likewise not pruned. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as
 Qwen2.5-VL, the DeepStack features kept with the same indices. Not covered (refused with
-switches set): InternVL, Gemma 3 (vLLM's CPU attention has no bidirectional image-token span,
-`supports_mm_prefix`, so it does not serve Gemma 3 images on CPU at all), Qwen2-VL, others.
+switches set): InternVL, Gemma 3 (not attempted; note: vLLM 0.32's CPU attention backend
+reports no support for Gemma 3's bidirectional image-token span, `supports_mm_prefix()` False),
+Qwen2-VL, others.
 
 This module does not import vLLM; only `register()` and the model modules do.
 """
