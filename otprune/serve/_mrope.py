@@ -148,6 +148,15 @@ class MRopeModelMixin(PruneModelMixin):
     _otprune_width: int | None = None  # the tower rows' width before our position columns
     _otprune_offsets: tuple[Tensor, Tensor] | None = None  # this step's (multimodal rows, (n, 3) offsets)
 
+    def otprune_setup(self) -> None:
+        if getattr(self, "is_multimodal_pruning_enabled", False):  # vLLM's EVS appends its own position columns
+            raise ValueError(
+                f"the otprune vLLM plugin's {type(self).__name__} cannot run with vLLM's video pruning "
+                "(--video-pruning-rate > 0, EVS): both re-position pruned tokens. Unset --video-pruning-rate, or set "
+                "VLLM_PLUGINS to a list without otprune to use vLLM's own class"
+            )
+        super().otprune_setup()
+
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[Tensor, int]:
         from vllm.multimodal.inputs import PlaceholderRange
 

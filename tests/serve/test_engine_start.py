@@ -189,3 +189,9 @@ def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, t
     (total,), (keep,) = record.image_tokens_before, record.image_tokens_after
     assert keep == round(0.25 * total) and total > keep
     assert record.text_tokens + keep == len(result["prompt_token_ids"])
+
+
+def test_vllms_own_video_pruning_with_the_plugin_refuses_to_start(tiny_qwen):
+    with pytest.raises(Exception, match=r"cannot run with vLLM's video pruning \(--video-pruning-rate"):
+        with engine(tiny_qwen, video_pruning_rate=0.5, limit_mm_per_prompt={"image": 1, "video": 0}):
+            pass
