@@ -187,13 +187,15 @@ def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: 
     return length, tokens, torch.log_softmax(out.scores[0][0].float(), dim=-1)
 
 
-def mrope_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None):
+def mrope_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None, compact: bool = False):
     """An explicit reference for an M-RoPE model (Qwen2.5-VL, Qwen3-VL) from transformers' public
     pieces, without otprune.hf and without a KV cache: the tower's merged tokens per image,
     `select_tokens` on them, the unpruned prompt's M-RoPE positions (`get_rope_index`) at the kept
     rows (Qwen3-VL: the DeepStack features at the same kept rows), then the language model on the
     whole sequence at every greedy step, each new token one past the last position.
-    Returns (prompt length after pruning, greedy tokens, first-step log-probs)."""
+    `compact`: the negative control, positions 0..L'-1 on all three rows instead (what a pruned
+    sequence gets without position handling). Returns (prompt length after pruning, greedy tokens,
+    first-step log-probs)."""
     import torch
     import transformers
 
@@ -227,6 +229,8 @@ def mrope_reference(path: str, model_class: str, prompt: str, images: list, rati
             kept_rows = torch.cat(kept)
             keep[slots[kept_rows]] = True
         embeds, positions = embeds[keep], positions[:, 0, keep]
+        if compact:
+            positions = torch.arange(positions.shape[1]).expand(3, -1)
         visual = (ids[0] == image_id)[keep]
         deepstack = [plane[kept_rows] for plane in deepstack]
         tokens, first = [], None

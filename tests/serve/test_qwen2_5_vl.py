@@ -80,6 +80,17 @@ def test_pruned_equals_an_explicit_reference_with_unpruned_positions(runs, tiny_
                                                 CASES[name][2]), "explicit reference (Qwen2.5-VL)")  # fmt: skip
 
 
+def test_the_positions_matter_a_compacted_numbering_gives_other_outputs(runs, tiny_qwen):
+    """Negative control: the explicit reference with the pruned sequence numbered 0..L'-1 differs from
+    the plugin, so the exactness test above does check the kept tokens' unpruned positions."""
+    prompt, seeds, ratio = CASES["two@0.25"]
+    _, tokens, first = mrope_reference(tiny_qwen, MODEL, prompt, sized_images(SIZES, seeds), ratio, compact=True)
+    _, ours_tokens, ours_first, _ = runs["plugin"]["two@0.25"]
+    diff = max(abs(lp - float(first[tok])) for tok, lp in ours_first.items())
+    print(f"Qwen2.5-VL two@0.25, compacted positions: first-step log-prob max diff {diff:.3g}")
+    assert diff > 1e-3 or tokens != ours_tokens
+
+
 def test_pruned_prefill_equals_otprune_hf(runs, tiny_qwen):
     """otprune.hf in this venv: the same pruned prompt, first token and first-step log-probs. (Its
     later greedy tokens are compared in the main venv: `test_pruned_tokens_equal_otprune_hf_in_the_main_venv`;
