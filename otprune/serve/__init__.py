@@ -7,8 +7,8 @@
 
 vLLM loads the entry point `otprune = "otprune.serve:register"` in every process it starts
 (front end, engine core, workers); `register()` puts pruning-aware versions of vLLM's own
-LLaVA-1.5 (`LlavaForConditionalGeneration`) and LLaVA-NeXT (`LlavaNextForConditionalGeneration`)
-classes under vLLM's architecture names, so a checkpoint of either runs through them:
+classes (`PRUNED`: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) under vLLM's
+architecture names, so a checkpoint of any of them runs through them:
 
 - the multimodal processor inserts K = round(r * T) image placeholders per image instead of
   vLLM's T (r = the engine's `SUBSET_RATIO`, or the request's `mm_processor_kwargs`
@@ -34,9 +34,17 @@ request or the engine, the order and the method's parameters) is part of vLLM's 
 (processor cache, encoder cache and prefix-cache blocks), so requests, or engines, that prune
 differently never share an image's tokens.
 
-vLLM's built-in classes stay reachable under `VllmLlavaForConditionalGeneration` /
-`VllmLlavaNextForConditionalGeneration` (`hf_overrides={"architectures": [...]}`).
-Qwen2.5-VL: refused when pruning is asked for (see `otprune.serve.qwen2_5_vl`).
+vLLM's built-in classes stay reachable under `Vllm<architecture>` (`BUILTINS`;
+`hf_overrides={"architectures": [...]}`).
+Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, every kept token
+keeping its unpruned M-RoPE position (`otprune.serve._mrope`); videos are not pruned (a request
+that prunes and holds a video is refused). LLaVA-OneVision
+(`LlavaOnevisionForConditionalGeneration`): each image's anyres set pruned jointly, as
+LLaVA-NeXT's; videos likewise not pruned. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as
+Qwen2.5-VL, the DeepStack features kept with the same indices. Not covered (refused with
+switches set): InternVL, Gemma 3 (not attempted; note: vLLM 0.32's CPU attention backend
+reports no support for Gemma 3's bidirectional image-token span, `supports_mm_prefix()` False),
+Qwen2-VL, others.
 
 This module does not import vLLM; only `register()` and the model modules do.
 """
@@ -62,23 +70,25 @@ MODELS: dict[str, str] = {
     "LlavaForConditionalGeneration": "otprune.serve.llava:OTPruneLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "otprune.serve.llava_next:OTPruneLlavaNextForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "otprune.serve.qwen2_5_vl:OTPruneQwen2_5_VLForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "otprune.serve.llava_onevision:OTPruneLlavaOnevisionForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "otprune.serve.qwen3_vl:OTPruneQwen3VLForConditionalGeneration",
 }
 # The architectures the plugin prunes (vLLM's names; our OTPrune* aliases count as the same) -> model family.
 PRUNED: dict[str, str] = {
     "LlavaForConditionalGeneration": "LLaVA-1.5",
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images",
+    "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
+    "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
 }
-QWEN2_5_VL_REFUSAL = (
-    "Qwen2.5-VL cannot be pruned by the plugin in this vLLM version: its M-RoPE positions are fixed at admission "
-    "and vLLM re-positions pruned multimodal tokens only on its video-pruning path (--video-pruning-rate > 0); kept "
-    "tokens would lose their unpruned positions. Unset BASELINE/SUBSET_RATIO/LAYER_INDEX (and otprune_ratio) to serve "
-    "Qwen2.5-VL unpruned, or prune it with otprune.hf (transformers) instead"
-)
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
     "VllmLlavaForConditionalGeneration": "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
     "VllmLlavaNextForConditionalGeneration": "vllm.model_executor.models.llava_next:LlavaNextForConditionalGeneration",
     "VllmQwen2_5_VLForConditionalGeneration": "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration",
+    "VllmLlavaOnevisionForConditionalGeneration":
+        "vllm.model_executor.models.llava_onevision:LlavaOnevisionForConditionalGeneration",
+    "VllmQwen3VLForConditionalGeneration": "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration",
 }
 # Our classes under names of their own as well (e.g. for hf_overrides in tests and benchmarks).
 ALIASES: dict[str, str] = {f"OTPrune{arch}": target for arch, target in MODELS.items()}
@@ -122,10 +132,9 @@ def check_architecture(arch: str, environ: Mapping[str, str] | None = None) -> P
     if not config.enabled or arch.removeprefix("OTPrune") in PRUNED:
         return config
     pruned = ", ".join(f"{name} ({family})" for name, family in PRUNED.items())
-    why = f"; {QWEN2_5_VL_REFUSAL}" if "Qwen2_5_VL" in arch else ""
     raise ValueError(
         f"the otprune vLLM plugin: BASELINE={config.method.upper()} SUBSET_RATIO={config.ratio} asks for pruning, but "
-        f"the model's architecture {arch} is not one the plugin prunes: {pruned}{why}. Unset BASELINE, SUBSET_RATIO "
+        f"the model's architecture {arch} is not one the plugin prunes: {pruned}. Unset BASELINE, SUBSET_RATIO "
         "and LAYER_INDEX to serve it unpruned"
     )
 

@@ -50,10 +50,25 @@ class PruneProcessorMixin:
         """T of every image in an HF processor output (the rows vLLM's model gives per image)."""
         raise NotImplementedError
 
+    def otprune_image_tokens(self, width: int, height: int) -> int:
+        """T of an image of this size, in vLLM's count."""
+        return int(self.info.get_num_image_tokens(image_width=width, image_height=height))
+
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        return self.otprune_add_counts(super()._call_hf_processor(hf_data, _without_key(hf_kwargs)), hf_kwargs)
+
+    def otprune_refuse_videos(self, mm_items, ratio: float) -> None:
+        """A request that prunes (ratio < 1) and holds a video fails: the plugin prunes images only."""
+        if ratio < 1.0 and mm_items.get_count("video", strict=False):
+            raise ValueError(
+                f"otprune: this request prunes (ratio {ratio}) and holds a video; the plugin prunes images only on "
+                f"{type(self.info.get_hf_config()).__name__}: send videos with {REQUEST_KEY}=1.0 (unpruned)"
+            )
+
+    def otprune_add_counts(self, processed, hf_kwargs: Mapping[str, object]):
+        """`processed` (the HF processor's output) with (T, K) per image as the field `FIELD`."""
         engine = self.info.otprune_engine_config()
         ratio = request_ratio(engine, hf_kwargs.get(REQUEST_KEY))
-        processed = super()._call_hf_processor(hf_data, _without_key(hf_kwargs))
         if processed.get("pixel_values") is None:
             return processed
         totals = torch.tensor(self.otprune_token_counts(processed), dtype=torch.long)
@@ -93,7 +108,7 @@ class PruneProcessorMixin:
                 total = int(images.get_feature_size(index))
             else:
                 size = images.get_image_size(index)
-                total = int(self.info.get_num_image_tokens(image_width=size.width, image_height=size.height))
+                total = self.otprune_image_tokens(size.width, size.height)
             before.append(total)
             after.append(int(placeholder.length))
         visual = sum(after)
@@ -141,6 +156,16 @@ class PruneProcessorMixin:
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=get_replacement)]
 
 
+class PruneMainStepMixin:
+    """For a processor whose main step calls the HF processor itself, not `_call_hf_processor`
+    (LLaVA-OneVision, Qwen3-VL): our request key stays out of it, (T, K) is added after it.
+    Put before `PruneProcessorMixin` in the bases."""
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs: Mapping[str, object]):
+        processed = super()._apply_hf_processor_main(mm_items, _without_key(hf_kwargs))
+        return self.otprune_add_counts(processed, hf_kwargs)
+
+
 class PruneModelMixin:
     """Model: keep K of each image's T projected rows with `otprune.select_tokens`.
 
@@ -169,23 +194,29 @@ class PruneModelMixin:
         return [self.otprune_prune(rows, total, keep) for rows, (total, keep) in zip(embeds, counts, strict=True)]
 
     def otprune_prune(self, rows: Tensor, total: int, keep: int) -> Tensor:
+        kept = self.otprune_select(rows, total, keep)
+        return rows if kept is None else rows[kept]
+
+    def otprune_select(self, rows: Tensor, total: int, keep: int, features: Tensor | None = None) -> Tensor | None:
+        """The (K,) indices of `rows`: (T, D) to keep (None when K == T: nothing is selected).
+        `features`: (T, D') what the selection sees, `rows` by default (e.g. Qwen3-VL's main columns)."""
         if rows.shape[0] != total:
             raise AssertionError(
                 f"otprune: the vision tower gave {rows.shape[0]} rows for an image the processor counted {total} "
                 "tokens for; refusing to hand vLLM a different number of embeddings than placeholders"
             )
         if keep == total:
-            return rows
+            return None
         config = self.otprune_config
-        kept = otprune.select_tokens(rows, keep, config.method, order=config.order, **self.otprune_params())
-        out = rows[kept]
-        if out.shape[0] != keep:  # more rows than placeholders would be truncated silently by vLLM
-            raise AssertionError(f"otprune: kept {out.shape[0]} rows for {keep} placeholders")
+        features = rows if features is None else features
+        kept = otprune.select_tokens(features, keep, config.method, order=config.order, **self.otprune_params())
+        if kept.shape[0] != keep:  # more rows than placeholders would be truncated silently by vLLM
+            raise AssertionError(f"otprune: kept {kept.shape[0]} rows for {keep} placeholders")
         if self.otprune_record is not None:
             self.otprune_record.append(
-                {"features": rows.detach().float().cpu(), "kept": kept.cpu(), "total": total, "keep": keep}
+                {"features": features.detach().float().cpu(), "kept": kept.cpu(), "total": total, "keep": keep}
             )
-        return out
+        return kept
 
     def otprune_params(self) -> dict[str, object]:
         config = self.otprune_config

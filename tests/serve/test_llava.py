@@ -20,7 +20,18 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
 
 import torch  # noqa: E402
-from conftest import MAX_TOKENS, PROMPT, PROMPT2, engine, generate, image, request
+from conftest import (
+    MAX_TOKENS,
+    PROMPT,
+    PROMPT2,
+    assert_matches,
+    engine,
+    generate,
+    hf_reference,
+    image,
+    ratio_cases,
+    request,
+)
 
 import otprune  # noqa: E402
 
@@ -29,44 +40,11 @@ T = 64  # tokens per image of the tiny checkpoint (112 px, 14 px patches, CLS dr
 ARCH_BUILTIN = "VllmLlavaForConditionalGeneration"
 
 BAD_RATIOS = (0.0, 1.5, "half", 10**400, "1e400", "abc", -0.5, 2, float("nan"), "")
-CASES = {  # name -> (prompt, image seeds, per-request ratio)
-    "one": (PROMPT, [0], None),
-    "one@1.0": (PROMPT, [0], 1.0),
-    "one@0.5": (PROMPT, [0], 0.5),
-    "one@0.25": (PROMPT, [0], RATIO),
-    "other@0.25": (PROMPT, [1], RATIO),
-    "two@0.25": (PROMPT2, [2, 3], RATIO),
-    "two": (PROMPT2, [2, 3], None),
-}
+CASES = ratio_cases(PROMPT, PROMPT2, RATIO)
 
 
 def _requests(names):
     return [request(CASES[n][0], [image(s) for s in CASES[n][1]], CASES[n][2]) for n in names]
-
-
-def _hf_reference(path: str, prompt: str, images: list, ratio: float | None):
-    """(prompt length after pruning, greedy tokens, first-step log-probs) from otprune.hf."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from otprune import hf
-
-    processor = AutoProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    inputs = processor(text=prompt, images=images, return_tensors="pt")
-    config = None if ratio is None else otprune.PruneConfig(method="otprune", layer=0, ratio=ratio)
-    with torch.no_grad():
-        if config is None:
-            out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)  # fmt: skip
-            pruned_len = inputs["input_ids"].shape[1]
-        else:
-            with hf.pruning(model, config) as adapter:
-                out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
-                                     return_dict_in_generate=True)  # fmt: skip
-                pruned_len = adapter.last_stats[0]["seq_len_after"]
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    first = torch.log_softmax(out.scores[0][0].float(), dim=-1)
-    return pruned_len, tokens, first
 
 
 @pytest.fixture(scope="module")
@@ -146,18 +124,11 @@ def test_kept_indices_equal_select_tokens_on_the_same_features(runs):
 
 
 def test_pruned_equals_otprune_hf(runs, tiny_llava):
-    plugin = runs["plugin"]
-    rows = []
-    for name in ("one@0.25", "other@0.25", "two@0.25", "one@0.5", "one"):
+    def reference(name):
         prompt, seeds, ratio = CASES[name]
-        length, tokens, first = _hf_reference(tiny_llava, prompt, [image(s) for s in seeds], ratio)
-        ours_prompt, ours_tokens, ours_first, _ = plugin[name]
-        assert len(ours_prompt) == length, name
-        assert ours_tokens == tokens, name
-        diff = max(abs(lp - float(first[tok])) for tok, lp in ours_first.items())
-        rows.append((name, diff))
-        assert diff < 1e-4, (name, diff)
-    print("first-step log-prob max |vLLM plugin - otprune.hf|:", rows)
+        return hf_reference(tiny_llava, "LlavaForConditionalGeneration", prompt, [image(s) for s in seeds], ratio)
+
+    assert_matches(runs["plugin"], ("one@0.25", "other@0.25", "two@0.25", "one@0.5", "one"), reference, "otprune.hf")
 
 
 def test_features_match_transformers_tower(runs, tiny_llava):

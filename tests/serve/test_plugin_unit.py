@@ -57,15 +57,14 @@ def test_merge_methods_and_adaptive_budgets_are_refused(env, message):
 def test_check_architecture():
     pruning = {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}
     for arch in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                 "OTPruneLlavaForConditionalGeneration"):  # fmt: skip
+                 "OTPruneLlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                 "LlavaOnevisionForConditionalGeneration", "Qwen3VLForConditionalGeneration"):  # fmt: skip
         assert serve.check_architecture(arch, pruning).enabled
-    for arch in ("Qwen2VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration", "Gemma3ForConditionalGeneration",
+    for arch in ("Qwen2VLForConditionalGeneration", "InternVLChatModel", "Gemma3ForConditionalGeneration",
                  "VllmLlavaForConditionalGeneration", "LlamaForCausalLM", "TransformersMultiModalForCausalLM"):  # fmt: skip
         assert not serve.check_architecture(arch, {}).enabled  # no switch: served unpruned
         with pytest.raises(ValueError, match=f"architecture {arch} is not one the plugin prunes: LlavaForConditionalGeneration"):
             serve.check_architecture(arch, pruning)
-    with pytest.raises(ValueError, match="M-RoPE"):
-        serve.check_architecture("Qwen2_5_VLForConditionalGeneration", {"SUBSET_RATIO": "0.5"})
 
 
 def test_pruning_identity():
@@ -89,6 +88,9 @@ class _Model:
     def prune(self, rows, total, keep):
         return self.mixin.otprune_prune(self, rows, total, keep)
 
+    def otprune_select(self, *args):
+        return self.mixin.otprune_select(self, *args)
+
     def otprune_params(self):
         return self.mixin.otprune_params(self)
 
@@ -104,11 +106,44 @@ def test_embedding_count_is_asserted_not_truncated():
         model.prune(torch.randn(70, 32), 64, 64)
 
 
-def test_qwen2_5_vl_refuses_pruning(monkeypatch):
-    qwen = pytest.importorskip("otprune.serve.qwen2_5_vl")
-    with pytest.raises(ValueError, match="cannot be pruned"):
-        qwen._check_request({"otprune_ratio": 0.5})
-    assert qwen._check_request({"otprune_ratio": 1.0, "fps": 1}) == {"fps": 1}
-    monkeypatch.setenv("SUBSET_RATIO", "0.5")
-    with pytest.raises(ValueError, match="cannot be pruned"):
-        qwen.OTPruneQwen2_5_VLForConditionalGeneration(vllm_config=None)
+def test_mrope_offsets_travel_exactly_in_every_dtype():
+    mrope = pytest.importorskip("otprune.serve._mrope")
+    offsets = torch.tensor([[0, 0, 0], [0, 255, 256], [3, 1000, 65535], [7, 257, 511]])
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        columns = mrope.encode_offsets(offsets, dtype)
+        assert columns.shape == (4, mrope.POS_COLUMNS) and columns.dtype == dtype
+        assert torch.equal(mrope.decode_offsets(columns), offsets)
+    with pytest.raises(ValueError, match="exceeds"):
+        mrope.encode_offsets(torch.tensor([[0, 0, 65536]]), torch.float32)
+    assert mrope.grid_offsets(1, 2, 3).tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 1, 2]]
+
+
+def test_mrope_position_columns():
+    """Pruned prompt: 2 text, image A (K=2 of T=6), 1 text, image B (K=1 of T=4), 2 text."""
+    mrope = pytest.importorskip("otprune.serve._mrope")
+    columns, removed = mrope.position_columns(8, [(2, 2, 6), (5, 1, 4)])
+    # unpruned: text 0-1, A 2-7, text 8, B 9-12, text 13-14; every kept slot takes its image's first column
+    assert columns.tolist() == [0, 1, 2, 2, 8, 9, 13, 14] and removed == 4 + 3
+
+
+def test_a_pruning_request_with_a_video_is_refused_not_served_unpruned():
+    """The serve venv cannot process videos (no torchvision), so the check is exercised directly."""
+    from otprune.serve._common import PruneProcessorMixin
+
+    class _Items:
+        def __init__(self, videos):
+            self.videos = videos
+
+        def get_count(self, modality, strict=True):
+            return self.videos if modality == "video" else 1
+
+    class _Info:
+        def get_hf_config(self):
+            return type("Qwen2_5_VLConfig", (), {})()
+
+    processor = PruneProcessorMixin()
+    processor.info = _Info()
+    with pytest.raises(ValueError, match=r"prunes \(ratio 0.25\) and holds a video.*otprune_ratio=1.0"):
+        processor.otprune_refuse_videos(_Items(1), 0.25)
+    processor.otprune_refuse_videos(_Items(1), 1.0)  # unpruned request: videos served as vLLM serves them
+    processor.otprune_refuse_videos(_Items(0), 0.25)  # images only: pruned
