@@ -154,13 +154,36 @@ def instrument(lm: object) -> object:
         if method is None:
             continue
 
-        def counted(requests, *args, _method=method, **kwargs):
+        def counted(requests, *args, _method=method, _kind=name, **kwargs):
             requests = list(requests)
             writer.account(requests)
-            return _method(requests, *args, **kwargs)
+            if _kind == "loglikelihood":
+                for request in requests:
+                    announce_documents(request, writer)
+            writer.request_kind = _kind
+            try:
+                return _method(requests, *args, **kwargs)
+            finally:
+                writer.request_kind = None
 
         setattr(lm, name, counted)
     return lm
+
+
+def announce_documents(request: object, writer: records.RecordWriter) -> None:
+    """Make a loglikelihood request's `doc_to_visual` (lmms-eval's arguments: context, target,
+    doc_to_visual, doc_id, task, split) tell `writer` which document the model fetches images for, so
+    that its record names the document (`RecordWriter.announce`). The images are unchanged."""
+    arguments = getattr(request, "arguments", None)
+    if not isinstance(arguments, tuple) or len(arguments) < 6 or not callable(arguments[2]):
+        return
+    fetch, doc_id, task = arguments[2], arguments[3], arguments[4]
+
+    def announcing(doc, _fetch=fetch, _task=task, _doc_id=doc_id):
+        writer.announce(_task, _doc_id)
+        return _fetch(doc)
+
+    request.arguments = (*arguments[:2], announcing, *arguments[3:])
 
 
 def attach(lm: object):

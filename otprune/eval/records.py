@@ -375,6 +375,8 @@ class RecordWriter:
         self.closed = False
         self.requests: dict[str, int] | None = None  # request type -> count (None: not accounted)
         self.documents: dict[str, set] = {}  # task -> doc ids of the requests
+        self.request_kind: str | None = None  # the lmms-eval request type being evaluated (`instrument`)
+        self.announced: list[list] = []  # [task, doc id] of the documents whose images the model fetched since the last record
 
     @property
     def enabled(self) -> bool:
@@ -428,6 +430,20 @@ class RecordWriter:
             self.requests[kind] = self.requests.get(kind, 0) + 1
             task = str(getattr(request, "task_name", "?"))
             self.documents.setdefault(task, set()).add(str(getattr(request, "doc_id", "?")))
+
+    def announce(self, task: object, doc_id: object) -> None:
+        """The model is fetching the images of document (task, doc_id) for its next forward."""
+        self.announced.append([str(task), str(doc_id)])
+
+    def _documents_of(self, count: int) -> list:
+        """The document of each of the next `count` records: for a loglikelihood prefill of one sample after
+        exactly one announced document, that document (exact: lmms-eval's models fetch a request's images
+        right before its forward); otherwise unknown (None). The announcements are then consumed."""
+        docs = [None] * count
+        if self.request_kind == "loglikelihood" and count == 1 and len(self.announced) == 1:
+            docs = [self.announced[0]]
+        self.announced = []
+        return docs
 
     def close(self) -> None:
         """Write the closing line (once): request and document counts, the number of records and, on
@@ -485,7 +501,8 @@ class RecordWriter:
         guessed = None if prune is not None else _env_config()
         now = time.time()
         records = []
-        for sample in samples:
+        documents = self._documents_of(len(samples))
+        for sample, document in zip(samples, documents, strict=True):
             if not isinstance(sample, Mapping):
                 raise ValueError(f"pruning stats: expected a dict per sample, got {type(sample).__name__}")
             ran = prune
@@ -497,6 +514,8 @@ class RecordWriter:
                        **self.context}
             if model is not None:
                 context["model"] = model
+            if document is not None:
+                context["doc"] = document  # [task, doc id]: which document this forward scored
             records.append(make_record(sample, size, **context))
             self.count += 1
         self._append("".join(json.dumps(record) + "\n" for record in records).encode("utf-8"))

@@ -291,6 +291,19 @@ def test_distances_count_an_image_once_per_document(tmp_path):
     assert row.task_distance("gqa") == pytest.approx(2.5)  # not (4 + 8) / 6 = 2
 
 
+def test_records_naming_their_document_count_its_images_once_exactly():
+    """Records that name their document (loglikelihood forwards) fold exactly, in any order; two documents
+    with the same image values stay two documents."""
+    from otprune.eval.report.documents import document_distances
+
+    def rec(d, doc):
+        return {"distance": [d], "objective": [2 * d], "distance_kind": "eq4", "doc": ["mme", str(doc)]}
+
+    # MME-like: documents 0 and 1 share an image (same values); document 0's options are not consecutive
+    records = [rec(1.0, 0), rec(1.0, 1), rec(1.0, 0), rec(4.0, 2), rec(1.0, 1), rec(4.0, 2)]
+    assert document_distances(records)[:2] == (6.0, 3)  # 1 + 1 + 4: one image per document
+
+
 def test_a_zero_unpruned_score_is_noted(tmp_path):
     run(tmp_path, None, None, {"gqa": 0.0, "pope": 0.8}, T0)
     run(tmp_path, "otprune", 0.098, {"gqa": 0.1, "pope": 0.7}, T0 + 1000, distance=1.0)

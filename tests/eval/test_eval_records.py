@@ -257,3 +257,31 @@ def test_records_are_never_written_through_a_link_and_carry_the_run_id(tmp_path)
     assert [line["run_id"] for line in records.read_records(writer.path)] == ["20250101_000000_abcd1234"] * 2
     with pytest.raises(ValueError, match="OTPRUNE_RUN_ID='a b'"):
         records.RecordWriter.from_env({"OTPRUNE_RUN_ID": "a b"}, argv=argv)
+
+
+def test_loglikelihood_records_name_the_document_the_model_fetched_images_for(tmp_path):
+    """`announce_documents`: lmms-eval's models fetch a loglikelihood request's images right before its
+    forward; the record of that forward names the document. Anything ambiguous names none."""
+    from types import SimpleNamespace
+
+    from otprune.eval.lmms_plugin import announce_documents
+    from otprune.eval.records import RecordWriter
+
+    writer = RecordWriter(tmp_path / "r.jsonl")
+    sample = stats(10, 16, method=None, ratio=None)
+    requests = [SimpleNamespace(arguments=("ctx", "A", lambda doc: ["image of", doc], doc_id, "mme", "test"))
+                for doc_id in (7, 8)]
+    for request in requests:
+        announce_documents(request, writer)
+    writer.request_kind = "loglikelihood"
+    for request in requests:  # as lmms-eval's llava: fetch the images, then one forward
+        assert request.arguments[2]({"id": request.arguments[3]}) == ["image of", {"id": request.arguments[3]}]
+        (record,) = writer.write(sample, hidden=64, intermediate=128, layers=2)
+        assert record["doc"] == ["mme", str(request.arguments[3])]
+    requests[0].arguments[2]({})  # two documents fetched before one forward: which is which is unknown
+    requests[1].arguments[2]({})
+    (record,) = writer.write(sample, hidden=64, intermediate=128, layers=2)
+    assert "doc" not in record
+    writer.request_kind = "generate_until"  # one request per document: nothing to name
+    requests[0].arguments[2]({})
+    assert "doc" not in writer.write(sample, hidden=64, intermediate=128, layers=2)[0]

@@ -101,6 +101,12 @@ def test_records_pruned_samples_use_k_visual_tokens(smoke):
         assert record["tflops"] == record["tflops_unpruned"]
     mean = lambda rows: sum(r["tflops"] for r in rows) / len(rows)  # noqa: E731
     assert mean(pruned) < mean(unpruned)
+    # Every loglikelihood forward (one per option of a multiple-choice document) names its document; the
+    # generation forwards (one per document) do not need to.
+    for rows in (pruned, unpruned):
+        docs = [tuple(r["doc"]) for r in rows if r.get("doc") is not None]
+        assert len(docs) == len(rows) - LIMIT and {task for task, _ in docs} == {"otprune_smoke_mc"}
+        assert len(set(docs)) == LIMIT
 
 
 def test_report_builds_the_table(smoke):

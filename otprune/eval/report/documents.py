@@ -1,12 +1,13 @@
 """Per-document image distances (issue #23 point 6): the per-image OT distances of a results
 file's records, each image counted once per document, not once per forward.
 
-lmms-eval scores a multiple-choice (loglikelihood) document with one forward per option, sent one
-after the other: each writes a record with the same images, kept by the same selection, so the
-same per-image `distance` and `objective` values. Consecutive records whose per-image
-(distance_kind, distance, objective) are all equal are one document here; its images count once.
-(Two consecutive generation documents that share an image, such as MME's two questions per
-image, count once as well: the mean then weights that image once instead of twice.)
+lmms-eval scores a multiple-choice (loglikelihood) document with one forward per option: each
+writes a record with the same images. A record that names its document (`doc`: [task, doc id],
+written for loglikelihood forwards by `otprune.eval.lmms_plugin.announce_documents`) counts its
+images once per document, exactly. A record without it (older records, models that fetch several
+documents' images before one forward) falls back to: consecutive records whose per-image
+(distance_kind, distance, objective) are all equal are one document (two consecutive generation
+documents that share an image, such as MME's two questions per image, then count once).
 """
 
 from __future__ import annotations
@@ -31,12 +32,19 @@ def document_distances(records: Iterable[dict]) -> tuple[float, int, set, int]:
     records with equal `image_key`."""
     total, count, kinds, folded = 0.0, 0, set(), 0
     previous = None
+    seen: set[tuple] = set()  # the documents named by records
     for record in records:
         key = image_key(record)
         if key is None:
             previous = None
             continue
-        if key == previous:
+        doc = record.get("doc")
+        if isinstance(doc, list) and len(doc) == 2:
+            if tuple(doc) in seen:
+                folded += 1
+                continue
+            seen.add(tuple(doc))
+        elif key == previous:
             folded += 1
             continue
         previous = key
