@@ -133,3 +133,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def unpruned_prefill_stats(model, inputs) -> list[dict]:
+    """Run `inputs` with pruning off and an `on_stats` listener (lmms-eval's records of an unpruned run):
+    assert the logits are untouched, nothing is pruned, and return the per-sample stats."""
+    import otprune
+    from otprune import hf
+
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        seen = []
+        with hf.pruning(model, otprune.PruneConfig()) as adapter:
+            adapter.on_stats = seen.append
+            torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+    (stats,) = seen
+    assert all(s["method"] is None and s["image_tokens_after"] == s["image_tokens_before"] for s in stats)
+    return stats
