@@ -51,6 +51,9 @@ HF_MODELS = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "llava-hf/
              "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-32B-Instruct",
              "Qwen/Qwen2.5-VL-72B-Instruct")  # fmt: skip
 KNOWN_MODELS = (*PAPER_MODELS, "liuhaotian/llava-v1.6-vicuna-13b", *HF_MODELS)
+# Hub-id prefixes of the families `otprune.hf` prunes -> lmms-eval's model name (any size, any release of them).
+FAMILY_PREFIXES = {"Qwen/Qwen2.5-VL-": "qwen2_5_vl", "Qwen/Qwen3-VL-": "qwen3_vl", "Qwen/Qwen3.5-": "qwen3_5",
+                   "google/gemma-3-": "gemma3", "OpenGVLab/InternVL3": "internvl_hf"}  # fmt: skip
 PRUNING_VARS = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER",
                 "FITPRUNE_RECIPE", "OTPRUNE_RECORDS", "OTPRUNE_RUN_ID")  # fmt: skip
 FEATURE_METHODS = "OURS, DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK"
@@ -221,6 +224,16 @@ def checkpoint_format(folder: Path) -> str:
                    f"{kind!r}, neither an original-format LLaVA (mm_vision_tower) nor one of {' / '.join(routed)}")
 
 
+def family_of_hub_id(model: str) -> str | None:
+    """lmms-eval's model name for a hub id of a family whose every checkpoint `otprune.hf` prunes, by its
+    publisher's naming (`FAMILY_PREFIXES`: Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 3, InternVL3 / 3.5 in HF
+    format, which ends in "-hf"); None for any other id. Such ids need no --allow-unknown."""
+    for prefix, kind in FAMILY_PREFIXES.items():
+        if model.startswith(prefix) and (kind != "internvl_hf" or model.lower().endswith("-hf")):
+            return kind
+    return None
+
+
 def lmms_model_of(model: str, engine: str, allow_unknown: bool) -> str:
     """lmms-eval's --model for a checkpoint (hub id or folder) on `engine`."""
     if os.path.isdir(model):
@@ -237,22 +250,19 @@ def lmms_model_of(model: str, engine: str, allow_unknown: bool) -> str:
         kind = "llava"
     elif model.startswith("llava-hf/"):
         kind = "llava_onevision" if "onevision" in model else "llava_hf"
-    elif model.startswith("Qwen/Qwen2.5-VL-"):
-        kind = "qwen2_5_vl"
-    elif model.startswith("Qwen/Qwen3-VL-"):
-        kind = "qwen3_vl"
-    elif model.startswith("Qwen/Qwen3.5-"):
-        kind = "qwen3_5"
-    elif model.startswith("google/gemma-3-"):
-        kind = "gemma3"
-    elif model.startswith("OpenGVLab/InternVL3") and model.lower().endswith("-hf"):
-        kind = "internvl_hf"
+    elif model.startswith("OpenGVLab/InternVL") and not family_of_hub_id(model):
+        raise RunError(f"--models: '{model}' is an InternVL checkpoint in OpenGVLab's own format (remote code); "
+                       "otprune.hf prunes transformers' InternVL: use its HF-format twin (e.g. "
+                       "OpenGVLab/InternVL3-8B-hf, OpenGVLab/InternVL3_5-8B-HF)")
+    elif family_of_hub_id(model):
+        kind = family_of_hub_id(model)
     elif allow_unknown:
         kind = "llava"
     else:
         raise RunError(f"--models: unknown model '{model}' (not a known id and no such folder); known: "
-                       f"{', '.join(KNOWN_MODELS)}; pass --allow-unknown to use it anyway")
-    if model not in KNOWN_MODELS and not os.path.isdir(model) and not allow_unknown:
+                       f"{', '.join(KNOWN_MODELS)}, and any id starting with {', '.join(FAMILY_PREFIXES)}; "
+                       "pass --allow-unknown to use it anyway")
+    if model not in KNOWN_MODELS and not family_of_hub_id(model) and not os.path.isdir(model) and not allow_unknown:
         raise RunError(f"--models: unknown model '{model}'; known: {', '.join(KNOWN_MODELS)}; pass --allow-unknown")
     if engine == "vllm":
         if kind in VLLM_KINDS:

@@ -675,3 +675,30 @@ def test_every_hf_family_routes_by_model_type(tmp_path, family):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": record.model_type}))
     assert lmms_model_of(str(tmp_path), "hf", allow_unknown=False) == record.lmms_model
     assert checkpoint_format(tmp_path) == ("llava_onevision" if family == "onevision" else record.lmms_model)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"),
+        ("Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl"),
+        ("Qwen/Qwen3-VL-30B-A3B-Thinking", "qwen3_vl"),
+        ("Qwen/Qwen3.5-9B", "qwen3_5"),
+        ("google/gemma-3-12b-it", "gemma3"),
+        ("OpenGVLab/InternVL3-8B-hf", "internvl_hf"),
+        ("OpenGVLab/InternVL3_5-8B-HF", "internvl_hf"),
+    ],
+)
+def test_hub_ids_of_the_hf_families_route_without_allow_unknown(model, expected):
+    from otprune.eval.runner import lmms_model_of
+
+    assert lmms_model_of(model, "hf", allow_unknown=False) == expected
+
+
+def test_internvl_in_its_remote_code_format_is_refused_with_the_hf_twin_named():
+    from otprune.eval.runner import RunError, lmms_model_of
+
+    with pytest.raises(RunError, match="OpenGVLab/InternVL3-8B-hf"):
+        lmms_model_of("OpenGVLab/InternVL3-8B", "hf", allow_unknown=True)
+    with pytest.raises(RunError, match="unknown model 'someone/else'.*Qwen/Qwen3-VL-"):
+        lmms_model_of("someone/else", "hf", allow_unknown=False)
