@@ -56,7 +56,7 @@ import math
 from collections.abc import Mapping
 
 import otprune
-from otprune.config import PruneConfig, check_fixed_selection
+from otprune.config import PruneConfig, check_before_llm, check_fixed_selection
 
 LOGGER = logging.getLogger("otprune")
 
@@ -81,6 +81,10 @@ PRUNED: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
     "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
 }
+# The merge methods the plugin runs inside the vision tower (`otprune.serve._tower`), and the
+# architectures whose tower has the CLS token they need (CLIP; a SigLIP tower is refused at load).
+TOWER_MERGERS: frozenset[str] = frozenset({"visionzip"})
+CLS_TOWERS: frozenset[str] = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"})
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
     "VllmLlavaForConditionalGeneration": "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
@@ -129,7 +133,12 @@ def check_architecture(arch: str, environ: Mapping[str, str] | None = None) -> P
     and the plugin does not prune `arch` (never a silently unpruned engine); the message names the
     architectures it prunes. Without switches every architecture serves unpruned."""
     config = engine_config(environ)
-    if not config.enabled or arch.removeprefix("OTPrune") in PRUNED:
+    arch = arch.removeprefix("OTPrune")
+    if config.enabled and config.method in TOWER_MERGERS and arch in PRUNED and arch not in CLS_TOWERS:
+        from otprune.methods.prumerge import no_cls_error
+
+        raise no_cls_error(config.method.upper(), f"of {arch} ({PRUNED[arch]})")
+    if not config.enabled or arch in PRUNED:
         return config
     pruned = ", ".join(f"{name} ({family})" for name, family in PRUNED.items())
     raise ValueError(
@@ -148,9 +157,15 @@ def engine_config(environ: Mapping[str, str] | None = None) -> PruneConfig:
     PRUMERGE_PLUS) and `SUBSET_RATIO=iqr` raise ValueError: vLLM calls this when it resolves the
     model's architecture (`register()`'s guard), so the engine does not start.
     """
-    config = check_fixed_selection(PruneConfig.from_env(environ), "the otprune vLLM plugin",
-                                   "otprune.hf or our llava package")  # fmt: skip
+    config = PruneConfig.from_env(environ)
     cls = config.method_class()
+    if config.enabled and config.merging and cls.name in TOWER_MERGERS:  # VisionZip: merged in the CLIP tower
+        check_before_llm(config, "the otprune vLLM plugin", "otprune.hf or our llava package")
+        if config.adaptive:
+            raise ValueError(f"the otprune vLLM plugin: BASELINE={config.method.upper()} SUBSET_RATIO={config.ratio!r}: "
+                             f"{cls.label()} has no adaptive budget; give a number in (0, 1], e.g. SUBSET_RATIO=0.111")
+        return config
+    config = check_fixed_selection(config, "the otprune vLLM plugin", "otprune.hf or our llava package")
     if config.enabled and getattr(cls, "needs_instruction", False):
         raise ValueError(
             f"the otprune vLLM plugin: BASELINE={config.method.upper()} scores the tokens against each prompt's "
