@@ -80,15 +80,22 @@ def test_batch_equals_alone(runs):
         assert batch[0] == alone[0] and batch[1] == alone[1], name
 
 
-def _independent_rows(path: str, img, k: int):
-    """VisionZip's K projected rows of one image from transformers' public pieces (no otprune.hf)."""
+def _independent_rows(path: str, img, k: int, model_class: str = "LlavaForConditionalGeneration"):
+    """VisionZip's projected rows of one image from transformers' public pieces (no otprune.hf): per
+    CLIP crop (LLaVA-NeXT: base + grid crops, in order) k tokens, the crops' rows concatenated."""
     import transformers
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     from otprune.methods.visionzip import visionzip
 
     processor = transformers.AutoProcessor.from_pretrained(path)
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    pixels = processor(text=PROMPT, images=[img], return_tensors="pt")["pixel_values"]
+    model = getattr(transformers, model_class).from_pretrained(path, dtype=torch.float32).eval()
+    inputs = processor(text=PROMPT, images=[img], return_tensors="pt")
+    pixels = inputs["pixel_values"]
+    if pixels.dim() == 5:  # LLaVA-NeXT: (1, crops padded, 3, H, W)
+        crops = image_size_to_num_patches(image_size=inputs["image_sizes"][0].tolist(), patch_size=model.config.vision_config.image_size,
+                                          grid_pinpoints=model.config.image_grid_pinpoints)  # fmt: skip
+        pixels = pixels[0, :crops]
     tower = model.model.vision_tower
     layers = getattr(tower, "vision_model", tower).encoder.layers
     select = model.config.vision_feature_layer  # -2 of len(layers) + 1 hidden states
@@ -99,8 +106,10 @@ def _independent_rows(path: str, img, k: int):
         normed = block.layer_norm1(states[produced - 1])
         q, keys = block.self_attn.q_proj(normed), block.self_attn.k_proj(normed)
         tokens, sources = visionzip(states[produced], q[:, 0], keys, model.config.vision_config.num_attention_heads, k)
-        rows = model.model.multi_modal_projector(tokens[0])
-    return rows, sources[0]
+        rows = model.model.multi_modal_projector(tokens.reshape(-1, tokens.shape[-1]))
+    n = states[produced].shape[1] - 1
+    sources = torch.where(sources < 0, sources, sources + torch.arange(sources.shape[0])[:, None] * n)
+    return rows, sources.reshape(-1)
 
 
 def test_rows_equal_an_independent_computation(runs, tiny_llava):
@@ -145,3 +154,49 @@ def test_hash_tells_visionzip_from_other_methods():
     zip_engine = serve.engine_config(ENV)
     assert serve.pruning_identity(zip_engine, 0.5) != serve.pruning_identity(serve.engine_config({}), 0.5)
     assert serve.pruning_identity(zip_engine, 1.0) == "unpruned"
+
+
+# ---------------------------------------------------------------- LLaVA-NeXT: per anyres crop
+NEXT_SIZES = {"wide": (160, 90), "tall": (90, 150)}  # different anyres grids; crops of 16 patches
+NEXT_CASES = {  # name -> (image size, per-request ratio)
+    "wide": ("wide", None), "tall": ("tall", None), "wide@0.5": ("wide", 0.5), "wide@1.0": ("wide", 1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def next_runs(tiny_llava_next):
+    results: dict = {"plugin": {}, "records": {}}
+    with engine(tiny_llava_next, env=ENV, enable_prefix_caching=False) as llm:
+        llm.apply_model(lambda model: setattr(model, "otprune_record", []))
+        for name, (size, ratio) in NEXT_CASES.items():
+            results["plugin"][name] = generate(llm, [request(PROMPT, [image(5, NEXT_SIZES[size])], ratio)])[0]
+            results["records"][name] = llm.apply_model(lambda model: list(model.otprune_record))[0]
+            llm.apply_model(lambda model: model.otprune_record.clear())
+        two = request(PROMPT2, [image(5, NEXT_SIZES["wide"]), image(6, NEXT_SIZES["tall"])])
+        results["plugin"]["two"] = generate(llm, [two])[0]
+    return results
+
+
+def test_llava_next_greedy_tokens_equal_otprune_hf(next_runs, tiny_llava_next):
+    def reference(name):
+        if name == "two":
+            return hf_reference(tiny_llava_next, "LlavaNextForConditionalGeneration", PROMPT2,
+                                [image(5, NEXT_SIZES["wide"]), image(6, NEXT_SIZES["tall"])], RATIO, method="visionzip")
+        size, ratio = NEXT_CASES[name]
+        return hf_reference(tiny_llava_next, "LlavaNextForConditionalGeneration", PROMPT, [image(5, NEXT_SIZES[size])],
+                            RATIO if ratio is None else ratio, method="visionzip")  # fmt: skip
+
+    assert_matches(next_runs["plugin"], [*NEXT_CASES, "two"], reference, "otprune.hf VisionZip (LLaVA-NeXT)")
+    assert next_runs["records"]["wide@1.0"] == []
+
+
+@pytest.mark.parametrize("name, k", [("wide", 4), ("tall", 4), ("wide@0.5", 8)])  # per crop of 16 patches
+def test_llava_next_rows_equal_an_independent_computation(next_runs, tiny_llava_next, name, k):
+    (record,) = next_runs["records"][name]
+    size = NEXT_SIZES[NEXT_CASES[name][0]]
+    rows, sources = _independent_rows(tiny_llava_next, image(5, size), k, "LlavaNextForConditionalGeneration")
+    assert record["keep"] == rows.shape[0] and rows.shape[0] // k > 1  # k per crop: base crop + grid crops
+    assert torch.equal(record["sources"], sources), name
+    diff = float((record["rows"] - rows).abs().max())
+    print(f"llava_next {name}: max |vLLM rows - independent| = {diff:.2e}")
+    assert diff < 1e-5, (name, diff)
