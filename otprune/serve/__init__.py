@@ -24,8 +24,11 @@ Switches (read in every vLLM process, checked when the front end builds the engi
 `engine_config`, `check_architecture`): `BASELINE` (a selection method of `otprune.METHODS`),
 `SUBSET_RATIO` (a number in (0, 1]), `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`;
 `LAYER_INDEX` may only be 0 (the plugin prunes the image embeddings before the LLM); the in-LLM
-methods (FASTV, VTW, FITPRUNE), the merge methods (PRUMERGE, PRUMERGE_PLUS), `SUBSET_RATIO=iqr`
-and any switch on an architecture not in `PRUNED` stop the engine at start. Without any switch
+methods (FASTV, VTW, FITPRUNE), PruMerge (PRUMERGE, PRUMERGE_PLUS: they read the tower layer after
+the selected hidden state, which vLLM does not build), `SUBSET_RATIO=iqr` and any switch on an
+architecture not in `PRUNED` stop the engine at start. VISIONZIP runs on LLaVA-1.5 / LLaVA-NeXT
+(`CLS_TOWERS`, CLIP towers): merged inside vLLM's tower (`otprune.serve._tower`), K = VisionZip's
+budget per crop; the other architectures (SigLIP / ViT towers without a CLS token) refuse it. Without any switch
 the engine runs unpruned, and a request may still ask for pruning with
 `mm_processor_kwargs={"otprune_ratio": r}` (checked in the front end: a bad value fails that
 request only, with a message naming `otprune_ratio`).
@@ -56,7 +59,7 @@ import math
 from collections.abc import Mapping
 
 import otprune
-from otprune.config import PruneConfig, check_before_llm, check_fixed_selection
+from otprune.config import PruneConfig, check_fixed_selection
 
 LOGGER = logging.getLogger("otprune")
 
@@ -81,9 +84,8 @@ PRUNED: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
     "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
 }
-# The merge methods the plugin runs inside the vision tower (`otprune.serve._tower`), and the
-# architectures whose tower has the CLS token they need (CLIP; a SigLIP tower is refused at load).
-TOWER_MERGERS: frozenset[str] = frozenset({"visionzip"})
+# The architectures whose tower has the CLS token VisionZip needs (CLIP; a SigLIP tower of one of
+# them is refused when the model loads); VisionZip runs inside the tower (`otprune.serve._tower`).
 CLS_TOWERS: frozenset[str] = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"})
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
@@ -134,7 +136,7 @@ def check_architecture(arch: str, environ: Mapping[str, str] | None = None) -> P
     architectures it prunes. Without switches every architecture serves unpruned."""
     config = engine_config(environ)
     arch = arch.removeprefix("OTPrune")
-    if config.enabled and config.method in TOWER_MERGERS and arch in PRUNED and arch not in CLS_TOWERS:
+    if config.enabled and config.merges_up_to_selected and arch in PRUNED and arch not in CLS_TOWERS:
         from otprune.methods.prumerge import no_cls_error
 
         raise no_cls_error(config.method.upper(), f"of {arch} ({PRUNED[arch]})")
@@ -153,19 +155,14 @@ def engine_config(environ: Mapping[str, str] | None = None) -> PruneConfig:
     checked), restricted to what the plugin runs (`check_fixed_selection`).
 
     Pruning off (no switch set) is allowed: requests may still ask for a ratio. Pruning inside
-    the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE), the merge methods (PRUMERGE,
-    PRUMERGE_PLUS) and `SUBSET_RATIO=iqr` raise ValueError: vLLM calls this when it resolves the
+    the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE), PruMerge (PRUMERGE, PRUMERGE_PLUS) and
+    `SUBSET_RATIO=iqr` raise ValueError (VISIONZIP passes: `check_architecture` refuses it on
+    towers without a CLS token): vLLM calls this when it resolves the
     model's architecture (`register()`'s guard), so the engine does not start.
     """
-    config = PruneConfig.from_env(environ)
+    config = check_fixed_selection(PruneConfig.from_env(environ), "the otprune vLLM plugin",
+                                   "otprune.hf or our llava package", producing_merges=True)  # fmt: skip
     cls = config.method_class()
-    if config.enabled and config.merging and cls.name in TOWER_MERGERS:  # VisionZip: merged in the CLIP tower
-        check_before_llm(config, "the otprune vLLM plugin", "otprune.hf or our llava package")
-        if config.adaptive:
-            raise ValueError(f"the otprune vLLM plugin: BASELINE={config.method.upper()} SUBSET_RATIO={config.ratio!r}: "
-                             f"{cls.label()} has no adaptive budget; give a number in (0, 1], e.g. SUBSET_RATIO=0.111")
-        return config
-    config = check_fixed_selection(config, "the otprune vLLM plugin", "otprune.hf or our llava package")
     if config.enabled and getattr(cls, "needs_instruction", False):
         raise ValueError(
             f"the otprune vLLM plugin: BASELINE={config.method.upper()} scores the tokens against each prompt's "

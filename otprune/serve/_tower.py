@@ -30,12 +30,12 @@ import torch
 from torch import Tensor
 
 from otprune.config import PruneConfig
-from otprune.serve import TOWER_MERGERS
 
 
 def merges_in_tower(config: PruneConfig) -> bool:
-    """True when `config`'s method is merged inside the vision tower by the plugin (VisionZip)."""
-    return config.method in TOWER_MERGERS
+    """True when `config`'s method is merged inside the vision tower by the plugin (VisionZip; also
+    when the engine's switches are off and only requests prune: the environment's method)."""
+    return config.merges_up_to_selected
 
 
 def keep_counts(config: PruneConfig, ratio: float, crops: Sequence[int], crop_patches: int) -> list[int]:
