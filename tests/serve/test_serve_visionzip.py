@@ -9,6 +9,9 @@ One engine with BASELINE=VISIONZIP SUBSET_RATIO=0.25 on the tiny LLaVA-1.5 (64 p
 - the K rows vLLM received per image equal (within 1e-5) an independent computation from
   transformers' public pieces: CLIPVisionModel's hidden states, the producing layer's q / k
   projections of its layer-normed input, `otprune.methods.visionzip.visionzip`, the projector;
+- a second engine (prefix caching, 24-token prefill chunks, the requests in one batch, twice) gives
+  every request the outputs it got alone;
+- LLaVA-NeXT (each anyres crop merged on its own): the same two checks;
 - a tower without a CLS token (OneVision's SigLIP) refuses VisionZip at engine start;
 - the multimodal hash (`pruning_identity`) tells VisionZip from the other methods at one ratio.
 """
@@ -20,7 +23,17 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
 
 import torch  # noqa: E402
-from conftest import PROMPT, PROMPT2, assert_matches, engine, generate, hf_reference, image, request  # noqa: E402
+from conftest import (  # noqa: E402
+    PROMPT,
+    PROMPT2,
+    assert_matches,
+    assert_same,
+    engine,
+    generate,
+    hf_reference,
+    image,
+    request,
+)
 
 from otprune import serve  # noqa: E402
 from otprune.methods.prumerge import NoClsTokenError  # noqa: E402
@@ -52,6 +65,11 @@ def runs(tiny_llava):
             results["records"][name] = llm.apply_model(lambda model: list(model.otprune_record))[0]
             llm.apply_model(lambda model: model.otprune_record.clear())
         results["batch"] = dict(zip(CASES, generate(llm, [_request(n) for n in CASES]), strict=True))
+    with engine(
+        tiny_llava, env=ENV, enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=24,
+        max_num_seqs=4, block_size=32,
+    ) as llm:  # fmt: skip
+        results["chunked"] = [dict(zip(CASES, generate(llm, [_request(n) for n in CASES]), strict=True)) for _ in range(2)]
     return results
 
 
@@ -78,6 +96,15 @@ def test_batch_equals_alone(runs):
     for name in CASES:
         alone, batch = runs["plugin"][name], runs["batch"][name]
         assert batch[0] == alone[0] and batch[1] == alone[1], name
+
+
+def test_chunked_prefill_and_prefix_cache_give_the_same_outputs(runs):
+    """24-token prefill chunks (each image's placeholders span several), mixed ratios in one batch, the
+    second round reading the prefix cache: the outputs of each request alone."""
+    for round_ in runs["chunked"]:
+        for name, ours in round_.items():
+            assert_same(ours, runs["plugin"][name], name)
+    assert runs["chunked"][1]["two"][3] > 0  # the second round read cached blocks
 
 
 def _independent_rows(path: str, img, k: int, model_class: str = "LlavaForConditionalGeneration"):
