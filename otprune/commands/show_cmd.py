@@ -36,7 +36,7 @@ as the title line says.
 The rules that prune inside the LLM (--methods dart,fastv, --model only) act at a decoder layer
 (their default: 2) on what the model computes there: DART on layer 1's keys and the hidden states
 entering layer 2, FastV on the prompt's last token's attention. So `show` runs the model's
-prefill on the image and a prompt (the vicuna_v1 template around "<image>\n" + --question, which
+prefill on the image and a prompt (the vicuna_v1 template around "<image>", a newline and --question, which
 DART's text pivots are taken from) with the rule switched on, and draws the visual tokens that
 reach the layers after it (DART: its own count, pivots + P x pivots of round(ratio V)); the model
 needs more decoder layers than the rule's layer (`otprune tiny-llava DIR --layers 4`). W2 is
