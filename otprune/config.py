@@ -200,6 +200,13 @@ class PruneConfig:
         return self.merging and self.ratio != ADAPTIVE and self.ratio is not None and float(self.ratio) == 1.0
 
     @property
+    def merges_up_to_selected(self) -> bool:
+        """True for a merge method that reads the vision tower only up to the layer PRODUCING the
+        selected hidden state (VisionZip, `tower_layer = "producing"`): the vLLM plugin runs it,
+        since vLLM builds the tower that far (PruMerge reads the next layer, which vLLM does not build)."""
+        return self.merging and getattr(self.method_class(), "tower_layer", None) == "producing"
+
+    @property
     def needs_cls_attention(self) -> bool:
         """True when the vision tower must hand over its CLS attention (merge methods, adaptive budgets)."""
         return self.enabled and (self.merging or self.adaptive)
@@ -451,17 +458,21 @@ def compile_selection(environ: Mapping[str, str] | None = None) -> bool:
                      f"accepted: {', '.join(SWITCH_ON + RECORDS_OFF)}")
 
 
-def check_fixed_selection(config: PruneConfig, who: str, instead: str) -> PruneConfig:
+def check_fixed_selection(config: PruneConfig, who: str, instead: str, producing_merges: bool = False) -> PruneConfig:
     """`config`, when it prunes nothing or keeps a fixed fraction of each image's embeddings before the
     LLM with a selection method (`otprune.METHODS`); ValueError naming the switch, its value and what
     `who` accepts otherwise: pruning inside the LLM (`check_before_llm`), the merge methods
-    (PRUMERGE, PRUMERGE_PLUS: they merge inside the vision tower) and the adaptive budget
-    (`SUBSET_RATIO=iqr`: it needs the tower's CLS attention). `instead`: what runs those."""
+    (PRUMERGE, PRUMERGE_PLUS: they merge inside the vision tower; with `producing_merges`, those
+    reading the tower only up to the selected hidden state, VisionZip, are accepted at a fixed ratio)
+    and the adaptive budget (`SUBSET_RATIO=iqr`: it needs the tower's CLS attention). `instead`: what runs those."""
     check_before_llm(config, who, instead)
     if not config.enabled:
         return config
     allowed = f"selection methods: {registry.describe('selection')}, at SUBSET_RATIO in (0, 1]"
-    if config.merging:
+    if producing_merges:
+        producing = [m.upper() for m in registry.MERGERS if getattr(registry.MERGERS[m], "tower_layer", None) == "producing"]
+        allowed += f"; merge methods: {', '.join(producing)}"
+    if config.merging and not (producing_merges and config.merges_up_to_selected):
         raise ValueError(
             f"{who}: BASELINE={config.method.upper()}: {config.method_class().label()} merges tokens inside the vision "
             f"tower, which {who} does not support (yet); it runs {allowed}; for {config.method.upper()} use {instead}"

@@ -32,9 +32,20 @@ tokens come from the CLS attention) keeps --ratio of each crop's patches as its 
 plus its contextual tokens; its panel shows the patches those tokens stand for (the CLS row has
 no patch). CDPruner is drawn without an instruction (every relevance 1: the unconditional kernel),
 as the title line says.
+
+The rules that prune inside the LLM (--methods dart,fastv, --model only) act at a decoder layer
+(their default: 2) on what the model computes there: DART on layer 1's keys and the hidden states
+entering layer 2, FastV on the prompt's last token's attention. So `show` runs the model's
+prefill on the image and a prompt (the vicuna_v1 template around "<image>", a newline and --question, which
+DART's text pivots are taken from) with the rule switched on, and draws the visual tokens that
+reach the layers after it (DART: its own count, pivots + P x pivots of round(ratio V)); the model
+needs more decoder layers than the rule's layer (`otprune tiny-llava DIR --layers 4`). W2 is
+between the model's visual tokens (the ones handed to the LLM) and the kept ones among them.
 """
 
 MERGE_METHODS = ("prumerge", "prumerge_plus", "visionzip")
+IN_LLM_METHODS = ("dart", "fastv")  # drawn from the model's own pruned prefill (our llava)
+DEFAULT_QUESTION = "Describe the image in detail."
 
 
 def _ratio(text: str) -> float:
@@ -65,6 +76,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the projection and of the random method (default 0)")
     parser.add_argument("--gamma", type=float, default=0.01, help="OTPrune's gamma (default 0.01)")
     parser.add_argument("--panel", type=int, default=336, help="panel side in pixels (default 336)")
+    parser.add_argument("--question", default=DEFAULT_QUESTION,
+                        help=f"the prompt's text after the image, for DART / FastV (default {DEFAULT_QUESTION!r})")
     parser.set_defaults(run=run, needs=("ot", "matplotlib", "PIL"))
 
 
@@ -148,7 +161,44 @@ def canonical(name: str) -> str:
         found = canonical_method(name)
     except ValueError:
         found = None
-    return found if found in MERGE_METHODS else METHODS.canonical(name)
+    return found if found in MERGE_METHODS + IN_LLM_METHODS else METHODS.canonical(name)
+
+
+def in_llm_selection(model, processor, image, method: str, ratio: float, question: str = DEFAULT_QUESTION):
+    """Indices (ascending) of the image's visual tokens (the model's set, `model_views`' order) that
+    the in-LLM rule `method` (DART, FastV) keeps at its default layer, from the model's own prefill
+    of `image` + `question` (vicuna_v1 template) with the rule switched on."""
+    import torch
+    from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+    from llava.conversation import conv_templates
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    from otprune.config import PruneConfig
+
+    tokenizer = getattr(model, "instruction_tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"--methods {method}: the model has no tokenizer attached (load it with load_pretrained_model)")
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], f"{DEFAULT_IMAGE_TOKEN}\n{question}")
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    pixels = process_images([image], processor, model.config)[0]
+    config = PruneConfig(method=method, ratio=ratio)  # the rule's default layer
+    if config.layer >= model.config.num_hidden_layers:
+        raise ValueError(f"--methods {method}: acts at decoder layer {config.layer}, but the model has "
+                         f"{model.config.num_hidden_layers} layers; draw it on a deeper model (e.g. otprune tiny-llava DIR --layers 4)")
+    previous = getattr(model, "_prune_override", None)
+    model.set_pruning(config)
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids.to(model.device), images=pixels[None].to(model.device, model.dtype),
+                  image_sizes=[image.size], use_cache=False)  # fmt: skip
+    finally:
+        model.set_pruning(previous)
+    (start, end), = model.visual_layout.spans[0]
+    last = model.pruned_layout.stages[-1]  # the rows the layers after the rule see
+    rows = last.source[0][last.valid[0]].cpu()
+    return (rows[(rows >= start) & (rows < end)] - start).sort().values
 
 
 def merge_selection(model, processor, image, method: str, views, ratio: float | None = None) -> tuple:
@@ -200,6 +250,12 @@ def run(args) -> int:
             f"--methods={args.methods!r}: {', '.join(merging)} need the CLS attention of a CLIP vision tower; draw "
             "them with --model DIR (a LLaVA checkpoint): the pixel projection used without --model has no CLS token"
         )
+    in_llm = [m for m in methods if m in IN_LLM_METHODS]
+    if in_llm and not args.model:
+        raise ValueError(
+            f"--methods={args.methods!r}: {', '.join(in_llm)} prune inside the LLM, from what its decoder layers compute; "
+            "draw them with --model DIR (a LLaVA checkpoint with more decoder layers than the rule's layer, 2)"
+        )
     if not methods:
         raise ValueError(f"--methods={args.methods!r}: name at least one method")
     if len(set(methods)) != len(methods):
@@ -237,7 +293,10 @@ def run(args) -> int:
             kept, merged[method] = merge_selection(model, processor, image, method, views, args.ratio)
             distances[method] = wasserstein2_between(features, merged[method])
         else:
-            kept = select_tokens(features, args.ratio, method, **params.get(method, {}))
+            if method in IN_LLM_METHODS:  # the model's own prefill with the rule at its layer
+                kept = in_llm_selection(model, processor, image, method, args.ratio, args.question)
+            else:
+                kept = select_tokens(features, args.ratio, method, **params.get(method, {}))
             distances[method] = wasserstein2(features, kept)
         selections[method] = kept
     figure, _ = render(views, selections, distances, panel=args.panel)
@@ -254,6 +313,10 @@ def run(args) -> int:
         budget = "--ratio" if method == "visionzip" else "adaptive budget"
         extra = f" ({merged[method].shape[0]} merged tokens, {budget})" if method in merged else ""
         extra += " (no instruction: every relevance 1)" if method == "cdpruner" else ""
+        if method in IN_LLM_METHODS:
+            from otprune.config import PruneConfig
+
+            extra += f" (inside the LLM at layer {PruneConfig(method=method, ratio=args.ratio).layer}, the model's prefill)"
         print(f"  {method:<9} kept {selections[method].numel():>4}/{n}  W2 = {distances[method]:.6g}{extra}")
     print(f"wrote {out} ({figure.width}x{figure.height})")
     return 0

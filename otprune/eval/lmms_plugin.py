@@ -396,9 +396,10 @@ def vllm_listener(environ: Mapping[str, str] | None = None):
 
 def check_vllm_switches(environ: Mapping[str, str] | None = None) -> PruneConfig:
     """The switches for `--model vllm`: the plugin keeps a fixed fraction of each image's embeddings with a
-    selection method before the LLM (ValueError otherwise: the plugin's own check, `check_fixed_selection`)."""
+    selection method before the LLM, or merges them with VisionZip in the tower (ValueError otherwise: the
+    plugin's own check, `check_fixed_selection`)."""
     return check_fixed_selection(PruneConfig.from_env(environ), "--model vllm (the otprune vLLM plugin)",
-                            "--model llava_hf (otprune.hf) or --model llava")
+                                 "--model llava_hf (otprune.hf) or --model llava", producing_merges=True)
 
 
 class _Vllm(_Factory):

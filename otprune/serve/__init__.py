@@ -24,8 +24,11 @@ Switches (read in every vLLM process, checked when the front end builds the engi
 `engine_config`, `check_architecture`): `BASELINE` (a selection method of `otprune.METHODS`),
 `SUBSET_RATIO` (a number in (0, 1]), `OTPRUNE_GAMMA`, `OTPRUNE_SEED`, `OTPRUNE_ORDER`;
 `LAYER_INDEX` may only be 0 (the plugin prunes the image embeddings before the LLM); the in-LLM
-methods (FASTV, VTW, FITPRUNE), the merge methods (PRUMERGE, PRUMERGE_PLUS), `SUBSET_RATIO=iqr`
-and any switch on an architecture not in `PRUNED` stop the engine at start. Without any switch
+methods (FASTV, VTW, FITPRUNE), PruMerge (PRUMERGE, PRUMERGE_PLUS: they read the tower layer after
+the selected hidden state, which vLLM does not build), `SUBSET_RATIO=iqr` and any switch on an
+architecture not in `PRUNED` stop the engine at start. VISIONZIP runs on LLaVA-1.5 / LLaVA-NeXT
+(`CLS_TOWERS`, CLIP towers): merged inside vLLM's tower (`otprune.serve._tower`), K = VisionZip's
+budget per crop; the other architectures (SigLIP / ViT towers without a CLS token) refuse it. Without any switch
 the engine runs unpruned, and a request may still ask for pruning with
 `mm_processor_kwargs={"otprune_ratio": r}` (checked in the front end: a bad value fails that
 request only, with a message naming `otprune_ratio`).
@@ -81,6 +84,9 @@ PRUNED: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
     "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
 }
+# The architectures whose tower has the CLS token VisionZip needs (CLIP; a SigLIP tower of one of
+# them is refused when the model loads); VisionZip runs inside the tower (`otprune.serve._tower`).
+CLS_TOWERS: frozenset[str] = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"})
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
     "VllmLlavaForConditionalGeneration": "vllm.model_executor.models.llava:LlavaForConditionalGeneration",
@@ -129,7 +135,12 @@ def check_architecture(arch: str, environ: Mapping[str, str] | None = None) -> P
     and the plugin does not prune `arch` (never a silently unpruned engine); the message names the
     architectures it prunes. Without switches every architecture serves unpruned."""
     config = engine_config(environ)
-    if not config.enabled or arch.removeprefix("OTPrune") in PRUNED:
+    arch = arch.removeprefix("OTPrune")
+    if config.enabled and config.merges_up_to_selected and arch in PRUNED and arch not in CLS_TOWERS:
+        from otprune.methods.prumerge import no_cls_error
+
+        raise no_cls_error(config.method.upper(), f"of {arch} ({PRUNED[arch]})")
+    if not config.enabled or arch in PRUNED:
         return config
     pruned = ", ".join(f"{name} ({family})" for name, family in PRUNED.items())
     raise ValueError(
@@ -144,12 +155,13 @@ def engine_config(environ: Mapping[str, str] | None = None) -> PruneConfig:
     checked), restricted to what the plugin runs (`check_fixed_selection`).
 
     Pruning off (no switch set) is allowed: requests may still ask for a ratio. Pruning inside
-    the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE), the merge methods (PRUMERGE,
-    PRUMERGE_PLUS) and `SUBSET_RATIO=iqr` raise ValueError: vLLM calls this when it resolves the
+    the LLM (`LAYER_INDEX` > 0, FASTV, VTW, FITPRUNE), PruMerge (PRUMERGE, PRUMERGE_PLUS) and
+    `SUBSET_RATIO=iqr` raise ValueError (VISIONZIP passes: `check_architecture` refuses it on
+    towers without a CLS token): vLLM calls this when it resolves the
     model's architecture (`register()`'s guard), so the engine does not start.
     """
     config = check_fixed_selection(PruneConfig.from_env(environ), "the otprune vLLM plugin",
-                                   "otprune.hf or our llava package")  # fmt: skip
+                                   "otprune.hf or our llava package", producing_merges=True)  # fmt: skip
     cls = config.method_class()
     if config.enabled and getattr(cls, "needs_instruction", False):
         raise ValueError(

@@ -57,6 +57,22 @@ class PruneProcessorMixin:
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
         return self.otprune_add_counts(super()._call_hf_processor(hf_data, _without_key(hf_kwargs)), hf_kwargs)
 
+    def otprune_crop_counts(self, processed) -> list[int]:
+        """CLIP crops (tower forwards) of every image in an HF processor output, for a tower merge."""
+        raise ValueError(f"otprune: {type(self.info.get_hf_config()).__name__}: the plugin merges tokens inside the "
+                         "vision tower (VisionZip) for LLaVA-1.5 and LLaVA-NeXT only")
+
+    def otprune_keep_counts(self, processed, engine: PruneConfig, ratio: float, totals: Tensor) -> Tensor:
+        """K per image: round(r T) (`otprune.keep_counts`), or for a method merged in the vision tower
+        (VisionZip) at r < 1, its crops x its per-crop budget (`otprune.serve._tower.keep_counts`)."""
+        from otprune.serve._tower import keep_counts, merges_in_tower
+
+        if ratio < 1.0 and merges_in_tower(engine):
+            vision = self.info.get_hf_config().vision_config
+            patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+            return torch.tensor(keep_counts(engine, ratio, self.otprune_crop_counts(processed), patches), dtype=torch.long)
+        return otprune.keep_counts(ratio, totals)
+
     def otprune_refuse_videos(self, mm_items, ratio: float) -> None:
         """A request that prunes (ratio < 1) and holds a video fails: the plugin prunes images only."""
         if ratio < 1.0 and mm_items.get_count("video", strict=False):
@@ -72,7 +88,7 @@ class PruneProcessorMixin:
         if processed.get("pixel_values") is None:
             return processed
         totals = torch.tensor(self.otprune_token_counts(processed), dtype=torch.long)
-        keep = otprune.keep_counts(ratio, totals) if totals.numel() else totals
+        keep = self.otprune_keep_counts(processed, engine, ratio, totals) if totals.numel() else totals
         processed[FIELD] = torch.stack([totals, keep], dim=1)  # (images, 2): T, K
         return processed
 
@@ -182,13 +198,16 @@ class PruneModelMixin:
 
     def embed_multimodal(self, **kwargs: object):
         counts = kwargs.pop(FIELD, None)
+        if counts is not None:
+            if isinstance(counts, Tensor):
+                counts = counts.reshape(-1, 2).tolist()
+            else:
+                counts = [[int(v) for v in torch.as_tensor(c).reshape(2)] for c in counts]
+            if getattr(self, "otprune_tower_merge", False):  # VisionZip: merged inside the tower (_tower.py)
+                return self.otprune_embed_merged(counts, kwargs)
         embeds = super().embed_multimodal(**kwargs)
         if counts is None or len(embeds) == 0:
             return embeds
-        if isinstance(counts, Tensor):
-            counts = counts.reshape(-1, 2).tolist()
-        else:
-            counts = [[int(v) for v in torch.as_tensor(c).reshape(2)] for c in counts]
         if len(counts) != len(embeds):
             raise AssertionError(f"otprune: {len(embeds)} images embedded but {len(counts)} token counts")
         return [self.otprune_prune(rows, total, keep) for rows, (total, keep) in zip(embeds, counts, strict=True)]

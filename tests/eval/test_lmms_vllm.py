@@ -77,6 +77,7 @@ def test_manifest_takes_over_vllm():
     ({"BASELINE": "OURS", "LAYER_INDEX": "3", "SUBSET_RATIO": "0.5"}, r"BASELINE=OTPRUNE LAYER_INDEX=3"),
     ({"BASELINE": "PRUMERGE_PLUS", "SUBSET_RATIO": "0.25"}, r"BASELINE=PRUMERGE_PLUS: PruMerge\+ merges tokens inside the vision tower"),
     ({"SUBSET_RATIO": "iqr"}, r"SUBSET_RATIO='iqr' \(PruMerge's adaptive per-image budget"),
+    ({"BASELINE": "VISIONZIP", "SUBSET_RATIO": "iqr"}, r"SUBSET_RATIO='iqr' \(PruMerge's adaptive per-image budget"),
 ])
 def test_in_llm_pruning_is_refused_before_the_engine_starts(fake, env, switches, message):
     for key, value in switches.items():
@@ -157,3 +158,9 @@ def test_listeners_are_called_once_each():
     sample_stats.remove_listener(listener)
     sample_stats.emit(["t"])
     assert len(seen) == 1 and not sample_stats.listening()
+
+
+def test_visionzip_passes_the_switch_check():  # the plugin merges it inside vLLM's CLIP tower
+    config = lmms_plugin.check_vllm_switches({"BASELINE": "VISIONZIP", "SUBSET_RATIO": "0.111"})
+    assert config.method == "visionzip" and config.merges_up_to_selected
+    assert not lmms_plugin.check_vllm_switches({}).merges_up_to_selected

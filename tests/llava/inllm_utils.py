@@ -29,6 +29,38 @@ def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     return x * cos + rotated * sin
 
 
+def layer_keys(model, layer_index: int, hidden: Tensor) -> Tensor:
+    """(N, C) keys of layer `layer_index` for ONE unpadded sequence (its input hidden (N, D)), heads
+    concatenated, after the rotary embedding at positions 0..N-1."""
+    config = model.config
+    layer = model.get_model().layers[layer_index]
+    kv_heads, hd = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    n = hidden.shape[0]
+    x = rms_norm(hidden.float(), layer.input_layernorm.weight.float(), config.rms_norm_eps)
+    k = (x @ layer.self_attn.k_proj.weight.float().T).view(n, kv_heads, hd).transpose(0, 1)
+    return rotate(k, torch.arange(n), rope_theta(config)).transpose(0, 1).reshape(n, -1)
+
+
+@torch.no_grad()
+def dart_reference(model, ids: Tensor, px, sizes, layer: int, ratio: float, pivots=(4, 4)) -> tuple[list[int], tuple]:
+    """DART's kept tokens of the ONE image of prompt `ids` (within the image, ascending) by the numpy
+    oracle (`oracles_baselines.dart_oracle`), fed with keys and normed hidden states written from the
+    Llama equations on the unpruned forward; also the image's (start, end) in the sequence."""
+    from oracles_baselines import dart_oracle
+
+    from otprune import PruneConfig
+
+    model.set_pruning(PruneConfig())
+    ref = model(input_ids=ids[None], images=px, image_sizes=sizes, output_hidden_states=True)
+    (start, end), = model.visual_layout.spans[0]
+    keys = layer_keys(model, layer - 1, ref.hidden_states[layer - 1][0]).double().numpy()
+    norm = model.get_model().norm
+    states = rms_norm(ref.hidden_states[layer][0].float(), norm.weight.float(), model.config.rms_norm_eps).double().numpy()
+    v = end - start
+    want = dart_oracle(keys[start:end], states[start:end], keys[end:], states[end:], round(ratio * v), *pivots, start)
+    return sorted(int(i) for i in want), (start, end)
+
+
 def eager_attention(model, layer_index: int, hidden: Tensor, positions: Tensor | None = None) -> Tensor:
     """Head-averaged softmax(Q K^T / sqrt(hd)) with a causal mask: (N, N), for ONE unpadded sequence.
 

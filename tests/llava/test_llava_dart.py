@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inllm_utils import assert_batch_rows_equal_alone, rms_norm, rope_theta, rotate, single
+from inllm_utils import assert_batch_rows_equal_alone, dart_reference, single
 from llava_test_utils import noise_image
-from oracles_baselines import dart_oracle
 
 from otprune import PruneConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _keys(model, layer_index, hidden):
-    """(N, C) keys of layer `layer_index` for ONE unpadded sequence (its input hidden (N, D)), heads concatenated."""
-    config = model.config
-    layer = model.get_model().layers[layer_index]
-    kv_heads, hd = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    n = hidden.shape[0]
-    x = rms_norm(hidden.float(), layer.input_layernorm.weight.float(), config.rms_norm_eps)
-    k = (x @ layer.self_attn.k_proj.weight.float().T).view(n, kv_heads, hd).transpose(0, 1)
-    return rotate(k, torch.arange(n), rope_theta(config)).transpose(0, 1).reshape(n, -1)
 
 
 @torch.no_grad()
@@ -30,15 +18,9 @@ def _keys(model, layer_index, hidden):
 def test_kept_set_matches_the_oracle(tiny_deep, layer, ratio, pivots):
     model = tiny_deep.model
     ids, px, sizes = single(tiny_deep, seed=layer)
-    model.set_pruning(PruneConfig())
-    ref = model(input_ids=ids[None], images=px, output_hidden_states=True)
-    (start, end), = model.visual_layout.spans[0]
-    n = ref.logits.shape[1]
-    keys = _keys(model, layer - 1, ref.hidden_states[layer - 1][0]).double().numpy()
-    norm = model.get_model().norm
-    states = rms_norm(ref.hidden_states[layer][0].float(), norm.weight.float(), model.config.rms_norm_eps).double().numpy()
+    want, (start, end) = dart_reference(model, ids, px, None, layer, ratio, pivots)
+    n = ids.numel() - 1 + (end - start)  # the placeholder replaced by the image's tokens
     v = end - start
-    want = dart_oracle(keys[start:end], states[start:end], keys[end:], states[end:], round(ratio * v), *pivots, start)
     model.set_pruning(PruneConfig(method="dart", layer=layer, ratio=ratio, pivots_image=pivots[0], pivots_text=pivots[1]))
     out = model(input_ids=ids[None], images=px)
     rows = torch.cat([torch.arange(start), torch.tensor(want) + start, torch.arange(end, n)])

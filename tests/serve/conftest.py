@@ -162,9 +162,9 @@ def ratio_cases(prompt: str, prompt2: str, ratio: float, other: str = "other") -
     }
 
 
-def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None):
+def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None, method: str = "otprune"):
     """(prompt length after pruning, greedy tokens, first-step log-probs) from `otprune.hf` on
-    transformers' `model_class` loaded from `path` (fp32); unpruned at ratio None or 1."""
+    transformers' `model_class` loaded from `path` (fp32), pruned by `method`; unpruned at ratio None or 1."""
     import torch
     import transformers
 
@@ -180,7 +180,7 @@ def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: 
             out = model.generate(**inputs, **options)
             length = inputs["input_ids"].shape[1]
         else:
-            with hf.pruning(model, otprune.PruneConfig(method="otprune", layer=0, ratio=ratio)) as adapter:
+            with hf.pruning(model, otprune.PruneConfig(method=method, layer=0, ratio=ratio)) as adapter:
                 out = model.generate(**inputs, **options)
                 length = adapter.last_stats[0]["seq_len_after"]
     tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
