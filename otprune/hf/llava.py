@@ -34,6 +34,20 @@ own and the image's tokens are its crops' merged tokens in crop order, without u
 its T_i tokens), selected from the model's own anyres set (newline tokens included). Statistics
 count T_i (the tokens the unpruned model hands the LLM) before, M_i / K_i after.
 
+CDPruner (`BASELINE=CDPRUNER`), LLaVA-1.5 (`LlavaForConditionalGeneration`) only: each image's
+tokens are scored against its prompt's instruction (`otprune.methods.cdpruner`, step 2). The
+patches are the selected hidden state without its CLS row, which the model's own
+`get_image_features` returns with its output (`hidden_states[vision_feature_layer]`, also inside
+generate's `mm_encoder_outputs`); they go through the tower's `post_layernorm` and the CLIP
+checkpoint's `visual_projection`. The instruction of a sample is its prompt's text after its last
+image placeholder, decoded with the model's tokenizer without special tokens, the chat template's
+trailing assistant tag ("ASSISTANT:", "[/INST]", ...) and LLaVA's short-answer suffix removed
+(`HFAdapter.instructions`): for llava-hf's "USER: <image>\n{question} ASSISTANT:" the question,
+which is what the official evaluation scores against; `adapter.set_instructions([...])` gives
+them instead. The CLIP text tower is not in llava-hf checkpoints: `CDPRUNER_CLIP` (or
+`adapter.clip_checkpoint`) names the full CLIP checkpoint (openai/clip-vit-large-patch14-336 for
+LLaVA-1.5), loaded once (`otprune.hf.clip_text`). LLaVA-1.6 / OneVision refuse it.
+
 The outer model's `forward` is wrapped too, for `labels` only: the loss is computed on the pruned
 sequence with every label following its row (kept visual rows keep their placeholder's label).
 """
@@ -98,12 +112,12 @@ def _feature_layer(inner, kwargs: dict, config: PruneConfig) -> int:
     what = f"BASELINE={config.method.upper()} with SUBSET_RATIO={config.ratio}"
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise ValueError(
-            f"vision_feature_layer={layer!r}: {what} scores the patches with the CLS attention of the layer reading ONE "
-            "selected hidden state; several concatenated layers are not supported"
+            f"vision_feature_layer={layer!r}: {what} scores the patches of ONE selected hidden state (PruMerge's CLS "
+            "attention, CDPruner's relevance); several concatenated layers are not supported"
         )
     if strategy != "default":
         raise ValueError(
-            f"vision_feature_select_strategy={strategy!r}: {what} scores and keeps the patches without the CLS token; "
+            f"vision_feature_select_strategy={strategy!r}: {what} scores the patches without the CLS token; "
             "only 'default' is supported"
         )
     return layer
@@ -249,6 +263,32 @@ class LlavaFamilyAdapter(HFAdapter):
         ]
         return token_id, features, placeholders, None, clock
 
+    def instruction_tower(self):
+        return self.model.model.vision_tower
+
+    def instructed_sets(self, inner, kwargs: dict, config: PruneConfig) -> tuple[list[tuple[int, list[Tensor]]], list[Tensor]]:
+        """CDPruner: the token sets (as `visual_sets`) and per image its CLIP patches (T_i, C): the
+        selected hidden state without its CLS row, which the model's own `get_image_features` returns
+        (`hidden_states[vision_feature_layer]`, also in generate's `mm_encoder_outputs`), one row per token."""
+        layer = _feature_layer(inner, kwargs, config)
+        encoded = self.image_outputs(inner, kwargs)
+        if encoded is None:
+            return [], []
+        hidden = getattr(encoded, "hidden_states", None)
+        if hidden is None:
+            raise ValueError(
+                f"mm_encoder_outputs: image features without the vision tower's hidden states (BASELINE="
+                f"{config.method.upper()} scores the selected hidden state's patches); pass pixel_values or encode them "
+                "with the model's get_image_features"
+            )
+        features = list(encoded.pooler_output)
+        patches = list(hidden[layer][:, 1:])
+        sizes = [(f.shape[0], p.shape[0]) for f, p in zip(features, patches, strict=True)]
+        if any(t != n for t, n in sizes):
+            raise ValueError(f"BASELINE={config.method.upper()}: each image's tokens must be its CLIP patches, one each; "
+                             f"got (tokens, patches) {sizes}")
+        return [(int(inner.config.image_token_id), features)], patches
+
     @staticmethod
     def _encoded(kwargs: dict, kind: str):
         outputs = kwargs.get("mm_encoder_outputs") or {}
@@ -360,10 +400,13 @@ class LlavaFamilyAdapter(HFAdapter):
             )
         inner = self.inner
         prefill_clock = Clock(input_ids.device, memory=True)
-        budgets = merged = None
+        budgets = merged = patches = None
         if config.needs_cls_attention:
             token_id, set_features, placeholders, budgets, merged = self.cls_attention_sets(inner, kwargs, config)
             sets = [(token_id, set_features)] if set_features else []
+        elif self.instructed(config):
+            sets, patches = self.instructed_sets(inner, kwargs, config)
+            placeholders = None
         else:
             sets, placeholders = self.visual_sets(inner, kwargs), None
 
@@ -397,8 +440,12 @@ class LlavaFamilyAdapter(HFAdapter):
             select_clock = merged
             kept = [torch.arange(f.shape[0], device=f.device) for f in features]
         else:
+            relevance = None
+            if patches is not None:  # CDPruner: each image's tokens scored against its sample's instruction
+                texts = self.instructions(input_ids, valid)
+                relevance = self.instruction_relevance(patches, [texts[b] for b in samples], config.theta)
             select_clock = Clock(input_ids.device)
-            kept = self.select(features, config, budgets)
+            kept = self.select(features, config, budgets, relevance=relevance)
             select_clock.stop()
 
         embeds = inner.get_input_embeddings()(input_ids)  # (B, L, D)
@@ -483,6 +530,7 @@ class LlavaAdapter(LlavaFamilyAdapter):
     family: ClassVar[str] = "llava"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
     cls_attention: ClassVar[bool] = True
+    instruction: ClassVar[bool] = True
 
     def crop_counts(self, inner, kwargs: dict) -> list[int]:
         return [1] * kwargs["pixel_values"].shape[0]

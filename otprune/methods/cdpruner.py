@@ -61,6 +61,24 @@ def instruction_text(question: str) -> str:
     return question.replace(QUESTION_SUFFIX, "")
 
 
+# the assistant's tag that ends a chat prompt (vicuna_v1 / llava_v1, llama_2 / mistral, chatml), removed from
+# an instruction read off a prompt
+ASSISTANT_TAGS = ("ASSISTANT:", "Assistant:", "[/INST]", "<|im_start|>assistant")
+
+
+def prompt_instruction(tail: str) -> str:
+    """The instruction of a prompt whose text after its (last) image, decoded without special tokens,
+    is `tail`: stripped, without the chat template's trailing assistant tag (`ASSISTANT_TAGS`), then
+    `instruction_text` (the short-answer suffix removed). For LLaVA's "USER: <image>\\n{question}
+    ASSISTANT:" this is the question, what the official evaluation passes."""
+    text = tail.strip()
+    for tag in ASSISTANT_TAGS:
+        if text.endswith(tag):
+            text = text[: -len(tag)].rstrip()
+            break
+    return instruction_text(text)
+
+
 def relevance_scores(image_embeds: Tensor, text_embeds: Tensor, theta: float = 0.0) -> Tensor:
     """image_embeds: (N, C) the patches in CLIP's joint space, text_embeds: (M, C) the instruction's
     segment embeddings -> (N,) the relevance r (see the module docstring, step 2). fp32 (fp64 in)."""

@@ -19,34 +19,13 @@ import otprune
 QUESTION = "What color is the box?"
 
 
-def _clip_tokenizer_files(folder: Path) -> int:
-    """A byte-level CLIP BPE vocabulary without merges (every byte and its end-of-word form)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]  # the byte-level alphabet
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 16}))
-    return len(vocab)
-
-
 def _with_text_side(tower_dir: str) -> None:
     """Rewrite the tower folder as a full CLIPModel with the same vision weights and a tiny text tower."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
-    folder = Path(tower_dir)
-    vision = CLIPVisionModel.from_pretrained(folder)
-    vocab = _clip_tokenizer_files(folder)
-    text = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=0,
-                          projection_dim=vision.config.projection_dim)
-    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.config.to_dict(),
-                        projection_dim=vision.config.projection_dim)
-    torch.manual_seed(5)
-    clip = CLIPModel(config)
-    clip.vision_model.load_state_dict(getattr(vision, "vision_model", vision).state_dict())
-    clip.save_pretrained(folder)
+    from otprune.hf.tiny import write_tiny_clip
+
+    write_tiny_clip(tower_dir, CLIPVisionModel.from_pretrained(tower_dir))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +54,7 @@ def _oracle_keep(model, px, text: str, k: int) -> list[int]:
         out = clip.vision_model(px.double(), output_hidden_states=True)
         patches = out.hidden_states[tower.select_layer][0, 1:]
         img = clip.visual_projection(clip.vision_model.post_layernorm(patches)).numpy()
-        tok = tower._text_side["tokenizer"](text=[text], return_tensors="pt")
+        tok = tower._text_side.tokenizer(text=[text], return_tensors="pt")
         ids = tok["input_ids"][0].tolist()
         ctx = clip.config.text_config.max_position_embeddings
         ids += [0] * (-len(ids) % ctx)

@@ -423,7 +423,7 @@ class LlavaMetaForCausalLM(ABC):
         """Per image (prompt order across the batch), its sample's instruction for CDPruner: given by
         `set_instructions`, else the prompt's text after its last image, decoded, without the chat
         template's trailing assistant tag and LLaVA's short-answer suffix."""
-        from otprune.methods.cdpruner import instruction_text
+        from otprune.methods.cdpruner import instruction_text, prompt_instruction
 
         given = getattr(self, "_instructions", None)
         if given is not None:
@@ -441,12 +441,7 @@ class LlavaMetaForCausalLM(ABC):
             for b in range(plan.batch):
                 ids = input_ids[b, plan.valid[b].to(input_ids.device)]
                 tail = ids[plan.placeholders[b][-1] + 1:] if plan.placeholders[b] else ids
-                text = tokenizer.decode(tail.tolist(), skip_special_tokens=True).strip()
-                for tag in ASSISTANT_TAGS:
-                    if text.endswith(tag):
-                        text = text[: -len(tag)].rstrip()
-                        break
-                texts.append(text)
+                texts.append(prompt_instruction(tokenizer.decode(tail.tolist(), skip_special_tokens=True)))
         return [instruction_text(texts[b]) for b in range(plan.batch) for _ in plan.placeholders[b]]
 
     def instructed_image_features(self, images, image_sizes, texts: list[str], theta: float) -> tuple[list[Tensor], list[Tensor]]:
@@ -649,11 +644,6 @@ class LlavaMetaForCausalLM(ABC):
         if self._pending_stats.prefill_clock is None:
             self.flush_pruning_stats()
         return None, new_positions, new_mask, past_key_values, inputs_embeds, new_labels
-
-
-# the assistant's tag that ends a chat prompt (vicuna_v1 / llava_v1, llama_2 / mistral, chatml), removed from
-# CDPruner's instruction
-ASSISTANT_TAGS = ("ASSISTANT:", "Assistant:", "[/INST]", "<|im_start|>assistant")
 
 
 def _exact_w2(features: Tensor, kept: Tensor) -> float:

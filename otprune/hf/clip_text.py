@@ -1,0 +1,111 @@
+"""CDPruner's CLIP text side: the text tower paired with a CLIP vision tower, for the relevance of
+each patch to the instruction (`otprune.methods.cdpruner`, step 2).
+
+CDPruner's official code loads `CLIPTextModelWithProjection` (and the vision side's
+`visual_projection`) from the same full CLIP checkpoint as the vision tower
+(openai/clip-vit-large-patch14-336 for LLaVA-1.5 / 1.6). Our llava finds it by `mm_vision_tower`;
+transformers' llava-hf checkpoints carry the vision weights only, so `otprune.hf` and the vLLM
+plugin take its name from `CDPRUNER_CLIP` (`otprune.config.cdpruner_clip`) or the adapter's
+`clip_checkpoint`.
+
+    side = ClipTextSide.load("openai/clip-vit-large-patch14-336", dtype=torch.float16, device="cuda")
+    text = side.text_embeds("What color is the box?")        # (M, C') one row per 77-token segment
+    image = side.joint_embeds(patches, post_layernorm)        # (P, N, C') fp32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+WHAT = "BASELINE=CDPRUNER"
+
+
+@dataclasses.dataclass
+class ClipTextSide:
+    """The text tower, its tokenizer and the vision side's `visual_projection` of one CLIP checkpoint.
+
+    Attributes:
+        name: the checkpoint (hub name or folder).
+        text: `CLIPTextModelWithProjection` (no gradients), in the vision tower's dtype and device.
+        projection: the vision side's `visual_projection` (fp32, as CDPruner computes it).
+        tokenizer: the checkpoint's `CLIPTokenizer`.
+    """
+
+    name: str
+    text: nn.Module
+    projection: nn.Module
+    tokenizer: object
+
+    @classmethod
+    def load(cls, name: str, *, dtype: torch.dtype, device: torch.device | str, what: str = "CDPRUNER_CLIP") -> ClipTextSide:
+        """Load the text side of the full CLIP checkpoint `name`; ValueError (naming `what`, the
+        switch or key that named it) when it is not a CLIP checkpoint or lacks the text weights."""
+        from transformers import (
+            AutoConfig,
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+            CLIPVisionModelWithProjection,
+        )
+
+        try:
+            kind = getattr(AutoConfig.from_pretrained(name), "model_type", None)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{WHAT}: {what}={name!r} is not a loadable CLIP checkpoint ({err}); name the full CLIP "
+                             "checkpoint paired with the vision tower, e.g. openai/clip-vit-large-patch14-336") from None
+        if kind != "clip":
+            raise ValueError(
+                f"{WHAT}: scores each patch against the instruction with the CLIP text tower paired with the vision "
+                f"tower, but {what}={name!r} is a {kind!r} checkpoint without one; name the full CLIP checkpoint "
+                "(e.g. openai/clip-vit-large-patch14-336) or pick another method"
+            )
+        loaded = {}
+        for key, model_class in (("text", CLIPTextModelWithProjection), ("vision", CLIPVisionModelWithProjection)):
+            model, info = model_class.from_pretrained(name, dtype=dtype, output_loading_info=True)
+            missing = [k for k in info["missing_keys"] if key == "text" or "visual_projection" in k]
+            if missing:
+                raise ValueError(f"{WHAT}: {what}={name!r} lacks the CLIP {key} weights {missing[:3]}")
+            loaded[key] = model.to(device).requires_grad_(False)
+        return cls(name, loaded["text"], loaded["vision"].visual_projection.float(), CLIPTokenizer.from_pretrained(name))
+
+    @property
+    def context(self) -> int:
+        """The text tower's context length (77 for OpenAI's CLIP)."""
+        return int(self.text.config.max_position_embeddings)
+
+    def segments(self, text: str) -> dict[str, Tensor]:
+        """The instruction's token ids and mask, zero padded to a multiple of the context length and
+        cut into (M, context) rows (CDPruner's way of encoding a long instruction)."""
+        enc = self.tokenizer(text=[text], return_tensors="pt")
+        ctx = self.context
+        pad = -enc["input_ids"].shape[1] % ctx
+        return {k: torch.cat([enc[k], enc[k].new_zeros(1, pad)], dim=1).reshape(-1, ctx) for k in ("input_ids", "attention_mask")}
+
+    @torch.no_grad()
+    def embed_segments(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(M, context) segment rows -> (M, C') their text embeddings."""
+        device = next(self.text.parameters()).device
+        return self.text(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).text_embeds
+
+    def text_embeds(self, text: str) -> Tensor:
+        """(M, C') the instruction's CLIP text embeddings, one per segment (`segments`)."""
+        return self.embed_segments(**self.segments(text))
+
+    @torch.no_grad()
+    def joint_embeds(self, patches: Tensor, post_layernorm: nn.Module) -> Tensor:
+        """patches: (..., N, C) the selected hidden state's patches -> (..., N, C') in CLIP's joint
+        space: the vision tower's own `post_layernorm` (in its dtype), then `visual_projection` in fp32."""
+        dtype = next(post_layernorm.parameters()).dtype
+        return self.projection(post_layernorm(patches.to(dtype)).float())
+
+
+def post_layernorm(tower: nn.Module) -> nn.Module:
+    """The `post_layernorm` of a CLIP vision tower (`CLIPVisionModel` or its `vision_model`)."""
+    for module in (tower, getattr(tower, "vision_model", None)):
+        norm = getattr(module, "post_layernorm", None)
+        if norm is not None:
+            return norm
+    raise ValueError(f"{WHAT}: the vision tower {type(tower).__name__} has no post_layernorm (not a CLIP tower); "
+                     "CDPruner's relevance needs a CLIP vision tower")
