@@ -23,44 +23,70 @@ from torch import Tensor, nn
 WHAT = "BASELINE=CDPRUNER"
 
 
+def check_clip(name: str, what: str) -> None:
+    """ValueError (naming `what`, the switch or key that named it) unless `name` is a loadable full CLIP checkpoint."""
+    from transformers import AutoConfig
+
+    try:
+        kind = getattr(AutoConfig.from_pretrained(name), "model_type", None)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{WHAT}: {what}={name!r} is not a loadable CLIP checkpoint ({err}); name the full CLIP "
+                         "checkpoint paired with the vision tower, e.g. openai/clip-vit-large-patch14-336") from None
+    if kind != "clip":
+        raise ValueError(
+            f"{WHAT}: scores each patch against the instruction with the CLIP text tower paired with the vision "
+            f"tower, but {what}={name!r} is a {kind!r} checkpoint without one; name the full CLIP checkpoint "
+            "(e.g. openai/clip-vit-large-patch14-336) or pick another method"
+        )
+
+
+def load_tokenizer(name: str, what: str = "CDPRUNER_CLIP"):
+    """The `CLIPTokenizer` of the full CLIP checkpoint `name` (checked as `check_clip`)."""
+    from transformers import CLIPTokenizer
+
+    check_clip(name, what)
+    return CLIPTokenizer.from_pretrained(name)
+
+
+def instruction_ids(tokenizer, text: str) -> Tensor:
+    """(L,) long: the instruction's CLIP token ids (start and end tokens included, not cut)."""
+    return torch.tensor(tokenizer(text=[text])["input_ids"][0], dtype=torch.long)
+
+
+def segments(ids: Tensor, context: int) -> dict[str, Tensor]:
+    """ids: (L,) -> {"input_ids", "attention_mask"}: (M, context) each, the ids zero padded to a multiple
+    of the context length and cut into rows (CDPruner's way of encoding a long instruction)."""
+    ids = ids.reshape(-1).long()
+    pad = -ids.numel() % context
+    mask = torch.cat([torch.ones_like(ids), ids.new_zeros(pad)])
+    return {"input_ids": torch.cat([ids, ids.new_zeros(pad)]).reshape(-1, context), "attention_mask": mask.reshape(-1, context)}
+
+
 @dataclasses.dataclass
 class ClipTextSide:
-    """The text tower, its tokenizer and the vision side's `visual_projection` of one CLIP checkpoint.
+    """The text tower, its tokenizer and the vision side's `post_layernorm` / `visual_projection` of one CLIP checkpoint.
 
     Attributes:
         name: the checkpoint (hub name or folder).
         text: `CLIPTextModelWithProjection` (no gradients), in the vision tower's dtype and device.
         projection: the vision side's `visual_projection` (fp32, as CDPruner computes it).
         tokenizer: the checkpoint's `CLIPTokenizer`.
+        post_layernorm: the checkpoint's vision `post_layernorm` (for a tower built without it, as vLLM's).
     """
 
     name: str
     text: nn.Module
     projection: nn.Module
     tokenizer: object
+    post_layernorm: nn.Module | None = None
 
     @classmethod
     def load(cls, name: str, *, dtype: torch.dtype, device: torch.device | str, what: str = "CDPRUNER_CLIP") -> ClipTextSide:
         """Load the text side of the full CLIP checkpoint `name`; ValueError (naming `what`, the
         switch or key that named it) when it is not a CLIP checkpoint or lacks the text weights."""
-        from transformers import (
-            AutoConfig,
-            CLIPTextModelWithProjection,
-            CLIPTokenizer,
-            CLIPVisionModelWithProjection,
-        )
+        from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-        try:
-            kind = getattr(AutoConfig.from_pretrained(name), "model_type", None)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{WHAT}: {what}={name!r} is not a loadable CLIP checkpoint ({err}); name the full CLIP "
-                             "checkpoint paired with the vision tower, e.g. openai/clip-vit-large-patch14-336") from None
-        if kind != "clip":
-            raise ValueError(
-                f"{WHAT}: scores each patch against the instruction with the CLIP text tower paired with the vision "
-                f"tower, but {what}={name!r} is a {kind!r} checkpoint without one; name the full CLIP checkpoint "
-                "(e.g. openai/clip-vit-large-patch14-336) or pick another method"
-            )
+        tokenizer = load_tokenizer(name, what)
         loaded = {}
         for key, model_class in (("text", CLIPTextModelWithProjection), ("vision", CLIPVisionModelWithProjection)):
             model, info = model_class.from_pretrained(name, dtype=dtype, output_loading_info=True)
@@ -68,37 +94,34 @@ class ClipTextSide:
             if missing:
                 raise ValueError(f"{WHAT}: {what}={name!r} lacks the CLIP {key} weights {missing[:3]}")
             loaded[key] = model.to(device).requires_grad_(False)
-        return cls(name, loaded["text"], loaded["vision"].visual_projection.float(), CLIPTokenizer.from_pretrained(name))
+        vision = loaded["vision"]
+        norm = getattr(vision, "vision_model", vision).post_layernorm
+        return cls(name, loaded["text"], vision.visual_projection.float(), tokenizer, norm)
 
     @property
     def context(self) -> int:
         """The text tower's context length (77 for OpenAI's CLIP)."""
         return int(self.text.config.max_position_embeddings)
 
-    def segments(self, text: str) -> dict[str, Tensor]:
-        """The instruction's token ids and mask, zero padded to a multiple of the context length and
-        cut into (M, context) rows (CDPruner's way of encoding a long instruction)."""
-        enc = self.tokenizer(text=[text], return_tensors="pt")
-        ctx = self.context
-        pad = -enc["input_ids"].shape[1] % ctx
-        return {k: torch.cat([enc[k], enc[k].new_zeros(1, pad)], dim=1).reshape(-1, ctx) for k in ("input_ids", "attention_mask")}
-
     @torch.no_grad()
-    def embed_segments(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(M, context) segment rows -> (M, C') their text embeddings."""
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        """ids: (L,) the instruction's CLIP token ids -> (M, C') one text embedding per segment (`segments`)."""
         device = next(self.text.parameters()).device
-        return self.text(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).text_embeds
+        rows = {key: value.to(device) for key, value in segments(ids, self.context).items()}
+        return self.text(**rows).text_embeds
 
     def text_embeds(self, text: str) -> Tensor:
         """(M, C') the instruction's CLIP text embeddings, one per segment (`segments`)."""
-        return self.embed_segments(**self.segments(text))
+        return self.embed_ids(instruction_ids(self.tokenizer, text))
 
     @torch.no_grad()
-    def joint_embeds(self, patches: Tensor, post_layernorm: nn.Module) -> Tensor:
+    def joint_embeds(self, patches: Tensor, post_layernorm: nn.Module | None = None) -> Tensor:
         """patches: (..., N, C) the selected hidden state's patches -> (..., N, C') in CLIP's joint
-        space: the vision tower's own `post_layernorm` (in its dtype), then `visual_projection` in fp32."""
-        dtype = next(post_layernorm.parameters()).dtype
-        return self.projection(post_layernorm(patches.to(dtype)).float())
+        space: the vision tower's own `post_layernorm` (in its dtype; None: the checkpoint's), then
+        `visual_projection` in fp32."""
+        norm = self.post_layernorm if post_layernorm is None else post_layernorm
+        dtype = next(norm.parameters()).dtype
+        return self.projection(norm(patches.to(dtype)).float())
 
 
 def post_layernorm(tower: nn.Module) -> nn.Module:
