@@ -28,9 +28,16 @@ unconditional DPP on S, which is what CDPruner does for an instruction equally r
 
 Differences from the official code, deliberate:
 
-- Min-max per image; the official code normalises over its whole batch of crops (for LLaVA-1.6,
-  all crops of the one image at once, each crop keeping `visual_token_num` tokens; ours selects on
-  the image's laid-out token set, with K = round(ratio x its tokens)).
+- Min-max per image, over all its crops at once; the official code normalises over its whole
+  batch of crops (the same for one image per batch, as its evaluation runs).
+- LLaVA-1.6 (anyres, our llava): the official code runs the greedy per crop (each crop, the base
+  image and every grid crop, keeping `visual_token_num` tokens), then lays the kept tokens out
+  (unpadding may drop some) and keeps every `image_newline` token. Ours selects once on the
+  image's laid-out token set (base crop, unpadded grid, newline tokens), as every other method
+  does there, with K = round(ratio x its tokens): each token's relevance is its CLIP patch's
+  (laid out like the tokens, `LlavaMetaForCausalLM.instructed_image_features`), and a newline
+  token, which has no patch, gets relevance 1 (the top of the min-max scale; then weighted by
+  theta like the others): it competes for a slot instead of being kept unconditionally.
 - Once no candidate has a positive residual (the kernel's rank is used up), the remaining slots
   take the unpicked tokens in ascending order; the official loop would take the square root of a
   non-positive residual.
@@ -92,9 +99,15 @@ def relevance_scores(image_embeds: Tensor, text_embeds: Tensor, theta: float = 0
     txt = txt / torch.linalg.vector_norm(txt, dim=-1, keepdim=True)
     r = -(img @ txt.T).mean(dim=-1)  # (N,)
     r = (r - r.min() + 1e-6) / (r.max() - r.min())
-    if theta:
-        r = torch.exp(theta / (2 * (1 - theta)) * r)
-    return r
+    return weighted_relevance(r, theta)
+
+
+def weighted_relevance(relevance: Tensor, theta: float) -> Tensor:
+    """The min-max relevance r as the kernel uses it: r itself at theta = 0 (the official code's
+    active path), exp(theta / (2 (1 - theta)) r) for theta in (0, 1) (the paper's weighting)."""
+    if not theta:
+        return relevance
+    return torch.exp(theta / (2 * (1 - theta)) * relevance)
 
 
 def conditional_kernel(features: Tensor, relevance: Tensor | None) -> Tensor:
