@@ -338,7 +338,7 @@ class HFAdapter:
             raise ValueError(
                 f"BASELINE={config.method.upper()}: scores the tokens against each prompt's instruction with the CLIP text "
                 f"tower paired with the vision tower, which {where} does not provide yet; run it with transformers' "
-                f"LlavaForConditionalGeneration (llava-hf/llava-1.5-*-hf, CDPRUNER_CLIP naming the CLIP checkpoint) or our "
+                f"LlavaForConditionalGeneration or LlavaNextForConditionalGeneration (llava-hf/llava-1.5-*-hf, llava-v1.6-*-hf; CDPRUNER_CLIP naming the CLIP checkpoint) or our "
                 f"llava; supported here: {self.supported()}"
             )
         if config.needs_cls_attention:
@@ -539,17 +539,25 @@ class HFAdapter:
             self._clip_side = ClipTextSide.load(name, dtype=param.dtype, device=param.device, what=what)
         return self._clip_side
 
-    def instruction_relevance(self, patches: Sequence[Tensor], texts: Sequence[str], theta: float) -> list[Tensor]:
-        """Per token set, (N_i,) CDPruner's relevance of its CLIP patches `patches[i]`: (N_i, C) (the
-        selected hidden state of `instruction_tower()`) to its instruction `texts[i]`
-        (`otprune.methods.cdpruner.relevance_scores`); one text-tower call per distinct text."""
+    def instruction_relevance(self, patches: Sequence[Tensor], texts: Sequence[str], theta: float,
+                              layout: Callable[[list[Tensor]], list[Tensor]] | None = None) -> list[Tensor]:
+        """Per token set, (T_i,) CDPruner's relevance of its tokens to its instruction `texts[i]`.
+
+        `patches[i]`: (P_i, N, C) the selected hidden state of `instruction_tower()` for the set's P_i
+        crops; each set's relevance is min-max normalised over all its crops at once
+        (`otprune.methods.cdpruner.relevance_scores`), then `layout` maps the per-crop values
+        [(P_i, N)] to the set's tokens [(T_i,)] (default: flattened, one token per patch), then
+        theta weights it (`weighted_relevance`). One text-tower call per distinct text."""
         from otprune.hf.clip_text import post_layernorm
-        from otprune.methods.cdpruner import relevance_scores
+        from otprune.methods.cdpruner import relevance_scores, weighted_relevance
 
         side = self.clip_text_side()
         norm = post_layernorm(self.instruction_tower())
         embedded = {text: side.text_embeds(text) for text in dict.fromkeys(texts)}
-        return [relevance_scores(side.joint_embeds(p, norm), embedded[t], theta) for p, t in zip(patches, texts, strict=True)]
+        per_crop = [relevance_scores(side.joint_embeds(p, norm).flatten(0, 1), embedded[t]).view(p.shape[:2])
+                    for p, t in zip(patches, texts, strict=True)]  # fmt: skip
+        laid = layout(per_crop) if layout is not None else [r.flatten() for r in per_crop]
+        return [weighted_relevance(r, theta) for r in laid]
 
     def visual_token_ids(self) -> tuple[int, ...]:
         """The placeholder ids of visual tokens in this model's input_ids (image and video)."""

@@ -151,6 +151,76 @@ def test_without_the_clip_text_tower_it_refuses(hf_llava, monkeypatch):
         _logits(hf_llava, inputs)
 
 
+def _anyres_oracle_kept(tiny, clip_dir: str, inputs: dict, image: int, question: str) -> tuple[list[int], np.ndarray]:
+    """LLaVA-1.6: image `image`'s crops scored from the public pieces (one min-max over all its crops),
+    the relevance laid out by hand like the tokens (base crop; the grid's rows, unpadded with
+    transformers' `unpad_image`, each ending in a newline token of relevance 1), the explicit greedy."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    inner, config = tiny.model.model, tiny.model.config
+    size = inputs["image_sizes"][image].tolist()  # (height, width)
+    crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+    text_model = CLIPTextModelWithProjection.from_pretrained(clip_dir).double()
+    projection = CLIPVisionModelWithProjection.from_pretrained(clip_dir).visual_projection.double()
+    ids = CLIPTokenizer.from_pretrained(clip_dir)(question.replace(QUESTION_SUFFIX, ""))["input_ids"]
+    ctx = text_model.config.max_position_embeddings
+    segments = [ids[i:i + ctx] for i in range(0, len(ids), ctx)]
+    with torch.no_grad():
+        txt = text_model(input_ids=torch.tensor([q + [0] * (ctx - len(q)) for q in segments]),
+                         attention_mask=torch.tensor([[1] * len(q) + [0] * (ctx - len(q)) for q in segments])).text_embeds.numpy()
+        tower = inner.vision_tower
+        out = tower(inputs["pixel_values"][image, :crops], output_hidden_states=True)
+        patches = out.hidden_states[config.vision_feature_layer][:, 1:]  # (P, N, C)
+        norm = tower.post_layernorm if hasattr(tower, "post_layernorm") else tower.vision_model.post_layernorm
+        img = projection(norm(patches).double()).flatten(0, 1).numpy()
+        x = inner.get_image_features(inputs["pixel_values"][image:image + 1], inputs["image_sizes"][image:image + 1],
+                                     return_dict=True).pooler_output[0].double().numpy()
+    r = np.array([-np.mean([e @ t / np.linalg.norm(e) / np.linalg.norm(t) for t in txt]) for e in img])
+    r = (r - r.min() + 1e-6) / (r.max() - r.min())
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    n = side * side
+    grid_h, grid_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+    rows, cols = np.meshgrid(np.arange(grid_h * side), np.arange(grid_w * side), indexing="ij")
+    index = (1 + (rows // side) * grid_w + cols // side) * n + (rows % side) * side + cols % side
+    index = unpad_image(torch.from_numpy(index)[None], size)[0].numpy()
+    laid = list(range(n)) + [i for row in index for i in [*row.tolist(), -1]]  # -1: a newline token
+    assert crops > 1 and len(laid) == x.shape[0]
+    rel = np.array([1.0 if i < 0 else r[i] for i in laid])
+    kept = sorted(greedy_by_logdet(rel[:, None] * cosine_kernel(x) * rel[None], round(RATIO * len(laid)), min_gain=0.0))
+    return kept, x
+
+
+def test_llava_next_anyres_matches_the_reference_and_batch_equals_alone(_hf_models, clip_dir):
+    tiny = _hf_models("llava_next")
+    adapter = hf.apply(tiny.model, CONFIG)
+    adapter.clip_checkpoint = clip_dir
+    try:
+        alone = []
+        for i in range(2):
+            inputs = _inputs(tiny, [i])
+            kept, x = _anyres_oracle_kept(tiny, clip_dir, inputs, 0, QUESTIONS[i])
+            expected, _ = _reference_logits(tiny, inputs, [kept], [x])
+            actual = _logits(tiny, inputs)
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+            alone.append(actual[0])
+        batch = _logits(tiny, _inputs(tiny, [0, 1]))
+        for b in range(2):
+            n = alone[b].shape[0]
+            torch.testing.assert_close(batch[b, batch.shape[1] - n:], alone[b], rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            out = tiny.model.generate(**_inputs(tiny, [0, 1]), max_new_tokens=2, do_sample=False)
+        assert out.shape == (2, _inputs(tiny, [0, 1])["input_ids"].shape[1] + 2)
+        for stats in adapter.last_stats:  # generate's prefill pruned each image (encoded before it, with its crops)
+            assert stats["image_tokens_after"] == [round(RATIO * t) for t in stats["image_tokens_before"]]
+    finally:
+        adapter.remove()
+
+
 def test_families_without_the_instruction_refuse(_hf_models, clip_dir, monkeypatch):
     monkeypatch.setenv("CDPRUNER_CLIP", clip_dir)
     model = _hf_models("onevision").model
