@@ -75,15 +75,12 @@ ASSISTANT_TAGS = ("ASSISTANT:", "Assistant:", "[/INST]", "<|im_start|>assistant"
 
 def prompt_instruction(tail: str) -> str:
     """The instruction of a prompt whose text after its (last) image, decoded without special tokens,
-    is `tail`: stripped, without the chat template's trailing assistant tag (`ASSISTANT_TAGS`), then
+    is `tail`: up to the chat template's first assistant tag (`ASSISTANT_TAGS`; what follows it, e.g.
+    the continuation a log-likelihood request scores, is not part of the question), stripped, then
     `instruction_text` (the short-answer suffix removed). For LLaVA's "USER: <image>\\n{question}
     ASSISTANT:" this is the question, what the official evaluation passes."""
-    text = tail.strip()
-    for tag in ASSISTANT_TAGS:
-        if text.endswith(tag):
-            text = text[: -len(tag)].rstrip()
-            break
-    return instruction_text(text)
+    cut = min((i for i in (tail.find(tag) for tag in ASSISTANT_TAGS) if i >= 0), default=len(tail))
+    return instruction_text(tail[:cut].strip())
 
 
 def relevance_scores(image_embeds: Tensor, text_embeds: Tensor, theta: float = 0.0) -> Tensor:
