@@ -34,7 +34,7 @@ request or the engine, the order and the method's parameters) is part of vLLM's 
 (processor cache, encoder cache and prefix-cache blocks), so requests, or engines, that prune
 differently never share an image's tokens.
 
-CDPruner (`BASELINE=CDPRUNER`, LLaVA-1.5 only: `INSTRUCTED`; `CDPRUNER_CLIP` names the full CLIP
+CDPruner (`BASELINE=CDPRUNER`, LLaVA-1.5 and LLaVA-NeXT: `INSTRUCTED`; `CDPRUNER_CLIP` names the full CLIP
 checkpoint of its text tower, required at engine start): the multimodal processor reads each
 request's instruction off its prompt (the text after its last image token up to the assistant
 tag, decoded with the model's tokenizer, LLaVA's short-answer suffix removed: the same text
@@ -43,7 +43,8 @@ to the HF processor) and hands its CLIP token ids to the model as the per-image 
 `INSTRUCTION_FIELD`; the model hooks the projector's input (the tower's selected patches), scores
 them with the CLIP text side (`otprune.hf.clip_text`; vLLM's tower is built without
 `post_layernorm`, so the CLIP checkpoint's is used: the same weights for LLaVA-1.5, whose tower is
-that checkpoint's) and selects with that relevance. The kept tokens depend on the prompt, so the
+that checkpoint's) and selects with that relevance (LLaVA-NeXT: normalised over all crops of an
+image, laid out by vLLM's own anyres merge, newline tokens 1, as `otprune.hf`). The kept tokens depend on the prompt, so the
 instruction is part of the multimodal hash (`pruning_identity`, and vLLM's own hash of the kwargs):
 two requests with the same image and different questions never share its encoder output or
 prefix-cache blocks. A request at ratio 1 carries no instruction (unpruned tokens are shared).
@@ -84,7 +85,8 @@ INSTRUCTION_KEY = "otprune_instruction"
 INSTRUCTION_FIELD = "otprune_instruction_ids"
 # The architectures where the plugin scores the tokens against the instruction (CDPruner): a CLIP tower
 # whose selected patches are the tokens, one to one.
-INSTRUCTED: dict[str, str] = {"LlavaForConditionalGeneration": "LLaVA-1.5"}
+INSTRUCTED: dict[str, str] = {"LlavaForConditionalGeneration": "LLaVA-1.5",
+                              "LlavaNextForConditionalGeneration": "LLaVA-NeXT"}
 
 # vLLM architecture name -> our class ("module:Class", imported lazily by vLLM).
 MODELS: dict[str, str] = {

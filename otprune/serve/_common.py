@@ -251,30 +251,44 @@ class PruneModelMixin:
             raise AssertionError(f"otprune: {len(embeds)} images embedded but {len(counts)} token counts")
         relevance = [None] * len(embeds)
         if instruction is not None:
-            relevance = self.otprune_relevance(seen, instruction, [total for total, _ in counts])
+            relevance = self.otprune_relevance(seen, instruction, [total for total, _ in counts], kwargs)
         return [self.otprune_prune(rows, total, keep, r) for rows, (total, keep), r in zip(embeds, counts, relevance, strict=True)]
 
-    def otprune_relevance(self, seen: list[Tensor], instruction, totals: list[int]) -> list[Tensor]:
-        """CDPruner: per image, (T,) the relevance of its CLIP patches (the projector's inputs `seen`,
-        T rows per image) to its instruction (`instruction`: per image its CLIP ids (L,), a (images, L)
-        tensor or a list), with the CLIP text side of `CDPRUNER_CLIP` (`otprune.hf.clip_text`; the
-        vision tower vLLM builds has no `post_layernorm`: the checkpoint's is used)."""
-        from otprune.methods.cdpruner import relevance_scores
+    def otprune_relevance(self, seen: list[Tensor], instruction, totals: list[int], kwargs: Mapping[str, object]) -> list[Tensor]:
+        """CDPruner: per image, (T,) the relevance of its tokens to its instruction (`instruction`: per
+        image its CLIP ids (L,), a (images, L) tensor or a list). Each image's CLIP patches (the
+        projector's inputs `seen`, `otprune_patches`) are scored with the CLIP text side of
+        `CDPRUNER_CLIP` (`otprune.hf.clip_text`; the vision tower vLLM builds has no
+        `post_layernorm`: the checkpoint's is used), min-max normalised over all the image's crops,
+        laid out like its tokens (`otprune_relevance_layout`), then weighted by theta."""
+        from otprune.methods.cdpruner import relevance_scores, weighted_relevance
 
-        patches = torch.cat([p.reshape(-1, p.shape[-1]) for p in seen]).split(totals)  # per image (T, C)
+        patches = self.otprune_patches(seen, totals, kwargs)  # per image (P_i, N, C)
         ids = list(instruction.unbind(0)) if isinstance(instruction, Tensor) else [torch.as_tensor(i) for i in instruction]
-        if len(ids) != len(totals) or [p.shape[0] for p in patches] != list(totals):
-            raise AssertionError(f"otprune: {len(ids)} instructions and patches {[p.shape[0] for p in patches]} "
-                                 f"for {len(totals)} images of {totals} tokens")
+        if len(ids) != len(totals) or len(patches) != len(totals):
+            raise AssertionError(f"otprune: {len(ids)} instructions and {len(patches)} patch sets for {len(totals)} images")
         side = self.otprune_clip_side()
         embedded: dict[tuple[int, ...], Tensor] = {}
-        out = []
+        per_crop = []
         for image_patches, image_ids in zip(patches, ids, strict=True):
             key = tuple(int(t) for t in image_ids.reshape(-1))
             if key not in embedded:
                 embedded[key] = side.embed_ids(image_ids)
-            out.append(relevance_scores(side.joint_embeds(image_patches), embedded[key], float(self.otprune_config.theta)))
-        return out
+            scores = relevance_scores(side.joint_embeds(image_patches).flatten(0, 1), embedded[key])
+            per_crop.append(scores.view(image_patches.shape[:2]))
+        laid = self.otprune_relevance_layout(per_crop, kwargs)
+        if [r.shape[0] for r in laid] != list(totals):
+            raise AssertionError(f"otprune: relevances {[r.shape[0] for r in laid]} for images of {totals} tokens")
+        return [weighted_relevance(r, float(self.otprune_config.theta)) for r in laid]
+
+    def otprune_patches(self, seen: list[Tensor], totals: list[int], kwargs: Mapping[str, object]) -> list[Tensor]:
+        """CDPruner: per image, its crops' CLIP patches (P_i, N, C) from the projector's inputs `seen`
+        (LLaVA-1.5: one crop of T rows per image)."""
+        return [p[None] for p in torch.cat([p.reshape(-1, p.shape[-1]) for p in seen]).split(totals)]
+
+    def otprune_relevance_layout(self, per_crop: list[Tensor], kwargs: Mapping[str, object]) -> list[Tensor]:
+        """CDPruner: per image, its crops' patch values (P_i, N) laid out like its tokens (T_i,)."""
+        return [r.flatten() for r in per_crop]
 
     def otprune_clip_side(self):
         """The CLIP text side of `CDPRUNER_CLIP`, loaded once on the model's device, in its dtype."""

@@ -5,7 +5,8 @@ CLIP text side of `CDPRUNER_CLIP` (a tiny full CLIP whose vision weights are the
 One engine (BASELINE=CDPRUNER SUBSET_RATIO=0.25, prefix caching on): the greedy tokens equal
 `otprune.hf`'s CDPruner on transformers' class from the same checkpoint; the same image under two
 questions keeps different tokens and never shares the encoder / prefix caches; a request at ratio
-1 is the unpruned model.
+1 is the unpruned model. LLaVA-NeXT (anyres, its own engine): two images of different grids, one
+request each and both in one batch, against `otprune.hf`.
 """
 
 from __future__ import annotations
@@ -98,6 +99,36 @@ def test_the_instruction_is_in_the_hash_and_the_identity():
     assert serve.pruning_identity(config, 1.0, "a") == serve.pruning_identity(config, 1.0, "b") == "unpruned"
     with pytest.raises(ValueError, match="set CDPRUNER_CLIP"):
         serve.engine_config({"BASELINE": "CDPRUNER", "SUBSET_RATIO": "0.25"})
-    with pytest.raises(ValueError, match="LLaVA-1.5.*only, not for Qwen2_5_VLForConditionalGeneration"):
+    with pytest.raises(ValueError, match="LLaVA-NeXT.*only, not for Qwen2_5_VLForConditionalGeneration"):
         serve.check_architecture("Qwen2_5_VLForConditionalGeneration",
                                  {"BASELINE": "CDPRUNER", "SUBSET_RATIO": "0.25", "CDPRUNER_CLIP": "/clip"})
+
+
+SIZES = {"wide": (160, 90), "tall": (90, 150)}  # different anyres grids
+
+
+@pytest.fixture(scope="module")
+def next_runs(tiny_llava_next, tmp_path_factory):
+    from transformers import LlavaNextForConditionalGeneration
+
+    from otprune.hf.tiny import write_tiny_clip
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_llava_next, dtype=torch.float32)
+    clip = str(write_tiny_clip(tmp_path_factory.mktemp("vllm-clip-next") / "clip", model.model.vision_tower))
+    env = {"BASELINE": "CDPRUNER", "SUBSET_RATIO": str(RATIO), "CDPRUNER_CLIP": clip}
+    requests = {name: request(PROMPTS["color"], [image(5, size)]) for name, size in SIZES.items()}
+    with engine(tiny_llava_next, env=env, enable_prefix_caching=False) as llm:
+        alone = {name: generate(llm, [req])[0] for name, req in requests.items()}
+        batch = dict(zip(requests, generate(llm, list(requests.values())), strict=True))
+    return clip, alone, batch
+
+
+def test_llava_next_pruned_tokens_equal_otprune_hf(next_runs, tiny_llava_next):
+    clip, alone, batch = next_runs
+    for name, size in SIZES.items():
+        expected = hf_reference(tiny_llava_next, "LlavaNextForConditionalGeneration", PROMPTS["color"], [image(5, size)],
+                                RATIO, method="cdpruner", clip=clip)  # fmt: skip
+        assert_matches(alone, [name], lambda _n, e=expected: e, "otprune.hf CDPruner (LLaVA-NeXT)", all_tokens=False)
+        assert alone[name][1][:len(expected[1])] == expected[1], name
+        assert len(expected[1]) == MAX_TOKENS or expected[1][-1] == 2, name
+    assert {n: out[:2] for n, out in batch.items()} == {n: out[:2] for n, out in alone.items()}
