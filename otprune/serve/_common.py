@@ -250,6 +250,11 @@ class PruneModelMixin:
         if len(counts) != len(embeds):
             raise AssertionError(f"otprune: {len(embeds)} images embedded but {len(counts)} token counts")
         relevance = [None] * len(embeds)
+        if instruction is None and instructed(self.otprune_config) and any(keep < total for total, keep in counts):
+            raise AssertionError(  # never CDPruner without its relevance (the unconditional DPP) silently
+                f"otprune: BASELINE={self.otprune_config.method.upper()} prunes images whose request carries no "
+                f"instruction ({INSTRUCTION_FIELD} missing): the processor did not read the prompt"
+            )
         if instruction is not None:
             relevance = self.otprune_relevance(seen, instruction, [total for total, _ in counts], kwargs)
         return [self.otprune_prune(rows, total, keep, r) for rows, (total, keep), r in zip(embeds, counts, relevance, strict=True)]
