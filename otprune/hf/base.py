@@ -520,7 +520,7 @@ class HFAdapter:
 
     def clip_text_side(self):
         """The CLIP text side (`otprune.hf.clip_text.ClipTextSide`) paired with the vision tower, from
-        `clip_checkpoint` or `CDPRUNER_CLIP`; loaded once, in the tower's dtype and on its device."""
+        `clip_checkpoint` or `CDPRUNER_CLIP`; loaded once, on the tower's device (`ClipTextSide.load`)."""
         from otprune.config import cdpruner_clip
         from otprune.hf.clip_text import ClipTextSide
 

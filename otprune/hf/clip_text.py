@@ -68,7 +68,7 @@ class ClipTextSide:
 
     Attributes:
         name: the checkpoint (hub name or folder).
-        text: `CLIPTextModelWithProjection` (no gradients), in the vision tower's dtype and device.
+        text: `CLIPTextModelWithProjection` (no gradients), fp32, on the vision tower's device.
         projection: the vision side's `visual_projection` (fp32, as CDPruner computes it).
         tokenizer: the checkpoint's `CLIPTokenizer`.
         post_layernorm: the checkpoint's vision `post_layernorm` (for a tower built without it, as vLLM's).
@@ -82,21 +82,24 @@ class ClipTextSide:
 
     @classmethod
     def load(cls, name: str, *, dtype: torch.dtype, device: torch.device | str, what: str = "CDPRUNER_CLIP") -> ClipTextSide:
-        """Load the text side of the full CLIP checkpoint `name`; ValueError (naming `what`, the
-        switch or key that named it) when it is not a CLIP checkpoint or lacks the text weights."""
+        """Load the text side of the full CLIP checkpoint `name` on `device`; ValueError (naming
+        `what`, the switch or key that named it) when it is not a CLIP checkpoint or lacks the text
+        weights. The text tower and `visual_projection` run in fp32 whatever the model's dtype (the
+        official code loads them with transformers' default dtype); the checkpoint's
+        `post_layernorm` in `dtype` (the vision tower's, where the official code applies it)."""
         from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
         tokenizer = load_tokenizer(name, what)
         loaded = {}
         for key, model_class in (("text", CLIPTextModelWithProjection), ("vision", CLIPVisionModelWithProjection)):
-            model, info = model_class.from_pretrained(name, dtype=dtype, output_loading_info=True)
+            model, info = model_class.from_pretrained(name, dtype=torch.float32, output_loading_info=True)
             missing = [k for k in info["missing_keys"] if key == "text" or "visual_projection" in k]
             if missing:
                 raise ValueError(f"{WHAT}: {what}={name!r} lacks the CLIP {key} weights {missing[:3]}")
             loaded[key] = model.to(device).requires_grad_(False)
         vision = loaded["vision"]
-        norm = getattr(vision, "vision_model", vision).post_layernorm
-        return cls(name, loaded["text"], vision.visual_projection.float(), tokenizer, norm)
+        norm = getattr(vision, "vision_model", vision).post_layernorm.to(dtype)
+        return cls(name, loaded["text"], vision.visual_projection, tokenizer, norm)
 
     @property
     def context(self) -> int:

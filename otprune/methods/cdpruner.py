@@ -13,7 +13,8 @@ Per image of N projected visual tokens x_i (what the LLM would get), keeping K:
    goes through the CLIP text tower paired with the vision tower (`CLIPTextModelWithProjection` of
    the same checkpoint; 77-token segments, zero padded, one embedding t_m per segment); each patch
    of the selected hidden state goes through the vision tower's `post_layernorm` and
-   `visual_projection` (e_i). Then r_i = -mean_m cos(e_i, t_m) (the NEGATED similarity, as the
+   `visual_projection` (e_i); the text tower and the projection run in fp32 (the official code
+   loads them in transformers' default dtype), `post_layernorm` in the tower's dtype. Then r_i = -mean_m cos(e_i, t_m) (the NEGATED similarity, as the
    code does), min-max normalised: r = (r - min r + 1e-6) / (max r - min r).
    With `CDPRUNER_THETA` = theta in (0, 1), r is replaced by exp(theta / (2 (1 - theta)) r), the
    paper's weighting (commented out in the official code; theta = 0, the default, is the

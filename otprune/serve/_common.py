@@ -296,7 +296,7 @@ class PruneModelMixin:
         return [r.flatten() for r in per_crop]
 
     def otprune_clip_side(self):
-        """The CLIP text side of `CDPRUNER_CLIP`, loaded once on the model's device, in its dtype."""
+        """The CLIP text side of `CDPRUNER_CLIP`, loaded once on the model's device (`ClipTextSide.load`)."""
         side = getattr(self, "_otprune_clip_side", None)
         if side is None:
             from otprune.config import cdpruner_clip

@@ -129,8 +129,8 @@ class CLIPVisionTower(nn.Module):
         """CDPruner's instruction relevance needs the CLIP text tower paired with this vision tower:
         `CLIPTextModelWithProjection`, its tokenizer and the vision side's `visual_projection`, all
         from the checkpoint `mm_vision_tower` names (a full CLIP checkpoint, as openai/clip-vit-large-
-        patch14-336; `otprune.hf.clip_text.ClipTextSide`). Loaded once, on this tower's device and
-        dtype; ValueError when it has no text side."""
+        patch14-336; `otprune.hf.clip_text.ClipTextSide`). Loaded once, on this tower's device (the
+        text tower and the projection in fp32, as the official code); ValueError when it has no text side."""
         if getattr(self, "_text_side", None) is not None:
             return
         from otprune.hf.clip_text import ClipTextSide
