@@ -9,6 +9,7 @@
 | `OTPRUNE_GAMMA` | OTPrune's gamma (default 0.01) |
 | `OTPRUNE_SEED` | seed of the random method (default 0) |
 | `VISIONZIP_CONTEXTUAL`, `DART_PIVOTS_IMAGE`, `DART_PIVOTS_TEXT`, `CDPRUNER_THETA` | the 2025 baselines' parameters (declared in their files) |
+| `CDPRUNER_CLIP` | the full CLIP checkpoint (hub name or folder) whose text tower scores CDPruner's instruction in `otprune.hf` and the vLLM plugin, e.g. `openai/clip-vit-large-patch14-336` for llava-hf's LLaVA-1.5 / 1.6 (their checkpoints hold the vision tower only); our llava uses `mm_vision_tower` |
 | `OTPRUNE_ORDER` | `ascending` (default) or `official` (the official code's set order, for exact reproduction) |
 | `OTPRUNE_DISTANCE` | per-image distance of the kept tokens in the records (`otprune.distance`): `eq4` (default: the paper's W2, a decreasing function of Eq. 4's objective), `gaussian` (Gaussian W2 with the subset's actual trace), `w2` (exact W2, POT; checked when the switch is read), `off` |
 | `TYPE`, `NOT_ADAPTIVE` | the DivPrune repository's PruMerge switches: refused with `BASELINE=PRUMERGE` / `PRUMERGE_PLUS` (and `NOT_ADAPTIVE` with `SUBSET_RATIO=iqr`), naming the switches that ask for the same here (`BASELINE=PRUMERGE_PLUS`, `SUBSET_RATIO=<r>`) |
@@ -437,6 +438,14 @@ def distance_kind(environ: Mapping[str, str] | None = None) -> str:
             raise ValueError("OTPRUNE_DISTANCE=w2: the exact W2 needs POT (module 'ot'), which is not installed: "
                              f"pip install 'otprune[analysis]', or use OTPRUNE_DISTANCE={DEFAULT_DISTANCE} (the default)")
     return raw.lower()
+
+
+def cdpruner_clip(environ: Mapping[str, str] | None = None) -> str | None:
+    """`CDPRUNER_CLIP`: the full CLIP checkpoint (hub name or folder) whose text tower CDPruner
+    scores the instruction with, outside our llava (`otprune.hf.clip_text`); None when unset or empty."""
+    env = os.environ if environ is None else environ
+    value = (env.get("CDPRUNER_CLIP") or "").strip()
+    return value or None
 
 
 RECORDS_OFF = ("0", "off", "false", "no", "none")

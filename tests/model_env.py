@@ -1,6 +1,6 @@
 """The environment of the model tests: no pruning switch set, no hub access, no records."""
 
-PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE")
+PRUNING_ENV = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE", "CDPRUNER_CLIP", "CDPRUNER_THETA")
 
 
 def clear_model_env(monkeypatch) -> None:

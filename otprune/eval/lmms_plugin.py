@@ -197,7 +197,12 @@ def attach(lm: object):
 
     model = loaded_model(lm)
     adapter = hf.apply(model)
-    adapter.check(PruneConfig.from_env())
+    switches = PruneConfig.from_env()
+    adapter.check(switches)
+    if adapter.instructed(switches):  # CDPruner: the prompts' tokenizer, and the CLIP text side loaded before any sample
+        processor = getattr(lm, "processor", None) or getattr(lm, "_processor", None)
+        adapter.instruction_tokenizer = getattr(lm, "_tokenizer", None) or getattr(processor, "tokenizer", None)
+        adapter.clip_text_side()
     if distance_kind() == "w2":  # checks OTPRUNE_DISTANCE before any sample; w2 needs POT
         from otprune.analysis.distances import wasserstein2
 

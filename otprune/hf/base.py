@@ -287,6 +287,7 @@ class HFAdapter:
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
     cls_attention: ClassVar[bool] = False  # the family hands over a CLIP tower's CLS attention (PruMerge, iqr)
+    instruction: ClassVar[bool] = False  # the family scores its CLIP patches against each prompt's instruction (CDPruner)
 
     def __init__(self, model: nn.Module, config: PruneConfig | None = None) -> None:
         if config is not None and not isinstance(config, PruneConfig):
@@ -300,6 +301,13 @@ class HFAdapter:
         self.exact_w2: Callable | None = None
         self.state: PrefillState | None = None
         self._patches: list[_Patch] = []
+        # CDPruner (`instruction`): the full CLIP checkpoint of the text tower (None: `CDPRUNER_CLIP`), the
+        # tokenizer that decodes each prompt's instruction (None: the model's own, loaded from its
+        # name_or_path), the texts given by `set_instructions`
+        self.clip_checkpoint: str | None = None
+        self.instruction_tokenizer = None
+        self._instructions: list[str] | None = None
+        self._clip_side = None
 
     # ---------------------------------------------------------------- configuration
     def resolve_config(self) -> PruneConfig:
@@ -308,7 +316,8 @@ class HFAdapter:
 
     def supported(self) -> str:
         """What this family runs, for error messages."""
-        return f"LAYER_INDEX=0 with BASELINE in {', '.join(m for m in otprune.METHODS if not getattr(otprune.METHODS[m], 'needs_instruction', False))} (or LAYER_INDEX unset: no pruning)"
+        methods = [m for m in otprune.METHODS if self.instruction or not getattr(otprune.METHODS[m], "needs_instruction", False)]
+        return f"LAYER_INDEX=0 with BASELINE in {', '.join(methods)} (or LAYER_INDEX unset: no pruning)"
 
     def check(self, config: PruneConfig) -> None:
         """Refuse what this family cannot run, naming the variable (ValueError)."""
@@ -325,11 +334,12 @@ class HFAdapter:
                 f"LAYER_INDEX={config.layer}: pruning inside the LLM is not supported by {where}; "
                 f"supported: {self.supported()}"
             )
-        if getattr(config.method_class(), "needs_instruction", False):  # CDPruner
+        if getattr(config.method_class(), "needs_instruction", False) and not self.instruction:  # CDPruner
             raise ValueError(
                 f"BASELINE={config.method.upper()}: scores the tokens against each prompt's instruction with the CLIP text "
-                f"tower paired with the vision tower, which {where} does not provide yet; run it with our llava "
-                f"(original-format checkpoints, e.g. liuhaotian/llava-v1.5-7b); supported here: {self.supported()}"
+                f"tower paired with the vision tower, which {where} does not provide yet; run it with transformers' "
+                f"LlavaForConditionalGeneration or LlavaNextForConditionalGeneration (llava-hf/llava-1.5-*-hf, llava-v1.6-*-hf; CDPRUNER_CLIP naming the CLIP checkpoint) or our "
+                f"llava; supported here: {self.supported()}"
             )
         if config.needs_cls_attention:
             from otprune.methods.prumerge import no_cls_error
@@ -413,7 +423,8 @@ class HFAdapter:
                 vars(item.owner).pop(item.name, None)
 
     # ---------------------------------------------------------------- selection and stats
-    def select(self, features: Sequence[Tensor], config: PruneConfig, budgets: Sequence[int] | None = None) -> list[Tensor]:
+    def select(self, features: Sequence[Tensor], config: PruneConfig, budgets: Sequence[int] | None = None,
+               relevance: Sequence[Tensor] | None = None) -> list[Tensor]:
         """Kept indices of every token set (image) of a batch, in ONE batched selection call.
 
         Args:
@@ -421,6 +432,7 @@ class HFAdapter:
             config: an enabled PruneConfig (layer 0).
             budgets: per token set, its count K_i (adaptive budgets, `SUBSET_RATIO=iqr`); default
                 round(ratio * T_i).
+            relevance: per token set, (T_i,) CDPruner's relevance of each token to the instruction.
 
         Returns:
             per token set, (K_i,) long indices with K_i = round(ratio * T_i), ascending (for
@@ -444,8 +456,108 @@ class HFAdapter:
             lengths=lengths.to(padded.device),
             order=config.order,  # "official": the method's own official order (OTPrune: set order)
             **config.method_params(),
+            **({} if relevance is None else {"relevance": nn.utils.rnn.pad_sequence(list(relevance), batch_first=True)}),
         )  # (N_sets, K_max), -1 padded
         return [picks[i, :k] for i, k in enumerate(keep)]
+
+    # ---------------------------------------------------------------- CDPruner's instruction
+    def instructed(self, config: PruneConfig) -> bool:
+        """Whether `config` scores the tokens against each prompt's instruction (CDPruner)."""
+        return config.enabled and getattr(config.method_class(), "needs_instruction", False)
+
+    def set_instructions(self, texts: Sequence[str] | None) -> None:
+        """CDPruner: the instruction of each sample of the next multimodal prefills (as the official
+        evaluation passes the question); None (default): read off each prompt (`instructions`)."""
+        self._instructions = None if texts is None else [str(t) for t in texts]
+
+    def instructions(self, input_ids: Tensor, valid: Tensor) -> list[str]:
+        """Per sample of input_ids: (B, L) (`valid`: (B, L) bool, its real rows), CDPruner's
+        instruction: given by `set_instructions`, else the prompt's text after its last visual
+        placeholder, decoded with the model's tokenizer without special tokens, the chat template's
+        trailing assistant tag and LLaVA's short-answer suffix removed
+        (`otprune.methods.cdpruner.prompt_instruction`). For llava-hf's "USER: <image>\n{question}
+        ASSISTANT:" that is the question, the text the official code scores against."""
+        from otprune.methods.cdpruner import instruction_text, prompt_instruction
+
+        batch = input_ids.shape[0]
+        if self._instructions is not None:
+            if len(self._instructions) != batch:
+                raise ValueError(f"set_instructions: {len(self._instructions)} texts for a batch of {batch} prompts; "
+                                 "give one per prompt (or None to read them off the prompts)")
+            return [instruction_text(t) for t in self._instructions]
+        tokenizer = self._tokenizer()
+        ids = input_ids.detach().cpu()
+        real = valid.detach().cpu()
+        visual = torch.isin(ids, torch.tensor(self.visual_token_ids(), dtype=ids.dtype)) & real
+        texts = []
+        for b in range(batch):
+            where = visual[b].nonzero()
+            start = int(where[-1]) + 1 if where.numel() else 0
+            tail = ids[b, start:][real[b, start:]]
+            texts.append(prompt_instruction(tokenizer.decode(tail.tolist(), skip_special_tokens=True)))
+        return texts
+
+    def _tokenizer(self):
+        if self.instruction_tokenizer is None:
+            name = getattr(self.model, "name_or_path", None) or ""
+            try:
+                from transformers import AutoTokenizer
+
+                self.instruction_tokenizer = AutoTokenizer.from_pretrained(name) if name else None
+            except (OSError, ValueError):
+                self.instruction_tokenizer = None
+            if self.instruction_tokenizer is None:
+                raise ValueError(
+                    f"BASELINE=CDPRUNER: reads each prompt's instruction with the model's tokenizer, which could not be "
+                    f"loaded from the model's name_or_path={name!r}; set adapter.instruction_tokenizer = processor.tokenizer "
+                    "or call adapter.set_instructions([...]) with one text per prompt"
+                )
+        return self.instruction_tokenizer
+
+    def instruction_tower(self) -> nn.Module:
+        """The CLIP vision tower whose patches CDPruner scores (families with `instruction`)."""
+        raise NotImplementedError
+
+    def clip_text_side(self):
+        """The CLIP text side (`otprune.hf.clip_text.ClipTextSide`) paired with the vision tower, from
+        `clip_checkpoint` or `CDPRUNER_CLIP`; loaded once, on the tower's device (`ClipTextSide.load`)."""
+        from otprune.config import cdpruner_clip
+        from otprune.hf.clip_text import ClipTextSide
+
+        name, what = self.clip_checkpoint, "adapter.clip_checkpoint"
+        if name is None:
+            name, what = cdpruner_clip(), "CDPRUNER_CLIP"
+        if name is None:
+            raise ValueError(
+                f"CDPRUNER_CLIP: unset; BASELINE=CDPRUNER scores each patch against the instruction with the CLIP text tower "
+                f"paired with the vision tower, which a {type(self.model).__name__} checkpoint does not hold: set "
+                "CDPRUNER_CLIP (or adapter.clip_checkpoint) to that full CLIP checkpoint, e.g. "
+                "openai/clip-vit-large-patch14-336 for llava-hf/llava-1.5-7b-hf"
+            )
+        if self._clip_side is None or self._clip_side.name != name:
+            param = next(self.instruction_tower().parameters())
+            self._clip_side = ClipTextSide.load(name, dtype=param.dtype, device=param.device, what=what)
+        return self._clip_side
+
+    def instruction_relevance(self, patches: Sequence[Tensor], texts: Sequence[str], theta: float,
+                              layout: Callable[[list[Tensor]], list[Tensor]] | None = None) -> list[Tensor]:
+        """Per token set, (T_i,) CDPruner's relevance of its tokens to its instruction `texts[i]`.
+
+        `patches[i]`: (P_i, N, C) the selected hidden state of `instruction_tower()` for the set's P_i
+        crops; each set's relevance is min-max normalised over all its crops at once
+        (`otprune.methods.cdpruner.relevance_scores`), then `layout` maps the per-crop values
+        [(P_i, N)] to the set's tokens [(T_i,)] (default: flattened, one token per patch), then
+        theta weights it (`weighted_relevance`). One text-tower call per distinct text."""
+        from otprune.hf.clip_text import post_layernorm
+        from otprune.methods.cdpruner import relevance_scores, weighted_relevance
+
+        side = self.clip_text_side()
+        norm = post_layernorm(self.instruction_tower())
+        embedded = {text: side.text_embeds(text) for text in dict.fromkeys(texts)}
+        per_crop = [relevance_scores(side.joint_embeds(p, norm).flatten(0, 1), embedded[t]).view(p.shape[:2])
+                    for p, t in zip(patches, texts, strict=True)]  # fmt: skip
+        laid = layout(per_crop) if layout is not None else [r.flatten() for r in per_crop]
+        return [weighted_relevance(r, theta) for r in laid]
 
     def visual_token_ids(self) -> tuple[int, ...]:
         """The placeholder ids of visual tokens in this model's input_ids (image and video)."""

@@ -34,6 +34,22 @@ own and the image's tokens are its crops' merged tokens in crop order, without u
 its T_i tokens), selected from the model's own anyres set (newline tokens included). Statistics
 count T_i (the tokens the unpruned model hands the LLM) before, M_i / K_i after.
 
+CDPruner (`BASELINE=CDPRUNER`), LLaVA-1.5 and LLaVA-1.6: each image's tokens are scored against
+its prompt's instruction (`otprune.methods.cdpruner`, step 2). The patches are the selected
+hidden state without its CLS row, which the model's own `get_image_features` returns with its
+output (`hidden_states[vision_feature_layer]`, also inside generate's `mm_encoder_outputs`); they
+go through the tower's `post_layernorm` and the CLIP checkpoint's `visual_projection`. LLaVA-1.6:
+the relevance is normalised over all crops of an image at once and laid out like its tokens by
+the model's own `pack_image_features` (each `image_newline` token with relevance 1), and the
+selection runs on the image's whole token set, as in our llava. The instruction of a sample is its prompt's text after its last
+image placeholder, decoded with the model's tokenizer without special tokens, the chat template's
+trailing assistant tag ("ASSISTANT:", "[/INST]", ...) and LLaVA's short-answer suffix removed
+(`HFAdapter.instructions`): for llava-hf's "USER: <image>\n{question} ASSISTANT:" the question,
+which is what the official evaluation scores against; `adapter.set_instructions([...])` gives
+them instead. The CLIP text tower is not in llava-hf checkpoints: `CDPRUNER_CLIP` (or
+`adapter.clip_checkpoint`) names the full CLIP checkpoint (openai/clip-vit-large-patch14-336 for
+LLaVA-1.5 / 1.6), loaded once (`otprune.hf.clip_text`). OneVision (SigLIP) refuses it.
+
 The outer model's `forward` is wrapped too, for `labels` only: the loss is computed on the pruned
 sequence with every label following its row (kept visual rows keep their placeholder's label).
 """
@@ -98,12 +114,12 @@ def _feature_layer(inner, kwargs: dict, config: PruneConfig) -> int:
     what = f"BASELINE={config.method.upper()} with SUBSET_RATIO={config.ratio}"
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise ValueError(
-            f"vision_feature_layer={layer!r}: {what} scores the patches with the CLS attention of the layer reading ONE "
-            "selected hidden state; several concatenated layers are not supported"
+            f"vision_feature_layer={layer!r}: {what} scores the patches of ONE selected hidden state (PruMerge's CLS "
+            "attention, CDPruner's relevance); several concatenated layers are not supported"
         )
     if strategy != "default":
         raise ValueError(
-            f"vision_feature_select_strategy={strategy!r}: {what} scores and keeps the patches without the CLS token; "
+            f"vision_feature_select_strategy={strategy!r}: {what} scores the patches without the CLS token; "
             "only 'default' is supported"
         )
     return layer
@@ -249,6 +265,39 @@ class LlavaFamilyAdapter(HFAdapter):
         ]
         return token_id, features, placeholders, None, clock
 
+    def instruction_tower(self):
+        return self.model.model.vision_tower
+
+    def instructed_sets(self, inner, kwargs: dict, config: PruneConfig):
+        """CDPruner: (the token sets as `visual_sets`, per image its crops' CLIP patches (P_i, N, C),
+        the layout of per-crop values [(P_i, N)] -> per image [(T_i,)]). The patches are the selected
+        hidden state without its CLS row, which the model's own `get_image_features` returns
+        (`hidden_states[vision_feature_layer]`, also in generate's `mm_encoder_outputs`); the wrapped
+        `get_image_features` adds the crops per image and the image sizes."""
+        _feature_layer(inner, kwargs, config)  # one selected hidden state, CLS dropped ("default")
+        layer = kwargs.get("vision_feature_layer")
+        layer = inner.config.vision_feature_layer if layer is None else layer
+        encoded = self.image_outputs(inner, kwargs)
+        if encoded is None:
+            return [], [], None
+        hidden = getattr(encoded, "hidden_states", None)
+        crops = getattr(encoded, "otprune_crops", None)
+        if hidden is None or crops is None:
+            raise ValueError(
+                f"mm_encoder_outputs: image features encoded without the adapter (BASELINE={config.method.upper()} "
+                "scores the selected hidden state's patches of each image's crops): encode them with the adapter "
+                "installed (generate does), without num_beams / num_return_sequences > 1, or pass pixel_values"
+            )
+        counts, image_sizes = crops
+        features = list(encoded.pooler_output)
+        patches = list(hidden[layer][:, 1:].split(counts))
+        return [(int(inner.config.image_token_id), features)], patches, lambda per_crop: self.relevance_layout(
+            inner, image_sizes, kwargs.get("vision_feature_select_strategy"), per_crop)
+
+    def relevance_layout(self, inner, image_sizes, strategy: str | None, per_crop: list[Tensor]) -> list[Tensor]:
+        """CDPruner: per image, its crops' patch values (P_i, N) laid out like its tokens -> (T_i,)."""
+        return [r.flatten() for r in per_crop]
+
     @staticmethod
     def _encoded(kwargs: dict, kind: str):
         outputs = kwargs.get("mm_encoder_outputs") or {}
@@ -285,6 +334,11 @@ class LlavaFamilyAdapter(HFAdapter):
 
             def get_image_features(*args, **kwargs):
                 config = self._features_config or self.resolve_config()
+                if self.instruction and self.instructed(config):  # CDPruner: the crops per image, the image sizes
+                    out = features_original(*args, **kwargs)
+                    call = _as_kwargs(self._features_signature, args, kwargs)
+                    out.otprune_crops = (self.crop_counts(inner, call), call.get("image_sizes"))
+                    return out
                 if not config.needs_cls_attention:
                     return features_original(*args, **kwargs)
                 return self._features_with_cls(features_original, args, kwargs, config)
@@ -360,10 +414,17 @@ class LlavaFamilyAdapter(HFAdapter):
             )
         inner = self.inner
         prefill_clock = Clock(input_ids.device, memory=True)
-        budgets = merged = None
+        budgets = merged = patches = None
         if config.needs_cls_attention:
             token_id, set_features, placeholders, budgets, merged = self.cls_attention_sets(inner, kwargs, config)
             sets = [(token_id, set_features)] if set_features else []
+        elif self.instructed(config):
+            self._features_config = config
+            try:
+                sets, patches, layout = self.instructed_sets(inner, kwargs, config)
+            finally:
+                self._features_config = None
+            placeholders = None
         else:
             sets, placeholders = self.visual_sets(inner, kwargs), None
 
@@ -397,8 +458,15 @@ class LlavaFamilyAdapter(HFAdapter):
             select_clock = merged
             kept = [torch.arange(f.shape[0], device=f.device) for f in features]
         else:
+            relevance = None
+            if patches is not None:  # CDPruner: each image's tokens scored against its sample's instruction
+                texts = self.instructions(input_ids, valid)
+                relevance = self.instruction_relevance(patches, [texts[b] for b in samples], config.theta, layout)
+                sizes = [(f.shape[0], r.shape[0]) for f, r in zip(features, relevance, strict=True)]
+                if any(t != n for t, n in sizes):
+                    raise AssertionError(f"BASELINE=CDPRUNER: (tokens, relevances) per image {sizes}")
             select_clock = Clock(input_ids.device)
-            kept = self.select(features, config, budgets)
+            kept = self.select(features, config, budgets, relevance=relevance)
             select_clock.stop()
 
         embeds = inner.get_input_embeddings()(input_ids)  # (B, L, D)
@@ -483,6 +551,7 @@ class LlavaAdapter(LlavaFamilyAdapter):
     family: ClassVar[str] = "llava"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
     cls_attention: ClassVar[bool] = True
+    instruction: ClassVar[bool] = True
 
     def crop_counts(self, inner, kwargs: dict) -> list[int]:
         return [1] * kwargs["pixel_values"].shape[0]
@@ -513,6 +582,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     family: ClassVar[str] = "llava_next"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration",)
     cls_attention: ClassVar[bool] = True
+    instruction: ClassVar[bool] = True
 
     def crop_counts(self, inner, kwargs: dict) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -525,6 +595,14 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
                                           patch_size=inner.config.vision_config.image_size))
             for size in sizes
         ]
+
+    def relevance_layout(self, inner, image_sizes, strategy: str | None, per_crop: list[Tensor]) -> list[Tensor]:
+        """The model's own anyres packing (`pack_image_features`: base crop, unpadded grid) of the
+        per-patch values, 1 in the places of the `image_newline` tokens."""
+        strategy = strategy or inner.config.vision_feature_select_strategy
+        packed, _ = inner.pack_image_features([r[..., None] for r in per_crop], image_sizes, strategy,
+                                              image_newline=per_crop[0].new_ones(1))  # fmt: skip
+        return [r[:, 0] for r in packed]
 
     def image_outputs(self, inner, kwargs: dict):
         encoded = self._encoded(kwargs, "image")

@@ -241,6 +241,41 @@ def write_tiny_onevision(path: str | Path, seed: int = 0) -> Path:
     return save_random_model(LlavaOnevisionForConditionalGeneration, config, processor, path, seed)
 
 
+def _clip_tokenizer_files(folder: Path) -> int:
+    """A byte-level CLIP BPE vocabulary without merges (every byte and its end-of-word form); its size."""
+    import json
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]  # the byte-level alphabet
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 16}))
+    return len(vocab)
+
+
+def write_tiny_clip(path: str | Path, vision, seed: int = 5) -> Path:
+    """A full CLIP checkpoint (`CLIPModel` + `CLIPTokenizer`) at `path` whose vision weights are those of
+    `vision` (a `CLIPVisionModel`, e.g. a tiny LLaVA's tower) and whose text tower is tiny and random
+    (context 16): the CLIP text side CDPruner needs (`otprune.hf.clip_text`), for tests."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _clip_tokenizer_files(folder)
+    projection = int(getattr(vision.config, "projection_dim", 16) or 16)
+    text = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=0,
+                          projection_dim=projection)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.config.to_dict(), projection_dim=projection)
+    torch.manual_seed(seed)
+    clip = CLIPModel(config)
+    clip.vision_model.load_state_dict(getattr(vision, "vision_model", vision).state_dict())
+    clip.save_pretrained(folder)
+    return folder
+
+
 WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next, "onevision": write_tiny_onevision}
 
 

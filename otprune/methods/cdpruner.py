@@ -13,7 +13,8 @@ Per image of N projected visual tokens x_i (what the LLM would get), keeping K:
    goes through the CLIP text tower paired with the vision tower (`CLIPTextModelWithProjection` of
    the same checkpoint; 77-token segments, zero padded, one embedding t_m per segment); each patch
    of the selected hidden state goes through the vision tower's `post_layernorm` and
-   `visual_projection` (e_i). Then r_i = -mean_m cos(e_i, t_m) (the NEGATED similarity, as the
+   `visual_projection` (e_i); the text tower and the projection run in fp32 (the official code
+   loads them in transformers' default dtype), `post_layernorm` in the tower's dtype. Then r_i = -mean_m cos(e_i, t_m) (the NEGATED similarity, as the
    code does), min-max normalised: r = (r - min r + 1e-6) / (max r - min r).
    With `CDPRUNER_THETA` = theta in (0, 1), r is replaced by exp(theta / (2 (1 - theta)) r), the
    paper's weighting (commented out in the official code; theta = 0, the default, is the
@@ -28,9 +29,16 @@ unconditional DPP on S, which is what CDPruner does for an instruction equally r
 
 Differences from the official code, deliberate:
 
-- Min-max per image; the official code normalises over its whole batch of crops (for LLaVA-1.6,
-  all crops of the one image at once, each crop keeping `visual_token_num` tokens; ours selects on
-  the image's laid-out token set, with K = round(ratio x its tokens)).
+- Min-max per image, over all its crops at once; the official code normalises over its whole
+  batch of crops (the same for one image per batch, as its evaluation runs).
+- LLaVA-1.6 (anyres, our llava): the official code runs the greedy per crop (each crop, the base
+  image and every grid crop, keeping `visual_token_num` tokens), then lays the kept tokens out
+  (unpadding may drop some) and keeps every `image_newline` token. Ours selects once on the
+  image's laid-out token set (base crop, unpadded grid, newline tokens), as every other method
+  does there, with K = round(ratio x its tokens): each token's relevance is its CLIP patch's
+  (laid out like the tokens, `LlavaMetaForCausalLM.instructed_image_features`), and a newline
+  token, which has no patch, gets relevance 1 (the top of the min-max scale; then weighted by
+  theta like the others): it competes for a slot instead of being kept unconditionally.
 - Once no candidate has a positive residual (the kernel's rank is used up), the remaining slots
   take the unpicked tokens in ascending order; the official loop would take the square root of a
   non-positive residual.
@@ -61,6 +69,21 @@ def instruction_text(question: str) -> str:
     return question.replace(QUESTION_SUFFIX, "")
 
 
+# the assistant's tag that ends a chat prompt (vicuna_v1 / llava_v1, llama_2 / mistral, chatml), removed from
+# an instruction read off a prompt
+ASSISTANT_TAGS = ("ASSISTANT:", "Assistant:", "[/INST]", "<|im_start|>assistant")
+
+
+def prompt_instruction(tail: str) -> str:
+    """The instruction of a prompt whose text after its (last) image, decoded without special tokens,
+    is `tail`: up to the chat template's first assistant tag (`ASSISTANT_TAGS`; what follows it, e.g.
+    the continuation a log-likelihood request scores, is not part of the question), stripped, then
+    `instruction_text` (the short-answer suffix removed). For LLaVA's "USER: <image>\\n{question}
+    ASSISTANT:" this is the question, what the official evaluation passes."""
+    cut = min((i for i in (tail.find(tag) for tag in ASSISTANT_TAGS) if i >= 0), default=len(tail))
+    return instruction_text(tail[:cut].strip())
+
+
 def relevance_scores(image_embeds: Tensor, text_embeds: Tensor, theta: float = 0.0) -> Tensor:
     """image_embeds: (N, C) the patches in CLIP's joint space, text_embeds: (M, C) the instruction's
     segment embeddings -> (N,) the relevance r (see the module docstring, step 2). fp32 (fp64 in)."""
@@ -74,9 +97,15 @@ def relevance_scores(image_embeds: Tensor, text_embeds: Tensor, theta: float = 0
     txt = txt / torch.linalg.vector_norm(txt, dim=-1, keepdim=True)
     r = -(img @ txt.T).mean(dim=-1)  # (N,)
     r = (r - r.min() + 1e-6) / (r.max() - r.min())
-    if theta:
-        r = torch.exp(theta / (2 * (1 - theta)) * r)
-    return r
+    return weighted_relevance(r, theta)
+
+
+def weighted_relevance(relevance: Tensor, theta: float) -> Tensor:
+    """The min-max relevance r as the kernel uses it: r itself at theta = 0 (the official code's
+    active path), exp(theta / (2 (1 - theta)) r) for theta in (0, 1) (the paper's weighting)."""
+    if not theta:
+        return relevance
+    return torch.exp(theta / (2 * (1 - theta)) * relevance)
 
 
 def conditional_kernel(features: Tensor, relevance: Tensor | None) -> Tensor:

@@ -37,6 +37,21 @@ request or the engine, the order and the method's parameters) is part of vLLM's 
 (processor cache, encoder cache and prefix-cache blocks), so requests, or engines, that prune
 differently never share an image's tokens.
 
+CDPruner (`BASELINE=CDPRUNER`, LLaVA-1.5 and LLaVA-NeXT: `INSTRUCTED`; `CDPRUNER_CLIP` names the full CLIP
+checkpoint of its text tower, required at engine start): the multimodal processor reads each
+request's instruction off its prompt (the text after its last image token up to the assistant
+tag, decoded with the model's tokenizer, LLaVA's short-answer suffix removed: the same text
+`otprune.hf` reads), adds it to the request's processor kwargs as `INSTRUCTION_KEY` (never handed
+to the HF processor) and hands its CLIP token ids to the model as the per-image field
+`INSTRUCTION_FIELD`; the model hooks the projector's input (the tower's selected patches), scores
+them with the CLIP text side (`otprune.hf.clip_text`; vLLM's tower is built without
+`post_layernorm`, so the CLIP checkpoint's is used: the same weights for LLaVA-1.5, whose tower is
+that checkpoint's) and selects with that relevance (LLaVA-NeXT: normalised over all crops of an
+image, laid out by vLLM's own anyres merge, newline tokens 1, as `otprune.hf`). The kept tokens depend on the prompt, so the
+instruction is part of the multimodal hash (`pruning_identity`, and vLLM's own hash of the kwargs):
+two requests with the same image and different questions never share its encoder output or
+prefix-cache blocks. A request at ratio 1 carries no instruction (unpruned tokens are shared).
+
 vLLM's built-in classes stay reachable under `Vllm<architecture>` (`BUILTINS`;
 `hf_overrides={"architectures": [...]}`).
 Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, every kept token
@@ -59,7 +74,7 @@ import math
 from collections.abc import Mapping
 
 import otprune
-from otprune.config import PruneConfig, check_fixed_selection
+from otprune.config import PruneConfig, cdpruner_clip, check_fixed_selection
 
 LOGGER = logging.getLogger("otprune")
 
@@ -67,6 +82,14 @@ LOGGER = logging.getLogger("otprune")
 REQUEST_KEY = "otprune_ratio"
 # The per-image field the processor hands to the model: (T, K) = (tokens before, kept).
 FIELD = "otprune_keep"
+# CDPruner: the request's instruction, a processor kwarg the plugin adds itself (hashed, never handed to
+# the HF processor), and the per-image field of its CLIP token ids (L,) the processor hands to the model.
+INSTRUCTION_KEY = "otprune_instruction"
+INSTRUCTION_FIELD = "otprune_instruction_ids"
+# The architectures where the plugin scores the tokens against the instruction (CDPruner): a CLIP tower
+# whose selected patches are the tokens, one to one.
+INSTRUCTED: dict[str, str] = {"LlavaForConditionalGeneration": "LLaVA-1.5",
+                              "LlavaNextForConditionalGeneration": "LLaVA-NeXT"}
 
 # vLLM architecture name -> our class ("module:Class", imported lazily by vLLM).
 MODELS: dict[str, str] = {
@@ -140,6 +163,12 @@ def check_architecture(arch: str, environ: Mapping[str, str] | None = None) -> P
         from otprune.methods.prumerge import no_cls_error
 
         raise no_cls_error(config.method.upper(), f"of {arch} ({PRUNED[arch]})")
+    if config.enabled and instructed(config) and arch not in INSTRUCTED:
+        raise ValueError(
+            f"the otprune vLLM plugin: BASELINE={config.method.upper()} scores each image's CLIP patches against the "
+            f"prompt's instruction, which the plugin wires for {', '.join(f'{a} ({f})' for a, f in INSTRUCTED.items())} "
+            f"only, not for {arch}; use otprune.hf or our llava, or pick another method"
+        )
     if not config.enabled or arch in PRUNED:
         return config
     pruned = ", ".join(f"{name} ({family})" for name, family in PRUNED.items())
@@ -162,15 +191,20 @@ def engine_config(environ: Mapping[str, str] | None = None) -> PruneConfig:
     """
     config = check_fixed_selection(PruneConfig.from_env(environ), "the otprune vLLM plugin",
                                    "otprune.hf or our llava package", producing_merges=True)  # fmt: skip
-    cls = config.method_class()
-    if config.enabled and getattr(cls, "needs_instruction", False):
+    if config.enabled and instructed(config) and cdpruner_clip(environ) is None:
         raise ValueError(
             f"the otprune vLLM plugin: BASELINE={config.method.upper()} scores the tokens against each prompt's "
-            "instruction with the CLIP text tower, which the plugin does not wire yet; run it with our llava package, "
-            "or pick a selection method: "
+            "instruction with the CLIP text tower paired with the vision tower, which a vLLM checkpoint does not hold: "
+            "set CDPRUNER_CLIP to that full CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336 for "
+            "llava-hf/llava-1.5-7b-hf), or pick a selection method: "
             + ", ".join(m.upper() for m in otprune.METHODS if not getattr(otprune.METHODS[m], "needs_instruction", False))
         )
     return config
+
+
+def instructed(config: PruneConfig) -> bool:
+    """Whether `config`'s method scores the tokens against each prompt's instruction (CDPruner)."""
+    return bool(getattr(config.method_class(), "needs_instruction", False))
 
 
 def parse_ratio(value: object) -> float:
@@ -204,18 +238,23 @@ def request_config(engine: PruneConfig, value: object = None) -> PruneConfig:
     return PruneConfig(method=engine.method, layer=0, ratio=ratio, order=engine.order, params=engine.params)
 
 
-def pruning_identity(engine: PruneConfig, value: object = None) -> str:
+def pruning_identity(engine: PruneConfig, value: object = None, instruction: str | None = None) -> str:
     """What one request's image tokens depend on, as text for vLLM's multimodal hash: "unpruned" at
     ratio 1 (the model hands vLLM the tower's rows unchanged), else the method, ratio, keep order
     and method parameters, e.g. "otprune r=0.25 order=ascending gamma=0.01". The engine's defaults
     (`SUBSET_RATIO`, `BASELINE`, `OTPRUNE_GAMMA`, ...) are in it, not only the request's key, so two
-    engines pruning differently never share an image's cached blocks (e.g. through a shared KV cache)."""
+    engines pruning differently never share an image's cached blocks (e.g. through a shared KV cache).
+    CDPruner: the kept tokens depend on the prompt's `instruction` too, so it is part of the identity
+    (two prompts with the same image and different questions never share its tokens)."""
     ratio = request_ratio(engine, value)
     if ratio == 1.0:
         return "unpruned"
     config = request_config(engine, value) if value is not None else engine
     params = " ".join(f"{name}={param!r}" for name, param in sorted(config.method_params().items()))
-    return f"{config.method} r={ratio!r} order={config.order} {params}".strip()
+    identity = f"{config.method} r={ratio!r} order={config.order} {params}".strip()
+    if instructed(config):
+        identity += f" instruction={instruction!r}"
+    return identity
 
 
-__all__ = ["ALIASES", "BUILTINS", "FIELD", "MODELS", "PRUNED", "REQUEST_KEY", "check_architecture", "engine_config", "parse_ratio", "pruning_identity", "register", "request_config", "request_ratio"]
+__all__ = ["ALIASES", "BUILTINS", "FIELD", "INSTRUCTED", "INSTRUCTION_FIELD", "INSTRUCTION_KEY", "MODELS", "PRUNED", "REQUEST_KEY", "check_architecture", "engine_config", "instructed", "parse_ratio", "pruning_identity", "register", "request_config", "request_ratio"]

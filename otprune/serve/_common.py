@@ -14,14 +14,24 @@ from torch import Tensor
 import otprune
 from otprune import stats as sample_stats
 from otprune.config import PruneConfig, announce
-from otprune.serve import FIELD, REQUEST_KEY, engine_config, pruning_identity, request_config, request_ratio
+from otprune.serve import (
+    FIELD,
+    INSTRUCTION_FIELD,
+    INSTRUCTION_KEY,
+    REQUEST_KEY,
+    engine_config,
+    instructed,
+    pruning_identity,
+    request_config,
+    request_ratio,
+)
 
 # The hash-only key `_get_mm_hashes` adds (never handed to the HF processor).
 HASH_KEY = "otprune_pruning"
 
 
 def _without_key(kwargs: Mapping[str, object]) -> dict[str, object]:
-    return {key: value for key, value in kwargs.items() if key != REQUEST_KEY}
+    return {key: value for key, value in kwargs.items() if key not in (REQUEST_KEY, INSTRUCTION_KEY)}
 
 
 class PruneInfoMixin:
@@ -41,6 +51,16 @@ class PruneInfoMixin:
             config = engine_config()
             self._otprune_engine_config = config
         return config
+
+    def otprune_clip_tokenizer(self):
+        """CDPruner: the CLIP tokenizer of `CDPRUNER_CLIP` (loaded once)."""
+        tokenizer = getattr(self, "_otprune_clip_tokenizer", None)
+        if tokenizer is None:
+            from otprune.config import cdpruner_clip
+            from otprune.hf.clip_text import load_tokenizer
+
+            tokenizer = self._otprune_clip_tokenizer = load_tokenizer(cdpruner_clip())
+        return tokenizer
 
 
 class PruneProcessorMixin:
@@ -90,20 +110,47 @@ class PruneProcessorMixin:
         totals = torch.tensor(self.otprune_token_counts(processed), dtype=torch.long)
         keep = self.otprune_keep_counts(processed, engine, ratio, totals) if totals.numel() else totals
         processed[FIELD] = torch.stack([totals, keep], dim=1)  # (images, 2): T, K
+        instruction = hf_kwargs.get(INSTRUCTION_KEY)
+        if instruction is not None and totals.numel():  # CDPruner: the instruction's CLIP ids, for every image
+            from otprune.hf.clip_text import instruction_ids
+
+            ids = instruction_ids(self.info.otprune_clip_tokenizer(), str(instruction))
+            processed[INSTRUCTION_FIELD] = ids[None].expand(totals.numel(), -1).clone()  # (images, L)
         return processed
+
+    def otprune_instruction(self, prompt: Sequence[int]) -> str:
+        """CDPruner: the instruction of a prompt (token ids, one image token per image): its text after
+        the last image token, decoded with the model's tokenizer without special tokens, the chat
+        template's trailing assistant tag and LLaVA's short-answer suffix removed
+        (`otprune.methods.cdpruner.prompt_instruction`), as `otprune.hf` reads it."""
+        from otprune.methods.cdpruner import prompt_instruction
+
+        image_token_id = int(self.info.get_hf_config().image_token_index)
+        ids = [int(t) for t in prompt]
+        start = max((i + 1 for i, t in enumerate(ids) if t == image_token_id), default=0)
+        return prompt_instruction(self.info.get_tokenizer().decode(ids[start:], skip_special_tokens=True))
 
     def _get_mm_hashes(self, inputs):
         """vLLM's item hashes (keys of the processor cache, the encoder cache and the prefix-cache
         blocks) over the request's kwargs plus `HASH_KEY`: this request's `pruning_identity`, which
         holds the engine's defaults too (vLLM hashes only the request's kwargs)."""
         engine = self.info.otprune_engine_config()
-        identity = pruning_identity(engine, inputs.hf_processor_mm_kwargs.get(REQUEST_KEY))
-        kwargs = {**inputs.hf_processor_mm_kwargs, HASH_KEY: identity}
+        given = inputs.hf_processor_mm_kwargs
+        identity = pruning_identity(engine, given.get(REQUEST_KEY), given.get(INSTRUCTION_KEY))
+        kwargs = {**given, HASH_KEY: identity}
         return super()._get_mm_hashes(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs))
 
     def apply(self, inputs, *args, **kwargs):
         """vLLM's processing, then (when a stats listener is installed, e.g. lmms-eval's `--model vllm`
-        through `otprune.eval`) this request's `SampleStats`: T and K per image, its text tokens."""
+        through `otprune.eval`) this request's `SampleStats`: T and K per image, its text tokens.
+        CDPruner, when the request prunes: its instruction (`otprune_instruction`) joins its processor
+        kwargs first, so that vLLM's item hashes and `_get_mm_hashes` cover it and the processor
+        hands its CLIP ids to the model."""
+        engine = self.info.otprune_engine_config()
+        given = inputs.hf_processor_mm_kwargs
+        if instructed(engine) and request_ratio(engine, given.get(REQUEST_KEY)) < 1.0:
+            instruction = self.otprune_instruction(inputs.prompt)
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs={**given, INSTRUCTION_KEY: instruction})
         result = super().apply(inputs, *args, **kwargs)
         if sample_stats.listening():
             self.otprune_emit(inputs, result)
@@ -139,6 +186,8 @@ class PruneProcessorMixin:
 
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields[FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        if INSTRUCTION_FIELD in hf_inputs:
+            fields[INSTRUCTION_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs):
@@ -195,9 +244,12 @@ class PruneModelMixin:
     def otprune_setup(self) -> None:
         self.otprune_config = engine_config()  # raises for in-LLM pruning: the engine does not start
         announce(self, self.otprune_config, type(self).__name__)
+        if self.otprune_config.enabled and instructed(self.otprune_config):
+            self.otprune_clip_side()  # CDPruner: the CLIP text side loads with the model, not at the first request
 
     def embed_multimodal(self, **kwargs: object):
         counts = kwargs.pop(FIELD, None)
+        instruction = kwargs.pop(INSTRUCTION_FIELD, None)
         if counts is not None:
             if isinstance(counts, Tensor):
                 counts = counts.reshape(-1, 2).tolist()
@@ -205,20 +257,83 @@ class PruneModelMixin:
                 counts = [[int(v) for v in torch.as_tensor(c).reshape(2)] for c in counts]
             if getattr(self, "otprune_tower_merge", False):  # VisionZip: merged inside the tower (_tower.py)
                 return self.otprune_embed_merged(counts, kwargs)
-        embeds = super().embed_multimodal(**kwargs)
+        if instruction is not None:  # CDPruner: the tower's selected patches, seen by the projector
+            from otprune.methods.prumerge import capture_inputs
+
+            with capture_inputs(self.multi_modal_projector) as seen:
+                embeds = super().embed_multimodal(**kwargs)
+        else:
+            embeds = super().embed_multimodal(**kwargs)
         if counts is None or len(embeds) == 0:
             return embeds
         if len(counts) != len(embeds):
             raise AssertionError(f"otprune: {len(embeds)} images embedded but {len(counts)} token counts")
-        return [self.otprune_prune(rows, total, keep) for rows, (total, keep) in zip(embeds, counts, strict=True)]
+        relevance = [None] * len(embeds)
+        if instruction is None and instructed(self.otprune_config) and any(keep < total for total, keep in counts):
+            raise AssertionError(  # never CDPruner without its relevance (the unconditional DPP) silently
+                f"otprune: BASELINE={self.otprune_config.method.upper()} prunes images whose request carries no "
+                f"instruction ({INSTRUCTION_FIELD} missing): the processor did not read the prompt"
+            )
+        if instruction is not None:
+            relevance = self.otprune_relevance(seen, instruction, [total for total, _ in counts], kwargs)
+        return [self.otprune_prune(rows, total, keep, r) for rows, (total, keep), r in zip(embeds, counts, relevance, strict=True)]
 
-    def otprune_prune(self, rows: Tensor, total: int, keep: int) -> Tensor:
-        kept = self.otprune_select(rows, total, keep)
+    def otprune_relevance(self, seen: list[Tensor], instruction, totals: list[int], kwargs: Mapping[str, object]) -> list[Tensor]:
+        """CDPruner: per image, (T,) the relevance of its tokens to its instruction (`instruction`: per
+        image its CLIP ids (L,), a (images, L) tensor or a list). Each image's CLIP patches (the
+        projector's inputs `seen`, `otprune_patches`) are scored with the CLIP text side of
+        `CDPRUNER_CLIP` (`otprune.hf.clip_text`; the vision tower vLLM builds has no
+        `post_layernorm`: the checkpoint's is used), min-max normalised over all the image's crops,
+        laid out like its tokens (`otprune_relevance_layout`), then weighted by theta."""
+        from otprune.methods.cdpruner import relevance_scores, weighted_relevance
+
+        patches = self.otprune_patches(seen, totals, kwargs)  # per image (P_i, N, C)
+        ids = list(instruction.unbind(0)) if isinstance(instruction, Tensor) else [torch.as_tensor(i) for i in instruction]
+        if len(ids) != len(totals) or len(patches) != len(totals):
+            raise AssertionError(f"otprune: {len(ids)} instructions and {len(patches)} patch sets for {len(totals)} images")
+        side = self.otprune_clip_side()
+        embedded: dict[tuple[int, ...], Tensor] = {}
+        per_crop = []
+        for image_patches, image_ids in zip(patches, ids, strict=True):
+            key = tuple(int(t) for t in image_ids.reshape(-1))
+            if key not in embedded:
+                embedded[key] = side.embed_ids(image_ids)
+            scores = relevance_scores(side.joint_embeds(image_patches).flatten(0, 1), embedded[key])
+            per_crop.append(scores.view(image_patches.shape[:2]))
+        laid = self.otprune_relevance_layout(per_crop, kwargs)
+        if [r.shape[0] for r in laid] != list(totals):
+            raise AssertionError(f"otprune: relevances {[r.shape[0] for r in laid]} for images of {totals} tokens")
+        return [weighted_relevance(r, float(self.otprune_config.theta)) for r in laid]
+
+    def otprune_patches(self, seen: list[Tensor], totals: list[int], kwargs: Mapping[str, object]) -> list[Tensor]:
+        """CDPruner: per image, its crops' CLIP patches (P_i, N, C) from the projector's inputs `seen`
+        (LLaVA-1.5: one crop of T rows per image)."""
+        return [p[None] for p in torch.cat([p.reshape(-1, p.shape[-1]) for p in seen]).split(totals)]
+
+    def otprune_relevance_layout(self, per_crop: list[Tensor], kwargs: Mapping[str, object]) -> list[Tensor]:
+        """CDPruner: per image, its crops' patch values (P_i, N) laid out like its tokens (T_i,)."""
+        return [r.flatten() for r in per_crop]
+
+    def otprune_clip_side(self):
+        """The CLIP text side of `CDPRUNER_CLIP`, loaded once on the model's device (`ClipTextSide.load`)."""
+        side = getattr(self, "_otprune_clip_side", None)
+        if side is None:
+            from otprune.config import cdpruner_clip
+            from otprune.hf.clip_text import ClipTextSide
+
+            param = next(self.multi_modal_projector.parameters())
+            side = self._otprune_clip_side = ClipTextSide.load(cdpruner_clip(), dtype=param.dtype, device=param.device)
+        return side
+
+    def otprune_prune(self, rows: Tensor, total: int, keep: int, relevance: Tensor | None = None) -> Tensor:
+        kept = self.otprune_select(rows, total, keep, relevance=relevance)
         return rows if kept is None else rows[kept]
 
-    def otprune_select(self, rows: Tensor, total: int, keep: int, features: Tensor | None = None) -> Tensor | None:
+    def otprune_select(self, rows: Tensor, total: int, keep: int, features: Tensor | None = None,
+                       relevance: Tensor | None = None) -> Tensor | None:
         """The (K,) indices of `rows`: (T, D) to keep (None when K == T: nothing is selected).
-        `features`: (T, D') what the selection sees, `rows` by default (e.g. Qwen3-VL's main columns)."""
+        `features`: (T, D') what the selection sees, `rows` by default (e.g. Qwen3-VL's main columns).
+        `relevance`: (T,) CDPruner's relevance of each row to the instruction."""
         if rows.shape[0] != total:
             raise AssertionError(
                 f"otprune: the vision tower gave {rows.shape[0]} rows for an image the processor counted {total} "
@@ -228,7 +343,8 @@ class PruneModelMixin:
             return None
         config = self.otprune_config
         features = rows if features is None else features
-        kept = otprune.select_tokens(features, keep, config.method, order=config.order, **self.otprune_params())
+        extra = {} if relevance is None else {"relevance": relevance[None]}
+        kept = otprune.select_tokens(features, keep, config.method, order=config.order, **self.otprune_params(), **extra)
         if kept.shape[0] != keep:  # more rows than placeholders would be truncated silently by vLLM
             raise AssertionError(f"otprune: kept {kept.shape[0]} rows for {keep} placeholders")
         if self.otprune_record is not None:

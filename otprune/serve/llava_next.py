@@ -10,6 +10,8 @@ Registered by `otprune.serve.register()`; imports vLLM.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (
@@ -84,3 +86,29 @@ class OTPruneLlavaNextForConditionalGeneration(TowerMergeMixin, PruneModelMixin,
             self.otprune_note(rows, sources, total, keep)
             out.append(rows)
         return out
+
+    def _otprune_sizes(self, kwargs) -> list[torch.Tensor]:
+        sizes = kwargs.get("image_sizes")
+        if sizes is None:
+            raise AssertionError("otprune: CDPruner on LLaVA-NeXT needs each image's size (image_sizes)")
+        return [torch.as_tensor(size).reshape(2) for size in sizes]
+
+    def otprune_patches(self, seen, totals, kwargs):
+        """Each image's real crops (the base image and its grid; vLLM may pad the crop dimension)."""
+        crops = anyres_crops(self.config, [size.tolist() for size in self._otprune_sizes(kwargs)])
+        rows = torch.cat(seen)  # (crops in the call, N, C)
+        if rows.shape[0] == sum(crops):
+            return list(rows.split(crops))
+        if rows.shape[0] % len(crops):
+            raise AssertionError(f"otprune: {rows.shape[0]} crops in the call for images of {crops} crops")
+        per_image = rows.view(len(crops), -1, *rows.shape[1:])  # padded to the same crop count
+        return [image[:n] for image, n in zip(per_image, crops, strict=True)]
+
+    def otprune_relevance_layout(self, per_crop, kwargs):
+        """vLLM's own anyres merge (`_merge_image_patch_embeddings`: base crop, unpadded grid) of the
+        per-patch values, run with 1 in the place of `image_newline` (a stand-in object carrying the
+        config and that value)."""
+        stand_in = SimpleNamespace(config=self.config, image_newline=per_crop[0].new_ones(1))
+        merge = LlavaNextForConditionalGeneration._merge_image_patch_embeddings
+        return [merge(stand_in, size, r[..., None], strategy="spatial_unpad")[:, 0]
+                for size, r in zip(self._otprune_sizes(kwargs), per_crop, strict=True)]  # fmt: skip

@@ -26,7 +26,7 @@ import subprocess
 import sys
 
 CLEARED = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER",
-           "FITPRUNE_RECIPE", "OTPRUNE_RECORDS")
+           "FITPRUNE_RECIPE", "OTPRUNE_RECORDS", "CDPRUNER_CLIP", "CDPRUNER_THETA")
 
 
 def side_by_side(jobs: dict, timeout: float) -> dict:

@@ -66,8 +66,8 @@ def test_visionzip_matches_the_oracle(_hf_models, family):
 
 def test_refusals(_hf_models):
     tiny = _hf_models("llava")
-    with pytest.raises(ValueError, match="CDPRUNER.*CLIP text"):
-        hf.apply(tiny.model, PruneConfig(method="cdpruner", layer=0, ratio=0.25))
+    with pytest.raises(ValueError, match="CDPRUNER.*CLIP text"):  # LLaVA-1.5 / 1.6 run it: tests/hf/test_hf_cdpruner.py
+        hf.apply(_hf_models("onevision").model, PruneConfig(method="cdpruner", layer=0, ratio=0.25))
     with pytest.raises(ValueError, match="DART: prunes inside the LLM"):
         hf.apply(tiny.model, PruneConfig(method="dart", ratio=0.25))
     qwen = _hf_models("qwen2_5_vl")

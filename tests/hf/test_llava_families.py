@@ -258,7 +258,7 @@ def test_labels_unpruned_loss_at_ratio_one(hf_llava):
 
 def test_kept_count_per_image_for_every_method(hf_llava):
     inputs = make_inputs(hf_llava, SAMPLES)
-    for method in [m for m in otprune.METHODS if not getattr(otprune.METHODS[m], "needs_instruction", False)]:  # CDPruner: refused
+    for method in [m for m in otprune.METHODS if not getattr(otprune.METHODS[m], "needs_instruction", False)]:  # CDPruner: test_hf_cdpruner.py
         for ratio in (0.1, 0.5, 1.0):
             adapter = hf.apply(hf_llava.model, PruneConfig(method=method, layer=0, ratio=ratio))
             logits(hf_llava, inputs)

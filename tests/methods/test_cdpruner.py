@@ -106,3 +106,15 @@ def test_switches():
 
 def test_instruction_drops_the_short_answer_suffix():
     assert instruction_text("What is it?\nAnswer the question using a single word or phrase.") == "What is it?"
+
+
+@pytest.mark.parametrize("tail, expected", [
+    ("\nWhat is this? ASSISTANT:", "What is this?"),
+    ("\nWhat is this?\nAnswer the question using a single word or phrase. ASSISTANT: A cat", "What is this?"),  # loglikelihood
+    ("\nDescribe it. [/INST]", "Describe it."),
+    ("  no tag at all  ", "no tag at all"),
+])
+def test_prompt_instruction_is_the_question_before_the_assistant_turn(tail, expected):
+    from otprune.methods.cdpruner import prompt_instruction
+
+    assert prompt_instruction(tail) == expected

@@ -20,7 +20,8 @@ import pytest
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 SKIP_REASON = "the vLLM plugin tests run in the serve venv (make test-serve)"
-SWITCHES = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE")
+SWITCHES = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_ORDER", "FITPRUNE_RECIPE",
+            "CDPRUNER_CLIP", "CDPRUNER_THETA")
 if HAVE_VLLM:  # only in the serve venv: the main suite's environment is left alone
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -162,9 +163,11 @@ def ratio_cases(prompt: str, prompt2: str, ratio: float, other: str = "other") -
     }
 
 
-def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None, method: str = "otprune"):
+def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None, method: str = "otprune",
+                 clip: str | None = None):
     """(prompt length after pruning, greedy tokens, first-step log-probs) from `otprune.hf` on
-    transformers' `model_class` loaded from `path` (fp32), pruned by `method`; unpruned at ratio None or 1."""
+    transformers' `model_class` loaded from `path` (fp32); unpruned at ratio None or 1. `clip`: the
+    CLIP checkpoint of CDPruner's text side (`method="cdpruner"`)."""
     import torch
     import transformers
 
@@ -181,6 +184,7 @@ def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: 
             length = inputs["input_ids"].shape[1]
         else:
             with hf.pruning(model, otprune.PruneConfig(method=method, layer=0, ratio=ratio)) as adapter:
+                adapter.clip_checkpoint = clip
                 out = model.generate(**inputs, **options)
                 length = adapter.last_stats[0]["seq_len_after"]
     tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()

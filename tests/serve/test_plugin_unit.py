@@ -88,8 +88,8 @@ class _Model:
     def prune(self, rows, total, keep):
         return self.mixin.otprune_prune(self, rows, total, keep)
 
-    def otprune_select(self, *args):
-        return self.mixin.otprune_select(self, *args)
+    def otprune_select(self, *args, **kwargs):
+        return self.mixin.otprune_select(self, *args, **kwargs)
 
     def otprune_params(self):
         return self.mixin.otprune_params(self)

@@ -10,7 +10,7 @@ from otprune import serve  # noqa: E402
 
 
 @pytest.mark.parametrize("method, why", [("PRUMERGE", "merges tokens inside the vision tower"),
-                                         ("CDPRUNER", "instruction with the CLIP text tower"),
+                                         ("CDPRUNER", "set CDPRUNER_CLIP"),  # with it: test_serve_cdpruner.py
                                          ("DART", "before the LLM only")])
 def test_baselines_the_plugin_cannot_run_are_refused(method, why):
     with pytest.raises(ValueError, match=why):

@@ -289,13 +289,16 @@ class LlavaMetaForCausalLM(ABC):
         params = list(projector.parameters())
         return projector(features.to(params[0].dtype if params else features.dtype))
 
-    def image_features(self, images, image_sizes=None, *, encoded: Tensor | None = None) -> list[Tensor]:
+    def image_features(self, images, image_sizes=None, *, encoded: Tensor | None = None,
+                       newline: Tensor | None = None) -> list[Tensor]:
         """The visual tokens of every image: a list of (T_i, D), in batch order.
 
         `images` is (N, 3, S, S) (one crop per image), or (N, P, 3, S, S) / a list of
         (P_i, 3, S, S) for LLaVA-1.6 anyres crops, which are laid out according to
         `mm_patch_merge_type` ("flat" or "spatial[_unpad]"). `encoded`: the crops' projected
-        tokens (P, T, D) when already computed.
+        tokens (P, T, D) when already computed; with `newline`: (D,) any per-token values of the
+        crops (e.g. CDPruner's relevance, D = 1) laid out the same way, `newline` in the places of
+        `image_newline`.
         """
         config = self.config
         crops, counts = self._crops(images)
@@ -310,11 +313,12 @@ class LlavaMetaForCausalLM(ABC):
         if not merge.startswith("spatial"):
             raise ValueError(f"mm_patch_merge_type={merge!r}: must be 'flat', 'spatial' or 'spatial_unpad'")
         sizes = _image_sizes(image_sizes, len(counts)) if any(n > 1 for n in counts) else None
-        return [self._spatial_features(x, sizes[i] if sizes else None, merge, i) for i, x in enumerate(encoded)]
+        return [self._spatial_features(x, sizes[i] if sizes else None, merge, i, newline) for i, x in enumerate(encoded)]
 
-    def _spatial_features(self, features: Tensor, image_size, merge: str, index: int) -> Tensor:
-        """(P, T, D) crops of one image -> (T', D): base crop, then the grid (unpadded, with newlines)."""
-        newline = getattr(self.get_model(), "image_newline", None)
+    def _spatial_features(self, features: Tensor, image_size, merge: str, index: int, newline: Tensor | None = None) -> Tensor:
+        """(P, T, D) crops of one image -> (T', D): base crop, then the grid (unpadded, with newlines:
+        `newline`, default the model's `image_newline`)."""
+        newline = getattr(self.get_model(), "image_newline", None) if newline is None else newline
         unpad = "unpad" in merge
         if unpad and newline is None:
             raise ValueError(f"mm_patch_merge_type={merge!r} needs the model's image_newline parameter")
@@ -423,7 +427,7 @@ class LlavaMetaForCausalLM(ABC):
         """Per image (prompt order across the batch), its sample's instruction for CDPruner: given by
         `set_instructions`, else the prompt's text after its last image, decoded, without the chat
         template's trailing assistant tag and LLaVA's short-answer suffix."""
-        from otprune.methods.cdpruner import instruction_text
+        from otprune.methods.cdpruner import instruction_text, prompt_instruction
 
         given = getattr(self, "_instructions", None)
         if given is not None:
@@ -441,32 +445,30 @@ class LlavaMetaForCausalLM(ABC):
             for b in range(plan.batch):
                 ids = input_ids[b, plan.valid[b].to(input_ids.device)]
                 tail = ids[plan.placeholders[b][-1] + 1:] if plan.placeholders[b] else ids
-                text = tokenizer.decode(tail.tolist(), skip_special_tokens=True).strip()
-                for tag in ASSISTANT_TAGS:
-                    if text.endswith(tag):
-                        text = text[: -len(tag)].rstrip()
-                        break
-                texts.append(text)
+                texts.append(prompt_instruction(tokenizer.decode(tail.tolist(), skip_special_tokens=True)))
         return [instruction_text(texts[b]) for b in range(plan.batch) for _ in plan.placeholders[b]]
 
     def instructed_image_features(self, images, image_sizes, texts: list[str], theta: float) -> tuple[list[Tensor], list[Tensor]]:
         """The visual tokens of every image (as `image_features`) and CDPruner's relevance of each
         token to its image's instruction (`otprune.methods.cdpruner.relevance_scores`), from one
-        tower forward. One crop per image (LLaVA-1.5); anyres images are refused."""
-        from otprune.methods.cdpruner import relevance_scores
+        tower forward. LLaVA-1.6 (anyres): each image's relevance is min-max normalised over all its
+        crops at once, then laid out like its tokens (base crop, unpadded grid), each `image_newline`
+        token with relevance 1 (see the "Differences" of `otprune.methods.cdpruner`)."""
+        from otprune.methods.cdpruner import relevance_scores, weighted_relevance
 
         crops, counts = self._crops(images)
-        if counts is not None and any(c > 1 for c in counts):
-            raise ValueError(
-                "BASELINE=CDPRUNER: LLaVA-1.6 anyres images (several crops per image) are not supported yet: the "
-                "relevance is per CLIP patch, the selection runs on the laid-out token set; use a LLaVA-1.5 checkpoint"
-            )
+        counts_or_one = counts or [1] * crops.shape[0]
         tower = self.get_vision_tower()
         patches = tower(crops)  # (P, N, C)
         features = self.image_features(images, image_sizes, encoded=self._project(patches))
         embeds = tower.joint_embeds(patches)  # (P, N, C')
-        relevance = [relevance_scores(embeds[i], tower.text_embeds(text), theta) for i, text in enumerate(texts)]
-        return features, relevance
+        starts = [sum(counts_or_one[:i]) for i in range(len(counts_or_one))]
+        per_crop = torch.cat([  # (P, N): each image's crops normalised together, before theta
+            relevance_scores(embeds[s:s + p].flatten(0, 1), tower.text_embeds(text)).view(p, -1)
+            for s, p, text in zip(starts, counts_or_one, texts, strict=True)
+        ])
+        laid = self.image_features(images, image_sizes, encoded=per_crop[..., None], newline=per_crop.new_ones(1))
+        return features, [weighted_relevance(r[:, 0], theta) for r in laid]
 
     def select_visual_tokens(self, features: list[Tensor], config: PruneConfig,
                              budgets: list[int] | None = None,
@@ -649,11 +651,6 @@ class LlavaMetaForCausalLM(ABC):
         if self._pending_stats.prefill_clock is None:
             self.flush_pruning_stats()
         return None, new_positions, new_mask, past_key_values, inputs_embeds, new_labels
-
-
-# the assistant's tag that ends a chat prompt (vicuna_v1 / llava_v1, llama_2 / mistral, chatml), removed from
-# CDPruner's instruction
-ASSISTANT_TAGS = ("ASSISTANT:", "Assistant:", "[/INST]", "<|im_start|>assistant")
 
 
 def _exact_w2(features: Tensor, kept: Tensor) -> float:

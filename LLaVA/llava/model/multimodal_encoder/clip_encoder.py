@@ -129,57 +129,29 @@ class CLIPVisionTower(nn.Module):
         """CDPruner's instruction relevance needs the CLIP text tower paired with this vision tower:
         `CLIPTextModelWithProjection`, its tokenizer and the vision side's `visual_projection`, all
         from the checkpoint `mm_vision_tower` names (a full CLIP checkpoint, as openai/clip-vit-large-
-        patch14-336). Loaded once, on this tower's device and dtype; ValueError when it has no text side."""
+        patch14-336; `otprune.hf.clip_text.ClipTextSide`). Loaded once, on this tower's device (the
+        text tower and the projection in fp32, as the official code); ValueError when it has no text side."""
         if getattr(self, "_text_side", None) is not None:
             return
-        from transformers import (
-            AutoConfig,
-            CLIPTextModelWithProjection,
-            CLIPTokenizer,
-            CLIPVisionModelWithProjection,
-        )
+        from otprune.hf.clip_text import ClipTextSide
 
-        name = self.vision_tower_name
-        kind = getattr(AutoConfig.from_pretrained(name), "model_type", None)
-        if kind != "clip":
-            raise ValueError(
-                f"BASELINE=CDPRUNER: scores each patch against the instruction with the CLIP text tower paired with the "
-                f"vision tower, but mm_vision_tower={name!r} is a {kind!r} checkpoint without one; point mm_vision_tower "
-                "at the full CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336) or pick another method"
-            )
-        loaded = {}
-        for key, cls in (("text", CLIPTextModelWithProjection), ("vision", CLIPVisionModelWithProjection)):
-            model, info = cls.from_pretrained(name, dtype=self.dtype, output_loading_info=True)
-            missing = [k for k in info["missing_keys"] if key == "text" or "visual_projection" in k]
-            if missing:
-                raise ValueError(f"BASELINE=CDPRUNER: mm_vision_tower={name!r} lacks the CLIP {key} weights {missing[:3]}")
-            loaded[key] = model.to(self.device).requires_grad_(False)
-        # a plain dict: not submodules of the tower (its state dict and checkpoint stay the model's own)
-        self._text_side = {"text": loaded["text"], "projection": loaded["vision"].visual_projection.float(),
-                           "tokenizer": CLIPTokenizer.from_pretrained(name)}
+        # not a submodule of the tower (its state dict and checkpoint stay the model's own)
+        self.__dict__["_text_side"] = ClipTextSide.load(self.vision_tower_name, dtype=self.dtype, device=self.device,
+                                                        what="mm_vision_tower")
 
-    @torch.no_grad()
     def text_embeds(self, text: str) -> Tensor:
         """(M, C) the instruction's CLIP text embeddings, one per segment of the tower's context
         length (77): the token ids zero padded to a multiple of it, then cut into rows (CDPruner's way)."""
         self.load_text_tower()
-        text_tower = self._text_side["text"]
-        ctx = int(text_tower.config.max_position_embeddings)
-        enc = self._text_side["tokenizer"](text=[text], return_tensors="pt")
-        pad = -enc["input_ids"].shape[1] % ctx
-        rows = {k: torch.cat([v, v.new_zeros(v.shape[0], pad)], dim=1).reshape(-1, ctx).to(self.device)
-                for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        return text_tower(**rows).text_embeds
+        return self._text_side.text_embeds(text)
 
-    @torch.no_grad()
     def joint_embeds(self, patches: Tensor) -> Tensor:
         """patches: (P, N, C) the selected hidden state's patches -> (P, N, C') in CLIP's joint space
         (`post_layernorm`, then `visual_projection`, in fp32 as CDPruner does)."""
+        from otprune.hf.clip_text import post_layernorm
+
         self.load_text_tower()
-        clip = self.vision_tower
-        post = clip.post_layernorm if hasattr(clip, "post_layernorm") else clip.vision_model.post_layernorm
-        normed = post(patches.to(self.dtype))
-        return self._text_side["projection"](normed.float())
+        return self._text_side.joint_embeds(patches, post_layernorm(self.vision_tower))
 
     @property
     def dummy_feature(self) -> Tensor:
