@@ -235,7 +235,7 @@ def split_lmms_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
 
 def pruning_identity(environ: Mapping[str, str]) -> tuple[str | None, tuple, str | None]:
     """(method, settings, distance) of the switches in `environ`, parsed by the code the model runs."""
-    from otprune.config import PruneConfig, distance_kind
+    from otprune.config import PruneConfig, cdpruner_clip, distance_kind
     from otprune.eval.records import result_settings
 
     config = PruneConfig.from_env(environ)
@@ -249,6 +249,8 @@ def pruning_identity(environ: Mapping[str, str]) -> tuple[str | None, tuple, str
             settings["recipe"] = "sha256:" + hashlib.sha256(Path(recipe).read_bytes()).hexdigest()
         except OSError as err:
             raise ValueError(f"FITPRUNE_RECIPE={recipe!r}: cannot read it ({err.strerror})") from None
+    if getattr(config.method_class(), "needs_instruction", False):  # CDPruner: whose CLIP text tower scores
+        settings["clip"] = cdpruner_clip(environ)  # (None: the model's own, our llava's mm_vision_tower)
     return method, tuple(sorted((k, _plain(v)) for k, v in settings.items())), distance_kind(environ)
 
 

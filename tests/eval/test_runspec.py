@@ -73,3 +73,17 @@ def test_model_identity_and_arguments(tmp_path):
     assert model_identity(str(tmp_path)) == f"local:{tmp_path.resolve()}"
     assert parse_model_args("pretrained=a,device=cpu,,x=1") == {"pretrained": "a", "device": "cpu", "x": "1"}
     assert split_lmms_args(["--tasks=gqa", "--verbosity", "DEBUG", "--seed", "3"]) == ({"--tasks": "gqa"}, ["--seed", "3"])
+
+
+def test_cdpruner_runs_with_another_clip_text_tower_are_other_runs():
+    """CDPruner's kept tokens depend on the CLIP text tower that scores the instruction (`CDPRUNER_CLIP`):
+    it is part of the run's identity (folder and row), and only for the method that reads it."""
+    argv = ["--model", "llava_hf", "--model_args", "pretrained=llava-hf/llava-1.5-7b-hf", "--tasks", "gqa"]
+    env = {"BASELINE": "CDPRUNER", "LAYER_INDEX": "0", "SUBSET_RATIO": "0.098"}
+    versions = {"lmms-eval": "0.7.3"}
+    a = RunSpec.from_command(argv, {**env, "CDPRUNER_CLIP": "openai/clip-vit-large-patch14-336"}, versions)
+    b = RunSpec.from_command(argv, {**env, "CDPRUNER_CLIP": "/local/other-clip"}, versions)
+    assert dict(a.settings)["clip"] == "openai/clip-vit-large-patch14-336"
+    assert a.folder() != b.folder() and a.row_key != b.row_key
+    ours = {**env, "BASELINE": "OURS"}
+    assert RunSpec.from_command(argv, {**ours, "CDPRUNER_CLIP": "x"}, versions) == RunSpec.from_command(argv, ours, versions)
