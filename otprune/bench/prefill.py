@@ -291,7 +291,8 @@ def random_weights(model: nn.Module, seed: int = 0, std: float = INIT_STD) -> No
             param.uniform_(-bound, bound, generator=generator)
 
 
-def _build_model(family: str, config) -> nn.Module:
+def random_model(family: str, config) -> nn.Module:
+    """transformers' model of `family` for `config`, random weights (`random_weights`), fp32, eval."""
     cls = FAMILIES[family].load_model_class()
     with _no_init():
         model = cls(config)
@@ -350,7 +351,7 @@ class Parts:
     video_prompt: str | None = None
 
 
-def _llava_parts(family: str, size: LLMSize, layers: int) -> Parts:
+def _llava_parts(family: str, size: LLMSize, layers: int, videos: bool = True) -> Parts:
     import transformers
     from transformers import CLIPVisionConfig
 
@@ -390,7 +391,7 @@ def _llava_parts(family: str, size: LLMSize, layers: int) -> Parts:
     return Parts(config, processor, f"USER: <image>\n{QUESTION} ASSISTANT:")
 
 
-def _onevision_parts(family: str, size: LLMSize, layers: int) -> Parts:
+def _onevision_parts(family: str, size: LLMSize, layers: int, videos: bool = True) -> Parts:
     import transformers
 
     from otprune.hf.tiny import QWEN_TEMPLATE, build_tokenizer
@@ -501,7 +502,7 @@ def _qwen_parts(family: str, size: LLMSize, layers: int, videos: bool = True) ->
     return Parts(config, processor, _qwen_prompt("<|image_pad|>"), _qwen_prompt("<|video_pad|>"))
 
 
-def _internvl_parts(family: str, size: LLMSize, layers: int) -> Parts:
+def _internvl_parts(family: str, size: LLMSize, layers: int, videos: bool = True) -> Parts:
     """InternVL3 / 3.5 (HF format): 448 px tiles (up to 12 + a thumbnail), InternViT-like tower with
     14 px patches, pixel shuffle 0.5 (256 tokens per tile), a Qwen2.5 (InternVL3) or Qwen3 (InternVL3.5) LLM."""
     import transformers
@@ -515,7 +516,8 @@ def _internvl_parts(family: str, size: LLMSize, layers: int) -> Parts:
         size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1, max_patches=12
     )
     processor = transformers.InternVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=transformers.InternVLVideoProcessor(),
+        image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=transformers.InternVLVideoProcessor() if videos else None,
         image_seq_length=(tile // _PATCH // 2) ** 2, chat_template=tiny.CHAT_TEMPLATE,
     )  # fmt: skip
     vision = transformers.InternVLVisionConfig(
@@ -530,7 +532,7 @@ def _internvl_parts(family: str, size: LLMSize, layers: int) -> Parts:
     return Parts(config, processor, f"<|im_start|>user\n<IMG_CONTEXT>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def _gemma3_parts(family: str, size: LLMSize, layers: int) -> Parts:
+def _gemma3_parts(family: str, size: LLMSize, layers: int, videos: bool = True) -> Parts:
     """Gemma 3: a SigLIP-like tower on 896 px images (14 px patches, 64 x 64, average-pooled 4 x 4 to
     256 tokens), Gemma 3's LLM (sliding-window layers 5 of every 6, window 1024; the image tokens
     attend to each other both ways)."""
@@ -559,7 +561,8 @@ def _gemma3_parts(family: str, size: LLMSize, layers: int) -> Parts:
     return Parts(config, processor, f"<bos><start_of_turn>user\n<start_of_image>{QUESTION}<end_of_turn>\n<start_of_turn>model\n")
 
 
-# family -> (family, size, layers) -> Parts. A new family is one more entry (and its DEFAULT_MEDIA).
+# family -> (family, size, layers, videos) -> Parts. A new family is one more entry (and its DEFAULT_MEDIA).
+# `videos=False`: no processor that needs torchvision (vLLM's venv; images only).
 PARTS: dict[str, Callable[..., Parts]] = {
     "llava": _llava_parts,
     "llava_next": _llava_parts,
@@ -571,12 +574,12 @@ PARTS: dict[str, Callable[..., Parts]] = {
 }
 
 
-def parts(family: str, size: LLMSize, layers: int) -> Parts:
+def parts(family: str, size: LLMSize, layers: int, videos: bool = True) -> Parts:
     """`family`'s config (at `size`, `layers` decoder layers, a tiny tower with the real patch grid),
-    processor and prompts."""
+    processor and prompts (`videos=False`: a processor for images only, no torchvision needed)."""
     if family not in PARTS:
         raise _unbenched(family)
-    return PARTS[family](family, size, layers)
+    return PARTS[family](family, size, layers, videos=videos)
 
 
 def processor_inputs(family: str, part: Parts, media: Media) -> dict:
@@ -598,7 +601,7 @@ def build(family: str, size: LLMSize, layers: int, media: Media | None = None):
     (or video: `media`; default the family's first `DEFAULT_MEDIA`)."""
     part = parts(family, size, layers)
     inputs = processor_inputs(family, part, media or DEFAULT_MEDIA[family][0])
-    return _build_model(family, part.config), inputs
+    return random_model(family, part.config), inputs
 
 
 # -------------------------------------------------------------------- timing

@@ -35,18 +35,22 @@ def _register_serve(what) -> None:
         "serve",
         help="vLLM offline throughput and time to first token, unpruned vs pruned (serve venv)",
         description=(
-            "One vLLM engine with the otprune plugin on a random LLaVA-1.5-geometry checkpoint (336 px CLIP tower, "
-            "576 tokens per image): requests/s and time to first token unpruned (otprune_ratio 1.0) vs pruned "
-            "(--ratio), interleaved in the same engine, beside the ratio the FLOPs formula predicts. "
-            "Needs the serve extra (make serve-venv)."
+            "One vLLM engine with the otprune plugin on a random checkpoint of --family: llava (LLaVA-1.5 geometry, "
+            "336 px CLIP tower, 576 tokens per image, a small LLM by default), qwen2_5_vl (448 px image, 256 tokens) "
+            "or qwen3_vl (448 px, 196 tokens) at their real 7B / 8B LLM sizes by default with --layers decoder layers; "
+            "families whose architecture the plugin does not prune are refused. Requests/s and time to first token "
+            "unpruned (otprune_ratio 1.0) vs pruned (--ratio), interleaved in the same engine, beside the ratio the "
+            "FLOPs formula predicts. Needs the serve extra (make serve-venv)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--family", default="llava", help="model family (one the vLLM plugin prunes)")
     parser.add_argument("--ratio", type=float, default=0.098, help="kept fraction of each image's tokens")
-    parser.add_argument("--width", type=int, default=1024, help="LLM hidden size d")
-    parser.add_argument("--intermediate", type=int, default=2816, help="LLM FFN size m")
-    parser.add_argument("--layers", type=int, default=4, help="LLM decoder layers")
-    parser.add_argument("--heads", type=int, default=16, help="LLM attention heads (head size >= 32)")
+    parser.add_argument("--width", type=int, default=None, help="LLM hidden size d (default: llava 1024, others the real model's)")
+    parser.add_argument("--intermediate", type=int, default=None, help="LLM FFN size m (default: llava 2816, others the real model's)")
+    parser.add_argument("--layers", type=int, default=None, help="LLM decoder layers (default: llava 4, others 2)")
+    parser.add_argument("--heads", type=int, default=None, help="LLM attention heads, head size >= 32 (default: llava 16, others the real model's)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="LLM key/value heads (default: llava heads / 2, others the real model's)")
     parser.add_argument("--requests", type=int, default=16, help="requests per throughput round")
     parser.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (throughput)")
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds per phase")
