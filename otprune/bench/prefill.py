@@ -321,9 +321,8 @@ def _text_config(family: str, size: LLMSize, layers: int, tokenizer) -> dict:
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "tie_word_embeddings": False,
+        "head_dim": size.head_dim,  # always written: Qwen3's and Gemma 3's configs default to 128 / 256
     }
-    if size.head_size:
-        config["head_dim"] = size.head_size
     return config
 
 
