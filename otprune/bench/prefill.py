@@ -4,8 +4,9 @@ For each model family of `otprune.hf` the benchmark builds transformers' own mod
 RANDOM weights, offline, at the real sizes of the LLM (hidden size d, FFN size m, attention and
 KV heads of the real model of that width) but only a few decoder layers, and a small vision
 tower that still gives the real number of visual tokens per image (its width is tiny, its patch
-grid is the real one). One prompt with one image is run through the whole model (vision tower,
-projector, selection, LLM, the last position's logits) unpruned and with
+grid is the real one). One prompt with one image (for Qwen2.5-VL and Qwen3-VL also one with an
+8-frame video: `DEFAULT_MEDIA`) is run through the whole model (vision tower, projector, selection,
+LLM, the last position's logits) unpruned and with
 `otprune.hf.apply(model, PruneConfig(method, layer=0, ratio))`, in paired runs after a warm-up;
 the medians are reported together with the time spent inside the LLM alone (forward hooks on
 the language model) and the ratio that the paper's FLOPs formula (`otprune.flops`, with the
@@ -15,7 +16,8 @@ Pruning at layer 0 gives every decoder layer the same n tokens, so the LLM-only 
 FLOPs ratio do not depend on how many layers are built; the whole-forward ratio does (the
 vision tower, the projector and the selection are fixed costs that a 32-layer model dilutes).
 The FLOPs formula is the paper's (full multi-head attention, a two-matrix FFN); the real LLMs
-have a gated three-matrix FFN and, for Qwen2, grouped KV heads, and a CPU runs the short pruned
+have a gated three-matrix FFN, grouped KV heads (Qwen2 / Qwen3, Gemma 3) and, for Qwen3 and Gemma 3,
+attention heads whose total width is not d, and a CPU runs the short pruned
 sequence's matrix products at a lower rate than the long one's: both show in the gap between
 the measured and the predicted ratio.
 
