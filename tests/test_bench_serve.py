@@ -86,3 +86,31 @@ def test_table_names_the_family_geometry_and_sizes():
     assert "Qwen3-VL geometry: 448 px image, 16 px patches, 2 x 2 merge, DeepStack -> 196 visual tokens per image, kept 19" in table
     assert "random LLM Qwen3-VL-8B sizes: d=4096, m=12288, 32 heads (8 KV), 2 layers" in table
     assert "| - LLM prefill, ms | 80 | 30 | 0.375 | 0.272 |" in table
+
+
+def test_timers_see_the_selection_of_every_family():
+    # The M-RoPE families call `otprune_select` from `embed_multimodal` (not `otprune_prune`): the
+    # selection timer wraps `otprune_select`, so it counts for them too, and the tower excludes it.
+    import time
+
+    class Model:
+        def embed_multimodal(self):
+            time.sleep(0.01)
+            return self.otprune_select()
+
+        def otprune_select(self):
+            time.sleep(0.02)
+            return "kept"
+
+        def otprune_prune(self):
+            return self.otprune_select()
+
+        def forward(self):
+            return None
+
+    model = Model()
+    bench_serve._install_timers(model)
+    assert model.embed_multimodal() == "kept"
+    parts = bench_serve._take_timings(model)
+    assert parts["select"] >= 20.0 and 10.0 <= parts["tower"] < parts["select"]
+    assert bench_serve._take_timings(model) == {"tower": 0.0, "select": 0.0, "prefill": 0.0}

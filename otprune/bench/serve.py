@@ -20,7 +20,8 @@ pruned, ...). Every request has its own random image (no encoder or prefix cache
   requests/s;
 - TTFT: single requests with 1 new token (prefill only, the whole request's latency is its time
   to first token): median over --ttft-repeats, split into
-  - selection: the plugin's `otprune_prune` (`otprune.select_tokens` on the projected rows);
+  - selection: the plugin's `otprune_select` (`otprune.select_tokens` on the projected rows; every
+    family's `embed_multimodal` calls it, the M-RoPE families directly, not through `otprune_prune`);
   - LLM prefill: the model's forward over the prompt's embeddings (the decoder layers; the
     multimodal embeddings are computed before it);
   - preprocessing + vision tower: the rest of the request's wall time (vLLM's front end and HF
@@ -194,7 +195,7 @@ PARTS = ("tower", "select", "prefill")  # measured per request: vision tower + p
 
 
 def _install_timers(model) -> None:
-    """Wrap the model's `embed_multimodal` (tower + projector + selection), `otprune_prune` (selection)
+    """Wrap the model's `embed_multimodal` (tower + projector + selection), `otprune_select` (selection)
     and `forward` (the LLM over the prompt) with wall-clock timers adding to `model.otprune_timings` (ms)."""
     import torch
 
@@ -217,7 +218,7 @@ def _install_timers(model) -> None:
         return wrapper
 
     model.embed_multimodal = timed("embed", model.embed_multimodal)
-    model.otprune_prune = timed("select", model.otprune_prune)
+    model.otprune_select = timed("select", model.otprune_select)
     model.forward = timed("prefill", model.forward)
     model.otprune_timings = timings
 
