@@ -234,10 +234,11 @@ def _take_timings(model) -> dict:
 
 def run(
     *, family: str = "llava", size=None, layers: int, ratio: float, requests: int, max_tokens: int, rounds: int,
-    ttft_repeats: int, progress: Callable[[str], None],
+    ttft_repeats: int, progress: Callable[[str], None], engine_options: dict | None = None,
 ) -> ServeResult:  # fmt: skip
     """One engine on `family`'s random checkpoint with the LLM of `size` (`serve_size`, default the
-    family's) and `layers` decoder layers: throughput and TTFT, unpruned vs pruned at `ratio`."""
+    family's) and `layers` decoder layers: throughput and TTFT, unpruned vs pruned at `ratio`.
+    `engine_options`: extra `vllm.LLM` arguments (tests: `enforce_eager=True`)."""
     entry = serve_family(family)  # refuses a family the plugin does not prune, before anything is written
     size = size or serve_size(entry)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -256,8 +257,9 @@ def run(
         progress("starting the vLLM engine")
         start = time.perf_counter()
         limits = {"image": 1} if entry.name == "llava" else {"image": 1, "video": 0}
-        llm = LLM(model=str(path), dtype="float32", max_model_len=4096, seed=0, enable_prefix_caching=False,
-                  mm_processor_cache_gb=0, limit_mm_per_prompt=limits)  # fmt: skip
+        options = dict(dtype="float32", max_model_len=4096, seed=0, enable_prefix_caching=False, mm_processor_cache_gb=0,
+                       limit_mm_per_prompt=limits)  # fmt: skip
+        llm = LLM(model=str(path), **{**options, **(engine_options or {})})
         start_s = time.perf_counter() - start
         try:
             seed = iter(range(10**6))
