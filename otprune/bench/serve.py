@@ -1,9 +1,17 @@
 """`otprune bench serve`: vLLM offline throughput and time to first token, unpruned vs pruned.
 
-One engine (the plugin's LLaVA-1.5 class, loaded through the installed entry point) on a
-random-weight LLaVA-1.5-geometry checkpoint written by `otprune.serve.tiny`: a CLIP tower at
-336 px / 14 px patches (576 tokens per image; a narrow 2-layer tower, the cost of interest is
-the LLM's), a Llama LLM of --width / --intermediate / --layers. Unpruned and pruned requests
+One engine (the plugin's class for the family's architecture, loaded through the installed entry
+point) on a random-weight checkpoint of the family (`SERVE_FAMILIES`, `--family`):
+- llava: LLaVA-1.5 geometry written by `otprune.serve.tiny`: a CLIP tower at 336 px / 14 px
+  patches (576 tokens per image; a narrow 2-layer tower, the cost of interest is the LLM's), a
+  Llama LLM of --width / --intermediate / --layers (default a small one: d = 1024);
+- qwen2_5_vl, qwen3_vl (and any family the plugin prunes that has an entry): the model
+  `otprune bench prefill` builds (`otprune.bench.prefill.parts`: the real LLM sizes of the
+  family's 7B / 8B model by default, --layers of its decoder layers, a tiny vision tower with the
+  real patch grid), saved with `save_pretrained`: Qwen2.5-VL 448 px -> 256 tokens, Qwen3-VL 448 px
+  -> 196 tokens per image. Images only: the plugin does not prune videos.
+A family whose architecture the plugin does not prune (`otprune.serve.PRUNED`) is refused by name
+before anything is written. Unpruned and pruned requests
 differ only in their `mm_processor_kwargs` (`otprune_ratio` 1.0 vs --ratio), so both run in the
 SAME engine and the ratios come from one run, phases interleaved (unpruned, pruned, unpruned,
 pruned, ...). Every request has its own random image (no encoder or prefix cache reuse).
@@ -12,7 +20,8 @@ pruned, ...). Every request has its own random image (no encoder or prefix cache
   requests/s;
 - TTFT: single requests with 1 new token (prefill only, the whole request's latency is its time
   to first token): median over --ttft-repeats, split into
-  - selection: the plugin's `otprune_prune` (`otprune.select_tokens` on the projected rows);
+  - selection: the plugin's `otprune_select` (`otprune.select_tokens` on the projected rows; every
+    family's `embed_multimodal` calls it, the M-RoPE families directly, not through `otprune_prune`);
   - LLM prefill: the model's forward over the prompt's embeddings (the decoder layers; the
     multimodal embeddings are computed before it);
   - preprocessing + vision tower: the rest of the request's wall time (vLLM's front end and HF
@@ -41,6 +50,118 @@ from collections.abc import Callable
 PROMPT = "USER: <image>\nDescribe the picture in detail. ASSISTANT:"
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeFamily:
+    """One family of `otprune bench serve --family`.
+
+    Attributes:
+        name: the `--family` name (a family of `otprune.hf.FAMILIES`).
+        architecture: vLLM's architecture name; benchmarked only while the plugin prunes it
+            (`otprune.serve.PRUNED`).
+        writer: "module:function" writing the checkpoint: `write(folder, family, size, layers)` ->
+            (its path, the request's prompt with one image placeholder).
+        image: (width, height) of every request's random image.
+        visual_tokens: the visual tokens of one such image.
+        geometry: what the checkpoint's vision side is, for the table's header.
+        small: the default LLM when not the real one (llava: d, m, heads), or None = the real
+            sizes of `otprune.bench.prefill.llm_size(family)`.
+        layers: default decoder layers.
+    """
+
+    name: str
+    architecture: str
+    writer: str
+    image: tuple[int, int]
+    visual_tokens: int
+    geometry: str
+    small: tuple[int, int, int] | None = None
+    layers: int = 2
+
+
+# A new family is one entry (the plugin must prune its architecture).
+SERVE_FAMILIES: dict[str, ServeFamily] = {
+    family.name: family
+    for family in (
+        ServeFamily("llava", "LlavaForConditionalGeneration", "otprune.bench.serve:write_llava", (640, 480), 576,
+                    "LLaVA-1.5 geometry: 336 px CLIP", small=(1024, 2816, 16), layers=4),
+        ServeFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "otprune.bench.serve:write_from_prefill",
+                    (448, 448), 256, "Qwen2.5-VL geometry: 448 px image, 14 px patches, 2 x 2 merge"),
+        ServeFamily("qwen3_vl", "Qwen3VLForConditionalGeneration", "otprune.bench.serve:write_from_prefill",
+                    (448, 448), 196, "Qwen3-VL geometry: 448 px image, 16 px patches, 2 x 2 merge, DeepStack"),
+        ServeFamily("internvl", "InternVLForConditionalGeneration", "otprune.bench.serve:write_from_prefill",
+                    (1344, 896), 1792, "InternVL geometry: 448 px tiles, 6 + thumbnail, 256 tokens each"),
+        ServeFamily("gemma3", "Gemma3ForConditionalGeneration", "otprune.bench.serve:write_from_prefill",
+                    (896, 896), 256, "Gemma 3 geometry: 896 px SigLIP, 14 px patches, pooled 4 x 4"),
+    )
+}  # fmt: skip
+
+
+def serve_family(name: str) -> ServeFamily:
+    """The entry of `--family` name; ValueError naming the families the plugin prunes when it does
+    not prune this one (checked against `otprune.serve.PRUNED`, the plugin's registry)."""
+    from otprune.serve import PRUNED
+
+    pruned = [f.name for f in SERVE_FAMILIES.values() if f.architecture in PRUNED]
+    found = SERVE_FAMILIES.get(name)
+    if found is None:
+        raise ValueError(f"--family={name!r}: must be one of {', '.join(pruned)} (the families the vLLM plugin prunes)")
+    if found.architecture not in PRUNED:
+        raise ValueError(f"--family={name!r}: the vLLM plugin does not prune {found.architecture} (otprune.serve.PRUNED); "
+                         f"this benchmark runs {', '.join(pruned)}")  # fmt: skip
+    return found
+
+
+def serve_size(family: ServeFamily, width=None, intermediate=None, heads=None, kv_heads=None):
+    """The LLM sizes (`otprune.bench.prefill.LLMSize`): the family's default (llava: a small LLM; the
+    others: the real model's), overridden by the flags; vLLM's CPU attention needs head size >= 32."""
+    from otprune.bench import prefill
+
+    if family.small is not None:
+        d, m, h = family.small
+        width, intermediate, heads = width or d, intermediate or m, heads or h
+        if kv_heads is not None and kv_heads != max(1, heads // 2):
+            raise ValueError(f"--kv-heads={kv_heads}: the {family.name} checkpoint has half the heads as KV heads "
+                             f"({max(1, heads // 2)} for --heads {heads}); leave it unset")  # fmt: skip
+        kv_heads = max(1, heads // 2)  # `otprune.serve.tiny`'s LLaMA: half the heads
+        if width % heads:
+            raise ValueError(f"--width {width} / --heads {heads}: head size must be an integer >= 32 (vLLM CPU)")
+        size = prefill.LLMSize(width, intermediate, heads, kv_heads)
+    else:
+        size = prefill.llm_size(family.name, width, intermediate, heads, kv_heads)
+    if size.head_dim < 32:
+        raise ValueError(f"--width {size.hidden} / --heads {size.heads}: head size {size.head_dim} must be >= 32 (vLLM CPU)")
+    return size
+
+
+def write_llava(folder, family: str, size, layers: int):
+    """`otprune.serve.tiny.write_tiny_llava` at 336 px (576 tokens per image) with the LLM of `size`."""
+    from otprune.serve.tiny import write_tiny_llava
+
+    path = write_tiny_llava(folder, image_size=336, hidden_size=size.hidden, layers=layers, heads=size.heads,
+                            intermediate_size=size.intermediate)  # fmt: skip
+    return path, PROMPT
+
+
+def write_from_prefill(folder, family: str, size, layers: int):
+    """The model `otprune bench prefill` builds for `family` (real LLM sizes, tiny tower, real patch
+    grid), random weights, saved with its image processor, tokenizer and a generation config."""
+    from pathlib import Path
+
+    from transformers import GenerationConfig
+
+    from otprune.bench import prefill
+
+    part = prefill.parts(family, size, layers, videos=False)
+    model = prefill.random_model(family, part.config)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    del model
+    part.processor.save_pretrained(folder)
+    text = part.config.get_text_config()
+    GenerationConfig(eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id).save_pretrained(folder)
+    return folder, part.image_prompt
+
+
 @dataclasses.dataclass
 class ServeResult:
     visual_tokens: int
@@ -58,21 +179,23 @@ class ServeResult:
     requests: int
     max_tokens: int
     ratio: float
+    family: str = "llava"
+    size_label: str = ""  # e.g. "Qwen2.5-VL-7B sizes: d=3584, m=18944, 28 heads (4 KV)"; "" = d, m only
 
 
-def _image(seed: int):
+def _image(seed: int, size: tuple[int, int] = (640, 480)):
     import numpy as np
     from PIL import Image
 
     rng = np.random.RandomState(seed)
-    return Image.fromarray(rng.randint(0, 255, (480, 640, 3), dtype=np.uint8))
+    return Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
 PARTS = ("tower", "select", "prefill")  # measured per request: vision tower + projector, selection, LLM forward
 
 
 def _install_timers(model) -> None:
-    """Wrap the model's `embed_multimodal` (tower + projector + selection), `otprune_prune` (selection)
+    """Wrap the model's `embed_multimodal` (tower + projector + selection), `otprune_select` (selection)
     and `forward` (the LLM over the prompt) with wall-clock timers adding to `model.otprune_timings` (ms)."""
     import torch
 
@@ -95,7 +218,7 @@ def _install_timers(model) -> None:
         return wrapper
 
     model.embed_multimodal = timed("embed", model.embed_multimodal)
-    model.otprune_prune = timed("select", model.otprune_prune)
+    model.otprune_select = timed("select", model.otprune_select)
     model.forward = timed("prefill", model.forward)
     model.otprune_timings = timings
 
@@ -110,9 +233,14 @@ def _take_timings(model) -> dict:
 
 
 def run(
-    *, width: int, intermediate: int, layers: int, heads: int, ratio: float, requests: int, max_tokens: int,
-    rounds: int, ttft_repeats: int, progress: Callable[[str], None],
+    *, family: str = "llava", size=None, layers: int, ratio: float, requests: int, max_tokens: int, rounds: int,
+    ttft_repeats: int, progress: Callable[[str], None], engine_options: dict | None = None,
 ) -> ServeResult:  # fmt: skip
+    """One engine on `family`'s random checkpoint with the LLM of `size` (`serve_size`, default the
+    family's) and `layers` decoder layers: throughput and TTFT, unpruned vs pruned at `ratio`.
+    `engine_options`: extra `vllm.LLM` arguments (tests: `enforce_eager=True`)."""
+    entry = serve_family(family)  # refuses a family the plugin does not prune, before anything is written
+    size = size or serve_size(entry)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: the timers read the model
@@ -120,24 +248,24 @@ def run(
         os.environ.pop(name, None)
     from vllm import LLM, SamplingParams
 
-    from otprune import flops
-    from otprune.serve.tiny import write_tiny_llava
+    from otprune.bench.prefill import predicted_ratio
+    from otprune.hf.families import load_object
 
     with tempfile.TemporaryDirectory(prefix="otprune-bench-serve-") as folder:
-        progress(f"writing a random LLaVA-1.5-geometry checkpoint (336 px CLIP, LLM d={width}, m={intermediate}, "
-                 f"{layers} layers)")  # fmt: skip
-        path = write_tiny_llava(folder, image_size=336, hidden_size=width, layers=layers, heads=heads,
-                                intermediate_size=intermediate)  # fmt: skip
+        progress(f"writing a random {entry.geometry} checkpoint (LLM {size.label()}, {layers} layers)")
+        path, text = load_object(entry.writer)(folder, entry.name, size, layers)
         progress("starting the vLLM engine")
         start = time.perf_counter()
-        llm = LLM(model=str(path), dtype="float32", max_model_len=2048, seed=0, enable_prefix_caching=False,
-                  mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 1})  # fmt: skip
+        limits = {"image": 1} if entry.name == "llava" else {"image": 1, "video": 0}
+        options = dict(dtype="float32", max_model_len=4096, seed=0, enable_prefix_caching=False, mm_processor_cache_gb=0,
+                       limit_mm_per_prompt=limits)  # fmt: skip
+        llm = LLM(model=str(path), **{**options, **(engine_options or {})})
         start_s = time.perf_counter() - start
         try:
             seed = iter(range(10**6))
 
             def batch(count: int, value: float) -> list[dict]:
-                return [{"prompt": PROMPT, "multi_modal_data": {"image": _image(next(seed))},
+                return [{"prompt": text, "multi_modal_data": {"image": _image(next(seed), entry.image)},
                          "mm_processor_kwargs": {"otprune_ratio": value}} for _ in range(count)]  # fmt: skip
 
             labels = {"unpruned": 1.0, "pruned": ratio}
@@ -171,14 +299,15 @@ def run(
                         parts[label][part].append(measured[part])
         finally:
             llm.llm_engine.engine_core.shutdown()
-    visual = (336 // 14) ** 2
+    visual = entry.visual_tokens
     kept = visual - (lengths["unpruned"] - lengths["pruned"])
-    size = flops.DecoderSize(hidden=width, intermediate=intermediate, layers=layers)
-    full, pruned = flops.sequence_flops(lengths["unpruned"], size, visual_tokens=visual, ratio=ratio)
+    what = f"{size.name} sizes: " if size.name else ""
     return ServeResult(
         visual_tokens=visual, kept_tokens=kept, prompt_tokens=lengths["unpruned"], pruned_prompt_tokens=lengths["pruned"],
-        throughput=throughput, ttft_ms=ttft, ttft_parts=parts, flops_ratio=pruned / full, start_s=start_s, width=width,
-        intermediate=intermediate, layers=layers, requests=requests, max_tokens=max_tokens, ratio=ratio,
+        throughput=throughput, ttft_ms=ttft, ttft_parts=parts, start_s=start_s, width=size.hidden,
+        flops_ratio=predicted_ratio(lengths["unpruned"], lengths["pruned"], layers, size.hidden, size.intermediate),
+        intermediate=size.intermediate, layers=layers, requests=requests, max_tokens=max_tokens, ratio=ratio,
+        family=entry.name, size_label=what + size.label(),
     )  # fmt: skip
 
 
@@ -207,9 +336,9 @@ def format_table(result: ServeResult) -> str:
 
     lines = [
         f"vLLM offline, one engine, OTPrune r = {r.ratio} per request (mm_processor_kwargs otprune_ratio) vs unpruned;",
-        f"LLaVA-1.5 geometry: 336 px CLIP -> {r.visual_tokens} visual tokens per image, kept {r.kept_tokens}; "
-        f"prompt {r.prompt_tokens} -> {r.pruned_prompt_tokens} tokens; random LLM d={r.width}, m={r.intermediate}, "
-        f"{r.layers} layers, fp32; engine start {r.start_s:.0f} s",
+        f"{SERVE_FAMILIES[r.family].geometry} -> {r.visual_tokens} visual tokens per image, kept {r.kept_tokens}; "
+        f"prompt {r.prompt_tokens} -> {r.pruned_prompt_tokens} tokens; random LLM "
+        f"{r.size_label or f'd={r.width}, m={r.intermediate}'}, {r.layers} layers, fp32; engine start {r.start_s:.0f} s",
         "",
         "| measure | unpruned | pruned | pruned / unpruned | FLOPs-predicted (prefill) |",
         "|---|---|---|---|---|",
@@ -235,17 +364,17 @@ def main(args) -> int:
     def progress(message: str) -> None:
         print(f"  ... {message}", file=sys.stderr, flush=True)
 
-    for flag in ("width", "intermediate", "layers", "heads", "requests", "max_tokens", "rounds", "ttft_repeats"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be an integer >= 1")
+    for flag in ("width", "intermediate", "layers", "heads", "kv_heads", "requests", "max_tokens", "rounds", "ttft_repeats"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={value}: must be an integer >= 1")
     if not 0.0 < args.ratio <= 1.0:
         raise ValueError(f"--ratio={args.ratio}: must be in (0, 1], e.g. 0.098")
-    if args.width % args.heads or args.width // args.heads < 32:
-        raise ValueError(f"--width {args.width} / --heads {args.heads}: head size must be an integer >= 32 (vLLM CPU)")
+    entry = serve_family(args.family)
+    size = serve_size(entry, args.width, args.intermediate, args.heads, args.kv_heads)
     result = run(
-        width=args.width, intermediate=args.intermediate, layers=args.layers, heads=args.heads, ratio=args.ratio,
-        requests=args.requests, max_tokens=args.max_tokens, rounds=args.rounds, ttft_repeats=args.ttft_repeats,
-        progress=progress,
+        family=entry.name, size=size, layers=args.layers or entry.layers, ratio=args.ratio, requests=args.requests,
+        max_tokens=args.max_tokens, rounds=args.rounds, ttft_repeats=args.ttft_repeats, progress=progress,
     )  # fmt: skip
     print(format_table(result))
     return 0

@@ -9,7 +9,7 @@ from otprune.hf.families import FAMILIES
 
 FAMILY_CHOICES = ["all", *FAMILIES]
 LAYERS_ONE_FAMILY = 4
-LAYERS_ALL = 1  # `--family all` runs four models; one layer keeps the default run at a few minutes on 2 cores
+LAYERS_ALL = 1  # `--family all` runs seven models (nine inputs); one layer keeps the default run at minutes on 2 cores
 
 
 def register(subparsers) -> None:
@@ -35,18 +35,22 @@ def _register_serve(what) -> None:
         "serve",
         help="vLLM offline throughput and time to first token, unpruned vs pruned (serve venv)",
         description=(
-            "One vLLM engine with the otprune plugin on a random LLaVA-1.5-geometry checkpoint (336 px CLIP tower, "
-            "576 tokens per image): requests/s and time to first token unpruned (otprune_ratio 1.0) vs pruned "
-            "(--ratio), interleaved in the same engine, beside the ratio the FLOPs formula predicts. "
-            "Needs the serve extra (make serve-venv)."
+            "One vLLM engine with the otprune plugin on a random checkpoint of --family: llava (LLaVA-1.5 geometry, "
+            "336 px CLIP tower, 576 tokens per image, a small LLM by default), qwen2_5_vl (448 px image, 256 tokens) "
+            "or qwen3_vl (448 px, 196 tokens) at their real 7B / 8B LLM sizes by default with --layers decoder layers; "
+            "families whose architecture the plugin does not prune are refused. Requests/s and time to first token "
+            "unpruned (otprune_ratio 1.0) vs pruned (--ratio), interleaved in the same engine, beside the ratio the "
+            "FLOPs formula predicts. Needs the serve extra (make serve-venv)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--family", default="llava", help="model family (one the vLLM plugin prunes)")
     parser.add_argument("--ratio", type=float, default=0.098, help="kept fraction of each image's tokens")
-    parser.add_argument("--width", type=int, default=1024, help="LLM hidden size d")
-    parser.add_argument("--intermediate", type=int, default=2816, help="LLM FFN size m")
-    parser.add_argument("--layers", type=int, default=4, help="LLM decoder layers")
-    parser.add_argument("--heads", type=int, default=16, help="LLM attention heads (head size >= 32)")
+    parser.add_argument("--width", type=int, default=None, help="LLM hidden size d (default: llava 1024, others the real model's)")
+    parser.add_argument("--intermediate", type=int, default=None, help="LLM FFN size m (default: llava 2816, others the real model's)")
+    parser.add_argument("--layers", type=int, default=None, help="LLM decoder layers (default: llava 4, others 2)")
+    parser.add_argument("--heads", type=int, default=None, help="LLM attention heads, head size >= 32 (default: llava 16, others the real model's)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="LLM key/value heads (default: llava heads / 2, others the real model's)")
     parser.add_argument("--requests", type=int, default=16, help="requests per throughput round")
     parser.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (throughput)")
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds per phase")
@@ -94,10 +98,11 @@ def _register_prefill(what) -> None:
         "prefill",
         help="time a multimodal prefill unpruned vs pruned (random weights, real LLM sizes, CPU)",
         description=(
-            "Build each model family (transformers' LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL classes) "
+            "Build each model family (transformers' LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, "
+            "InternVL, Gemma 3 classes) "
             "offline with random weights at the real hidden / FFN sizes and heads of its LLM but only --layers "
             "decoder layers, and a tiny vision tower that gives the real number of visual tokens per image. Time one "
-            "forward over a prompt with one image (fp32, CPU) unpruned and with otprune.hf.apply(model, "
+            "forward over a prompt with one image or video (fp32, CPU) unpruned and with otprune.hf.apply(model, "
             "PruneConfig(method, layer=0, ratio)): paired runs after a warm-up, medians. The table gives the "
             "measured pruned/unpruned time ratio (whole forward, and inside the LLM only) next to the ratio that "
             "the FLOPs formula 4nd^2 + 2n^2d + 2ndm predicts for the same token counts and sizes."
@@ -106,8 +111,9 @@ def _register_prefill(what) -> None:
     parser.add_argument("--family", choices=FAMILY_CHOICES, default="all", help="model family, or all of them (default: all)")
     parser.add_argument(
         "--width", type=int, default=None,
-        help="LLM hidden size d (default: the family's 7B LLM: 4096 for llava / llava_next, 3584 for onevision / "
-        "qwen2_5_vl); a known width takes its real model's FFN size and heads (e.g. 5120 = 13B)",
+        help="LLM hidden size d (default: the family's 7B / 8B / 4B LLM: 4096 for llava / llava_next / qwen3_vl, 3584 "
+        "for onevision / qwen2_5_vl / internvl, 2560 for gemma3); a known width takes its real model's FFN size and "
+        "heads (e.g. 5120 = 13B; internvl 4096 = InternVL3.5-8B; gemma3 3840 = Gemma-3-12B)",
     )  # fmt: skip
     parser.add_argument("--intermediate", type=int, default=None, help="FFN size m (default: the real model's)")
     parser.add_argument("--heads", type=int, default=None, help="attention heads (default: the real model's)")
@@ -118,9 +124,15 @@ def _register_prefill(what) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--image-size", default=None,
-        help="WIDTHxHEIGHT of the image (default per family: llava / llava_next 640x480 -> 576 / 2340 visual "
-        "tokens, onevision 384x384 -> 1485, qwen2_5_vl 448x448 -> 256)",
+        help="WIDTHxHEIGHT of the image, and of each video frame (default per family: llava / llava_next 640x480 -> "
+        "576 / 2340 visual tokens, onevision 384x384 -> 1485, qwen2_5_vl 448x448 -> 256 (8-frame video: 1024), "
+        "qwen3_vl 448x448 -> 196 (video: 784), internvl 1344x896 -> 6 tiles + thumbnail = 1792, gemma3 896x896 -> 256)",
     )  # fmt: skip
+    parser.add_argument(
+        "--media", choices=("all", "image", "video"), default="all",
+        help="the inputs of each family: its image and, for qwen2_5_vl / qwen3_vl, its video (all), or one kind",
+    )  # fmt: skip
+    parser.add_argument("--frames", type=int, default=8, help="frames of the video (default: 8)")
     parser.add_argument("--method", default="otprune", help="selection method of otprune.METHODS (default: otprune)")
     parser.add_argument("--ratio", type=float, default=0.098, help="kept fraction of each image's visual tokens (default: 0.098)")
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs (unpruned, pruned) after one warm-up pair (default: 3)")
@@ -199,6 +211,23 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return size
 
 
+def prefill_media(bench_prefill, family: str, args) -> tuple:
+    """The family's default inputs, of the kind `--media` asks for, at `--image-size` / `--frames`."""
+    import dataclasses
+
+    size = parse_image_size(args.image_size) if args.image_size else None
+    chosen = []
+    for media in bench_prefill.DEFAULT_MEDIA[family]:
+        if args.media not in ("all", media.kind):
+            continue
+        if size is not None:
+            media = media.resized(*size)
+        if media.kind == "video":
+            media = dataclasses.replace(media, frames=args.frames)
+        chosen.append(media)
+    return tuple(chosen)
+
+
 def run_prefill(args) -> int:
     import sys
 
@@ -207,7 +236,8 @@ def run_prefill(args) -> int:
     from otprune import METHODS
     from otprune.bench import prefill as bench_prefill
 
-    for flag, value in (("--layers", args.layers), ("--repeats", args.repeats), ("--threads", args.threads)):
+    for flag, value in (("--layers", args.layers), ("--repeats", args.repeats), ("--threads", args.threads),
+                        ("--frames", args.frames)):
         if value is not None and value < 1:
             raise ValueError(f"{flag}={value}: must be an integer >= 1")
     if not 0.0 < args.ratio <= 1.0:  # also rejects NaN
@@ -219,7 +249,11 @@ def run_prefill(args) -> int:
     families = list(bench_prefill.BENCHED) if args.family == "all" else [args.family]
     layers = args.layers or (LAYERS_ALL if args.family == "all" else LAYERS_ONE_FAMILY)
     sizes = {f: bench_prefill.llm_size(f, args.width, args.intermediate, args.heads, args.kv_heads) for f in families}
-    images = {f: parse_image_size(args.image_size) for f in families} if args.image_size else {}
+    media = {f: prefill_media(bench_prefill, f, args) for f in families}
+    if args.family != "all" and not media[args.family]:
+        raise ValueError(f"--media={args.media}: family {args.family!r} has no {args.media} input here (it takes "
+                         f"{', '.join(m.kind for m in bench_prefill.DEFAULT_MEDIA[args.family])})")  # fmt: skip
+    families = [f for f in families if media[f]]
 
     def progress(message: str) -> None:
         print(f"  ... {message}", file=sys.stderr, flush=True)
@@ -230,7 +264,7 @@ def run_prefill(args) -> int:
     try:
         progress(f"prefill benchmark: {', '.join(families)}; {layers} decoder layer(s), {method} ratio {args.ratio}, "
                  f"{args.repeats} timed pair(s) after a warm-up, {torch.get_num_threads()} torch threads")  # fmt: skip
-        rows = bench_prefill.run(families, sizes, layers, method, args.ratio, args.repeats, images, progress)
+        rows = bench_prefill.run(families, sizes, layers, method, args.ratio, args.repeats, media, progress)
         print(bench_prefill.format_table(rows, method, args.ratio, args.repeats))
     finally:
         torch.set_num_threads(threads)
