@@ -72,6 +72,7 @@ MODELS: dict[str, str] = {
     "Qwen2_5_VLForConditionalGeneration": "otprune.serve.qwen2_5_vl:OTPruneQwen2_5_VLForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration": "otprune.serve.llava_onevision:OTPruneLlavaOnevisionForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "otprune.serve.qwen3_vl:OTPruneQwen3VLForConditionalGeneration",
+    "InternVLForConditionalGeneration": "otprune.serve.internvl:OTPruneInternVLForConditionalGeneration",
 }
 # The architectures the plugin prunes (vLLM's names; our OTPrune* aliases count as the same) -> model family.
 PRUNED: dict[str, str] = {
@@ -80,6 +81,7 @@ PRUNED: dict[str, str] = {
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images",
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
     "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
+    "InternVLForConditionalGeneration": "InternVL (HF format), images",
 }
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
@@ -89,6 +91,8 @@ BUILTINS: dict[str, str] = {
     "VllmLlavaOnevisionForConditionalGeneration":
         "vllm.model_executor.models.llava_onevision:LlavaOnevisionForConditionalGeneration",
     "VllmQwen3VLForConditionalGeneration": "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration",
+    # vLLM 0.32 serves the HF-format InternVL with its InternS1 class
+    "VllmInternVLForConditionalGeneration": "vllm.model_executor.models.interns1:InternS1ForConditionalGeneration",
 }
 # Our classes under names of their own as well (e.g. for hf_overrides in tests and benchmarks).
 ALIASES: dict[str, str] = {f"OTPrune{arch}": target for arch, target in MODELS.items()}

@@ -176,8 +176,6 @@ def write_tiny_onevision(path: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-
-
 def write_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     """A tiny `Qwen3VLForConditionalGeneration` that vLLM loads: Qwen3 LLM of width 64 (2 heads of 32,
     1 kv head, interleaved M-RoPE sections [4, 6, 6]), a 2-block vision tower of width 32 with 16 px
@@ -233,5 +231,16 @@ def write_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_tiny_internvl(path: str | Path, seed: int = 0) -> Path:
+    """`otprune.hf.internvl_tiny`'s checkpoint (64 px tiles, 16 tokens per tile, up to 4 crops plus a
+    thumbnail) with its Qwen2 LLM regrouped to 2 heads of 32 (1 kv head) for vLLM. Its keys already
+    have the layout vLLM's loader reads (`vision_tower.embeddings.*`, `language_model.model.*`)."""
+    from otprune.hf.internvl_tiny import write_tiny_internvl as write_hf
+
+    folder = write_hf(path, seed=seed)
+    _regroup_heads(folder, heads=2, kv_heads=1)
+    return folder
+
+
 WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next, "qwen2_5_vl": write_tiny_qwen2_5_vl,
-           "onevision": write_tiny_onevision, "qwen3_vl": write_tiny_qwen3_vl}  # fmt: skip
+           "onevision": write_tiny_onevision, "qwen3_vl": write_tiny_qwen3_vl, "internvl": write_tiny_internvl}  # fmt: skip

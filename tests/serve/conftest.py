@@ -71,6 +71,13 @@ def tiny_qwen3_vl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_internvl(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_internvl
+
+    return str(write_tiny_internvl(tmp_path_factory.mktemp("vllm-internvl") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_next(tmp_path_factory):
     from otprune.serve.tiny import write_tiny_llava_next
 
@@ -174,7 +181,9 @@ def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: 
     processor = transformers.AutoProcessor.from_pretrained(path)
     model = getattr(transformers, model_class).from_pretrained(path, dtype=torch.float32).eval()
     inputs = processor(text=prompt, images=images, return_tensors="pt")
-    options = dict(max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    # eos_token_id=None: all MAX_TOKENS tokens, as vLLM's `ignore_eos=True` in `generate`
+    options = dict(max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                   eos_token_id=None)  # fmt: skip
     with torch.no_grad():
         if ratio is None or ratio == 1.0:
             out = model.generate(**inputs, **options)
