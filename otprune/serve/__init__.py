@@ -93,6 +93,7 @@ BUILTINS: dict[str, str] = {
     "VllmQwen3VLForConditionalGeneration": "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration",
     # vLLM 0.32 serves the HF-format InternVL with its InternS1 class
     "VllmInternVLForConditionalGeneration": "vllm.model_executor.models.interns1:InternS1ForConditionalGeneration",
+    "VllmGemma3ForConditionalGeneration": "vllm.model_executor.models.gemma3_mm:Gemma3ForConditionalGeneration",
 }
 # Our classes under names of their own as well (e.g. for hf_overrides in tests and benchmarks).
 ALIASES: dict[str, str] = {f"OTPrune{arch}": target for arch, target in MODELS.items()}

@@ -242,5 +242,17 @@ def write_tiny_internvl(path: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_tiny_gemma3(path: str | Path, seed: int = 0) -> Path:
+    """`otprune.hf.gemma3_tiny`'s checkpoint (64 px images, 16 tokens each, one sliding-window and one
+    global layer) with an LLM of 2 heads of 32 (1 kv head; Gemma's per-head q/k norms are sized by the
+    head, so the heads are built at 32, not regrouped), the SigLIP keys in the layout vLLM loads."""
+    from otprune.hf.gemma3_tiny import write_tiny_gemma3 as write_hf
+
+    folder = write_hf(path, seed=seed, num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32)
+    _rewrite_vision_keys(folder)
+    return folder
+
+
 WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next, "qwen2_5_vl": write_tiny_qwen2_5_vl,
-           "onevision": write_tiny_onevision, "qwen3_vl": write_tiny_qwen3_vl, "internvl": write_tiny_internvl}  # fmt: skip
+           "onevision": write_tiny_onevision, "qwen3_vl": write_tiny_qwen3_vl, "internvl": write_tiny_internvl,
+           "gemma3": write_tiny_gemma3}  # fmt: skip
