@@ -100,8 +100,14 @@ def test_missing_serve_python_is_named(tmp_path):
 
 
 def test_the_plugins_newer_families_run_through_lmms_evals_vllm(tmp_path):
-    for model in ("Qwen/Qwen2.5-VL-7B-Instruct", "llava-hf/llava-onevision-qwen2-7b-ov-hf"):
-        result = run("--dry-run", "--engine", "vllm", "--models", model, "--tasks", "gqa", "--log-dir", str(tmp_path))
+    for model in ("Qwen/Qwen2.5-VL-7B-Instruct", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "OpenGVLab/InternVL3-8B-hf"):
+        result = run("--dry-run", "--engine", "vllm", "--models", model, "--tasks", "gqa", "--log-dir", str(tmp_path),
+                     "--allow-unknown")  # fmt: skip
         assert result.returncode == 0, result.stderr
         (argv,) = commands(result.stdout)
         assert option(argv, "--model") == "vllm" and option(argv, "--model_args") == f"model={model}"
+    folder = tiny_folder(tmp_path, "internvl")  # a transformers-format InternVL folder, by config model_type
+    result = run("--dry-run", "--engine", "vllm", "--models", folder, "--tasks", "gqa", "--log-dir", str(tmp_path / "l"))
+    assert result.returncode == 0, result.stderr
+    (argv,) = commands(result.stdout)
+    assert option(argv, "--model") == "vllm"
