@@ -73,6 +73,7 @@ MODELS: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "otprune.serve.llava_onevision:OTPruneLlavaOnevisionForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "otprune.serve.qwen3_vl:OTPruneQwen3VLForConditionalGeneration",
     "InternVLForConditionalGeneration": "otprune.serve.internvl:OTPruneInternVLForConditionalGeneration",
+    "Gemma3ForConditionalGeneration": "otprune.serve.gemma3:OTPruneGemma3ForConditionalGeneration",
 }
 # The architectures the plugin prunes (vLLM's names; our OTPrune* aliases count as the same) -> model family.
 PRUNED: dict[str, str] = {
@@ -82,6 +83,7 @@ PRUNED: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
     "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
     "InternVLForConditionalGeneration": "InternVL (HF format), images",
+    "Gemma3ForConditionalGeneration": "Gemma 3, images without pan-and-scan",
 }
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {

@@ -156,6 +156,45 @@ class PruneProcessorMixin:
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=get_replacement)]
 
 
+class PruneRunMixin:
+    """For a processor whose image placeholder is text around ONE run of T embedding tokens (vLLM's
+    `PromptUpdateDetails.select_token_id`: InternVL's `<img>` ... `</img>`, Gemma 3's
+    `<start_of_image>` ... `<end_of_image>`): vLLM's own updates, each image's run cut to its K."""
+
+    def otprune_cut_runs(self, updates, mm_items, out_mm_kwargs, ratio: float, token_id: int) -> list:
+        """`updates` (vLLM's prompt updates) with every image replacement's run of `token_id` cut to
+        the image's K (`FIELD`); other modalities unchanged. Image embeddings are not pruned."""
+        from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
+        from vllm.multimodal.processing import PromptUpdateDetails
+
+        def cut(item_idx: int, unpruned) -> PromptUpdateDetails:
+            details = unpruned(item_idx)
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):
+                if ratio < 1.0:
+                    raise ValueError(
+                        f"otprune: image embeddings (image_embeds) cannot be pruned (ratio {ratio}); send images, "
+                        f"or run this request with {REQUEST_KEY}=1.0"
+                    )
+                return details
+            ids = list(details.full)
+            slots = [index for index, token in enumerate(ids) if token == token_id]
+            total, keep = (int(v) for v in out_mm_kwargs["image"][item_idx][FIELD].data)
+            if len(slots) != total:
+                raise ValueError(
+                    f"otprune: image {item_idx}: vLLM's placeholder has {len(slots)} embedding tokens (id {token_id}) but "
+                    f"the processor output counts {total}; refusing to insert a placeholder count that may not match"
+                )
+            if keep == total:
+                return details
+            if slots != list(range(slots[0], slots[0] + total)):
+                raise ValueError(f"otprune: image {item_idx}: its {total} embedding tokens are not one run; not pruned")
+            return PromptUpdateDetails.select_token_id(ids[: slots[0]] + [token_id] * keep + ids[slots[0] + total :], token_id)
+
+        return [dataclasses.replace(update, replacement=lambda item_idx, unpruned=update.replacement: cut(item_idx, unpruned))
+                if update.modality == "image" else update for update in updates]  # fmt: skip
+
+
 class PruneMainStepMixin:
     """For a processor whose main step calls the HF processor itself, not `_call_hf_processor`
     (LLaVA-OneVision, Qwen3-VL): our request key stays out of it, (T, K) is added after it.

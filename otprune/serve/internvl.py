@@ -16,7 +16,6 @@ and holds a video is refused (send it with `otprune_ratio=1.0`). Registered by
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 from vllm.model_executor.models.interns1 import (
@@ -27,12 +26,13 @@ from vllm.model_executor.models.interns1 import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from otprune.serve import FIELD, REQUEST_KEY, request_ratio
+from otprune.serve import REQUEST_KEY, request_ratio
 from otprune.serve._common import (
     PruneInfoMixin,
     PruneMainStepMixin,
     PruneModelMixin,
     PruneProcessorMixin,
+    PruneRunMixin,
     _without_key,
 )
 
@@ -50,7 +50,7 @@ class OTPruneInternVLProcessingInfo(PruneInfoMixin, InternS1ProcessingInfo):
         return {modality: int(count()) for modality, count in counts.items() if mm_counts.get(modality, 0) > 0}
 
 
-class OTPruneInternVLMultiModalProcessor(PruneMainStepMixin, PruneProcessorMixin, InternS1MultiModalProcessor):
+class OTPruneInternVLMultiModalProcessor(PruneMainStepMixin, PruneRunMixin, PruneProcessorMixin, InternS1MultiModalProcessor):
     def otprune_token_counts(self, processed) -> list[int]:
         """T per image: its tiles (`image_num_patches`, thumbnail included) x `image_seq_length`."""
         per_tile = int(self.info.get_hf_processor().image_seq_length)
@@ -63,39 +63,11 @@ class OTPruneInternVLMultiModalProcessor(PruneMainStepMixin, PruneProcessorMixin
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs):
         """vLLM's updates (images: `<img>` + T x `<IMG_CONTEXT>` + `</img>`), each image's run of
         `<IMG_CONTEXT>` cut to its K; videos unchanged (refused when the request prunes)."""
-        from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
-        from vllm.multimodal.processing import PromptUpdateDetails
-
         ratio = request_ratio(self.info.otprune_engine_config(), hf_processor_mm_kwargs.get(REQUEST_KEY))
         self.otprune_refuse_videos(mm_items, ratio)
         updates = InternS1MultiModalProcessor._get_prompt_updates(  # vLLM's, not the LLaVA-style mixin's
             self, mm_items, _without_key(hf_processor_mm_kwargs), out_mm_kwargs)
-        context_id = int(self.info.get_hf_processor().image_token_id)
-
-        def pruned(item_idx: int, unpruned) -> PromptUpdateDetails:
-            details = unpruned(item_idx)
-            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
-            if isinstance(images, ImageEmbeddingItems):
-                if ratio < 1.0:
-                    raise ValueError(
-                        f"otprune: image embeddings (image_embeds) cannot be pruned (ratio {ratio}); send images, "
-                        f"or run this request with {REQUEST_KEY}=1.0"
-                    )
-                return details
-            ids = list(details.full)
-            slots = [index for index, token in enumerate(ids) if token == context_id]
-            total, keep = (int(v) for v in out_mm_kwargs["image"][item_idx][FIELD].data)
-            if len(slots) != total or slots != list(range(slots[0], slots[0] + total)):
-                raise ValueError(
-                    f"otprune: image {item_idx}: vLLM's placeholder has {len(slots)} <IMG_CONTEXT> tokens "
-                    f"{'' if len(slots) == total else '(not one run) '}but the processor output counts {total}; "
-                    "refusing to insert a placeholder count that may not match"
-                )
-            ids = ids[: slots[0]] + [context_id] * keep + ids[slots[0] + total :]
-            return PromptUpdateDetails.select_token_id(ids, context_id)
-
-        return [dataclasses.replace(update, replacement=lambda item_idx, unpruned=update.replacement: pruned(item_idx, unpruned))
-                if update.modality == "image" else update for update in updates]  # fmt: skip
+        return self.otprune_cut_runs(updates, mm_items, out_mm_kwargs, ratio, int(self.info.get_hf_processor().image_token_id))
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -78,6 +78,13 @@ def tiny_internvl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_gemma3
+
+    return str(write_tiny_gemma3(tmp_path_factory.mktemp("vllm-gemma3") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_next(tmp_path_factory):
     from otprune.serve.tiny import write_tiny_llava_next
 
@@ -169,9 +176,10 @@ def ratio_cases(prompt: str, prompt2: str, ratio: float, other: str = "other") -
     }
 
 
-def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None):
+def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None, edit=None):
     """(prompt length after pruning, greedy tokens, first-step log-probs) from `otprune.hf` on
-    transformers' `model_class` loaded from `path` (fp32); unpruned at ratio None or 1."""
+    transformers' `model_class` loaded from `path` (fp32); unpruned at ratio None or 1. `edit`: a
+    function applied to the processor's output first (e.g. Gemma 3's `token_type_ids` zeroed)."""
     import torch
     import transformers
 
@@ -181,6 +189,8 @@ def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: 
     processor = transformers.AutoProcessor.from_pretrained(path)
     model = getattr(transformers, model_class).from_pretrained(path, dtype=torch.float32).eval()
     inputs = processor(text=prompt, images=images, return_tensors="pt")
+    if edit is not None:
+        inputs = edit(inputs)
     # eos_token_id=None: all MAX_TOKENS tokens, as vLLM's `ignore_eos=True` in `generate`
     options = dict(max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True,
                    eos_token_id=None)  # fmt: skip
