@@ -240,11 +240,11 @@ def main() -> int:
     if fix_videos(models.parent):
         return 1
     # The import chains of the vLLM models the plugin subclasses must now work.
+    import vllm.model_executor.models.gemma3_mm  # noqa: F401
+    import vllm.model_executor.models.interns1  # noqa: F401  (InternVL, HF format)
     import vllm.model_executor.models.llava  # noqa: F401
     import vllm.model_executor.models.llava_next  # noqa: F401
     import vllm.model_executor.models.qwen2_5_vl  # noqa: F401
-    import vllm.model_executor.models.interns1  # noqa: F401  (InternVL, HF format)
-    import vllm.model_executor.models.gemma3_mm  # noqa: F401
     from transformers import (
         InternVLVideoProcessor,
         LlavaOnevisionVideoProcessor,

@@ -34,7 +34,13 @@ from vllm.model_executor.models.gemma3_mm import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from otprune.serve import FIELD, LOGGER, REQUEST_KEY, request_ratio
-from otprune.serve._common import PruneInfoMixin, PruneModelMixin, PruneProcessorMixin, PruneRunMixin, _without_key
+from otprune.serve._common import (
+    PruneInfoMixin,
+    PruneModelMixin,
+    PruneProcessorMixin,
+    PruneRunMixin,
+    _without_key,
+)
 
 CAUSAL_WARNING = (
     "otprune: vLLM's attention backend here ({backend}) has no bidirectional multimodal-prefix attention "
