@@ -24,6 +24,15 @@ def _without_key(kwargs: Mapping[str, object]) -> dict[str, object]:
     return {key: value for key, value in kwargs.items() if key != REQUEST_KEY}
 
 
+def refuse_embeddings(ratio: float) -> None:
+    """A request that prunes (ratio < 1) and sends image embeddings fails: the plugin prunes the tower's rows."""
+    if ratio < 1.0:
+        raise ValueError(
+            f"otprune: image embeddings (image_embeds) cannot be pruned (ratio {ratio}); send images, "
+            f"or run this request with {REQUEST_KEY}=1.0"
+        )
+
+
 class PruneInfoMixin:
     """Processing info: the encoder cache holds the unpruned T rows per image (the tower runs on
     T; a request may ask for a higher ratio than the engine's), and our request key never
@@ -136,11 +145,7 @@ class PruneProcessorMixin:
         def get_replacement(item_idx: int) -> list[int]:
             images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
             if isinstance(images, ImageEmbeddingItems):
-                if ratio < 1.0:
-                    raise ValueError(
-                        f"otprune: image embeddings (image_embeds) cannot be pruned (ratio {ratio}); send images, "
-                        f"or run this request with {REQUEST_KEY}=1.0"
-                    )
+                refuse_embeddings(ratio)
                 return [image_token_id] * images.get_feature_size(item_idx)
             size = images.get_image_size(item_idx)
             total = int(self.info.get_num_image_tokens(image_width=size.width, image_height=size.height))
@@ -171,11 +176,7 @@ class PruneRunMixin:
             details = unpruned(item_idx)
             images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
             if isinstance(images, ImageEmbeddingItems):
-                if ratio < 1.0:
-                    raise ValueError(
-                        f"otprune: image embeddings (image_embeds) cannot be pruned (ratio {ratio}); send images, "
-                        f"or run this request with {REQUEST_KEY}=1.0"
-                    )
+                refuse_embeddings(ratio)
                 return details
             ids = list(details.full)
             slots = [index for index, token in enumerate(ids) if token == token_id]

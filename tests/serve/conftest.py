@@ -291,6 +291,35 @@ def assert_same(ours, reference, name, tol: float = 1e-4) -> None:
         assert math.isclose(lp, reference[2][tok], abs_tol=tol), (name, tok, lp, reference[2][tok])
 
 
+def assert_ratio_1_equals_builtin(runs: dict) -> None:
+    """`family_runs`: ours at ratio 1 (no switch, and `otprune_ratio=1.0`) gives vLLM's class's prompt,
+    tokens and first-step top-5 log-probs, bit for bit, for one and two images."""
+    builtin, plugin = runs["builtin"], runs["plugin"]
+    for ours in ("one", "one@1.0"):
+        assert plugin[ours][:3] == builtin["one"][:3]
+    assert plugin["two"][:3] == builtin["two"][:3]
+
+
+def assert_kept_indices(runs: dict, cases: dict, ratio: float) -> list:
+    """`family_runs`: nothing selected at ratio 1; pruned, each image keeps round(r * T) rows, the indices
+    `otprune.select_tokens` gives on the rows the model saw, and the prompt is shorter by the dropped
+    rows. Returns the records of "two@`ratio`" (one per image) for family-specific checks."""
+    import torch
+
+    import otprune
+
+    records, plugin = runs["records"], runs["plugin"]
+    assert records["one"] == [] and records["one@1.0"] == []
+    for name, full in (("one@0.5", "one"), (f"one@{ratio}", "one"), (f"two@{ratio}", "two")):
+        ratio_ = cases[name][2]
+        removed = sum(rec["total"] - rec["keep"] for rec in records[name])
+        assert len(plugin[name][0]) == len(plugin[full][0]) - removed, name
+        for rec in records[name]:
+            assert rec["keep"] == round(ratio_ * rec["total"])
+            assert torch.equal(rec["kept"], otprune.select_tokens(rec["features"], ratio_)), name
+    return records[f"two@{ratio}"]
+
+
 def assert_rounds_same(rounds: list, plugin: dict, ratio: float, min_cached: int) -> None:
     """Each round of an engine with SUBSET_RATIO=`ratio` (chunked prefill, prefix caching, mixed
     per-request ratios) gives every request the outputs the unpruned-default engine gave it at the

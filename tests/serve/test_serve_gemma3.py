@@ -25,7 +25,9 @@ pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv 
 
 import torch  # noqa: E402
 from conftest import (  # noqa: E402
+    assert_kept_indices,
     assert_matches,
+    assert_ratio_1_equals_builtin,
     assert_rounds_same,
     assert_same,
     engine,
@@ -36,8 +38,6 @@ from conftest import (  # noqa: E402
     request,
     sized_images,
 )
-
-import otprune  # noqa: E402
 
 RATIO = 0.25
 ARCH_BUILTIN = "VllmGemma3ForConditionalGeneration"
@@ -102,23 +102,12 @@ def test_vllm_builtin_on_cpu_attends_causally_inside_the_image(tiny_gemma3):
 
 
 def test_ratio_1_equals_vllm_builtin_tokens_and_logprobs(runs):
-    builtin, plugin = runs["builtin"], runs["plugin"]
-    for ours in ("one", "one@1.0"):
-        assert plugin[ours][:3] == builtin["one"][:3]  # prompt, tokens, first-step top-5 log-probs, bit for bit
-    assert plugin["two"][:3] == builtin["two"][:3]
+    assert_ratio_1_equals_builtin(runs)
 
 
 def test_kept_indices_and_placeholder_counts(runs):
-    records, plugin = runs["records"], runs["plugin"]
-    assert records["one"] == [] and records["one@1.0"] == []
-    for name, full in (("one@0.5", "one"), ("one@0.25", "one"), ("two@0.25", "two")):
-        ratio = CASES[name][2]
-        removed = sum(rec["total"] - rec["keep"] for rec in records[name])
-        assert len(plugin[name][0]) == len(plugin[full][0]) - removed, name
-        for rec in records[name]:
-            assert rec["total"] == 16 and rec["keep"] == round(ratio * rec["total"])
-            assert torch.equal(rec["kept"], otprune.select_tokens(rec["features"], ratio)), name
-    assert len(records["two@0.25"]) == 2
+    two = assert_kept_indices(runs, CASES, RATIO)
+    assert [rec["total"] for rec in two] == [16, 16]
 
 
 def test_pruned_equals_otprune_hf_with_vllms_causal_image_mask(runs, tiny_gemma3):

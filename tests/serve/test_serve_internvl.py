@@ -16,9 +16,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
 
-import torch  # noqa: E402
 from conftest import (  # noqa: E402
+    assert_kept_indices,
     assert_matches,
+    assert_ratio_1_equals_builtin,
     assert_rounds_same,
     assert_same,
     family_runs,
@@ -27,7 +28,6 @@ from conftest import (  # noqa: E402
     sized_images,
 )
 
-import otprune  # noqa: E402
 from otprune.hf.internvl_tiny import TOKENS_PER_TILE  # noqa: E402
 
 RATIO = 0.25
@@ -46,25 +46,15 @@ def runs(tiny_internvl):
 
 
 def test_ratio_1_equals_vllm_builtin_tokens_and_logprobs(runs):
-    builtin, plugin = runs["builtin"], runs["plugin"]
-    for ours in ("one", "one@1.0"):
-        assert plugin[ours][:3] == builtin["one"][:3]  # prompt, tokens, first-step top-5 log-probs, bit for bit
-    assert plugin["two"][:3] == builtin["two"][:3]
+    assert_ratio_1_equals_builtin(runs)
 
 
 def test_kept_indices_per_image_over_all_its_tiles(runs):
-    records, plugin = runs["records"], runs["plugin"]
-    assert records["one"] == [] and records["one@1.0"] == []
-    for name, full in (("one@0.5", "one"), ("one@0.25", "one"), ("two@0.25", "two")):
-        ratio = CASES[name][2]
-        removed = sum(rec["total"] - rec["keep"] for rec in records[name])
-        assert len(plugin[name][0]) == len(plugin[full][0]) - removed, name
-        for rec in records[name]:
-            assert rec["total"] % TOKENS_PER_TILE == 0  # whole tiles
-            assert rec["keep"] == round(ratio * rec["total"])
-            assert torch.equal(rec["kept"], otprune.select_tokens(rec["features"], ratio)), name
-    assert [rec["total"] // TOKENS_PER_TILE for rec in records["two@0.25"]] == [3, 1]  # 2 crops + thumbnail; 1 tile
-    assert len(records["one@0.25"]) == 1 and records["one@0.25"][0]["total"] > TOKENS_PER_TILE  # one set, all tiles
+    two = assert_kept_indices(runs, CASES, RATIO)
+    assert [rec["total"] // TOKENS_PER_TILE for rec in two] == [3, 1]  # 2 crops + thumbnail; 1 tile
+    assert all(rec["total"] % TOKENS_PER_TILE == 0 for rec in two)
+    (one,) = runs["records"][f"one@{RATIO}"]  # one image: one selection over all its tiles
+    assert one["total"] > TOKENS_PER_TILE
 
 
 def test_pruned_equals_otprune_hf(runs, tiny_internvl):
