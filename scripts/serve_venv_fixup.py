@@ -8,12 +8,14 @@ directly and that need torchvision at import time:
 `transformers.models.pixtral.image_processing_pixtral` (for `_num_image_tokens`; imported by
 vLLM's pixtral module, which vLLM's llava module imports) and
 `transformers.models.qwen2_vl.image_processing_qwen2_vl` (for `smart_resize`; imported by vLLM's
-Qwen2-VL / Qwen2.5-VL modules). This script replaces each with a shim that re-exports its PIL
-twin (`image_processing_pil_*`, which defines the same helpers).
+Qwen2-VL / Qwen2.5-VL modules), `transformers.models.got_ocr2.image_processing_got_ocr2` (vLLM's
+InternVL, `interns1`) and `transformers.models.gemma3.image_processing_gemma3` (vLLM's `gemma3_mm`).
+This script replaces each with a shim that re-exports its PIL twin (`image_processing_pil_*`,
+which defines the same helpers).
 
 Video processors have no PIL twin: transformers 5.x processes videos with torchvision only, and
 marks every object of a `video_processing_*.py` file as needing it, so a checkpoint whose processor
-holds a video processor (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision) does not even load ("...VideoProcessor
+holds a video processor (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision, InternVL) does not even load ("...VideoProcessor
 requires the Torchvision library"), images included. For those models this script
 - writes a stand-in class (`torchless_video_<model>.py`, a file name transformers puts no backend
   on) that subclasses the real `BaseVideoProcessor`, takes the original class's literal defaults
@@ -22,6 +24,8 @@ requires the Torchvision library"), images included. For those models this scrip
 - turns `video_processing_<model>.py` into a re-export of it that declares nothing (`__all__ = []`);
 - lets `transformers.BaseVideoProcessor` resolve to the real class (`utils/dummy_torchvision_objects.py`:
   the processors' type check compares against it).
+- exports `AutoVideoProcessor` (whose module imports without torchvision) as the real class
+  (`fix_auto_video`): vLLM's InternVL reads its `from_pretrained` for every processor it builds.
 Images are then served (vLLM's CPU engine processes no dummy video at start); a request with a
 video fails in the front end with that message, the engine keeps serving.
 

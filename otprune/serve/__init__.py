@@ -7,7 +7,7 @@
 
 vLLM loads the entry point `otprune = "otprune.serve:register"` in every process it starts
 (front end, engine core, workers); `register()` puts pruning-aware versions of vLLM's own
-classes (`PRUNED`: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) under vLLM's
+classes (`PRUNED`: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3) under vLLM's
 architecture names, so a checkpoint of any of them runs through them:
 
 - the multimodal processor inserts K = round(r * T) image placeholders per image instead of
@@ -41,10 +41,14 @@ keeping its unpruned M-RoPE position (`otprune.serve._mrope`); videos are not pr
 that prunes and holds a video is refused). LLaVA-OneVision
 (`LlavaOnevisionForConditionalGeneration`): each image's anyres set pruned jointly, as
 LLaVA-NeXT's; videos likewise not pruned. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as
-Qwen2.5-VL, the DeepStack features kept with the same indices. Not covered (refused with
-switches set): InternVL, Gemma 3 (not attempted; note: vLLM 0.32's CPU attention backend
-reports no support for Gemma 3's bidirectional image-token span, `supports_mm_prefix()` False),
-Qwen2-VL, others.
+Qwen2.5-VL, the DeepStack features kept with the same indices. InternVL in the HF format
+(`InternVLForConditionalGeneration`, served by vLLM's `interns1` class): each image's tiles
+(thumbnail included) are one token set, as in `otprune.hf`; videos not pruned. Gemma 3
+(`Gemma3ForConditionalGeneration`): each image's tokens are one set, the placeholder run cut to K,
+so vLLM's bidirectional image block (on backends with `supports_mm_prefix()`) is exactly the kept
+tokens; vLLM 0.32's CPU backend has no such block (vLLM's own Gemma 3 attends causally inside images
+there, pruned or not; the plugin warns at start); pan-and-scan crops are not pruned. Not covered
+(refused with switches set): Qwen2-VL, remote-code InternVL (`InternVLChatModel`), others.
 
 This module does not import vLLM; only `register()` and the model modules do.
 """
