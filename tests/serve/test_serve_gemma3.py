@@ -14,7 +14,7 @@ it equals `otprune.hf` run with the same causal mask inside the image (`token_ty
 and it logs a warning naming the backend at start. Engines: vLLM's class, ours without switches
 (ratios per request, one at a time with the kept indices recorded, then in one batch), ours with
 SUBSET_RATIO=0.25, prefix caching and chunked prefill, run twice; vLLM's class once more for the
-prompt log-probs; ours once for the pan-and-scan refusal.
+prompt log-probs; ours once more for a pruned prompt's log-probs and the pan-and-scan refusal.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from conftest import (  # noqa: E402
     request,
     sized_images,
 )
+
+import otprune  # noqa: E402
 
 RATIO = 0.25
 ARCH_BUILTIN = "VllmGemma3ForConditionalGeneration"
@@ -129,15 +131,60 @@ def test_prefix_caching_chunked_prefill_and_mixed_ratios_give_the_same_outputs(r
     assert_rounds_same(runs["chunked"], runs["plugin"], RATIO, min_cached=16)
 
 
-def test_pan_and_scan_crops_are_refused_when_pruning_and_served_at_ratio_1(tiny_gemma3):
+@pytest.fixture(scope="module")
+def plugin_checks(tiny_gemma3):
+    """One engine of ours (no switches): the pruned prompt's log-probs (image 0 at `RATIO`), and what
+    pan-and-scan requests get: the pruning one's error, the crop count of the unpruned one."""
     from conftest import generate
+    from vllm import SamplingParams
 
     crops = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 32}
     wide = image(5, (200, 64))
+    out: dict = {}
     with engine(tiny_gemma3, enable_prefix_caching=False) as llm:
-        pruned = {"prompt": PROMPT, "multi_modal_data": {"image": wide}, "mm_processor_kwargs": {**crops, "otprune_ratio": 0.5}}
-        with pytest.raises(ValueError, match=r"pan-and-scan crops \(\d+\); the plugin does not prune them"):
-            generate(llm, [pruned])
-        unpruned = {**pruned, "mm_processor_kwargs": {**crops, "otprune_ratio": 1.0}}
-        (out,) = generate(llm, [unpruned])
-        assert len(out[0]) > len(generate(llm, [request(PROMPT, [wide])])[0][0])  # the crops' tokens are there
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        (pruned,) = llm.generate([request(PROMPT, [image(0, SIZES[0])], RATIO)], params, use_tqdm=False)
+        ids = list(pruned.prompt_token_ids)
+        out["pruned"] = (ids, [entry[ids[i]].logprob for i, entry in enumerate(pruned.prompt_logprobs) if entry is not None])
+        scan = {"prompt": PROMPT, "multi_modal_data": {"image": wide}, "mm_processor_kwargs": {**crops, "otprune_ratio": 0.5}}
+        try:
+            generate(llm, [scan])
+        except ValueError as error:
+            out["scan_error"] = str(error)
+        out["scan_unpruned"] = len(generate(llm, [{**scan, "mm_processor_kwargs": {**crops, "otprune_ratio": 1.0}}])[0][0])
+        out["plain"] = len(generate(llm, [request(PROMPT, [wide])])[0][0])
+    return out
+
+
+def test_pruned_prompt_logprobs_equal_otprune_hf_with_the_causal_image_mask(plugin_checks, tiny_gemma3):
+    """The discriminating check (the tiny model's last row barely feels the image mask, its image rows do):
+    every prompt log-prob of a pruned request equals otprune.hf's with `token_type_ids` zeroed, and
+    differs from otprune.hf's own (bidirectional over the kept tokens) on the kept image rows."""
+    import transformers
+
+    from otprune import hf
+
+    ids, ours = plugin_checks["pruned"]
+    processor = transformers.AutoProcessor.from_pretrained(tiny_gemma3)
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
+    found = {}
+    for name, edit in (("bidirectional", None), ("causal", causal)):
+        inputs = processor(text=PROMPT, images=[image(0, SIZES[0])], return_tensors="pt")
+        inputs = inputs if edit is None else edit(inputs)
+        with torch.no_grad(), hf.pruning(model, otprune.PruneConfig(method="otprune", layer=0, ratio=RATIO)):
+            logprobs = torch.log_softmax(model(**inputs).logits[0].float(), dim=-1)  # (L', V): the pruned sequence
+        assert logprobs.shape[0] == len(ids)
+        found[name] = [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+    kept_rows = [i - 1 for i in range(1, len(ids)) if ids[i - 1] == model.config.image_token_id]
+    assert len(kept_rows) == round(RATIO * 16)
+    to_causal = max(abs(a - b) for a, b in zip(ours, found["causal"], strict=True))
+    to_bidirectional = max(abs(ours[i] - found["bidirectional"][i]) for i in kept_rows)
+    print(f"vLLM plugin, Gemma 3 pruned to {len(kept_rows)} of 16, prompt log-probs: max |plugin - otprune.hf causal| = "
+          f"{to_causal:.2e}, max |plugin - otprune.hf bidirectional| on the kept rows = {to_bidirectional:.3f}")
+    assert to_causal < 1e-4
+    assert to_bidirectional > 1e-2
+
+
+def test_pan_and_scan_crops_are_refused_when_pruning_and_served_at_ratio_1(plugin_checks):
+    assert "pan-and-scan crops (" in plugin_checks["scan_error"] and "the plugin does not prune them" in plugin_checks["scan_error"]
+    assert plugin_checks["scan_unpruned"] > plugin_checks["plain"]  # the crops' tokens are there at ratio 1
