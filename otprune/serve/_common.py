@@ -119,7 +119,7 @@ class PruneProcessorMixin:
                 size = images.get_image_size(index)
                 total = self.otprune_image_tokens(size.width, size.height)
             before.append(total)
-            after.append(int(placeholder.length))
+            after.append(int(placeholder.get_num_embeds()))  # the embedding rows (InternVL's <img> ... </img>: not)
         visual = sum(after)
         text = len(result["prompt_token_ids"]) - visual
         hf_config = self.info.get_hf_config()

@@ -63,6 +63,8 @@ QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What
 QWEN_VIDEO = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
 ONEVISION_PROMPT = "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
 ONEVISION_VIDEO = "<|im_start|>user\n<video>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+INTERNVL_PROMPT = "<|im_start|>user\n<IMG_CONTEXT>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+GEMMA3_PROMPT = "<bos><start_of_turn>user\n<start_of_image>What is it?<end_of_turn>\n<start_of_turn>model\n"
 
 
 def _torchless(error: BaseException) -> bool:
@@ -154,9 +156,9 @@ def test_the_engines_default_ratio_and_method_enter_the_multimodal_hash(tiny_lla
         tiny_llava, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.5"}, monkeypatch, {"otprune_ratio": 1.0})
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "onevision", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "onevision", "qwen3_vl", "internvl", "gemma3"])
 def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, tiny_onevision, tiny_qwen3_vl,
-                                                            monkeypatch):  # fmt: skip
+                                                            tiny_internvl, tiny_gemma3, monkeypatch):  # fmt: skip
     """What lmms-eval's `--model vllm` records for a request (no engine: vLLM's front-end processing)."""
     from conftest import SWITCHES
     from vllm.config import ModelConfig
@@ -170,8 +172,9 @@ def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, t
     load_general_plugins()
     for name in SWITCHES:
         monkeypatch.delenv(name, raising=False)
-    model = {"qwen2_5_vl": tiny_qwen, "onevision": tiny_onevision, "qwen3_vl": tiny_qwen3_vl}[family]
-    prompt = ONEVISION_PROMPT if family == "onevision" else QWEN_PROMPT
+    model = {"qwen2_5_vl": tiny_qwen, "onevision": tiny_onevision, "qwen3_vl": tiny_qwen3_vl, "internvl": tiny_internvl,
+             "gemma3": tiny_gemma3}[family]  # fmt: skip
+    prompt = {"onevision": ONEVISION_PROMPT, "internvl": INTERNVL_PROMPT, "gemma3": GEMMA3_PROMPT}.get(family, QWEN_PROMPT)
     processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=model, dtype="float32", max_model_len=1024))
     tokenizer = processor.info.get_tokenizer()
     seen = []
@@ -190,7 +193,7 @@ def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, t
     (record,) = seen
     (total,), (keep,) = record.image_tokens_before, record.image_tokens_after
     assert keep == round(0.25 * total) and total > keep
-    assert record.text_tokens + keep == len(result["prompt_token_ids"])
+    assert record.text_tokens + keep == len(result["prompt_token_ids"])  # text rows: <img> / </img> etc. included
 
 
 def test_vllms_own_video_pruning_with_the_plugin_refuses_to_start(tiny_qwen):
