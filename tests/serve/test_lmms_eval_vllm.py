@@ -69,16 +69,19 @@ def test_run_script_engine_vllm(tiny_llava, tmp_path):
     assert float(row["tflops_percent"]) < 100
 
 
-def test_run_script_engine_vllm_internvl(tiny_internvl, tmp_path):
-    """The same path for a transformers-format InternVL (routed by its config's model_type): each image keeps
-    round(0.25 * T) of its T = 16 x tiles tokens, one record per document, and the report has the row."""
+@pytest.mark.parametrize("family", ["internvl", "gemma3"])
+def test_run_script_engine_vllm_newer_families(family, tiny_internvl, tiny_gemma3, tmp_path):
+    """The same path for a transformers-format InternVL and a Gemma 3 (routed by their config's model_type):
+    each image keeps round(0.25 * T) of its T tokens (InternVL: 16 x tiles, Gemma 3: 16), one record per
+    document, and the report has the row."""
+    model = {"internvl": tiny_internvl, "gemma3": tiny_gemma3}[family]
     env = {key: value for key, value in os.environ.items()
            if key not in (*SWITCHES, "VLLM_ENABLE_V1_MULTIPROCESSING", "OTPRUNE_RECORDS", "OTPRUNE_RUN_ID", "PYTHON")}
     env.update(PYTHON=sys.executable, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     logs = tmp_path / "logs"
     result = subprocess.run(
-        ["bash", str(ROOT / "run_OTPrune.sh"), "--engine", "vllm", "--python", sys.executable, "--models", tiny_internvl,
+        ["bash", str(ROOT / "run_OTPrune.sh"), "--engine", "vllm", "--python", sys.executable, "--models", model,
          "--tasks", "otprune_smoke_gen", "--limit", "2", "--methods", "OURS", "--ratios", str(RATIO),
          "--model-args", "enforce_eager=True,max_model_len=1024,dtype=float32", "--log-dir", str(logs)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
