@@ -121,6 +121,19 @@ def test_onevision_starts_and_serves_images_unpruned(tiny_onevision):
     assert tokens == int((expected == image_token).sum()) > 0
 
 
+def test_internvl_starts_with_videos_allowed_and_serves_images_unpruned(tiny_internvl):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_internvl)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    # as OneVision: the plugin counts InternVL's video budget (one 16-token tile per frame) without
+    # processing a dummy video, so the engine starts with videos allowed; a video request fails alone
+    video_prompt = INTERNVL_PROMPT.replace("<IMG_CONTEXT>", "<video>")
+    tokens = _serves_images_unpruned_and_refuses_videos(tiny_internvl, INTERNVL_PROMPT, video_prompt, image_token)
+    expected = processor(text=INTERNVL_PROMPT, images=[image(0)], return_tensors="pt")["input_ids"]
+    assert tokens == int((expected == image_token).sum()) > 0
+
+
 def _hashes(model: str, env: dict, monkeypatch, request: dict | None = None) -> list[str]:
     """vLLM's multimodal hash of one image, as the plugin's processor computes it under `env`."""
     from conftest import SWITCHES
