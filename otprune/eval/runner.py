@@ -58,8 +58,8 @@ PRUNING_VARS = ("BASELINE", "LAYER_INDEX", "SUBSET_RATIO", "OTPRUNE_GAMMA", "OTP
                 "FITPRUNE_RECIPE", "OTPRUNE_RECORDS", "OTPRUNE_RUN_ID")  # fmt: skip
 FEATURE_METHODS = "OURS, DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK"
 # Checkpoint kinds the otprune vLLM plugin prunes (otprune.serve.PRUNED: LLaVA-1.5 / NeXT, OneVision, Qwen2.5-VL,
-# Qwen3-VL images), run through lmms-eval's `--model vllm` with --engine vllm.
-VLLM_KINDS = ("llava_hf", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
+# Qwen3-VL, InternVL (HF format), Gemma 3 images), run through lmms-eval's `--model vllm` with --engine vllm.
+VLLM_KINDS = ("llava_hf", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "internvl_hf", "gemma3")
 SMOKE_CHECKPOINT = "otprune-smoke-model"  # the folder --smoke owns inside the log folder
 SMOKE_MARK = ".made-by-otprune-run"
 
@@ -97,7 +97,7 @@ through lmms-eval's --model llava (our llava package); Hugging Face-format ones 
 --model llava_hf (model_type llava, llava_next, llava_onevision), qwen2_5_vl, qwen3_vl, qwen3_5, gemma3 or
 internvl_hf (by config model_type: qwen2_5_vl, qwen3_vl, qwen3_5, gemma3, internvl), pruned by the same
 switches before the LLM with the feature-selection methods. With --engine vllm, HF-format LLaVA-1.5 /
-NeXT, OneVision, Qwen2.5-VL and Qwen3-VL checkpoints run through lmms-eval's --model vllm with the serve
+NeXT, OneVision, Qwen2.5-VL, Qwen3-VL, InternVL and Gemma 3 checkpoints run through lmms-eval's --model vllm with the serve
 venv's python (make serve-venv); planning and the report stay in this python.
 
 Methods (--methods, BASELINE values): OURS (= OTPrune), DIVPRUNE, DPP, RANDOM, UNIFORM, FIRSTK, LASTK; inside
@@ -271,7 +271,8 @@ def lmms_model_of(model: str, engine: str, allow_unknown: bool) -> str:
             raise RunError(f"--engine vllm: '{model}' is an original-format LLaVA checkpoint (our llava package); vLLM "
                            "runs Hugging Face-format ones (e.g. llava-hf/llava-1.5-7b-hf): use --engine hf for it")
         raise RunError(f"--engine vllm: '{model}' (lmms-eval model {kind}) is not pruned by the otprune vLLM plugin, "
-                       "which covers LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL and Qwen3-VL (images); "
+                       "which covers LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, InternVL (HF format) "
+                       "and Gemma 3 (images); "
                        "use --engine hf for it")
     return "llava_hf" if kind == "llava_onevision" else kind
 

@@ -48,8 +48,9 @@ def build_processor():
     )
 
 
-def write_tiny_gemma3(path: str | Path, seed: int = 0) -> Path:
-    """Write the tiny Gemma 3 checkpoint (model, processor, tokenizer, chat template) to `path`; return it."""
+def write_tiny_gemma3(path: str | Path, seed: int = 0, **text_overrides) -> Path:
+    """Write the tiny Gemma 3 checkpoint (model, processor, tokenizer, chat template) to `path`; return it.
+    `text_overrides`: LLM config keys to change (e.g. `otprune.serve.tiny`'s head size 32 for vLLM)."""
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -59,11 +60,13 @@ def write_tiny_gemma3(path: str | Path, seed: int = 0) -> Path:
 
     processor = build_processor()
     tokenizer = processor.tokenizer
-    text = Gemma3TextConfig(
-        **LLM, head_dim=16, query_pre_attn_scalar=16, sliding_window=12, layer_types=["sliding_attention", "full_attention"],
-        vocab_size=_vocab_size(tokenizer), max_position_embeddings=1024, initializer_range=INIT_RANGE,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    options = {
+        **LLM, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 12,
+        "layer_types": ["sliding_attention", "full_attention"], "vocab_size": _vocab_size(tokenizer),
+        "max_position_embeddings": 1024, "initializer_range": INIT_RANGE, "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+    }  # fmt: skip
+    text = Gemma3TextConfig(**{**options, **text_overrides})
     vision = SiglipVisionConfig(**TOWER, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False)
     ids = {name: tokenizer.convert_tokens_to_ids(NAMED[key]) for name, key in
            (("boi_token_index", "boi_token"), ("eoi_token_index", "eoi_token"), ("image_token_index", "image_token"))}  # fmt: skip

@@ -7,7 +7,7 @@
 
 vLLM loads the entry point `otprune = "otprune.serve:register"` in every process it starts
 (front end, engine core, workers); `register()` puts pruning-aware versions of vLLM's own
-classes (`PRUNED`: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) under vLLM's
+classes (`PRUNED`: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3) under vLLM's
 architecture names, so a checkpoint of any of them runs through them:
 
 - the multimodal processor inserts K = round(r * T) image placeholders per image instead of
@@ -59,10 +59,14 @@ keeping its unpruned M-RoPE position (`otprune.serve._mrope`); videos are not pr
 that prunes and holds a video is refused). LLaVA-OneVision
 (`LlavaOnevisionForConditionalGeneration`): each image's anyres set pruned jointly, as
 LLaVA-NeXT's; videos likewise not pruned. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as
-Qwen2.5-VL, the DeepStack features kept with the same indices. Not covered (refused with
-switches set): InternVL, Gemma 3 (not attempted; note: vLLM 0.32's CPU attention backend
-reports no support for Gemma 3's bidirectional image-token span, `supports_mm_prefix()` False),
-Qwen2-VL, others.
+Qwen2.5-VL, the DeepStack features kept with the same indices. InternVL in the HF format
+(`InternVLForConditionalGeneration`, served by vLLM's `interns1` class): each image's tiles
+(thumbnail included) are one token set, as in `otprune.hf`; videos not pruned. Gemma 3
+(`Gemma3ForConditionalGeneration`): each image's tokens are one set, the placeholder run cut to K,
+so vLLM's bidirectional image block (on backends with `supports_mm_prefix()`) is exactly the kept
+tokens; vLLM 0.32's CPU backend has no such block (vLLM's own Gemma 3 attends causally inside images
+there, pruned or not; the plugin warns at start); pan-and-scan crops are not pruned. Not covered
+(refused with switches set): Qwen2-VL, remote-code InternVL (`InternVLChatModel`), others.
 
 This module does not import vLLM; only `register()` and the model modules do.
 """
@@ -98,6 +102,8 @@ MODELS: dict[str, str] = {
     "Qwen2_5_VLForConditionalGeneration": "otprune.serve.qwen2_5_vl:OTPruneQwen2_5_VLForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration": "otprune.serve.llava_onevision:OTPruneLlavaOnevisionForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "otprune.serve.qwen3_vl:OTPruneQwen3VLForConditionalGeneration",
+    "InternVLForConditionalGeneration": "otprune.serve.internvl:OTPruneInternVLForConditionalGeneration",
+    "Gemma3ForConditionalGeneration": "otprune.serve.gemma3:OTPruneGemma3ForConditionalGeneration",
 }
 # The architectures the plugin prunes (vLLM's names; our OTPrune* aliases count as the same) -> model family.
 PRUNED: dict[str, str] = {
@@ -106,6 +112,8 @@ PRUNED: dict[str, str] = {
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images",
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
     "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
+    "InternVLForConditionalGeneration": "InternVL (HF format), images",
+    "Gemma3ForConditionalGeneration": "Gemma 3, images without pan-and-scan",
 }
 # The architectures whose tower has the CLS token VisionZip needs (CLIP; a SigLIP tower of one of
 # them is refused when the model loads); VisionZip runs inside the tower (`otprune.serve._tower`).
@@ -118,6 +126,9 @@ BUILTINS: dict[str, str] = {
     "VllmLlavaOnevisionForConditionalGeneration":
         "vllm.model_executor.models.llava_onevision:LlavaOnevisionForConditionalGeneration",
     "VllmQwen3VLForConditionalGeneration": "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration",
+    # vLLM 0.32 serves the HF-format InternVL with its InternS1 class
+    "VllmInternVLForConditionalGeneration": "vllm.model_executor.models.interns1:InternS1ForConditionalGeneration",
+    "VllmGemma3ForConditionalGeneration": "vllm.model_executor.models.gemma3_mm:Gemma3ForConditionalGeneration",
 }
 # Our classes under names of their own as well (e.g. for hf_overrides in tests and benchmarks).
 ALIASES: dict[str, str] = {f"OTPrune{arch}": target for arch, target in MODELS.items()}

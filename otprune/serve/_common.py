@@ -34,6 +34,15 @@ def _without_key(kwargs: Mapping[str, object]) -> dict[str, object]:
     return {key: value for key, value in kwargs.items() if key not in (REQUEST_KEY, INSTRUCTION_KEY)}
 
 
+def refuse_embeddings(ratio: float) -> None:
+    """A request that prunes (ratio < 1) and sends image embeddings fails: the plugin prunes the tower's rows."""
+    if ratio < 1.0:
+        raise ValueError(
+            f"otprune: image embeddings (image_embeds) cannot be pruned (ratio {ratio}); send images, "
+            f"or run this request with {REQUEST_KEY}=1.0"
+        )
+
+
 class PruneInfoMixin:
     """Processing info: the encoder cache holds the unpruned T rows per image (the tower runs on
     T; a request may ask for a higher ratio than the engine's), and our request key never
@@ -173,7 +182,7 @@ class PruneProcessorMixin:
                 size = images.get_image_size(index)
                 total = self.otprune_image_tokens(size.width, size.height)
             before.append(total)
-            after.append(int(placeholder.length))
+            after.append(int(placeholder.get_num_embeds()))  # the embedding rows (InternVL's <img> ... </img>: not)
         visual = sum(after)
         text = len(result["prompt_token_ids"]) - visual
         hf_config = self.info.get_hf_config()
@@ -201,11 +210,7 @@ class PruneProcessorMixin:
         def get_replacement(item_idx: int) -> list[int]:
             images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
             if isinstance(images, ImageEmbeddingItems):
-                if ratio < 1.0:
-                    raise ValueError(
-                        f"otprune: image embeddings (image_embeds) cannot be pruned (ratio {ratio}); send images, "
-                        f"or run this request with {REQUEST_KEY}=1.0"
-                    )
+                refuse_embeddings(ratio)
                 return [image_token_id] * images.get_feature_size(item_idx)
             size = images.get_image_size(item_idx)
             total = int(self.info.get_num_image_tokens(image_width=size.width, image_height=size.height))
@@ -219,6 +224,41 @@ class PruneProcessorMixin:
             return [image_token_id] * keep
 
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=get_replacement)]
+
+
+class PruneRunMixin:
+    """For a processor whose image placeholder is text around ONE run of T embedding tokens (vLLM's
+    `PromptUpdateDetails.select_token_id`: InternVL's `<img>` ... `</img>`, Gemma 3's
+    `<start_of_image>` ... `<end_of_image>`): vLLM's own updates, each image's run cut to its K."""
+
+    def otprune_cut_runs(self, updates, mm_items, out_mm_kwargs, ratio: float, token_id: int) -> list:
+        """`updates` (vLLM's prompt updates) with every image replacement's run of `token_id` cut to
+        the image's K (`FIELD`); other modalities unchanged. Image embeddings are not pruned."""
+        from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
+        from vllm.multimodal.processing import PromptUpdateDetails
+
+        def cut(item_idx: int, unpruned) -> PromptUpdateDetails:
+            details = unpruned(item_idx)
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):
+                refuse_embeddings(ratio)
+                return details
+            ids = list(details.full)
+            slots = [index for index, token in enumerate(ids) if token == token_id]
+            total, keep = (int(v) for v in out_mm_kwargs["image"][item_idx][FIELD].data)
+            if len(slots) != total:
+                raise ValueError(
+                    f"otprune: image {item_idx}: vLLM's placeholder has {len(slots)} embedding tokens (id {token_id}) but "
+                    f"the processor output counts {total}; refusing to insert a placeholder count that may not match"
+                )
+            if keep == total:
+                return details
+            if slots != list(range(slots[0], slots[0] + total)):
+                raise ValueError(f"otprune: image {item_idx}: its {total} embedding tokens are not one run; not pruned")
+            return PromptUpdateDetails.select_token_id(ids[: slots[0]] + [token_id] * keep + ids[slots[0] + total :], token_id)
+
+        return [dataclasses.replace(update, replacement=lambda item_idx, unpruned=update.replacement: cut(item_idx, unpruned))
+                if update.modality == "image" else update for update in updates]  # fmt: skip
 
 
 class PruneMainStepMixin:

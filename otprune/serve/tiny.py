@@ -176,8 +176,6 @@ def write_tiny_onevision(path: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-
-
 def write_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     """A tiny `Qwen3VLForConditionalGeneration` that vLLM loads: Qwen3 LLM of width 64 (2 heads of 32,
     1 kv head, interleaved M-RoPE sections [4, 6, 6]), a 2-block vision tower of width 32 with 16 px
@@ -233,5 +231,39 @@ def write_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_tiny_internvl(path: str | Path, seed: int = 0) -> Path:
+    """`otprune.hf.internvl_tiny`'s checkpoint (64 px tiles, 16 tokens per tile, up to 4 crops plus a
+    thumbnail) with its Qwen2 LLM regrouped to 2 heads of 32 (1 kv head) for vLLM. Its keys already
+    have the layout vLLM's loader reads (`vision_tower.embeddings.*`, `language_model.model.*`)."""
+    from otprune.hf.internvl_tiny import write_tiny_internvl as write_hf
+
+    folder = write_hf(path, seed=seed)
+    _regroup_heads(folder, heads=2, kv_heads=1)
+    return folder
+
+
+def write_tiny_gemma3(path: str | Path, seed: int = 0) -> Path:
+    """`otprune.hf.gemma3_tiny`'s checkpoint (64 px images, 16 tokens each, one sliding-window and one
+    global layer) with an LLM of 2 heads of 32 (1 kv head; Gemma's per-head q/k norms are sized by the
+    head, so the heads are built at 32, not regrouped), the SigLIP keys in the layout vLLM loads, and
+    the runs of 1 to 4 newlines as tokens of their own (vLLM's Gemma 3 processor looks "\\n" .. "\\n\\n\\n\\n"
+    up in the vocabulary, as Gemma's tokenizer has them; ids inside the embedding's padded rows)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from otprune.hf.gemma3_tiny import write_tiny_gemma3 as write_hf
+
+    folder = write_hf(path, seed=seed, num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32)
+    _rewrite_vision_keys(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens([AddedToken("\n" * n, normalized=False) for n in (4, 3, 2, 1)])
+    vocab = json.loads((folder / "config.json").read_text())["text_config"]["vocab_size"]
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the embedding {vocab} rows")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next, "qwen2_5_vl": write_tiny_qwen2_5_vl,
-           "onevision": write_tiny_onevision, "qwen3_vl": write_tiny_qwen3_vl}  # fmt: skip
+           "onevision": write_tiny_onevision, "qwen3_vl": write_tiny_qwen3_vl, "internvl": write_tiny_internvl,
+           "gemma3": write_tiny_gemma3}  # fmt: skip

@@ -67,7 +67,7 @@ def test_default_engine_is_unchanged(tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--models", "liuhaotian/llava-v1.5-7b"], "'liuhaotian/llava-v1.5-7b' is an original-format LLaVA checkpoint"),
-    (["--models", "google/gemma-3-4b-it", "--allow-unknown"], "(lmms-eval model gemma3) is not pruned by the otprune vLLM plugin"),
+    (["--models", "Qwen/Qwen3.5-9B", "--allow-unknown"], "(lmms-eval model qwen3_5) is not pruned by the otprune vLLM plugin"),
     (["--models", "llava-hf/llava-1.5-7b-hf", "--methods", "FASTV"], "setting 'fastv_r0.098_l2' = FASTV (pruning inside the LLM"),
     (["--models", "llava-hf/llava-1.5-7b-hf", "--methods", "VTW", "--vtw-layers", "16"], "setting 'vtw_l16' = VTW"),
     (["--models", "llava-hf/llava-1.5-7b-hf", "--layers", "2"], "setting 'ours_r0.098_l2' = otprune at layer 2"),
@@ -100,8 +100,15 @@ def test_missing_serve_python_is_named(tmp_path):
 
 
 def test_the_plugins_newer_families_run_through_lmms_evals_vllm(tmp_path):
-    for model in ("Qwen/Qwen2.5-VL-7B-Instruct", "llava-hf/llava-onevision-qwen2-7b-ov-hf"):
-        result = run("--dry-run", "--engine", "vllm", "--models", model, "--tasks", "gqa", "--log-dir", str(tmp_path))
+    for model in ("Qwen/Qwen2.5-VL-7B-Instruct", "llava-hf/llava-onevision-qwen2-7b-ov-hf", "OpenGVLab/InternVL3-8B-hf",
+                  "google/gemma-3-4b-it"):
+        result = run("--dry-run", "--engine", "vllm", "--models", model, "--tasks", "gqa", "--log-dir", str(tmp_path),
+                     "--allow-unknown")  # fmt: skip
         assert result.returncode == 0, result.stderr
         (argv,) = commands(result.stdout)
         assert option(argv, "--model") == "vllm" and option(argv, "--model_args") == f"model={model}"
+    folder = tiny_folder(tmp_path, "internvl")  # a transformers-format InternVL folder, by config model_type
+    result = run("--dry-run", "--engine", "vllm", "--models", folder, "--tasks", "gqa", "--log-dir", str(tmp_path / "l"))
+    assert result.returncode == 0, result.stderr
+    (argv,) = commands(result.stdout)
+    assert option(argv, "--model") == "vllm"

@@ -72,6 +72,20 @@ def tiny_qwen3_vl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_internvl(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_internvl
+
+    return str(write_tiny_internvl(tmp_path_factory.mktemp("vllm-internvl") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory):
+    from otprune.serve.tiny import write_tiny_gemma3
+
+    return str(write_tiny_gemma3(tmp_path_factory.mktemp("vllm-gemma3") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_next(tmp_path_factory):
     from otprune.serve.tiny import write_tiny_llava_next
 
@@ -164,10 +178,11 @@ def ratio_cases(prompt: str, prompt2: str, ratio: float, other: str = "other") -
 
 
 def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: float | None, method: str = "otprune",
-                 clip: str | None = None):
+                 clip: str | None = None, edit=None):
     """(prompt length after pruning, greedy tokens, first-step log-probs) from `otprune.hf` on
-    transformers' `model_class` loaded from `path` (fp32); unpruned at ratio None or 1. `clip`: the
-    CLIP checkpoint of CDPruner's text side (`method="cdpruner"`)."""
+    transformers' `model_class` loaded from `path` (fp32), pruned by `method`; unpruned at ratio None or 1.
+    `clip`: the CLIP checkpoint of CDPruner's text side (`method="cdpruner"`). `edit`: a function applied
+    to the processor's output first (e.g. Gemma 3's `token_type_ids` zeroed)."""
     import torch
     import transformers
 
@@ -177,7 +192,11 @@ def hf_reference(path: str, model_class: str, prompt: str, images: list, ratio: 
     processor = transformers.AutoProcessor.from_pretrained(path)
     model = getattr(transformers, model_class).from_pretrained(path, dtype=torch.float32).eval()
     inputs = processor(text=prompt, images=images, return_tensors="pt")
-    options = dict(max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    if edit is not None:
+        inputs = edit(inputs)
+    # eos_token_id=None: all MAX_TOKENS tokens, as vLLM's `ignore_eos=True` in `generate`
+    options = dict(max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                   eos_token_id=None)  # fmt: skip
     with torch.no_grad():
         if ratio is None or ratio == 1.0:
             out = model.generate(**inputs, **options)
@@ -274,6 +293,35 @@ def assert_same(ours, reference, name, tol: float = 1e-4) -> None:
     assert ours[1] == reference[1], name
     for tok, lp in ours[2].items():
         assert math.isclose(lp, reference[2][tok], abs_tol=tol), (name, tok, lp, reference[2][tok])
+
+
+def assert_ratio_1_equals_builtin(runs: dict) -> None:
+    """`family_runs`: ours at ratio 1 (no switch, and `otprune_ratio=1.0`) gives vLLM's class's prompt,
+    tokens and first-step top-5 log-probs, bit for bit, for one and two images."""
+    builtin, plugin = runs["builtin"], runs["plugin"]
+    for ours in ("one", "one@1.0"):
+        assert plugin[ours][:3] == builtin["one"][:3]
+    assert plugin["two"][:3] == builtin["two"][:3]
+
+
+def assert_kept_indices(runs: dict, cases: dict, ratio: float) -> list:
+    """`family_runs`: nothing selected at ratio 1; pruned, each image keeps round(r * T) rows, the indices
+    `otprune.select_tokens` gives on the rows the model saw, and the prompt is shorter by the dropped
+    rows. Returns the records of "two@`ratio`" (one per image) for family-specific checks."""
+    import torch
+
+    import otprune
+
+    records, plugin = runs["records"], runs["plugin"]
+    assert records["one"] == [] and records["one@1.0"] == []
+    for name, full in (("one@0.5", "one"), (f"one@{ratio}", "one"), (f"two@{ratio}", "two")):
+        ratio_ = cases[name][2]
+        removed = sum(rec["total"] - rec["keep"] for rec in records[name])
+        assert len(plugin[name][0]) == len(plugin[full][0]) - removed, name
+        for rec in records[name]:
+            assert rec["keep"] == round(ratio_ * rec["total"])
+            assert torch.equal(rec["kept"], otprune.select_tokens(rec["features"], ratio_)), name
+    return records[f"two@{ratio}"]
 
 
 def assert_rounds_same(rounds: list, plugin: dict, ratio: float, min_cached: int) -> None:

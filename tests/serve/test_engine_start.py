@@ -23,7 +23,9 @@ PRUNING = {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}
 PRUNED_NAMES = (r"LlavaForConditionalGeneration \(LLaVA-1\.5\), LlavaNextForConditionalGeneration \(LLaVA-NeXT\), "
                 r"Qwen2_5_VLForConditionalGeneration \(Qwen2\.5-VL, images\), "
                 r"LlavaOnevisionForConditionalGeneration \(LLaVA-OneVision, images\), "
-                r"Qwen3VLForConditionalGeneration \(Qwen3-VL, images\)")
+                r"Qwen3VLForConditionalGeneration \(Qwen3-VL, images\), "
+                r"InternVLForConditionalGeneration \(InternVL \(HF format\), images\), "
+                r"Gemma3ForConditionalGeneration \(Gemma 3, images without pan-and-scan\)")
 
 BAD_SETTINGS = [  # (environment, what the error says)
     ({"BASELINE": "PRUMERGE_PLUS", "SUBSET_RATIO": "0.25"}, r"BASELINE=PRUMERGE_PLUS: PruMerge\+ merges tokens inside the vision tower"),
@@ -61,6 +63,8 @@ QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What
 QWEN_VIDEO = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
 ONEVISION_PROMPT = "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
 ONEVISION_VIDEO = "<|im_start|>user\n<video>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+INTERNVL_PROMPT = "<|im_start|>user\n<IMG_CONTEXT>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+GEMMA3_PROMPT = "<bos><start_of_turn>user\n<start_of_image>What is it?<end_of_turn>\n<start_of_turn>model\n"
 
 
 def _torchless(error: BaseException) -> bool:
@@ -117,6 +121,19 @@ def test_onevision_starts_and_serves_images_unpruned(tiny_onevision):
     assert tokens == int((expected == image_token).sum()) > 0
 
 
+def test_internvl_starts_with_videos_allowed_and_serves_images_unpruned(tiny_internvl):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_internvl)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    # as OneVision: the plugin counts InternVL's video budget (one 16-token tile per frame) without
+    # processing a dummy video, so the engine starts with videos allowed; a video request fails alone
+    video_prompt = INTERNVL_PROMPT.replace("<IMG_CONTEXT>", "<video>")
+    tokens = _serves_images_unpruned_and_refuses_videos(tiny_internvl, INTERNVL_PROMPT, video_prompt, image_token)
+    expected = processor(text=INTERNVL_PROMPT, images=[image(0)], return_tensors="pt")["input_ids"]
+    assert tokens == int((expected == image_token).sum()) > 0
+
+
 def _hashes(model: str, env: dict, monkeypatch, request: dict | None = None) -> list[str]:
     """vLLM's multimodal hash of one image, as the plugin's processor computes it under `env`."""
     from conftest import SWITCHES
@@ -152,9 +169,9 @@ def test_the_engines_default_ratio_and_method_enter_the_multimodal_hash(tiny_lla
         tiny_llava, {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.5"}, monkeypatch, {"otprune_ratio": 1.0})
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "onevision", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "onevision", "qwen3_vl", "internvl", "gemma3"])
 def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, tiny_onevision, tiny_qwen3_vl,
-                                                            monkeypatch):  # fmt: skip
+                                                            tiny_internvl, tiny_gemma3, monkeypatch):  # fmt: skip
     """What lmms-eval's `--model vllm` records for a request (no engine: vLLM's front-end processing)."""
     from conftest import SWITCHES
     from vllm.config import ModelConfig
@@ -168,8 +185,9 @@ def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, t
     load_general_plugins()
     for name in SWITCHES:
         monkeypatch.delenv(name, raising=False)
-    model = {"qwen2_5_vl": tiny_qwen, "onevision": tiny_onevision, "qwen3_vl": tiny_qwen3_vl}[family]
-    prompt = ONEVISION_PROMPT if family == "onevision" else QWEN_PROMPT
+    model = {"qwen2_5_vl": tiny_qwen, "onevision": tiny_onevision, "qwen3_vl": tiny_qwen3_vl, "internvl": tiny_internvl,
+             "gemma3": tiny_gemma3}[family]  # fmt: skip
+    prompt = {"onevision": ONEVISION_PROMPT, "internvl": INTERNVL_PROMPT, "gemma3": GEMMA3_PROMPT}.get(family, QWEN_PROMPT)
     processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=model, dtype="float32", max_model_len=1024))
     tokenizer = processor.info.get_tokenizer()
     seen = []
@@ -188,7 +206,7 @@ def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, t
     (record,) = seen
     (total,), (keep,) = record.image_tokens_before, record.image_tokens_after
     assert keep == round(0.25 * total) and total > keep
-    assert record.text_tokens + keep == len(result["prompt_token_ids"])
+    assert record.text_tokens + keep == len(result["prompt_token_ids"])  # text rows: <img> / </img> etc. included
 
 
 def test_vllms_own_video_pruning_with_the_plugin_refuses_to_start(tiny_qwen):

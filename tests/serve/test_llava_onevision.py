@@ -15,9 +15,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
 
-import torch  # noqa: E402
 from conftest import (  # noqa: E402
+    assert_kept_indices,
     assert_matches,
+    assert_ratio_1_equals_builtin,
     assert_rounds_same,
     assert_same,
     family_runs,
@@ -25,8 +26,6 @@ from conftest import (  # noqa: E402
     ratio_cases,
     sized_images,
 )
-
-import otprune  # noqa: E402
 
 RATIO = 0.25
 ARCH_BUILTIN = "VllmLlavaOnevisionForConditionalGeneration"
@@ -45,23 +44,12 @@ def runs(tiny_onevision):
 
 
 def test_ratio_1_equals_vllm_builtin_tokens_and_logprobs(runs):
-    builtin, plugin = runs["builtin"], runs["plugin"]
-    for ours in ("one", "one@1.0"):
-        assert plugin[ours][:3] == builtin["one"][:3]  # prompt, tokens, first-step top-5 log-probs, bit for bit
-    assert plugin["two"][:3] == builtin["two"][:3]
+    assert_ratio_1_equals_builtin(runs)
 
 
 def test_kept_indices_and_placeholder_counts(runs):
-    records, plugin = runs["records"], runs["plugin"]
-    assert records["one"] == [] and records["one@1.0"] == []
-    for name, full in (("one@0.5", "one"), ("one@0.25", "one"), ("two@0.25", "two")):
-        ratio = CASES[name][2]
-        removed = sum(rec["total"] - rec["keep"] for rec in records[name])
-        assert len(plugin[name][0]) == len(plugin[full][0]) - removed, name
-        for rec in records[name]:
-            assert rec["keep"] == round(ratio * rec["total"])
-            assert torch.equal(rec["kept"], otprune.select_tokens(rec["features"], ratio)), name
-    assert len({rec["total"] for rec in records["two@0.25"]}) == 2  # two grids, two token counts
+    two = assert_kept_indices(runs, CASES, RATIO)
+    assert len({rec["total"] for rec in two}) == 2  # two grids, two token counts
 
 
 def test_pruned_equals_otprune_hf(runs, tiny_onevision):

@@ -27,19 +27,24 @@ TOKENS = 64  # the tiny checkpoint: 112 px crop, 14 px patches
 RATIO = 0.25
 
 
-def test_run_script_engine_vllm(tiny_llava, tmp_path):
+def run_script(model: str, logs: Path) -> None:
+    """`run_OTPrune.sh --engine vllm` on `model`: otprune_smoke_gen, 2 documents, OURS at `RATIO`, logs in `logs`."""
     env = {key: value for key, value in os.environ.items()
            if key not in (*SWITCHES, "VLLM_ENABLE_V1_MULTIPROCESSING", "OTPRUNE_RECORDS", "OTPRUNE_RUN_ID", "PYTHON")}
     env.update(PYTHON=sys.executable, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    logs = tmp_path / "logs"
     result = subprocess.run(
-        ["bash", str(ROOT / "run_OTPrune.sh"), "--engine", "vllm", "--python", sys.executable, "--models", tiny_llava,
+        ["bash", str(ROOT / "run_OTPrune.sh"), "--engine", "vllm", "--python", sys.executable, "--models", model,
          "--tasks", "otprune_smoke_gen", "--limit", "2", "--methods", "OURS", "--ratios", str(RATIO),
          "--model-args", "enforce_eager=True,max_model_len=1024,dtype=float32", "--log-dir", str(logs)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def test_run_script_engine_vllm(tiny_llava, tmp_path):
+    logs = tmp_path / "logs"
+    run_script(tiny_llava, logs)
 
     files = list(logs.rglob("otprune_records_*.jsonl"))
     assert len(files) == 1, files  # written by lmms-eval's process only (not vLLM's engine processes)
@@ -67,3 +72,22 @@ def test_run_script_engine_vllm(tiny_llava, tmp_path):
         f"local:{os.path.realpath(tiny_llava)}", "OTPrune", "0", RATIO)
     assert row["otprune_smoke_gen:exact_match"] != "" and row["samples"] == "2"
     assert float(row["tflops_percent"]) < 100
+
+
+@pytest.mark.parametrize("family", ["internvl", "gemma3"])
+def test_run_script_engine_vllm_newer_families(family, tiny_internvl, tiny_gemma3, tmp_path):
+    """The same path for a transformers-format InternVL and a Gemma 3 (routed by their config's model_type):
+    each image keeps round(0.25 * T) of its T tokens (InternVL: 16 x tiles, Gemma 3: 16), one record per
+    document, and the report has the row."""
+    logs = tmp_path / "logs"
+    run_script({"internvl": tiny_internvl, "gemma3": tiny_gemma3}[family], logs)
+    (records,) = list(logs.rglob("otprune_records_*.jsonl"))
+    spec_line, *lines, end = [json.loads(line) for line in records.read_text().splitlines()]
+    assert spec_line["spec"]["lmms_model"] == "vllm" and end["requests"] == 2 == end["records"]
+    for record in lines:
+        (before,), (after,) = record["image_tokens_before"], record["image_tokens_after"]
+        assert before % 16 == 0 and after == round(RATIO * before) < before
+        assert record["seq_len_after"] == record["text_tokens"] + after and record["text_tokens"] > 0
+    with open(logs / "otprune_report.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["method"] == "OTPrune" and row["samples"] == "2"

@@ -58,9 +58,10 @@ def test_check_architecture():
     pruning = {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}
     for arch in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                  "OTPruneLlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                 "LlavaOnevisionForConditionalGeneration", "Qwen3VLForConditionalGeneration"):  # fmt: skip
+                 "LlavaOnevisionForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+                 "InternVLForConditionalGeneration", "Gemma3ForConditionalGeneration"):  # fmt: skip
         assert serve.check_architecture(arch, pruning).enabled
-    for arch in ("Qwen2VLForConditionalGeneration", "InternVLChatModel", "Gemma3ForConditionalGeneration",
+    for arch in ("Qwen2VLForConditionalGeneration", "InternVLChatModel", "VllmGemma3ForConditionalGeneration",
                  "VllmLlavaForConditionalGeneration", "LlamaForCausalLM", "TransformersMultiModalForCausalLM"):  # fmt: skip
         assert not serve.check_architecture(arch, {}).enabled  # no switch: served unpruned
         with pytest.raises(ValueError, match=f"architecture {arch} is not one the plugin prunes: LlavaForConditionalGeneration"):

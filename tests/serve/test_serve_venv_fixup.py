@@ -15,7 +15,8 @@ pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv 
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ["utils/dummy_torchvision_objects.py", "models/qwen2_vl/video_processing_qwen2_vl.py",
-         "models/llava_onevision/video_processing_llava_onevision.py"]  # fmt: skip
+         "models/llava_onevision/video_processing_llava_onevision.py", "models/internvl/video_processing_internvl.py",
+         "models/auto/video_processing_auto.py"]  # fmt: skip
 
 
 def test_video_stand_ins_from_scratch_equal_the_venv_and_are_idempotent(tmp_path, capsys):
@@ -38,6 +39,7 @@ def test_video_stand_ins_from_scratch_equal_the_venv_and_are_idempotent(tmp_path
     for name in made:
         assert (fresh / name).read_text() == (venv / name).read_text(), name
     assert "models/qwen2_vl/torchless_video_qwen2_vl.py" in made
+    assert {"models/internvl/torchless_video_internvl.py", "models/auto/torchless_video_auto.py"} <= set(made)
     capsys.readouterr()
     snapshot = {name: (fresh / name).read_text() for name in made}
     assert fixup.fix_videos(fresh) == 0
