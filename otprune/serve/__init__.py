@@ -142,6 +142,48 @@ def register() -> None:
         for arch, target in table.items():
             ModelRegistry.register_model(arch, target)
     _guard(ModelRegistry)
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    _guard_requests(MULTIMODAL_REGISTRY)
+
+
+def _guard_requests(registry) -> None:
+    """Refuse a request that asks for pruning (`otprune_ratio` < 1) on a model whose processor is
+    not the plugin's (an architecture it does not prune, or a `Vllm*` built-in alias): vLLM would
+    hand the key to transformers' processor, which ignores it, and serve the request unpruned.
+    The processors vLLM builds (`create_processor`, in the front end) that are not ours get their
+    `apply` checked: such a request fails alone (HTTP 400 in the server), naming `otprune_ratio`,
+    the architecture and the ones the plugin prunes; `otprune_ratio=1.0` is served. Idempotent."""
+    if getattr(registry, "otprune_guarded", False):
+        return
+    create = registry.create_processor
+
+    def create_processor(model_config, *args, **kwargs):
+        processor = create(model_config, *args, **kwargs)
+        from otprune.serve._common import PruneProcessorMixin
+
+        if not isinstance(processor, PruneProcessorMixin):
+            apply = processor.apply
+            arch = ",".join(getattr(model_config, "architectures", None) or ["?"])
+
+            def checked_apply(inputs, *a, **k):
+                value = (getattr(inputs, "hf_processor_mm_kwargs", None) or {}).get(REQUEST_KEY)
+                if value is not None and parse_ratio(value) < 1.0:
+                    raise ValueError(refusal(arch, f"{REQUEST_KEY}={value!r} asks for pruning"))
+                return apply(inputs, *a, **k)
+
+            processor.apply = checked_apply
+        return processor
+
+    registry.create_processor = create_processor
+    registry.otprune_guarded = True
+
+
+def refusal(arch: str, what: str) -> str:
+    """The message for pruning asked of architecture `arch`, which the plugin does not prune."""
+    pruned = ", ".join(f"{name} ({family})" for name, family in PRUNED.items())
+    return (f"the otprune vLLM plugin: {what}, but the model's architecture {arch} is not one the plugin prunes: "
+            f"{pruned}")
 
 
 def _guard(registry) -> None:
@@ -182,11 +224,9 @@ def check_architecture(arch: str, environ: Mapping[str, str] | None = None) -> P
         )
     if not config.enabled or arch in PRUNED:
         return config
-    pruned = ", ".join(f"{name} ({family})" for name, family in PRUNED.items())
     raise ValueError(
-        f"the otprune vLLM plugin: BASELINE={config.method.upper()} SUBSET_RATIO={config.ratio} asks for pruning, but "
-        f"the model's architecture {arch} is not one the plugin prunes: {pruned}. Unset BASELINE, SUBSET_RATIO "
-        "and LAYER_INDEX to serve it unpruned"
+        refusal(arch, f"BASELINE={config.method.upper()} SUBSET_RATIO={config.ratio} asks for pruning")
+        + ". Unset BASELINE, SUBSET_RATIO and LAYER_INDEX to serve it unpruned"
     )
 
 

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
 
-from conftest import engine, image  # noqa: E402
+from conftest import engine, generate, image, request  # noqa: E402
 
 PRUNING = {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}
 PRUNED_NAMES = (r"LlavaForConditionalGeneration \(LLaVA-1\.5\), LlavaNextForConditionalGeneration \(LLaVA-NeXT\), "
@@ -213,3 +213,15 @@ def test_vllms_own_video_pruning_with_the_plugin_refuses_to_start(tiny_qwen):
     with pytest.raises(Exception, match=r"cannot run with vLLM's video pruning \(--video-pruning-rate"):
         with engine(tiny_qwen, video_pruning_rate=0.5, limit_mm_per_prompt={"image": 1, "video": 0}):
             pass
+
+
+def test_a_pruning_request_to_a_model_the_plugin_does_not_prune_fails_alone(tiny_llava):
+    """Without switches any architecture serves; a request asking for pruning (otprune_ratio < 1) on
+    one the plugin does not prune (here vLLM's own LLaVA class) fails, naming the key and the
+    architecture, never served unpruned; the engine keeps serving, otprune_ratio=1.0 included."""
+    prompt = "USER: <image>\nWhat is it? ASSISTANT:"
+    with engine(tiny_llava, arch="VllmLlavaForConditionalGeneration", enable_prefix_caching=False) as llm:
+        with pytest.raises(Exception, match=r"otprune_ratio=0\.5 asks for pruning.*VllmLlavaForConditionalGeneration"):
+            generate(llm, [request(prompt, [image(0)], 0.5)])
+        plain, at_one = generate(llm, [request(prompt, [image(0)]), request(prompt, [image(0)], 1.0)])
+        assert plain[:3] == at_one[:3]
