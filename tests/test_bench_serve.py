@@ -4,6 +4,7 @@ import pytest
 
 from otprune.bench import serve as bench_serve
 from otprune.cli import build_parser
+from otprune.hf.families import load_object
 
 
 def test_table_reports_ratios_beside_the_flops_prediction():
@@ -32,14 +33,14 @@ def test_cli_has_bench_serve():
 def test_families_the_plugin_prunes_and_refusals():
     from otprune.serve import PRUNED
 
-    for name in ("llava", "qwen2_5_vl", "qwen3_vl"):
+    for name in ("llava", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3"):
         entry = bench_serve.serve_family(name)
         assert entry.architecture in PRUNED and entry.name == name
     for name in bench_serve.SERVE_FAMILIES:  # the table's other entries are refused while the plugin does not prune them
         if bench_serve.SERVE_FAMILIES[name].architecture not in PRUNED:
             with pytest.raises(ValueError, match=f"--family='{name}': the vLLM plugin does not prune"):
                 bench_serve.serve_family(name)
-    with pytest.raises(ValueError, match="--family='qwen3_5': must be one of llava, qwen2_5_vl, qwen3_vl"):
+    with pytest.raises(ValueError, match="--family='qwen3_5': must be one of llava, qwen2_5_vl, qwen3_vl, internvl, gemma3"):
         bench_serve.serve_family("qwen3_5")
 
 
@@ -55,7 +56,7 @@ def test_sizes_default_to_the_real_model_except_llava():
         bench_serve.serve_size(bench_serve.SERVE_FAMILIES["llava"], kv_heads=3)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "internvl", "gemma3"])
 def test_checkpoint_from_the_prefill_builder(tmp_path, family):
     # The checkpoint vLLM loads: the LLM sizes asked for (head size written out), the processor for
     # images giving the family's visual tokens, the prompt with one image placeholder.
@@ -63,14 +64,16 @@ def test_checkpoint_from_the_prefill_builder(tmp_path, family):
 
     entry = bench_serve.SERVE_FAMILIES[family]
     size = bench_serve.serve_size(entry, 128, heads=4, kv_heads=2)
-    path, prompt = bench_serve.write_from_prefill(tmp_path / family, family, size, 1)
+    path, prompt = load_object(entry.writer)(tmp_path / family, family, size, 1)
     top = transformers.AutoConfig.from_pretrained(path)
     config = top.get_text_config()
     assert (config.hidden_size, config.num_attention_heads, config.head_dim, config.num_hidden_layers) == (128, 4, 32, 1)
-    assert sum(config.rope_parameters["mrope_section"]) == 16  # half the head size
+    if family.startswith("qwen"):
+        assert sum(config.rope_parameters["mrope_section"]) == 16  # half the head size
     processor = transformers.AutoProcessor.from_pretrained(path)
     inputs = processor(images=[bench_serve._image(0, entry.image)], text=[prompt], return_tensors="pt")
-    assert int((inputs["input_ids"] == top.image_token_id).sum()) == entry.visual_tokens
+    image_token = getattr(top, "image_token_id", None) or top.image_token_index
+    assert int((inputs["input_ids"] == image_token).sum()) == entry.visual_tokens
 
 
 def test_table_names_the_family_geometry_and_sizes():

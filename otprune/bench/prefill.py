@@ -518,7 +518,7 @@ def _internvl_parts(family: str, size: LLMSize, layers: int, videos: bool = True
     )
     processor = transformers.InternVLProcessor(
         image_processor=image_processor, tokenizer=tokenizer,
-        video_processor=transformers.InternVLVideoProcessor() if videos else None,
+        video_processor=transformers.InternVLVideoProcessor(),  # required even for images (serve venv: the fixup's stand-in)
         image_seq_length=(tile // _PATCH // 2) ** 2, chat_template=tiny.CHAT_TEMPLATE,
     )  # fmt: skip
     vision = transformers.InternVLVisionConfig(

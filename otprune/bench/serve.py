@@ -5,11 +5,14 @@ point) on a random-weight checkpoint of the family (`SERVE_FAMILIES`, `--family`
 - llava: LLaVA-1.5 geometry written by `otprune.serve.tiny`: a CLIP tower at 336 px / 14 px
   patches (576 tokens per image; a narrow 2-layer tower, the cost of interest is the LLM's), a
   Llama LLM of --width / --intermediate / --layers (default a small one: d = 1024);
-- qwen2_5_vl, qwen3_vl (and any family the plugin prunes that has an entry): the model
-  `otprune bench prefill` builds (`otprune.bench.prefill.parts`: the real LLM sizes of the
-  family's 7B / 8B model by default, --layers of its decoder layers, a tiny vision tower with the
-  real patch grid), saved with `save_pretrained`: Qwen2.5-VL 448 px -> 256 tokens, Qwen3-VL 448 px
-  -> 196 tokens per image. Images only: the plugin does not prune videos.
+- qwen2_5_vl, qwen3_vl, internvl, gemma3: the model `otprune bench prefill` builds
+  (`otprune.bench.prefill.parts`: the real LLM sizes of the family's 7B / 8B / 4B model by
+  default, --layers of its decoder layers, a tiny vision tower with the real patch grid), saved
+  with `save_pretrained`: Qwen2.5-VL 448 px -> 256 tokens, Qwen3-VL 448 px -> 196 tokens,
+  InternVL3 1344 x 896 -> 6 tiles of 448 px + the thumbnail = 1792 tokens (pruned as one set),
+  Gemma 3 896 px -> 256 tokens (Gemma 3's SigLIP keys and tokenizer adjusted for vLLM's loader,
+  `write_gemma3`; on vLLM's CPU backend its image tokens attend causally, pruned or not). Images
+  only: the plugin does not prune videos.
 A family whose architecture the plugin does not prune (`otprune.serve.PRUNED`) is refused by name
 before anything is written. Unpruned and pruned requests
 differ only in their `mm_processor_kwargs` (`otprune_ratio` 1.0 vs --ratio), so both run in the
@@ -66,6 +69,7 @@ class ServeFamily:
         small: the default LLM when not the real one (llava: d, m, heads), or None = the real
             sizes of `otprune.bench.prefill.llm_size(family)`.
         layers: default decoder layers.
+        note: a line printed under the table's header ("" = none), e.g. what vLLM computes differently.
     """
 
     name: str
@@ -76,6 +80,7 @@ class ServeFamily:
     geometry: str
     small: tuple[int, int, int] | None = None
     layers: int = 2
+    note: str = ""
 
 
 # A new family is one entry (the plugin must prune its architecture).
@@ -90,8 +95,10 @@ SERVE_FAMILIES: dict[str, ServeFamily] = {
                     (448, 448), 196, "Qwen3-VL geometry: 448 px image, 16 px patches, 2 x 2 merge, DeepStack"),
         ServeFamily("internvl", "InternVLForConditionalGeneration", "otprune.bench.serve:write_from_prefill",
                     (1344, 896), 1792, "InternVL geometry: 448 px tiles, 6 + thumbnail, 256 tokens each"),
-        ServeFamily("gemma3", "Gemma3ForConditionalGeneration", "otprune.bench.serve:write_from_prefill",
-                    (896, 896), 256, "Gemma 3 geometry: 896 px SigLIP, 14 px patches, pooled 4 x 4"),
+        ServeFamily("gemma3", "Gemma3ForConditionalGeneration", "otprune.bench.serve:write_gemma3",
+                    (896, 896), 256, "Gemma 3 geometry: 896 px SigLIP, 14 px patches, pooled 4 x 4",
+                    note="vLLM's CPU backend has no bidirectional image block: image tokens attend causally, "
+                         "pruned and unpruned alike (the plugin warns at start)"),
     )
 }  # fmt: skip
 
@@ -160,6 +167,16 @@ def write_from_prefill(folder, family: str, size, layers: int):
     text = part.config.get_text_config()
     GenerationConfig(eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id).save_pretrained(folder)
     return folder, part.image_prompt
+
+
+def write_gemma3(folder, family: str, size, layers: int):
+    """`write_from_prefill`'s Gemma 3, then made loadable by vLLM (`otprune.serve.tiny.gemma3_for_vllm`:
+    the SigLIP keys' layout, the newline tokens vLLM's Gemma 3 processor looks up)."""
+    from otprune.serve.tiny import gemma3_for_vllm
+
+    path, prompt = write_from_prefill(folder, family, size, layers)
+    gemma3_for_vllm(path)
+    return path, prompt
 
 
 @dataclasses.dataclass
@@ -339,6 +356,7 @@ def format_table(result: ServeResult) -> str:
         f"{SERVE_FAMILIES[r.family].geometry} -> {r.visual_tokens} visual tokens per image, kept {r.kept_tokens}; "
         f"prompt {r.prompt_tokens} -> {r.pruned_prompt_tokens} tokens; random LLM "
         f"{r.size_label or f'd={r.width}, m={r.intermediate}'}, {r.layers} layers, fp32; engine start {r.start_s:.0f} s",
+        *([SERVE_FAMILIES[r.family].note] if SERVE_FAMILIES[r.family].note else []),
         "",
         "| measure | unpruned | pruned | pruned / unpruned | FLOPs-predicted (prefill) |",
         "|---|---|---|---|---|",

@@ -36,8 +36,9 @@ def _register_serve(what) -> None:
         help="vLLM offline throughput and time to first token, unpruned vs pruned (serve venv)",
         description=(
             "One vLLM engine with the otprune plugin on a random checkpoint of --family: llava (LLaVA-1.5 geometry, "
-            "336 px CLIP tower, 576 tokens per image, a small LLM by default), qwen2_5_vl (448 px image, 256 tokens) "
-            "or qwen3_vl (448 px, 196 tokens) at their real 7B / 8B LLM sizes by default with --layers decoder layers; "
+            "336 px CLIP tower, 576 tokens per image, a small LLM by default), qwen2_5_vl (448 px image, 256 tokens), "
+            "qwen3_vl (448 px, 196 tokens), internvl (1344 x 896 image: 6 tiles of 448 px + thumbnail, 1792 tokens) "
+            "or gemma3 (896 px, 256 tokens) at their real 7B / 8B / 4B LLM sizes by default with --layers decoder layers; "
             "families whose architecture the plugin does not prune are refused. Requests/s and time to first token "
             "unpruned (otprune_ratio 1.0) vs pruned (--ratio), interleaved in the same engine, beside the ratio the "
             "FLOPs formula predicts. Needs the serve extra (make serve-venv)."

@@ -248,12 +248,20 @@ def write_tiny_gemma3(path: str | Path, seed: int = 0) -> Path:
     head, so the heads are built at 32, not regrouped), the SigLIP keys in the layout vLLM loads, and
     the runs of 1 to 4 newlines as tokens of their own (vLLM's Gemma 3 processor looks "\\n" .. "\\n\\n\\n\\n"
     up in the vocabulary, as Gemma's tokenizer has them; ids inside the embedding's padded rows)."""
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
-
     from otprune.hf.gemma3_tiny import write_tiny_gemma3 as write_hf
 
     folder = write_hf(path, seed=seed, num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32)
+    gemma3_for_vllm(folder)
+    return folder
+
+
+def gemma3_for_vllm(folder: Path) -> None:
+    """A Gemma 3 checkpoint saved by transformers with a `otprune.hf.tiny` tokenizer, made loadable by
+    vLLM: the SigLIP keys under `vision_tower.vision_model.`, and the runs of 1 to 4 newlines added as
+    tokens (vLLM's Gemma 3 processor looks them up; they must fit in the embedding's padded rows)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
     _rewrite_vision_keys(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.add_tokens([AddedToken("\n" * n, normalized=False) for n in (4, 3, 2, 1)])
@@ -261,7 +269,6 @@ def write_tiny_gemma3(path: str | Path, seed: int = 0) -> Path:
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the embedding {vocab} rows")
     tokenizer.save_pretrained(folder)
-    return folder
 
 
 WRITERS = {"llava": write_tiny_llava, "llava_next": write_tiny_llava_next, "qwen2_5_vl": write_tiny_qwen2_5_vl,

@@ -1,5 +1,5 @@
 """`otprune bench serve --family` runs one tiny step in vLLM for every family the plugin prunes
-with a real-geometry checkpoint (Qwen2.5-VL, Qwen3-VL): the token counts the engine reports
+with a real-geometry checkpoint (Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3): the token counts the engine reports
 against the geometry, the FLOPs ratio against the formula written out, the selection timed. No
 timing assertions."""
 
@@ -12,8 +12,10 @@ pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv 
 from otprune.bench import serve as bench_serve  # noqa: E402
 
 RATIO = 0.098
-# visual tokens of a 448 x 448 image: Qwen2.5-VL 448 / (14 px x 2 merge) = 16 per side, Qwen3-VL 448 / (16 x 2) = 14
-VISUAL = {"qwen2_5_vl": 16 * 16, "qwen3_vl": 14 * 14}
+# visual tokens of a 448 x 448 image: Qwen2.5-VL 448 / (14 px x 2 merge) = 16 per side, Qwen3-VL 448 / (16 x 2) = 14;
+# InternVL's 1344 x 896 image: 3 x 2 tiles of 448 px + a thumbnail, each 448 / (14 px x 2 pixel shuffle) = 16 per side;
+# Gemma 3's 896 px image: 64 x 64 patches of 14 px pooled 4 x 4 -> 16 per side
+VISUAL = {"qwen2_5_vl": 16 * 16, "qwen3_vl": 14 * 14, "internvl": (3 * 2 + 1) * 16 * 16, "gemma3": 16 * 16}
 
 
 def formula(n: int, d: int, m: int, layers: int) -> int:
@@ -26,7 +28,7 @@ def test_one_tiny_step(family):
     size = bench_serve.serve_size(entry, 128, intermediate=256, heads=4, kv_heads=2)  # head size 32 (vLLM CPU)
     result = bench_serve.run(family=family, size=size, layers=1, ratio=RATIO, requests=1, max_tokens=1, rounds=1,
                              ttft_repeats=1, progress=lambda message: None,
-                             engine_options={"enforce_eager": True, "max_model_len": 1024})  # fmt: skip
+                             engine_options={"enforce_eager": True, "max_model_len": 2048})  # fmt: skip
     assert result.visual_tokens == entry.visual_tokens == VISUAL[family]
     assert result.kept_tokens == round(RATIO * VISUAL[family])
     assert result.prompt_tokens - result.pruned_prompt_tokens == VISUAL[family] - result.kept_tokens
