@@ -36,12 +36,14 @@ differently never share an image's tokens.
 
 vLLM's built-in classes stay reachable under `Vllm<architecture>` (`BUILTINS`;
 `hf_overrides={"architectures": [...]}`).
-Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, every kept token
-keeping its unpruned M-RoPE position (`otprune.serve._mrope`); videos are not pruned (a request
-that prunes and holds a video is refused). LLaVA-OneVision
-(`LlavaOnevisionForConditionalGeneration`): each image's anyres set pruned jointly, as
-LLaVA-NeXT's; videos likewise not pruned. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as
-Qwen2.5-VL, the DeepStack features kept with the same indices. Not covered (refused with
+Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, and videos (each
+video one token set, all its frames: K = round(r * T) per video, as `otprune.hf`), every kept token
+keeping its unpruned M-RoPE position (`otprune.serve._mrope`); a video's (T, K) travels as the
+per-video field `otprune_keep_video`. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as Qwen2.5-VL,
+the DeepStack features kept with the same indices; a pruned video's timestamp text stays between
+its frames. LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): each image's anyres set
+pruned jointly, as LLaVA-NeXT's; videos not pruned (a request that prunes and holds a video is
+refused). Not covered (refused with
 switches set): InternVL, Gemma 3 (not attempted; note: vLLM 0.32's CPU attention backend
 reports no support for Gemma 3's bidirectional image-token span, `supports_mm_prefix()` False),
 Qwen2-VL, others.
@@ -64,6 +66,8 @@ LOGGER = logging.getLogger("otprune")
 REQUEST_KEY = "otprune_ratio"
 # The per-image field the processor hands to the model: (T, K) = (tokens before, kept).
 FIELD = "otprune_keep"
+# The same per video (the families that prune videos: Qwen2.5-VL, Qwen3-VL).
+VIDEO_FIELD = "otprune_keep_video"
 
 # vLLM architecture name -> our class ("module:Class", imported lazily by vLLM).
 MODELS: dict[str, str] = {
@@ -77,9 +81,9 @@ MODELS: dict[str, str] = {
 PRUNED: dict[str, str] = {
     "LlavaForConditionalGeneration": "LLaVA-1.5",
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
-    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images, videos",
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
-    "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
+    "Qwen3VLForConditionalGeneration": "Qwen3-VL, images, videos",
 }
 # Aliases that keep vLLM's own (unpruned) classes reachable beside ours.
 BUILTINS: dict[str, str] = {
@@ -206,4 +210,4 @@ def pruning_identity(engine: PruneConfig, value: object = None) -> str:
     return f"{config.method} r={ratio!r} order={config.order} {params}".strip()
 
 
-__all__ = ["ALIASES", "BUILTINS", "FIELD", "MODELS", "PRUNED", "REQUEST_KEY", "check_architecture", "engine_config", "parse_ratio", "pruning_identity", "register", "request_config", "request_ratio"]
+__all__ = ["ALIASES", "BUILTINS", "FIELD", "VIDEO_FIELD", "MODELS", "PRUNED", "REQUEST_KEY", "check_architecture", "engine_config", "parse_ratio", "pruning_identity", "register", "request_config", "request_ratio"]

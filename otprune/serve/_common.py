@@ -14,7 +14,15 @@ from torch import Tensor
 import otprune
 from otprune import stats as sample_stats
 from otprune.config import PruneConfig, announce
-from otprune.serve import FIELD, REQUEST_KEY, engine_config, pruning_identity, request_config, request_ratio
+from otprune.serve import (
+    FIELD,
+    REQUEST_KEY,
+    VIDEO_FIELD,
+    engine_config,
+    pruning_identity,
+    request_config,
+    request_ratio,
+)
 
 # The hash-only key `_get_mm_hashes` adds (never handed to the HF processor).
 HASH_KEY = "otprune_pruning"
@@ -44,10 +52,17 @@ class PruneInfoMixin:
 
 
 class PruneProcessorMixin:
-    """Multimodal processor: K = round(r * T) placeholders per image, (T, K) as the field `FIELD`."""
+    """Multimodal processor: K = round(r * T) placeholders per image, (T, K) as the field `FIELD`
+    (and per video as `VIDEO_FIELD` where `otprune_prunes_videos`)."""
+
+    otprune_prunes_videos: bool = False
 
     def otprune_token_counts(self, processed) -> list[int]:
         """T of every image in an HF processor output (the rows vLLM's model gives per image)."""
+        raise NotImplementedError
+
+    def otprune_video_counts(self, processed) -> list[int]:
+        """T of every video in an HF processor output (all its frames' rows), where videos are pruned."""
         raise NotImplementedError
 
     def otprune_image_tokens(self, width: int, height: int) -> int:
@@ -66,14 +81,19 @@ class PruneProcessorMixin:
             )
 
     def otprune_add_counts(self, processed, hf_kwargs: Mapping[str, object]):
-        """`processed` (the HF processor's output) with (T, K) per image as the field `FIELD`."""
+        """`processed` (the HF processor's output) with (T, K) per image as the field `FIELD` (per
+        video as `VIDEO_FIELD`)."""
         engine = self.info.otprune_engine_config()
         ratio = request_ratio(engine, hf_kwargs.get(REQUEST_KEY))
-        if processed.get("pixel_values") is None:
-            return processed
-        totals = torch.tensor(self.otprune_token_counts(processed), dtype=torch.long)
-        keep = otprune.keep_counts(ratio, totals) if totals.numel() else totals
-        processed[FIELD] = torch.stack([totals, keep], dim=1)  # (images, 2): T, K
+        fields = [(FIELD, "pixel_values", self.otprune_token_counts)]
+        if self.otprune_prunes_videos:
+            fields.append((VIDEO_FIELD, "pixel_values_videos", self.otprune_video_counts))
+        for field, pixels, counts in fields:
+            if processed.get(pixels) is None:
+                continue
+            totals = torch.tensor(counts(processed), dtype=torch.long)
+            keep = otprune.keep_counts(ratio, totals) if totals.numel() else totals
+            processed[field] = torch.stack([totals, keep], dim=1)  # (items, 2): T, K
         return processed
 
     def _get_mm_hashes(self, inputs):
@@ -123,6 +143,8 @@ class PruneProcessorMixin:
 
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields[FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        if self.otprune_prunes_videos:
+            fields[VIDEO_FIELD] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs):
