@@ -236,6 +236,7 @@ class MRopeModelMixin(PruneModelMixin):
     columns of a tower row the selection sees (None: all; Qwen3-VL: the main, non-DeepStack ones)."""
 
     otprune_select_columns: int | None = None
+    otprune_positions: list | None = None  # tests: set to a list and every forward appends its (3, tokens) positions
     _otprune_width: int | None = None  # the tower rows' width before our position columns
     _otprune_offsets: tuple[Tensor, Tensor] | None = None  # this step's (multimodal rows, (n, 3) offsets)
 
@@ -344,6 +345,8 @@ class MRopeModelMixin(PruneModelMixin):
                 if kept is None:
                     out.append(rows)
                     continue
+                if self.otprune_record is not None:
+                    self.otprune_record[-1].update(modality=modality, item=item)
                 tokens = self.otprune_region_tokens(modality, item)
                 pad = self.config.image_token_id if modality == "image" else self.config.video_token_id
                 visual = torch.tensor(tokens) == int(pad)
@@ -383,4 +386,6 @@ class MRopeModelMixin(PruneModelMixin):
             positions = positions.clone()  # (3, tokens): the runner's buffer stays as it is
             rows = rows.to(positions.device)
             positions[:, rows] += offsets.t().to(device=positions.device, dtype=positions.dtype)
+        if self.otprune_positions is not None:
+            self.otprune_positions.append(positions.detach().cpu().clone())  # the runner reuses its buffer
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
