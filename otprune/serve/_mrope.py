@@ -70,12 +70,6 @@ def decode_offsets(columns: Tensor) -> Tensor:
     return digits[..., 0] * DIGIT + digits[..., 1]
 
 
-def grid_offsets(grid_t: int, grid_h: int, grid_w: int) -> Tensor:
-    """(t * h * w, 3) long: each merged token's (t, h, w) in the LLM grid, in the tower's row order."""
-    return torch.stack(torch.meshgrid(torch.arange(grid_t), torch.arange(grid_h), torch.arange(grid_w), indexing="ij"),
-                       dim=-1).reshape(-1, 3)  # fmt: skip
-
-
 MODALITY_FIELDS = {"image": FIELD, "video": VIDEO_FIELD}  # modality -> the field of its (T, K)
 # the kwargs of vLLM's Qwen models that carry each modality (the order of its `embed_multimodal` output)
 MODALITY_INPUTS = {"pixel_values": "image", "image_embeds": "image", "pixel_values_videos": "video", "video_embeds": "video"}
