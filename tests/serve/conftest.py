@@ -52,6 +52,21 @@ def video(seed: int, frames: int, height: int, width: int, fps: float = 1.0):
     return array, metadata
 
 
+def main_venv_python():
+    """The project's main venv's python (`OTPRUNE_MAIN_PYTHON`, else the repository's .venv), for tests that
+    compare with otprune.hf under its transformers; skips the test where it is absent or is not that venv."""
+    import subprocess
+    from pathlib import Path
+
+    python = Path(os.environ.get("OTPRUNE_MAIN_PYTHON", Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"))
+    if not python.exists():
+        pytest.skip(f"no main venv at {python} (set OTPRUNE_MAIN_PYTHON)")
+    probe = subprocess.run([str(python), "-c", "import pytest, transformers, vllm"], capture_output=True, text=True)
+    if "No module named 'vllm'" not in probe.stderr:
+        pytest.skip(f"{python} is not the main venv (it has vLLM, or lacks transformers/pytest)")
+    return python
+
+
 def hf_inputs(processor, prompt: str, images: list, videos: list):
     """transformers' processor on a prompt with images and `video` items (frames, metadata), frames not resampled."""
     from transformers.video_utils import VideoMetadata

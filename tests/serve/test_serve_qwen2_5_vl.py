@@ -26,6 +26,7 @@ from conftest import (  # noqa: E402
     assert_same,
     family_runs,
     hf_reference,
+    main_venv_python,
     mrope_reference,
     ratio_cases,
     sized_images,
@@ -139,12 +140,7 @@ def test_pruned_tokens_equal_otprune_hf_in_the_main_venv(runs, tiny_qwen):
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    python = Path(os.environ.get("OTPRUNE_MAIN_PYTHON", here.parents[1] / ".venv" / "bin" / "python"))
-    if not python.exists():
-        pytest.skip(f"no main venv at {python} (set OTPRUNE_MAIN_PYTHON)")
-    probe = subprocess.run([str(python), "-c", "import pytest, transformers, vllm"], capture_output=True, text=True)
-    if "No module named 'vllm'" not in probe.stderr:
-        pytest.skip(f"{python} is not the main venv (it has vLLM, or lacks transformers/pytest)")
+    python = main_venv_python()
     names = ["one@0.25", "tall@0.25", "two@0.25", "one@0.5"]
     cases = {n: (CASES[n][0], [(seed, SIZES[seed]) for seed in CASES[n][1]], CASES[n][2]) for n in names}
     out = subprocess.run([str(python), "-c", MAIN_VENV_SCRIPT, str(here), tiny_qwen, json.dumps(cases), str(MAX_TOKENS)],

@@ -23,7 +23,16 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
 
 import torch  # noqa: E402
-from conftest import MAX_TOKENS, assert_same, engine, generate, hf_inputs, image, video  # noqa: E402
+from conftest import (  # noqa: E402
+    MAX_TOKENS,
+    assert_same,
+    engine,
+    generate,
+    hf_inputs,
+    image,
+    main_venv_python,
+    video,
+)
 
 import otprune  # noqa: E402
 
@@ -294,12 +303,7 @@ def test_pruned_tokens_equal_otprune_hf_in_the_main_venv(runs):
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    python = Path(os.environ.get("OTPRUNE_MAIN_PYTHON", here.parents[1] / ".venv" / "bin" / "python"))
-    if not python.exists():
-        pytest.skip(f"no main venv at {python} (set OTPRUNE_MAIN_PYTHON)")
-    probe = subprocess.run([str(python), "-c", "import pytest, transformers, vllm"], capture_output=True, text=True)
-    if "No module named 'vllm'" not in probe.stderr:
-        pytest.skip(f"{python} is not the main venv (it has vLLM, or lacks transformers/pytest)")
+    python = main_venv_python()
     cases = {n: (CASES[n][0], [(s, IMAGE_SIZE) for s in CASES[n][1]], [(s, VIDEOS[s]) for s in CASES[n][2]], CASES[n][3],
                  runs["plugin"][u][0][0], runs["plugin"][u][1].tolist()) for n, u in PRUNED.items()}  # fmt: skip
     # the main venv's own transformers: no path entry that holds another one (e.g. a patched serve-venv copy)
