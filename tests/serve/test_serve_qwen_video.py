@@ -228,9 +228,7 @@ def hf_pruned(path: str, model_class: str, name: str, positions: torch.Tensor):
 
 def test_pruned_prefill_equals_otprune_hf(runs):
     """otprune.hf in this venv on the same prompt (its processor gives vLLM's unpruned prompt ids):
-    the pruned length, the first token and the first-step log-probs. (All greedy tokens are compared
-    in the main venv, `test_pruned_tokens_equal_otprune_hf_in_the_main_venv`: under this venv's
-    transformers 5.19 otprune.hf's decode steps differ, for videos on Qwen2.5-VL and Qwen3-VL alike.)
+    the pruned length, the greedy tokens and the first-step log-probs.
 
     otprune.hf is handed vLLM's unpruned positions (`position_ids`, which it takes from the caller):
     on Qwen2.5-VL, vLLM and transformers 5.x number the text after a video differently (vLLM: one
@@ -244,7 +242,7 @@ def test_pruned_prefill_equals_otprune_hf(runs):
         (prompt, ours_tokens, ours_first, _), _, _ = runs["plugin"][name]
         assert ids == runs["plugin"][unpruned][0][0], (runs["family"], name)
         assert length == len(prompt), name
-        assert ours_tokens[0] == tokens[0], name
+        assert_greedy_equal(ours_tokens, tokens, runs["path"], name)
         diff = max(abs(lp - float(first[tok])) for tok, lp in ours_first.items())
         rows.append((name, diff))
         assert diff < 1e-4, (name, diff)
