@@ -309,14 +309,15 @@ class MRopeModelMixin(PruneModelMixin):
 
     def embed_multimodal(self, **kwargs: object):
         counts = {modality: kwargs.pop(field, None) for modality, field in MODALITY_FIELDS.items()}
-        order = list(dict.fromkeys(MODALITY_INPUTS[key] for key in kwargs if key in MODALITY_INPUTS))
-        items = {modality: items_of_kwargs(kwargs, modality) for modality in order}
         embeds = super(PruneModelMixin, self).embed_multimodal(**kwargs)  # vLLM's own: T rows per item
         if not embeds:  # [] or None (Qwen3-VL)
             return embeds
         self._otprune_width = int(embeds[0].shape[-1])
         if all(c is None for c in counts.values()):
             return embeds
+        # the modalities in the order vLLM's embed_multimodal returns them (the order of their kwargs)
+        order = list(dict.fromkeys(MODALITY_INPUTS[key] for key in kwargs if key in MODALITY_INPUTS))
+        items = {modality: items_of_kwargs(kwargs, modality) for modality in order}
         if sum(len(items[m]) for m in order) != len(embeds):
             raise AssertionError(f"otprune: {len(embeds)} items embedded, {[len(items[m]) for m in order]} grids")
         out, index = [], 0
