@@ -40,6 +40,7 @@ IPAD = "<|vision_start|><|image_pad|><|vision_end|>"
 VPAD = "<|vision_start|><|video_pad|><|vision_end|>"
 PROMPT_V = f"<|im_start|>user\n{VPAD}What happens?<|im_end|>\n<|im_start|>assistant\n"
 PROMPT_IV = f"<|im_start|>user\n{IPAD}and then {VPAD}Compare.<|im_end|>\n<|im_start|>assistant\n"
+PROMPT_VV = f"<|im_start|>user\n{VPAD}and {VPAD}Compare.<|im_end|>\n<|im_start|>assistant\n"
 VIDEOS = {0: (8, 112, 168), 1: (6, 140, 112), 2: (4, 64, 96)}  # seed -> (frames, height, width)
 IMAGE_SIZE = (112, 84)  # (width, height)
 CASES = {  # name -> (prompt, image seeds, video seeds, per-request ratio)
@@ -53,9 +54,11 @@ CASES = {  # name -> (prompt, image seeds, video seeds, per-request ratio)
     "iv@0.25": (PROMPT_IV, [0], [2], 0.25),
     "x@1.0": (PROMPT_V, [], [2], 1.0),
     "x@0.5": (PROMPT_V, [], [2], 0.5),
+    "xw": (PROMPT_VV, [], [2, 1], None),  # two videos, a ratio not used before (each set recorded)
+    "xw@0.75": (PROMPT_VV, [], [2, 1], 0.75),
 }
-PRUNED = {"v@0.5": "v", "v@0.25": "v", "w@0.25": "w@1.0", "iv@0.25": "iv", "x@0.5": "x@1.0"}  # pruned case -> its unpruned case
-BUILTIN = ["v", "w@1.0", "iv"]
+PRUNED = {"v@0.5": "v", "v@0.25": "v", "w@0.25": "w@1.0", "iv@0.25": "iv", "x@0.5": "x@1.0", "xw@0.75": "xw"}  # pruned case -> its unpruned case
+BUILTIN = ["v", "w@1.0", "iv", "xw"]
 # chunked engine's request -> the plugin's case with the same ratio. Its items are small: vLLM sizes the
 # encoder cache as max(max_num_batched_tokens, its estimate of the largest item), and a Qwen3-VL video's
 # pruned region (kept tokens and the timestamp text between frames) is embeddings throughout
@@ -64,7 +67,7 @@ FAMILIES = {  # family -> (checkpoint fixture, vLLM's own class, transformers' c
     "qwen2_5_vl": ("tiny_qwen", "VllmQwen2_5_VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl": ("tiny_qwen3_vl", "VllmQwen3VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"),
 }
-OPTIONS = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
+OPTIONS = {"limit_mm_per_prompt": {"image": 1, "video": 2}}
 
 
 def make_request(name: str) -> dict:
@@ -73,7 +76,8 @@ def make_request(name: str) -> dict:
     if images:
         data["image"] = image(images[0], IMAGE_SIZE)
     if videos:
-        data["video"] = video(videos[0], *VIDEOS[videos[0]])
+        items = [video(seed, *VIDEOS[seed]) for seed in videos]
+        data["video"] = items[0] if len(items) == 1 else items
     req = {"prompt": prompt, "multi_modal_data": data}
     if ratio is not None:
         req["mm_processor_kwargs"] = {"otprune_ratio": ratio}
@@ -138,12 +142,12 @@ def test_each_video_is_one_token_set_of_k_kept_tokens(runs):
     for name, unpruned in PRUNED.items():
         ratio = CASES[name][3]
         records = [rec for rec in plugin[name][2] if rec["modality"] == "video"]
-        assert len(records) == 1, name  # one set per video, all its frames
-        rec = records[0]
-        grid_t, grid_h, grid_w = rec["item"]["grid"]
-        assert rec["total"] == grid_t * grid_h * grid_w // 4 and grid_t >= 2, name  # several frame pairs
-        assert rec["keep"] == round(ratio * rec["total"]) == rec["kept"].numel(), name
-        assert torch.equal(rec["kept"], otprune.select_tokens(rec["features"], ratio)), name
+        assert len(records) == len(CASES[name][2]), name  # one set per video, all its frames
+        for rec in records:
+            grid_t, grid_h, grid_w = rec["item"]["grid"]
+            assert rec["total"] == grid_t * grid_h * grid_w // 4 and grid_t >= 2, name  # several frame pairs
+            assert rec["keep"] == round(ratio * rec["total"]) == rec["kept"].numel(), name
+            assert torch.equal(rec["kept"], otprune.select_tokens(rec["features"], ratio)), name
         removed = sum(r["total"] - r["keep"] for r in plugin[name][2])
         assert len(plugin[name][0][0]) == len(plugin[unpruned][0][0]) - removed, name
     if runs["family"] == "qwen2_5_vl":
@@ -154,21 +158,20 @@ def test_each_video_is_one_token_set_of_k_kept_tokens(runs):
 
 def expected_rows(unpruned: list[int], pads: dict[int, int], records: list[dict]) -> list[int]:
     """The unpruned prompt's index of each pruned prompt row: text (also between a video's frames)
-    stays; per set (the image's pads, the video's pads across all its frames), the visual slots
-    that stay are those of its kept tokens, ascending, and slot j holds the token kept[j]."""
-    sets = {modality: [i for i, tok in enumerate(unpruned) if tok == pad] for modality, pad in pads.items()}
-    visual = {i for members in sets.values() for i in members}
-    keep = {i for i in range(len(unpruned)) if i not in visual}
+    stays; per set (an image's pads, a video's pads across all its frames: each modality's pads in
+    prompt order, T of them per recorded set), the visual slots that stay are those of its kept
+    tokens, ascending, and slot j holds the token kept[j]. Every set of the prompt is pruned."""
+    remaining = {modality: [i for i, tok in enumerate(unpruned) if tok == pad] for modality, pad in pads.items()}
+    keep = {i for i, tok in enumerate(unpruned) if tok not in pads.values()}
     holders = {}
-    for rec in records:
-        members = sets[rec["modality"]]
+    for rec in records:  # in prompt order within each modality
+        members, remaining[rec["modality"]] = (remaining[rec["modality"]][: rec["total"]],
+                                               remaining[rec["modality"]][rec["total"]:])  # fmt: skip
         assert len(members) == rec["total"]
         chosen = [members[k] for k in rec["kept"].tolist()]
         keep.update(chosen)
         holders.update(zip(sorted(chosen), chosen, strict=True))
-    for modality, members in sets.items():  # sets left unpruned
-        if not any(rec["modality"] == modality for rec in records):
-            keep.update(members)
+    assert not any(remaining.values()), "a set of the prompt was not recorded"
     return [holders.get(i, i) for i in sorted(keep)]
 
 
