@@ -67,6 +67,16 @@ def main_venv_python():
     return python
 
 
+def main_venv_env() -> dict:
+    """The environment for a main-venv subprocess: one thread, and no PYTHONPATH entry that holds a
+    `transformers` package (e.g. a patched copy of the serve venv's): the main venv's own is used."""
+    from pathlib import Path
+
+    path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                           if p and not (Path(p) / "transformers").is_dir())  # fmt: skip
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def hf_inputs(processor, prompt: str, images: list, videos: list):
     """transformers' processor on a prompt with images and `video` items (frames, metadata), frames not resampled."""
     from transformers.video_utils import VideoMetadata

@@ -26,6 +26,7 @@ from conftest import (  # noqa: E402
     assert_same,
     family_runs,
     hf_reference,
+    main_venv_env,
     main_venv_python,
     mrope_reference,
     ratio_cases,
@@ -135,7 +136,6 @@ def test_pruned_tokens_equal_otprune_hf_in_the_main_venv(runs, tiny_qwen):
     """otprune.hf's greedy tokens on the same checkpoint, run by the project's main venv (its
     transformers, the one otprune.hf is tested with); skipped where that venv is absent."""
     import json
-    import os
     import subprocess
     from pathlib import Path
 
@@ -144,7 +144,7 @@ def test_pruned_tokens_equal_otprune_hf_in_the_main_venv(runs, tiny_qwen):
     names = ["one@0.25", "tall@0.25", "two@0.25", "one@0.5"]
     cases = {n: (CASES[n][0], [(seed, SIZES[seed]) for seed in CASES[n][1]], CASES[n][2]) for n in names}
     out = subprocess.run([str(python), "-c", MAIN_VENV_SCRIPT, str(here), tiny_qwen, json.dumps(cases), str(MAX_TOKENS)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                         capture_output=True, text=True, timeout=300, env=main_venv_env())  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     tokens = json.loads(out.stdout.strip().splitlines()[-1])
     for name in names:

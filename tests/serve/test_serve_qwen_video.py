@@ -30,6 +30,7 @@ from conftest import (  # noqa: E402
     generate,
     hf_inputs,
     image,
+    main_venv_env,
     main_venv_python,
     video,
 )
@@ -299,7 +300,6 @@ def test_pruned_tokens_equal_otprune_hf_in_the_main_venv(runs):
     transformers 5.25 and torchvision video processor) on vLLM's unpruned prompt ids and positions (see
     `test_pruned_prefill_equals_otprune_hf`); skipped where that venv is absent."""
     import json
-    import os
     import subprocess
     from pathlib import Path
 
@@ -307,9 +307,7 @@ def test_pruned_tokens_equal_otprune_hf_in_the_main_venv(runs):
     python = main_venv_python()
     cases = {n: (CASES[n][0], [(s, IMAGE_SIZE) for s in CASES[n][1]], [(s, VIDEOS[s]) for s in CASES[n][2]], CASES[n][3],
                  runs["plugin"][u][0][0], runs["plugin"][u][1].tolist()) for n, u in PRUNED.items()}  # fmt: skip
-    # the main venv's own transformers: no path entry that holds another one (e.g. a patched serve-venv copy)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if not (Path(p) / "transformers").is_dir())}  # fmt: skip
+    env = main_venv_env()
     out = subprocess.run([str(python), "-c", MAIN_VENV_SCRIPT, str(here), runs["path"], runs["model_class"], json.dumps(cases),
                           str(MAX_TOKENS)], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
