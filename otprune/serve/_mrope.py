@@ -85,34 +85,35 @@ def item_counts(feature) -> tuple[int, int] | None:
     return total, keep
 
 
-def item_of_feature(feature) -> dict:
-    """What the positions of one image / video depend on, from a request's multimodal feature:
-    {"grid": [t, h, w] patches, "seconds": second_per_grid_ts or None, "timestamps": [...] or None}."""
-    data = feature.data
-    grid = data[f"{feature.modality}_grid_thw"].data
-    seconds = data.get("second_per_grid_ts") if feature.modality == "video" else None
-    stamps = data.get("timestamps") if feature.modality == "video" else None
+def make_item(grid, seconds=None, stamps=None) -> dict:
+    """What the positions of one image / video depend on: {"grid": [t, h, w] patches, "seconds":
+    second_per_grid_ts or None, "timestamps": [...] per frame pair or None}."""
     return {
         "grid": [int(v) for v in torch.as_tensor(grid).reshape(3)],
-        "seconds": None if seconds is None else float(torch.as_tensor(seconds.data).reshape(())),
-        "timestamps": None if stamps is None else [float(v) for v in torch.as_tensor(stamps.data).reshape(-1)],
+        "seconds": None if seconds is None else float(torch.as_tensor(seconds).reshape(())),
+        "timestamps": None if stamps is None else [float(v) for v in torch.as_tensor(stamps).reshape(-1)],
     }
 
 
+def item_of_feature(feature) -> dict:
+    """`make_item` of a request's multimodal feature (at admission)."""
+    data, video = feature.data, feature.modality == "video"
+    seconds = data.get("second_per_grid_ts") if video else None
+    stamps = data.get("timestamps") if video else None
+    return make_item(data[f"{feature.modality}_grid_thw"].data, None if seconds is None else seconds.data,
+                     None if stamps is None else stamps.data)  # fmt: skip
+
+
 def items_of_kwargs(kwargs: Mapping[str, object], modality: str) -> list[dict]:
-    """`item_of_feature` for every item of `modality` in the batched kwargs of `embed_multimodal`."""
+    """`make_item` for every item of `modality` in the batched kwargs of `embed_multimodal`."""
     grids = kwargs.get(f"{modality}_grid_thw")
     if grids is None:
         return []
-    grids = [[int(v) for v in torch.as_tensor(g).reshape(3)] for g in (
-        torch.as_tensor(grids).reshape(-1, 3) if isinstance(grids, Tensor) else grids)]  # fmt: skip
+    grids = torch.as_tensor(grids).reshape(-1, 3) if isinstance(grids, Tensor) else grids
     seconds = kwargs.get("second_per_grid_ts") if modality == "video" else None
     stamps = kwargs.get("timestamps") if modality == "video" else None
-    return [{
-        "grid": grid,
-        "seconds": None if seconds is None else float(torch.as_tensor(seconds[i]).reshape(())),
-        "timestamps": None if stamps is None else [float(v) for v in torch.as_tensor(stamps[i]).reshape(-1)],
-    } for i, grid in enumerate(grids)]  # fmt: skip
+    return [make_item(grid, None if seconds is None else seconds[i], None if stamps is None else stamps[i])
+            for i, grid in enumerate(grids)]  # fmt: skip
 
 
 def region_rows(rows: Tensor, kept: Tensor, visual: Tensor, positions: Tensor, text: Tensor | None) -> Tensor:
