@@ -22,9 +22,9 @@ from conftest import engine, image  # noqa: E402
 
 PRUNING = {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}
 PRUNED_NAMES = (r"LlavaForConditionalGeneration \(LLaVA-1\.5\), LlavaNextForConditionalGeneration \(LLaVA-NeXT\), "
-                r"Qwen2_5_VLForConditionalGeneration \(Qwen2\.5-VL, images\), "
+                r"Qwen2_5_VLForConditionalGeneration \(Qwen2\.5-VL, images, videos\), "
                 r"LlavaOnevisionForConditionalGeneration \(LLaVA-OneVision, images\), "
-                r"Qwen3VLForConditionalGeneration \(Qwen3-VL, images\)")
+                r"Qwen3VLForConditionalGeneration \(Qwen3-VL, images, videos\)")
 
 BAD_SETTINGS = [  # (environment, what the error says)
     ({"BASELINE": "PRUMERGE_PLUS", "SUBSET_RATIO": "0.25"}, r"BASELINE=PRUMERGE_PLUS: PruMerge\+ merges tokens inside the vision tower"),
