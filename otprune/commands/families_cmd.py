@@ -41,7 +41,9 @@ def table() -> str:
             lmms += f"; {LMMS_REFUSED[record.name]}"
         arch = record.model_class
         if arch in serve.PRUNED:
-            vllm = f"prunes (`{arch}`)"
+            label = serve.PRUNED[arch]  # "<family>[, what it prunes]", e.g. "Qwen2.5-VL, images, videos"
+            what = label.split(", ", 1)[1] if ", " in label else "images"
+            vllm = f"prunes {what} (`{arch}`)"
         elif arch in serve.MODELS:
             vllm = "registered, refused with a switch (serves unpruned without)"
         else:

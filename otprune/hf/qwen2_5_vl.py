@@ -193,12 +193,19 @@ class Qwen2_5_VLAdapter(HFAdapter):
         def forward(*args: Any, **kwargs: Any):
             return self._wrapped_forward(*args, **kwargs)
 
-        self._forward = self.patch(self.model, "forward", forward)
-        self._params = [
-            name
-            for name, p in inspect.signature(self._forward).parameters.items()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
+        original = self.patch(self.model, "forward", forward)
+        parameters = inspect.signature(original).parameters
+        self._params = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        # The adapter calls the KV cache `cache` (transformers >= 5.24's name); before that the model's
+        # forward takes `past_key_values` and would swallow `cache` into its **kwargs (no cache at all).
+        key = "cache" if "cache" in parameters else "past_key_values"
+
+        def call(**kwargs: Any):
+            if key != "cache" and "cache" in kwargs:
+                kwargs[key] = kwargs.pop("cache")
+            return original(**kwargs)
+
+        self._forward = call
 
     # The replacement of `model.forward`.
     def _wrapped_forward(self, *args: Any, **kwargs: Any):
@@ -362,6 +369,8 @@ class Qwen2_5_VLAdapter(HFAdapter):
         self._rope_deltas = next_positions(positions, valid) - compact.lengths_after[:, None].to(positions)  # (B, 1)
         inner.rope_deltas = self._rope_deltas
         out_cache = getattr(outputs, "cache", None)
+        if out_cache is None:  # transformers < 5.24 names it past_key_values
+            out_cache = getattr(outputs, "past_key_values", None)
         self.state = PrefillState.from_compact(out_cache, length, compact, lengths_before) if out_cache is not None else None
         clock.stop()
         self._emit(config, sets, kept, valid, select_clock, clock, features)

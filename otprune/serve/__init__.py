@@ -54,19 +54,21 @@ prefix-cache blocks. A request at ratio 1 carries no instruction (unpruned token
 
 vLLM's built-in classes stay reachable under `Vllm<architecture>` (`BUILTINS`;
 `hf_overrides={"architectures": [...]}`).
-Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, every kept token
-keeping its unpruned M-RoPE position (`otprune.serve._mrope`); videos are not pruned (a request
-that prunes and holds a video is refused). LLaVA-OneVision
-(`LlavaOnevisionForConditionalGeneration`): each image's anyres set pruned jointly, as
-LLaVA-NeXT's; videos likewise not pruned. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as
-Qwen2.5-VL, the DeepStack features kept with the same indices. InternVL in the HF format
-(`InternVLForConditionalGeneration`, served by vLLM's `interns1` class): each image's tiles
-(thumbnail included) are one token set, as in `otprune.hf`; videos not pruned. Gemma 3
-(`Gemma3ForConditionalGeneration`): each image's tokens are one set, the placeholder run cut to K,
-so vLLM's bidirectional image block (on backends with `supports_mm_prefix()`) is exactly the kept
-tokens; vLLM 0.32's CPU backend has no such block (vLLM's own Gemma 3 attends causally inside images
-there, pruned or not; the plugin warns at start); pan-and-scan crops are not pruned. Not covered
-(refused with switches set): Qwen2-VL, remote-code InternVL (`InternVLChatModel`), others.
+Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): images pruned the same way, and videos (each
+video one token set, all its frames: K = round(r * T) per video, as `otprune.hf`), every kept token
+keeping its unpruned M-RoPE position (`otprune.serve._mrope`); a video's (T, K) travels as the
+per-video field `otprune_keep_video`. Qwen3-VL (`Qwen3VLForConditionalGeneration`): as Qwen2.5-VL,
+the DeepStack features kept with the same indices; a pruned video's timestamp text stays between
+its frames. LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): each image's anyres set
+pruned jointly, as LLaVA-NeXT's; videos not pruned (a request that prunes and holds a video is
+refused). InternVL in the HF format (`InternVLForConditionalGeneration`, served by vLLM's `interns1`
+class): each image's tiles (thumbnail included) are one token set, as in `otprune.hf`; videos not
+pruned. Gemma 3 (`Gemma3ForConditionalGeneration`): each image's tokens are one set, the placeholder
+run cut to K, so vLLM's bidirectional image block (on backends with `supports_mm_prefix()`) is
+exactly the kept tokens; vLLM 0.32's CPU backend has no such block (vLLM's own Gemma 3 attends
+causally inside images there, pruned or not; the plugin warns at start); pan-and-scan crops are not
+pruned. Not covered (refused with switches set): Qwen2-VL, remote-code InternVL
+(`InternVLChatModel`), others.
 
 This module does not import vLLM; only `register()` and the model modules do.
 """
@@ -94,6 +96,8 @@ INSTRUCTION_FIELD = "otprune_instruction_ids"
 # whose selected patches are the tokens, one to one.
 INSTRUCTED: dict[str, str] = {"LlavaForConditionalGeneration": "LLaVA-1.5",
                               "LlavaNextForConditionalGeneration": "LLaVA-NeXT"}
+# The same per video (the families that prune videos: Qwen2.5-VL, Qwen3-VL).
+VIDEO_FIELD = "otprune_keep_video"
 
 # vLLM architecture name -> our class ("module:Class", imported lazily by vLLM).
 MODELS: dict[str, str] = {
@@ -109,9 +113,9 @@ MODELS: dict[str, str] = {
 PRUNED: dict[str, str] = {
     "LlavaForConditionalGeneration": "LLaVA-1.5",
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
-    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL, images, videos",
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision, images",
-    "Qwen3VLForConditionalGeneration": "Qwen3-VL, images",
+    "Qwen3VLForConditionalGeneration": "Qwen3-VL, images, videos",
     "InternVLForConditionalGeneration": "InternVL (HF format), images",
     "Gemma3ForConditionalGeneration": "Gemma 3, images without pan-and-scan",
 }
@@ -308,4 +312,4 @@ def pruning_identity(engine: PruneConfig, value: object = None, instruction: str
     return identity
 
 
-__all__ = ["ALIASES", "BUILTINS", "FIELD", "INSTRUCTED", "INSTRUCTION_FIELD", "INSTRUCTION_KEY", "MODELS", "PRUNED", "REQUEST_KEY", "check_architecture", "engine_config", "instructed", "parse_ratio", "pruning_identity", "register", "request_config", "request_ratio"]
+__all__ = ["ALIASES", "BUILTINS", "FIELD", "INSTRUCTED", "INSTRUCTION_FIELD", "INSTRUCTION_KEY", "MODELS", "PRUNED", "REQUEST_KEY", "VIDEO_FIELD", "check_architecture", "engine_config", "instructed", "parse_ratio", "pruning_identity", "register", "request_config", "request_ratio"]

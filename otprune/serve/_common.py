@@ -19,6 +19,7 @@ from otprune.serve import (
     INSTRUCTION_FIELD,
     INSTRUCTION_KEY,
     REQUEST_KEY,
+    VIDEO_FIELD,
     engine_config,
     instructed,
     pruning_identity,
@@ -73,10 +74,17 @@ class PruneInfoMixin:
 
 
 class PruneProcessorMixin:
-    """Multimodal processor: K = round(r * T) placeholders per image, (T, K) as the field `FIELD`."""
+    """Multimodal processor: K = round(r * T) placeholders per image, (T, K) as the field `FIELD`
+    (and per video as `VIDEO_FIELD` where `otprune_prunes_videos`)."""
+
+    otprune_prunes_videos: bool = False
 
     def otprune_token_counts(self, processed) -> list[int]:
         """T of every image in an HF processor output (the rows vLLM's model gives per image)."""
+        raise NotImplementedError
+
+    def otprune_video_counts(self, processed) -> list[int]:
+        """T of every video in an HF processor output (all its frames' rows), where videos are pruned."""
         raise NotImplementedError
 
     def otprune_image_tokens(self, width: int, height: int) -> int:
@@ -111,20 +119,28 @@ class PruneProcessorMixin:
             )
 
     def otprune_add_counts(self, processed, hf_kwargs: Mapping[str, object]):
-        """`processed` (the HF processor's output) with (T, K) per image as the field `FIELD`."""
+        """`processed` (the HF processor's output) with (T, K) per image as the field `FIELD` (per
+        video as `VIDEO_FIELD`)."""
         engine = self.info.otprune_engine_config()
         ratio = request_ratio(engine, hf_kwargs.get(REQUEST_KEY))
-        if processed.get("pixel_values") is None:
-            return processed
-        totals = torch.tensor(self.otprune_token_counts(processed), dtype=torch.long)
-        keep = self.otprune_keep_counts(processed, engine, ratio, totals) if totals.numel() else totals
-        processed[FIELD] = torch.stack([totals, keep], dim=1)  # (images, 2): T, K
-        instruction = hf_kwargs.get(INSTRUCTION_KEY)
-        if instruction is not None and totals.numel():  # CDPruner: the instruction's CLIP ids, for every image
-            from otprune.hf.clip_text import instruction_ids
+        fields = [(FIELD, "pixel_values", self.otprune_token_counts)]
+        if self.otprune_prunes_videos:
+            fields.append((VIDEO_FIELD, "pixel_values_videos", self.otprune_video_counts))
+        for field, pixels, counts in fields:
+            if processed.get(pixels) is None:
+                continue
+            totals = torch.tensor(counts(processed), dtype=torch.long)
+            if field == FIELD:  # images: VisionZip's own budget where it merges in the tower
+                keep = self.otprune_keep_counts(processed, engine, ratio, totals) if totals.numel() else totals
+            else:
+                keep = otprune.keep_counts(ratio, totals) if totals.numel() else totals
+            processed[field] = torch.stack([totals, keep], dim=1)  # (items, 2): T, K
+            instruction = hf_kwargs.get(INSTRUCTION_KEY)
+            if field == FIELD and instruction is not None and totals.numel():  # CDPruner: its CLIP ids, per image
+                from otprune.hf.clip_text import instruction_ids
 
-            ids = instruction_ids(self.info.otprune_clip_tokenizer(), str(instruction))
-            processed[INSTRUCTION_FIELD] = ids[None].expand(totals.numel(), -1).clone()  # (images, L)
+                ids = instruction_ids(self.info.otprune_clip_tokenizer(), str(instruction))
+                processed[INSTRUCTION_FIELD] = ids[None].expand(totals.numel(), -1).clone()  # (images, L)
         return processed
 
     def otprune_instruction(self, prompt: Sequence[int]) -> str:
@@ -197,6 +213,8 @@ class PruneProcessorMixin:
         fields[FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         if INSTRUCTION_FIELD in hf_inputs:
             fields[INSTRUCTION_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        if self.otprune_prunes_videos:
+            fields[VIDEO_FIELD] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs):

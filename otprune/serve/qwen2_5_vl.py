@@ -2,8 +2,10 @@
 
 Each image's merged tokens (the tower's merger output, T = t * h * w / merge^2 rows) are one
 token set, as in `otprune.hf.qwen2_5_vl`; K = round(r * T) of them are kept and every kept token
-keeps the (t, h, w) M-RoPE position it has unpruned (`otprune.serve._mrope`). Videos are not
-pruned (a pruning request with a video is refused). Registered by `otprune.serve.register()`;
+keeps the (t, h, w) M-RoPE position it has unpruned (`otprune.serve._mrope`). Each video is one
+token set too (all its frames' merged tokens), K = round(r * T) placeholders, the kept tokens at
+their unpruned positions (time positions from the video's `second_per_grid_ts`, as vLLM numbers
+them). Registered by `otprune.serve.register()`;
 imports vLLM.
 """
 

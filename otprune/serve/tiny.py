@@ -181,15 +181,16 @@ def write_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     1 kv head, interleaved M-RoPE sections [4, 6, 6]), a 2-block vision tower of width 32 with 16 px
     patches, 2 x 2 merge and one DeepStack layer (block 0), the tokenizer and chat template of
     `otprune.hf.qwen2_5_vl_tiny` (a 160 x 128 image gives 5 x 4 = 20 visual tokens). Its video processor
-    is Qwen2-VL's (the serve venv has a torchless stand-in for it, none for Qwen3-VL's): images only."""
+    is Qwen3-VL's (the serve venv runs it without torchvision, scripts/serve_venv_fixup.py), with a pixel
+    budget of 144 tokens per frame pair over all frames."""
     import torch
     from transformers import (
         GenerationConfig,
         Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
         Qwen3VLConfig,
         Qwen3VLForConditionalGeneration,
         Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
     )
 
     from otprune.hf import qwen2_5_vl_tiny as qwen
@@ -198,10 +199,13 @@ def write_tiny_qwen3_vl(path: str | Path, seed: int = 0) -> Path:
     factor = patch * merge
     sizes = {"size": {"shortest_edge": factor * factor * 4, "longest_edge": factor * factor * 36}}
     common = {"patch_size": patch, "temporal_patch_size": 2, "merge_size": merge}
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**sizes, **common), tokenizer=qwen.build_tokenizer(),
-        video_processor=Qwen2VLVideoProcessor(**sizes, **common), chat_template=qwen.CHAT_TEMPLATE,
-    )  # fmt: skip
+    images = Qwen2VLImageProcessor(**sizes, **common)
+    # the image processor's normalization, as in Qwen3-VL's checkpoints (vLLM may normalize both on the device
+    # with the image processor's mean / std)
+    videos = Qwen3VLVideoProcessor(size={"shortest_edge": factor * factor * 4, "longest_edge": factor * factor * 288},
+                                   image_mean=list(images.image_mean), image_std=list(images.image_std), **common)  # fmt: skip
+    processor = Qwen3VLProcessor(image_processor=images, tokenizer=qwen.build_tokenizer(), video_processor=videos,
+                                 chat_template=qwen.CHAT_TEMPLATE)  # fmt: skip
     ids = qwen.SPECIAL_IDS
     text = {
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,

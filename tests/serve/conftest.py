@@ -43,6 +43,54 @@ def image(seed: int, size=(160, 120)):
     return Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
+def video(seed: int, frames: int, height: int, width: int, fps: float = 1.0):
+    """(frames (T, H, W, 3) uint8, vLLM's video metadata): a random video of `frames` frames at `fps`, not resampled."""
+    import numpy as np
+
+    array = np.random.RandomState(1000 + seed).randint(0, 255, (frames, height, width, 3), dtype=np.uint8)
+    metadata = {"fps": fps, "duration": frames / fps, "total_num_frames": frames, "frames_indices": list(range(frames)),
+                "video_backend": "opencv", "do_sample_frames": False}  # fmt: skip
+    return array, metadata
+
+
+def main_venv_python():
+    """The project's main venv's python (`OTPRUNE_MAIN_PYTHON`, else the repository's .venv), for tests that
+    compare with otprune.hf under its transformers; skips the test where it is absent or is not that venv."""
+    import subprocess
+    from pathlib import Path
+
+    python = Path(os.environ.get("OTPRUNE_MAIN_PYTHON", Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"))
+    if not python.exists():
+        pytest.skip(f"no main venv at {python} (set OTPRUNE_MAIN_PYTHON)")
+    probe = subprocess.run([str(python), "-c", "import pytest, transformers, vllm"], capture_output=True, text=True)
+    if "No module named 'vllm'" not in probe.stderr:
+        pytest.skip(f"{python} is not the main venv (it has vLLM, or lacks transformers/pytest)")
+    return python
+
+
+def main_venv_env() -> dict:
+    """The environment for a main-venv subprocess: one thread, and no PYTHONPATH entry that holds a
+    `transformers` package (e.g. a patched copy of the serve venv's): the main venv's own is used."""
+    from pathlib import Path
+
+    path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                           if p and not (Path(p) / "transformers").is_dir())  # fmt: skip
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def hf_inputs(processor, prompt: str, images: list, videos: list):
+    """transformers' processor on a prompt with images and `video` items (frames, metadata), frames not resampled."""
+    from transformers.video_utils import VideoMetadata
+
+    kwargs: dict = {"images": images} if images else {}
+    if videos:
+        kwargs["videos"] = [frames for frames, _ in videos]
+        kwargs["video_metadata"] = [VideoMetadata(**{k: meta[k] for k in ("fps", "duration", "total_num_frames",
+                                                                           "frames_indices")}) for _, meta in videos]  # fmt: skip
+        kwargs["do_sample_frames"] = False
+    return processor(text=prompt, return_tensors="pt", **kwargs)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
     from otprune.serve.tiny import write_tiny_llava

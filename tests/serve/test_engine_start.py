@@ -6,8 +6,9 @@
 - With a pruning switch set, an architecture the plugin does not prune (vLLM's own LLaVA and
   OneVision classes) refuses to start, naming the ones it prunes.
 - Without switches the serve venv starts the plugin's Qwen2.5-VL and LLaVA-OneVision (their video
-  processors are stand-ins: scripts/serve_venv_fixup.py) and serves images unpruned; a video
-  request fails alone, the engine keeps serving.
+  processors are stand-ins: scripts/serve_venv_fixup.py) and serves images unpruned; Qwen2.5-VL
+  serves videos too (torchless video processor), a OneVision video request fails alone, the engine
+  keeps serving.
 - The engine's defaults (not only the request's key) enter vLLM's multimodal hash.
 """
 
@@ -21,9 +22,9 @@ from conftest import engine, generate, image, request  # noqa: E402
 
 PRUNING = {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}
 PRUNED_NAMES = (r"LlavaForConditionalGeneration \(LLaVA-1\.5\), LlavaNextForConditionalGeneration \(LLaVA-NeXT\), "
-                r"Qwen2_5_VLForConditionalGeneration \(Qwen2\.5-VL, images\), "
+                r"Qwen2_5_VLForConditionalGeneration \(Qwen2\.5-VL, images, videos\), "
                 r"LlavaOnevisionForConditionalGeneration \(LLaVA-OneVision, images\), "
-                r"Qwen3VLForConditionalGeneration \(Qwen3-VL, images\), "
+                r"Qwen3VLForConditionalGeneration \(Qwen3-VL, images, videos\), "
                 r"InternVLForConditionalGeneration \(InternVL \(HF format\), images\), "
                 r"Gemma3ForConditionalGeneration \(Gemma 3, images without pan-and-scan\)")
 
@@ -76,7 +77,8 @@ def _torchless(error: BaseException) -> bool:
     return False
 
 
-def _serves_images_unpruned_and_refuses_videos(model, prompt, video_prompt, image_token, video_limit=1):
+def _serves_images_unpruned(model, prompt, video_prompt, image_token, video_limit=1, videos=False):
+    """Images served unpruned; a video served (`videos`) or refused alone (the engine keeps serving)."""
     import numpy as np
     from vllm import SamplingParams
 
@@ -87,9 +89,13 @@ def _serves_images_unpruned_and_refuses_videos(model, prompt, video_prompt, imag
     video = (frames, metadata)
     with engine(model, limit_mm_per_prompt={"image": 1, "video": video_limit}) as llm:
         first = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image(0)}}, params, use_tqdm=False)[0]
-        with pytest.raises(Exception) as refused:  # noqa: PT011 - vLLM wraps the processor's ImportError
-            llm.generate({"prompt": video_prompt, "multi_modal_data": {"video": video}}, params, use_tqdm=False)
-        assert _torchless(refused.value) if video_limit else "video" in str(refused.value), str(refused.value)[:300]
+        if videos:
+            served = llm.generate({"prompt": video_prompt, "multi_modal_data": {"video": video}}, params, use_tqdm=False)
+            assert len(served[0].outputs[0].token_ids) == 3
+        else:
+            with pytest.raises(Exception) as refused:  # noqa: PT011 - vLLM wraps the processor's ImportError
+                llm.generate({"prompt": video_prompt, "multi_modal_data": {"video": video}}, params, use_tqdm=False)
+            assert _torchless(refused.value) if video_limit else "video" in str(refused.value), str(refused.value)[:300]
         again = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image(0)}}, params, use_tqdm=False)[0]
         text = llm.generate({"prompt": "Hello"}, params, use_tqdm=False)[0]
     assert len(first.outputs[0].token_ids) == 3 and len(text.outputs[0].token_ids) == 3
@@ -97,10 +103,10 @@ def _serves_images_unpruned_and_refuses_videos(model, prompt, video_prompt, imag
     return list(first.prompt_token_ids).count(image_token)
 
 
-def test_qwen2_5_vl_starts_and_serves_images_unpruned(tiny_qwen):
+def test_qwen2_5_vl_starts_and_serves_images_and_videos_unpruned(tiny_qwen):
     from otprune.hf.qwen2_5_vl_tiny import SPECIAL_IDS
 
-    tokens = _serves_images_unpruned_and_refuses_videos(tiny_qwen, QWEN_PROMPT, QWEN_VIDEO, SPECIAL_IDS["<|image_pad|>"])
+    tokens = _serves_images_unpruned(tiny_qwen, QWEN_PROMPT, QWEN_VIDEO, SPECIAL_IDS["<|image_pad|>"], videos=True)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_qwen)
@@ -116,7 +122,7 @@ def test_onevision_starts_and_serves_images_unpruned(tiny_onevision):
     # the plugin counts OneVision's video budget from the frame geometry (vLLM's own class processes a
     # dummy video at start, which needs torchvision): the engine starts with videos allowed, and a video
     # request fails alone with the stand-in's message
-    tokens = _serves_images_unpruned_and_refuses_videos(tiny_onevision, ONEVISION_PROMPT, ONEVISION_VIDEO, image_token)
+    tokens = _serves_images_unpruned(tiny_onevision, ONEVISION_PROMPT, ONEVISION_VIDEO, image_token)
     expected = processor(text=ONEVISION_PROMPT, images=[image(0)], return_tensors="pt")["input_ids"]
     assert tokens == int((expected == image_token).sum()) > 0
 
@@ -129,7 +135,7 @@ def test_internvl_starts_with_videos_allowed_and_serves_images_unpruned(tiny_int
     # as OneVision: the plugin counts InternVL's video budget (one 16-token tile per frame) without
     # processing a dummy video, so the engine starts with videos allowed; a video request fails alone
     video_prompt = INTERNVL_PROMPT.replace("<IMG_CONTEXT>", "<video>")
-    tokens = _serves_images_unpruned_and_refuses_videos(tiny_internvl, INTERNVL_PROMPT, video_prompt, image_token)
+    tokens = _serves_images_unpruned(tiny_internvl, INTERNVL_PROMPT, video_prompt, image_token)
     expected = processor(text=INTERNVL_PROMPT, images=[image(0)], return_tensors="pt")["input_ids"]
     assert tokens == int((expected == image_token).sum()) > 0
 

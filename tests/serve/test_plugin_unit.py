@@ -116,7 +116,28 @@ def test_mrope_offsets_travel_exactly_in_every_dtype():
         assert torch.equal(mrope.decode_offsets(columns), offsets)
     with pytest.raises(ValueError, match="exceeds"):
         mrope.encode_offsets(torch.tensor([[0, 0, 65536]]), torch.float32)
-    assert mrope.grid_offsets(1, 2, 3).tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 1, 2]]
+
+
+def test_mrope_region_rows_keep_text_and_hand_kept_tokens_over_in_their_order():
+    """A Qwen3-VL-like video region: text t0 t1, frame 1 (tokens 0-2), text t2, frame 2 (tokens 3-4), text t3;
+    kept [3, 0, 4] (a non-ascending keep order): the visual slots that stay are those of tokens 0, 3, 4
+    (region rows 2, 6, 7), ascending, holding tokens 3, 0, 4 with their own positions."""
+    mrope = pytest.importorskip("otprune.serve._mrope")
+    rows = torch.arange(5 * 4, dtype=torch.float32).reshape(5, 4)  # (T, W)
+    visual = torch.tensor([False, False, True, True, True, False, True, True, False])  # (L,)
+    positions = torch.arange(9 * 3).reshape(9, 3) * 7  # (L, 3), distinct
+    text = -torch.arange(4 * 2, dtype=torch.float32).reshape(4, 2) - 1  # (4, W' = 2): narrower than W
+    out = mrope.region_rows(rows, torch.tensor([3, 0, 4]), visual, positions, text)
+    assert out.shape == (7, 4 + mrope.POS_COLUMNS)
+    zeros = torch.zeros(2)
+    expected = torch.stack([torch.cat([text[0], zeros]), torch.cat([text[1], zeros]), rows[3],
+                            torch.cat([text[2], zeros]), rows[0], rows[4], torch.cat([text[3], zeros])])  # fmt: skip
+    assert torch.equal(out[:, :4], expected)
+    assert torch.equal(mrope.decode_offsets(out[:, 4:]), positions[[0, 1, 6, 5, 2, 7, 8]])
+    # an image / Qwen2.5-VL video region (no text): the kept rows in keep order, each at its own position
+    plain = mrope.region_rows(rows, torch.tensor([4, 1]), torch.ones(5, dtype=torch.bool), positions[:5], None)
+    assert torch.equal(plain[:, :4], rows[[4, 1]])
+    assert torch.equal(mrope.decode_offsets(plain[:, 4:]), positions[[4, 1]])
 
 
 def test_mrope_position_columns():

@@ -5,8 +5,7 @@ The engines of `family_runs` (vLLM's own class, ours with per-request ratios, ou
 SUBSET_RATIO=0.25, prefix caching and 8-token chunks). The pruned reference is `mrope_reference`:
 transformers' Qwen3VLForConditionalGeneration's public pieces (tower with its DeepStack features,
 `get_rope_index`, the language model with `visual_pos_masks` / `deepstack_visual_embeds`), no KV
-cache. otprune.hf has no Qwen3-VL adapter on this branch (issue 24 point 2 adds it), so the plugin
-is not compared with it here.
+cache; and `otprune.hf`'s Qwen3-VL adapter on the same checkpoint in this venv.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from conftest import (  # noqa: E402
     assert_rounds_same,
     assert_same,
     family_runs,
+    hf_reference,
     mrope_reference,
     ratio_cases,
     sized_images,
@@ -69,6 +69,13 @@ def test_pruned_equals_an_explicit_reference_with_unpruned_positions_and_deepsta
 
     assert_matches(runs["plugin"], ("one@0.25", "tall@0.25", "two@0.25", "one@0.5", "one"), reference,
                    "explicit reference (Qwen3-VL)")  # fmt: skip
+
+
+def test_pruned_equals_otprune_hf(runs, tiny_qwen3_vl):
+    assert_matches(runs["plugin"], ("one@0.25", "tall@0.25", "two@0.25", "one@0.5"),
+                   lambda name: hf_reference(tiny_qwen3_vl, MODEL, CASES[name][0],
+                                             sized_images(SIZES, CASES[name][1]), CASES[name][2]),
+                   "otprune.hf (Qwen3-VL)")  # fmt: skip
 
 
 def test_a_batch_of_mixed_ratios_gives_each_requests_own_outputs(runs):

@@ -15,6 +15,7 @@ pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv 
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ["utils/dummy_torchvision_objects.py", "models/qwen2_vl/video_processing_qwen2_vl.py",
+         "models/qwen3_vl/video_processing_qwen3_vl.py",
          "models/llava_onevision/video_processing_llava_onevision.py", "models/internvl/video_processing_internvl.py",
          "models/auto/video_processing_auto.py"]  # fmt: skip
 
@@ -38,8 +39,9 @@ def test_video_stand_ins_from_scratch_equal_the_venv_and_are_idempotent(tmp_path
     made = sorted(p.relative_to(fresh).as_posix() for p in fresh.rglob("*.py"))
     for name in made:
         assert (fresh / name).read_text() == (venv / name).read_text(), name
-    assert "models/qwen2_vl/torchless_video_qwen2_vl.py" in made
-    assert {"models/internvl/torchless_video_internvl.py", "models/auto/torchless_video_auto.py"} <= set(made)
+    assert {"models/qwen2_vl/torchless_video_qwen2_vl.py", "models/qwen3_vl/torchless_video_qwen3_vl.py",
+            "otprune_torchless_video.py", "models/internvl/torchless_video_internvl.py",
+            "models/auto/torchless_video_auto.py"} <= set(made)
     capsys.readouterr()
     snapshot = {name: (fresh / name).read_text() for name in made}
     assert fixup.fix_videos(fresh) == 0
