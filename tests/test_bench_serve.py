@@ -117,3 +117,24 @@ def test_timers_see_the_selection_of_every_family():
     parts = bench_serve._take_timings(model)
     assert parts["select"] >= 20.0 and 10.0 <= parts["tower"] < parts["select"]
     assert bench_serve._take_timings(model) == {"tower": 0.0, "select": 0.0, "prefill": 0.0}
+
+
+def test_media_video_only_where_the_family_has_one():
+    qwen = bench_serve.SERVE_FAMILIES["qwen2_5_vl"]
+    assert bench_serve.serve_media(qwen, "video")[0] == 1024
+    assert bench_serve.serve_media(bench_serve.SERVE_FAMILIES["qwen3_vl"], "video")[0] == 784
+    for name in ("llava", "internvl", "gemma3"):
+        with pytest.raises(ValueError, match=f"--media='video': family '{name}' takes images only here"):
+            bench_serve.serve_media(bench_serve.SERVE_FAMILIES[name], "video")
+    args = build_parser().parse_args(["bench", "serve", "--family", "qwen3_vl", "--media", "video"])
+    assert args.media == "video"
+
+
+def test_video_inputs_are_the_prefill_benchmarks():
+    from otprune.bench import prefill
+
+    for name, entry in bench_serve.SERVE_FAMILIES.items():
+        videos = [m for m in prefill.DEFAULT_MEDIA.get(name, ()) if m.kind == "video"]
+        assert (entry.video is None) == (not videos)
+        if videos:
+            assert entry.video == (videos[0].frames, videos[0].width, videos[0].height)

@@ -11,8 +11,10 @@ point) on a random-weight checkpoint of the family (`SERVE_FAMILIES`, `--family`
   with `save_pretrained`: Qwen2.5-VL 448 px -> 256 tokens, Qwen3-VL 448 px -> 196 tokens,
   InternVL3 1344 x 896 -> 6 tiles of 448 px + the thumbnail = 1792 tokens (pruned as one set),
   Gemma 3 896 px -> 256 tokens (Gemma 3's SigLIP keys and tokenizer adjusted for vLLM's loader,
-  `write_gemma3`; on vLLM's CPU backend its image tokens attend causally, pruned or not). Images
-  only: the plugin does not prune videos.
+  `write_gemma3`; on vLLM's CPU backend its image tokens attend causally, pruned or not).
+  `--media video` (qwen2_5_vl, qwen3_vl): every request holds one 8-frame video of 448 px frames
+  instead (`bench prefill`'s video: 1024 / 784 visual tokens, one token set per video, sent as
+  frames + vLLM's metadata at 2 frames a second; Qwen3-VL's timestamps stay in the prompt).
 A family whose architecture the plugin does not prune (`otprune.serve.PRUNED`) is refused by name
 before anything is written. Unpruned and pruned requests
 differ only in their `mm_processor_kwargs` (`otprune_ratio` 1.0 vs --ratio), so both run in the
@@ -61,8 +63,8 @@ class ServeFamily:
         name: the `--family` name (a family of `otprune.hf.FAMILIES`).
         architecture: vLLM's architecture name; benchmarked only while the plugin prunes it
             (`otprune.serve.PRUNED`).
-        writer: "module:function" writing the checkpoint: `write(folder, family, size, layers)` ->
-            (its path, the request's prompt with one image placeholder).
+        writer: "module:function" writing the checkpoint: `write(folder, family, size, layers, media)` ->
+            (its path, the request's prompt with one `media` ("image" / "video") placeholder).
         image: (width, height) of every request's random image.
         visual_tokens: the visual tokens of one such image.
         geometry: what the checkpoint's vision side is, for the table's header.
@@ -70,6 +72,9 @@ class ServeFamily:
             sizes of `otprune.bench.prefill.llm_size(family)`.
         layers: default decoder layers.
         note: a line printed under the table's header ("" = none), e.g. what vLLM computes differently.
+        video: (frames, width, height) of every request's random video with `--media video`, or None
+            (images only); `otprune bench prefill`'s video input.
+        video_tokens: the visual tokens of one such video (all its frames: one token set).
     """
 
     name: str
@@ -81,6 +86,8 @@ class ServeFamily:
     small: tuple[int, int, int] | None = None
     layers: int = 2
     note: str = ""
+    video: tuple[int, int, int] | None = None
+    video_tokens: int = 0
 
 
 # A new family is one entry (the plugin must prune its architecture).
@@ -90,9 +97,11 @@ SERVE_FAMILIES: dict[str, ServeFamily] = {
         ServeFamily("llava", "LlavaForConditionalGeneration", "otprune.bench.serve:write_llava", (640, 480), 576,
                     "LLaVA-1.5 geometry: 336 px CLIP", small=(1024, 2816, 16), layers=4),
         ServeFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "otprune.bench.serve:write_from_prefill",
-                    (448, 448), 256, "Qwen2.5-VL geometry: 448 px image, 14 px patches, 2 x 2 merge"),
+                    (448, 448), 256, "Qwen2.5-VL geometry: 448 px image, 14 px patches, 2 x 2 merge",
+                    video=(8, 448, 448), video_tokens=4 * 256),  # temporal patch 2: 4 x 256
         ServeFamily("qwen3_vl", "Qwen3VLForConditionalGeneration", "otprune.bench.serve:write_from_prefill",
-                    (448, 448), 196, "Qwen3-VL geometry: 448 px image, 16 px patches, 2 x 2 merge, DeepStack"),
+                    (448, 448), 196, "Qwen3-VL geometry: 448 px image, 16 px patches, 2 x 2 merge, DeepStack",
+                    video=(8, 448, 448), video_tokens=4 * 196),  # 4 temporal steps, each with a text timestamp
         ServeFamily("internvl", "InternVLForConditionalGeneration", "otprune.bench.serve:write_from_prefill",
                     (1344, 896), 1792, "InternVL geometry: 448 px tiles, 6 + thumbnail, 256 tokens each"),
         ServeFamily("gemma3", "Gemma3ForConditionalGeneration", "otprune.bench.serve:write_gemma3",
@@ -140,8 +149,8 @@ def serve_size(family: ServeFamily, width=None, intermediate=None, heads=None, k
     return size
 
 
-def write_llava(folder, family: str, size, layers: int):
-    """`otprune.serve.tiny.write_tiny_llava` at 336 px (576 tokens per image) with the LLM of `size`."""
+def write_llava(folder, family: str, size, layers: int, media: str = "image"):
+    """`otprune.serve.tiny.write_tiny_llava` at 336 px (576 tokens per image) with the LLM of `size`; images only."""
     from otprune.serve.tiny import write_tiny_llava
 
     path = write_tiny_llava(folder, image_size=336, hidden_size=size.hidden, layers=layers, heads=size.heads,
@@ -149,16 +158,17 @@ def write_llava(folder, family: str, size, layers: int):
     return path, PROMPT
 
 
-def write_from_prefill(folder, family: str, size, layers: int):
+def write_from_prefill(folder, family: str, size, layers: int, media: str = "image"):
     """The model `otprune bench prefill` builds for `family` (real LLM sizes, tiny tower, real patch
-    grid), random weights, saved with its image processor, tokenizer and a generation config."""
+    grid), random weights, saved with its image (and, `media="video"`, video) processor, tokenizer and
+    a generation config; the prompt for one `media`."""
     from pathlib import Path
 
     from transformers import GenerationConfig
 
     from otprune.bench import prefill
 
-    part = prefill.parts(family, size, layers, videos=False)
+    part = prefill.parts(family, size, layers, videos=media == "video")
     model = prefill.random_model(family, part.config)
     folder = Path(folder)
     model.save_pretrained(folder)
@@ -166,15 +176,15 @@ def write_from_prefill(folder, family: str, size, layers: int):
     part.processor.save_pretrained(folder)
     text = part.config.get_text_config()
     GenerationConfig(eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id).save_pretrained(folder)
-    return folder, part.image_prompt
+    return folder, part.video_prompt if media == "video" else part.image_prompt
 
 
-def write_gemma3(folder, family: str, size, layers: int):
+def write_gemma3(folder, family: str, size, layers: int, media: str = "image"):
     """`write_from_prefill`'s Gemma 3, then made loadable by vLLM (`otprune.serve.tiny.gemma3_for_vllm`:
     the SigLIP keys' layout, the newline tokens vLLM's Gemma 3 processor looks up)."""
     from otprune.serve.tiny import gemma3_for_vllm
 
-    path, prompt = write_from_prefill(folder, family, size, layers)
+    path, prompt = write_from_prefill(folder, family, size, layers, media)
     gemma3_for_vllm(path)
     return path, prompt
 
@@ -197,6 +207,7 @@ class ServeResult:
     max_tokens: int
     ratio: float
     family: str = "llava"
+    media: str = "image"  # what every request holds: one "image" or one "video"
     size_label: str = ""  # e.g. "Qwen2.5-VL-7B sizes: d=3584, m=18944, 28 heads (4 KV)"; "" = d, m only
 
 
@@ -206,6 +217,35 @@ def _image(seed: int, size: tuple[int, int] = (640, 480)):
 
     rng = np.random.RandomState(seed)
     return Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+VIDEO_FPS = 2.0  # as `otprune bench prefill`'s Qwen3-VL video: 2 frames a second, not resampled
+
+
+def _video(seed: int, shape: tuple[int, int, int]):
+    """(frames (T, H, W, 3) uint8, vLLM's video metadata) of a random video of `shape` = (frames,
+    width, height) at `VIDEO_FPS`, every frame used (vLLM 0.32 needs the metadata for Qwen videos)."""
+    import numpy as np
+
+    frames, width, height = shape
+    array = np.random.RandomState(seed).randint(0, 255, (frames, height, width, 3), dtype=np.uint8)
+    metadata = {"fps": VIDEO_FPS, "duration": frames / VIDEO_FPS, "total_num_frames": frames,
+                "frames_indices": list(range(frames)), "video_backend": "opencv", "do_sample_frames": False}  # fmt: skip
+    return array, metadata
+
+
+def serve_media(entry: ServeFamily, media: str) -> tuple[int, str]:
+    """(visual tokens per request, what the table's header says) of `media` ("image" / "video") for
+    `entry`; ValueError naming the flag when the family has no such input here."""
+    if media == "image":
+        return entry.visual_tokens, "per image"
+    if media == "video" and entry.video is not None:
+        frames, width, height = entry.video
+        return entry.video_tokens, f"per {frames}-frame video of {width} x {height} frames (one token set)"
+    videos = [name for name, f in SERVE_FAMILIES.items() if f.video is not None]
+    raise ValueError(f"--media={media!r}: family {entry.name!r} takes images only here "
+                     f"(--media video: {', '.join(videos)})" if media == "video" else
+                     f"--media={media!r}: must be image or video")  # fmt: skip
 
 
 PARTS = ("tower", "select", "prefill")  # measured per request: vision tower + projector, selection, LLM forward
@@ -251,12 +291,14 @@ def _take_timings(model) -> dict:
 
 def run(
     *, family: str = "llava", size=None, layers: int, ratio: float, requests: int, max_tokens: int, rounds: int,
-    ttft_repeats: int, progress: Callable[[str], None], engine_options: dict | None = None,
+    ttft_repeats: int, progress: Callable[[str], None], engine_options: dict | None = None, media: str = "image",
 ) -> ServeResult:  # fmt: skip
     """One engine on `family`'s random checkpoint with the LLM of `size` (`serve_size`, default the
-    family's) and `layers` decoder layers: throughput and TTFT, unpruned vs pruned at `ratio`.
+    family's) and `layers` decoder layers: throughput and TTFT, unpruned vs pruned at `ratio`, every
+    request with one `media` ("image", or "video": the family's `video`).
     `engine_options`: extra `vllm.LLM` arguments (tests: `enforce_eager=True`)."""
     entry = serve_family(family)  # refuses a family the plugin does not prune, before anything is written
+    visual, _ = serve_media(entry, media)
     size = size or serve_size(entry)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -270,10 +312,12 @@ def run(
 
     with tempfile.TemporaryDirectory(prefix="otprune-bench-serve-") as folder:
         progress(f"writing a random {entry.geometry} checkpoint (LLM {size.label()}, {layers} layers)")
-        path, text = load_object(entry.writer)(folder, entry.name, size, layers)
+        path, text = load_object(entry.writer)(folder, entry.name, size, layers, media)
         progress("starting the vLLM engine")
         start = time.perf_counter()
         limits = {"image": 1} if entry.name == "llava" else {"image": 1, "video": 0}
+        if media == "video":
+            limits = {"image": 0, "video": 1}
         options = dict(dtype="float32", max_model_len=4096, seed=0, enable_prefix_caching=False, mm_processor_cache_gb=0,
                        limit_mm_per_prompt=limits)  # fmt: skip
         llm = LLM(model=str(path), **{**options, **(engine_options or {})})
@@ -282,7 +326,10 @@ def run(
             seed = iter(range(10**6))
 
             def batch(count: int, value: float) -> list[dict]:
-                return [{"prompt": text, "multi_modal_data": {"image": _image(next(seed), entry.image)},
+                def item(index: int):
+                    return _video(index, entry.video) if media == "video" else _image(index, entry.image)
+
+                return [{"prompt": text, "multi_modal_data": {media: item(next(seed))},
                          "mm_processor_kwargs": {"otprune_ratio": value}} for _ in range(count)]  # fmt: skip
 
             labels = {"unpruned": 1.0, "pruned": ratio}
@@ -316,7 +363,6 @@ def run(
                         parts[label][part].append(measured[part])
         finally:
             llm.llm_engine.engine_core.shutdown()
-    visual = entry.visual_tokens
     kept = visual - (lengths["unpruned"] - lengths["pruned"])
     what = f"{size.name} sizes: " if size.name else ""
     return ServeResult(
@@ -324,7 +370,7 @@ def run(
         throughput=throughput, ttft_ms=ttft, ttft_parts=parts, start_s=start_s, width=size.hidden,
         flops_ratio=predicted_ratio(lengths["unpruned"], lengths["pruned"], layers, size.hidden, size.intermediate),
         intermediate=size.intermediate, layers=layers, requests=requests, max_tokens=max_tokens, ratio=ratio,
-        family=entry.name, size_label=what + size.label(),
+        family=entry.name, media=media, size_label=what + size.label(),
     )  # fmt: skip
 
 
@@ -345,6 +391,7 @@ def format_table(result: ServeResult) -> str:
     split = ttft_split(result)
     ttft = {k: v["total"] for k, v in split.items()}
     r = result
+    _, per_item = serve_media(SERVE_FAMILIES[r.family], r.media)
 
     def row(name: str, part: str, flops: str) -> str:
         full, pruned = split["unpruned"][part], split["pruned"][part]
@@ -353,7 +400,7 @@ def format_table(result: ServeResult) -> str:
 
     lines = [
         f"vLLM offline, one engine, OTPrune r = {r.ratio} per request (mm_processor_kwargs otprune_ratio) vs unpruned;",
-        f"{SERVE_FAMILIES[r.family].geometry} -> {r.visual_tokens} visual tokens per image, kept {r.kept_tokens}; "
+        f"{SERVE_FAMILIES[r.family].geometry} -> {r.visual_tokens} visual tokens {per_item}, kept {r.kept_tokens}; "
         f"prompt {r.prompt_tokens} -> {r.pruned_prompt_tokens} tokens; random LLM "
         f"{r.size_label or f'd={r.width}, m={r.intermediate}'}, {r.layers} layers, fp32; engine start {r.start_s:.0f} s",
         *([SERVE_FAMILIES[r.family].note] if SERVE_FAMILIES[r.family].note else []),
@@ -389,10 +436,12 @@ def main(args) -> int:
     if not 0.0 < args.ratio <= 1.0:
         raise ValueError(f"--ratio={args.ratio}: must be in (0, 1], e.g. 0.098")
     entry = serve_family(args.family)
+    serve_media(entry, args.media)
     size = serve_size(entry, args.width, args.intermediate, args.heads, args.kv_heads)
     result = run(
         family=entry.name, size=size, layers=args.layers or entry.layers, ratio=args.ratio, requests=args.requests,
         max_tokens=args.max_tokens, rounds=args.rounds, ttft_repeats=args.ttft_repeats, progress=progress,
+        media=args.media,
     )  # fmt: skip
     print(format_table(result))
     return 0

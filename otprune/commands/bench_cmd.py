@@ -38,7 +38,8 @@ def _register_serve(what) -> None:
             "One vLLM engine with the otprune plugin on a random checkpoint of --family: llava (LLaVA-1.5 geometry, "
             "336 px CLIP tower, 576 tokens per image, a small LLM by default), qwen2_5_vl (448 px image, 256 tokens), "
             "qwen3_vl (448 px, 196 tokens), internvl (1344 x 896 image: 6 tiles of 448 px + thumbnail, 1792 tokens) "
-            "or gemma3 (896 px, 256 tokens) at their real 7B / 8B / 4B LLM sizes by default with --layers decoder layers; "
+            "or gemma3 (896 px, 256 tokens) at their real 7B / 8B / 4B LLM sizes by default with --layers decoder layers "
+            "(--media video: qwen2_5_vl / qwen3_vl with an 8-frame video of 448 px frames, 1024 / 784 tokens); "
             "families whose architecture the plugin does not prune are refused. Requests/s and time to first token "
             "unpruned (otprune_ratio 1.0) vs pruned (--ratio), interleaved in the same engine, beside the ratio the "
             "FLOPs formula predicts. Needs the serve extra (make serve-venv)."
@@ -46,7 +47,9 @@ def _register_serve(what) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--family", default="llava", help="model family (one the vLLM plugin prunes)")
-    parser.add_argument("--ratio", type=float, default=0.098, help="kept fraction of each image's tokens")
+    parser.add_argument("--ratio", type=float, default=0.098, help="kept fraction of each image's / video's tokens")
+    parser.add_argument("--media", choices=("image", "video"), default="image",
+                        help="every request's input: one image, or one 8-frame video of 448 px frames (qwen2_5_vl, qwen3_vl)")
     parser.add_argument("--width", type=int, default=None, help="LLM hidden size d (default: llava 1024, others the real model's)")
     parser.add_argument("--intermediate", type=int, default=None, help="LLM FFN size m (default: llava 2816, others the real model's)")
     parser.add_argument("--layers", type=int, default=None, help="LLM decoder layers (default: llava 4, others 2)")

@@ -1,5 +1,6 @@
 """`otprune bench serve --family` runs one tiny step in vLLM for every family the plugin prunes
-with a real-geometry checkpoint (Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3): the token counts the engine reports
+with a real-geometry checkpoint (Qwen2.5-VL, Qwen3-VL, InternVL, Gemma 3; the Qwen ones also with
+`--media video`, an 8-frame video of 448 px frames): the token counts the engine reports
 against the geometry, the FLOPs ratio against the formula written out, the selection timed. No
 timing assertions."""
 
@@ -37,3 +38,21 @@ def test_one_tiny_step(family):
     assert result.ttft_parts["pruned"]["select"][0] > 0.0  # the timer wraps the selection these classes call
     table = bench_serve.format_table(result)
     assert f"-> {VISUAL[family]} visual tokens per image, kept {result.kept_tokens}" in table
+
+
+# visual tokens of the 8-frame video of 448 px frames: temporal patch 2 -> 4 steps of one frame's tokens
+VIDEO = {"qwen2_5_vl": 4 * 16 * 16, "qwen3_vl": 4 * 14 * 14}
+
+
+@pytest.mark.parametrize("family", sorted(VIDEO))
+def test_one_tiny_video_step(family):
+    entry = bench_serve.serve_family(family)
+    size = bench_serve.serve_size(entry, 128, intermediate=256, heads=4, kv_heads=2)
+    result = bench_serve.run(family=family, size=size, layers=1, ratio=RATIO, requests=1, max_tokens=1, rounds=1,
+                             ttft_repeats=1, progress=lambda message: None, media="video",
+                             engine_options={"enforce_eager": True, "max_model_len": 2048})  # fmt: skip
+    assert result.visual_tokens == entry.video_tokens == VIDEO[family]
+    assert result.kept_tokens == round(RATIO * VIDEO[family])  # one token set per video (Qwen3-VL's timestamps kept)
+    assert result.ttft_parts["pruned"]["select"][0] > 0.0
+    table = bench_serve.format_table(result)
+    assert f"-> {VIDEO[family]} visual tokens per 8-frame video of 448 x 448 frames (one token set), kept" in table
