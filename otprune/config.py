@@ -474,7 +474,7 @@ def check_fixed_selection(config: PruneConfig, who: str, instead: str, producing
     (PRUMERGE, PRUMERGE_PLUS: they merge inside the vision tower; with `producing_merges`, those
     reading the tower only up to the selected hidden state, VisionZip, are accepted at a fixed ratio)
     and the adaptive budget (`SUBSET_RATIO=iqr`: it needs the tower's CLS attention). `instead`: what runs those."""
-    check_before_llm(config, who, instead)
+    check_before_llm(config, who, "our llava package (lmms-eval's --model llava): it alone prunes inside the LLM")
     if not config.enabled:
         return config
     allowed = f"selection methods: {registry.describe('selection')}, at SUBSET_RATIO in (0, 1]"

@@ -21,9 +21,16 @@ def test_one_row_per_family_from_the_registries(monkeypatch):
 
     rows = table().splitlines()[2:]
     assert [row.split(" | ")[0] for row in rows] == [f"| `{name}`" for name in FAMILIES]
-    monkeypatch.setitem(serve.PRUNED, "Gemma3ForConditionalGeneration", "Gemma 3")  # a family the plugin comes to prune
-    gemma = next(row for row in table().splitlines() if row.startswith("| `gemma3`"))
-    assert gemma.endswith("| prunes (`Gemma3ForConditionalGeneration`) |")
+    def gemma() -> str:
+        return next(row for row in table().splitlines() if row.startswith("| `gemma3`"))
+
+    assert gemma().endswith("| prunes images without pan-and-scan (`Gemma3ForConditionalGeneration`) |")
+    monkeypatch.setitem(serve.PRUNED, "Gemma3ForConditionalGeneration", "Gemma 3, images, videos")  # what it prunes
+    assert gemma().endswith("| prunes images, videos (`Gemma3ForConditionalGeneration`) |")
+    monkeypatch.setitem(serve.PRUNED, "Gemma3ForConditionalGeneration", "Gemma 3")  # no list: images
+    assert gemma().endswith("| prunes images (`Gemma3ForConditionalGeneration`) |")
+    monkeypatch.delitem(serve.PRUNED, "Gemma3ForConditionalGeneration")  # a family the plugin does not prune
+    assert gemma().endswith("| registered, refused with a switch (serves unpruned without) |")
 
 
 def test_check_flags_a_stale_readme(tmp_path, capsys):

@@ -164,9 +164,7 @@ def _guard_requests(registry) -> None:
 
     def create_processor(model_config, *args, **kwargs):
         processor = create(model_config, *args, **kwargs)
-        from otprune.serve._common import PruneProcessorMixin
-
-        if not isinstance(processor, PruneProcessorMixin):
+        if not type(processor).__module__.startswith(f"{__name__}."):  # not one of ours (otprune.serve.*)
             apply = processor.apply
             arch = ",".join(getattr(model_config, "architectures", None) or ["?"])
 

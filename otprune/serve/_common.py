@@ -185,12 +185,17 @@ class PruneProcessorMixin:
         from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 
         placeholders = list(result["mm_placeholders"].get("image", []))
-        if not placeholders:
+        videos = list(result["mm_kwargs"].get("video") or []) if self.otprune_prunes_videos else []
+        if not placeholders and not videos:
             return
         engine = self.info.otprune_engine_config()
         config = request_config(engine, inputs.hf_processor_mm_kwargs.get(REQUEST_KEY))
-        images = inputs.mm_data_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
         before, after = [], []
+        for item in videos:  # each video one token set: its (T, K) as the processor counted them
+            total, keep = (int(v) for v in torch.as_tensor(item[VIDEO_FIELD].data).reshape(2))
+            before.append(total)
+            after.append(keep)
+        images = inputs.mm_data_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems)) if placeholders else None
         for index, placeholder in enumerate(placeholders):
             if isinstance(images, ImageEmbeddingItems):
                 total = int(images.get_feature_size(index))

@@ -215,6 +215,46 @@ def test_the_new_families_processors_emit_per_request_stats(family, tiny_qwen, t
     assert record.text_tokens + keep == len(result["prompt_token_ids"])  # text rows: <img> / </img> etc. included
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_pruned_videos_are_in_the_per_request_stats(family, tiny_qwen, tiny_qwen3_vl, monkeypatch):
+    """A request with a video and an image: each is one token set in the stats lmms-eval's `--model vllm`
+    records (videos first), K = round(r * T); the text count is the prompt's other rows (Qwen3-VL's
+    timestamps between the frames included)."""
+    from conftest import SWITCHES, video
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing.context import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+    from vllm.plugins import load_general_plugins
+
+    from otprune import stats
+
+    load_general_plugins()
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    model = {"qwen2_5_vl": tiny_qwen, "qwen3_vl": tiny_qwen3_vl}[family]
+    processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=model, dtype="float32", max_model_len=2048))
+    prompt = QWEN_VIDEO.replace("What is it?", "<|vision_start|><|image_pad|><|vision_end|>What is it?")
+    seen = []
+
+    def listener(records, **context):
+        seen.extend(records)
+
+    stats.add_listener(listener)
+    try:
+        items = processor.info.parse_mm_data({"video": video(0, 4, 64, 64), "image": image(0)})
+        inputs = ProcessorInputs(prompt=processor.info.get_tokenizer().encode(prompt), mm_data_items=items,
+                                 hf_processor_mm_kwargs={"otprune_ratio": 0.25})  # fmt: skip
+        result = processor.apply(inputs, TimingContext(enabled=False))
+    finally:
+        stats.remove_listener(listener)
+    (record,) = seen
+    assert len(record.image_tokens_before) == 2  # the video, then the image
+    for total, keep in zip(record.image_tokens_before, record.image_tokens_after, strict=True):
+        assert keep == round(0.25 * total) and total > keep
+    assert record.text_tokens + sum(record.image_tokens_after) == len(result["prompt_token_ids"])
+
+
 def test_vllms_own_video_pruning_with_the_plugin_refuses_to_start(tiny_qwen):
     with pytest.raises(Exception, match=r"cannot run with vLLM's video pruning \(--video-pruning-rate"):
         with engine(tiny_qwen, video_pruning_rate=0.5, limit_mm_per_prompt={"image": 1, "video": 0}):
