@@ -271,3 +271,16 @@ def test_a_pruning_request_to_a_model_the_plugin_does_not_prune_fails_alone(tiny
             generate(llm, [request(prompt, [image(0)], 0.5)])
         plain, at_one = generate(llm, [request(prompt, [image(0)]), request(prompt, [image(0)], 1.0)])
         assert plain[:3] == at_one[:3]
+
+
+def test_vllms_own_pruning_hook_is_off_on_the_cpu_runner(tiny_qwen):
+    """The minimal reproduction of why the plugin carries M-RoPE positions itself (`otprune/serve/_mrope.py`):
+    vLLM 0.32's interface for re-positioning pruned tokens (`recompute_mrope_positions`, its video pruning)
+    runs only when the runner's `is_multimodal_pruning_enabled` is set, which `GPUModelRunner.load_model`
+    does from `--video-pruning-rate`; the CPU runner's `load_model` never does. Here vLLM's own Qwen2.5-VL
+    class with `video_pruning_rate=0.5`: the engine config asks for pruning, the runner stays off."""
+    with engine(tiny_qwen, arch="VllmQwen2_5_VLForConditionalGeneration", video_pruning_rate=0.5,
+                limit_mm_per_prompt={"image": 1, "video": 0}) as llm:  # fmt: skip
+        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        assert llm.llm_engine.vllm_config.model_config.multimodal_config.is_multimodal_pruning_enabled()
+        assert type(runner).__name__ == "CPUModelRunner" and runner.is_multimodal_pruning_enabled is False
