@@ -343,13 +343,25 @@ def assert_same(ours, reference, name, tol: float = 1e-4) -> None:
         assert math.isclose(lp, reference[2][tok], abs_tol=tol), (name, tok, lp, reference[2][tok])
 
 
+def assert_same_as_builtin(ours, builtin, name) -> None:
+    """One request through our class at ratio 1 and through vLLM's: the same prompt (T placeholders per
+    image) and greedy tokens, exactly; the first-step top-5 log-probs within 1e-5 (the same computation,
+    but other batches or engines may take another BLAS path: never compared bit for bit)."""
+    assert ours[0] == builtin[0], name
+    assert ours[1] == builtin[1], name
+    shared = set(ours[2]) & set(builtin[2])
+    assert len(shared) >= 4, (name, ours[2], builtin[2])  # a near-tie may swap the 5th
+    for tok in shared:
+        assert math.isclose(ours[2][tok], builtin[2][tok], abs_tol=1e-5), (name, tok, ours[2][tok], builtin[2][tok])
+
+
 def assert_ratio_1_equals_builtin(runs: dict) -> None:
-    """`family_runs`: ours at ratio 1 (no switch, and `otprune_ratio=1.0`) gives vLLM's class's prompt,
-    tokens and first-step top-5 log-probs, bit for bit, for one and two images."""
+    """`family_runs`: ours at ratio 1 (no switch, and `otprune_ratio=1.0`) gives vLLM's class's prompt and
+    tokens, and its first-step top-5 log-probs within 1e-5 (`assert_same_as_builtin`), one and two images."""
     builtin, plugin = runs["builtin"], runs["plugin"]
     for ours in ("one", "one@1.0"):
-        assert plugin[ours][:3] == builtin["one"][:3]
-    assert plugin["two"][:3] == builtin["two"][:3]
+        assert_same_as_builtin(plugin[ours], builtin["one"], ours)
+    assert_same_as_builtin(plugin["two"], builtin["two"], "two")
 
 
 def assert_kept_indices(runs: dict, cases: dict, ratio: float) -> list:

@@ -85,7 +85,7 @@ def test_pruned_tokens_equal_otprune_hf(runs, tiny_llava, clip_dir):
 def test_the_question_decides_the_kept_tokens_and_no_cache_is_shared(runs):
     what, color = runs["records"]["what"][0], runs["records"]["color"][0]
     assert len(what) == 1 and len(color) == 1, "the tower ran for each question: the encoder cache was not shared"
-    assert torch.equal(what[0]["features"], color[0]["features"])  # the same image
+    assert torch.allclose(what[0]["features"], color[0]["features"], atol=1e-6)  # the same image
     assert not torch.equal(what[0]["kept"], color[0]["kept"])  # another question, other tokens
     assert runs["alone"]["color"][0][3] == 0  # its first block holds the image: no prefix-cache hit
     assert runs["alone"]["what"][1][3] > 0  # the same prompt again: the prefix cache is on and hit

@@ -9,7 +9,7 @@ causally inside the image. `test_vllm_builtin_on_cpu_attends_causally_inside_the
 minimal reproduction: the built-in class's prompt log-probs equal transformers' with
 `token_type_ids` zeroed and differ from transformers' own (bidirectional) ones on the image rows.
 
-The plugin keeps vLLM's attention as it is: at ratio 1 it equals vLLM's class bit for bit; pruned,
+The plugin keeps vLLM's attention as it is: at ratio 1 it equals vLLM's class (log-probs within 1e-5); pruned,
 it equals `otprune.hf` run with the same causal mask inside the image (`token_type_ids` zeroed),
 and it logs a warning naming the backend at start. Engines: vLLM's class, ours without switches
 (ratios per request, one at a time with the kept indices recorded, then in one batch), ours with

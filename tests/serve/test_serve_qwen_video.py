@@ -23,9 +23,10 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv (make test-serve)")
 
 import torch  # noqa: E402
-from conftest import (  # noqa: E402
+from conftest import (
     MAX_TOKENS,
     assert_same,
+    assert_same_as_builtin,  # noqa: E402
     engine,
     generate,
     hf_inputs,
@@ -133,7 +134,7 @@ def runs(request):
 def test_ratio_1_equals_vllm_builtin_tokens_logprobs_and_positions(runs):
     builtin, plugin = runs["builtin"], runs["plugin"]
     for ours, theirs in (("v", "v"), ("v@1.0", "v"), ("w@1.0", "w@1.0"), ("iv", "iv")):
-        assert plugin[ours][0][:3] == builtin[theirs][0][:3], (runs["family"], ours)  # bit for bit
+        assert_same_as_builtin(plugin[ours][0], builtin[theirs][0], (runs["family"], ours))
         assert torch.equal(plugin[ours][1], builtin[theirs][1]), (runs["family"], ours)
         assert plugin[ours][2] == [], ours  # nothing selected
 
